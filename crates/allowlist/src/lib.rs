@@ -1,0 +1,449 @@
+//! The compiled allowlist of one identity: what the controller pushes to a node and what the data
+//! plane enforces.
+//!
+//! The policy language never reaches a node. A node receives only this value: its own address,
+//! the peers it may have a tunnel with, and for each peer the inbound and outbound port tables
+//! with the rules behind them. Everything here is plain data with `serde` derives; the wire
+//! encoding is `crates/proto`'s business.
+//!
+//! Lookups are `O(log n)`: peers are found by address through [`Allowlist::peer_index`], and a
+//! [`PortTable`] keeps disjoint, sorted port spans per protocol, so a packet costs one hash lookup
+//! and one binary search. Two allowlists diff cheaply: peers are sorted by name and compare with
+//! `==` ([`Allowlist::diff`]).
+//!
+//! Time is an argument (`now`, Unix seconds), never read from the clock.
+
+#![forbid(unsafe_code)]
+
+mod access;
+mod ports;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+pub use access::AccessSet;
+pub use ports::{PortSpan, PortSpec, PortTable};
+
+/// IP protocol numbers the filter knows by name.
+pub mod proto {
+    /// ICMP for IPv4.
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// Unix time in seconds.
+pub type UnixTime = i64;
+
+/// What a rule does to the traffic it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Permit connections initiated by the `from` side.
+    Allow,
+    /// Forbid them, whatever any allow rule says.
+    Deny,
+}
+
+/// The half-open time window `[not_before, expires)` in which a rule is in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Window {
+    /// The first second the rule is in force; `None` means always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<UnixTime>,
+    /// The first second the rule is no longer in force; `None` means never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<UnixTime>,
+}
+
+impl Window {
+    /// A window that is always open.
+    pub const ALWAYS: Window = Window {
+        not_before: None,
+        expires: None,
+    };
+
+    /// Whether the window holds at `now`: `not_before <= now < expires`.
+    pub fn contains(&self, now: UnixTime) -> bool {
+        self.not_before.is_none_or(|t| t <= now) && self.expires.is_none_or(|t| now < t)
+    }
+
+    /// Whether the window is over at `now` and will never hold again.
+    pub fn is_over(&self, now: UnixTime) -> bool {
+        self.expires.is_some_and(|t| now >= t)
+    }
+
+    /// The next boundary strictly after `now`, when the window opens or closes.
+    pub fn next_boundary(&self, now: UnixTime) -> Option<UnixTime> {
+        [self.not_before, self.expires]
+            .into_iter()
+            .flatten()
+            .filter(|&t| t > now)
+            .min()
+    }
+}
+
+/// A rule as a node sees it: enough to enforce its window and to name it in flow logs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RuleRef {
+    /// The rule's name in the policy.
+    pub name: String,
+    /// Allow or deny.
+    pub action: Action,
+    /// When the rule is in force. Nodes enforce it themselves, so access ends on time even when
+    /// no controller is reachable.
+    #[serde(default)]
+    pub window: Window,
+    /// Posture checks the initiating identity must pass. The controller evaluates them and leaves
+    /// out rules whose checks fail; nodes carry the names for display only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posture: Vec<String>,
+}
+
+/// The outcome of a port-table lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the rule at this index of [`Allowlist::rules`].
+    Allow {
+        /// Index into the allowlist's rule table.
+        rule: u32,
+    },
+    /// Denied by a deny rule, or by default when `rule` is `None`.
+    Deny {
+        /// Index into the allowlist's rule table, or `None` for the default deny.
+        rule: Option<u32>,
+    },
+}
+
+impl Decision {
+    /// Whether the packet may pass.
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+}
+
+/// The overlay network: an IPv4 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Network {
+    /// The network address.
+    pub address: Ipv4Addr,
+    /// The prefix length.
+    pub prefix_len: u8,
+}
+
+impl Network {
+    /// The netmask as a `u32`.
+    pub fn mask(&self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix_len))
+        }
+    }
+
+    /// Whether `addr` lies inside this network.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & self.mask() == u32::from(self.address) & self.mask()
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// One peer of an identity, with the traffic allowed each way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Peer {
+    /// The peer's identity name.
+    pub name: String,
+    /// The peer's overlay address; the only source address accepted from its tunnel.
+    pub address: Ipv4Addr,
+    /// Connections this identity may open to the peer.
+    pub outbound: PortTable,
+    /// Connections the peer may open to this identity.
+    pub inbound: PortTable,
+}
+
+/// The compiled allowlist of one identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allowlist {
+    /// Increases with every change the controller makes; nodes report the one they applied.
+    pub revision: u64,
+    /// The identity this allowlist belongs to.
+    pub identity: String,
+    /// The identity's overlay address.
+    pub address: Ipv4Addr,
+    /// The overlay network.
+    pub network: Network,
+    /// The rules the port tables refer to, by index. Only rules that concern this identity.
+    pub rules: Vec<RuleRef>,
+    /// The peers, sorted by name: exactly the identities with some traffic allowed either way.
+    pub peers: Vec<Peer>,
+}
+
+/// Which peers changed between two allowlists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowlistDiff {
+    /// Peers only in the new allowlist.
+    pub added: Vec<String>,
+    /// Peers only in the old allowlist.
+    pub removed: Vec<String>,
+    /// Peers in both whose address or tables differ.
+    pub changed: Vec<String>,
+    /// Whether anything else differs: identity, address, network or rule table.
+    pub header_changed: bool,
+}
+
+impl AllowlistDiff {
+    /// Whether the two allowlists are the same apart from the revision.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && !self.header_changed
+    }
+}
+
+impl Allowlist {
+    /// An allowlist that allows nothing: what a node enforces before it knows better.
+    pub fn deny_all(identity: &str, address: Ipv4Addr, network: Network) -> Allowlist {
+        Allowlist {
+            revision: 0,
+            identity: identity.to_string(),
+            address,
+            network,
+            rules: Vec::new(),
+            peers: Vec::new(),
+        }
+    }
+
+    /// Maps each peer's address to its index in [`Allowlist::peers`].
+    pub fn peer_index(&self) -> HashMap<Ipv4Addr, usize> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.address, i))
+            .collect()
+    }
+
+    /// The peer with this name.
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers
+            .binary_search_by(|p| p.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.peers[i])
+    }
+
+    /// May this identity open a connection to `peer` on `proto`/`port` at `now`?
+    pub fn decide_outbound(&self, peer: &Peer, proto: u8, port: u16, now: UnixTime) -> Decision {
+        peer.outbound.decide(&self.rules, proto, port, now)
+    }
+
+    /// May `peer` open a connection to this identity on `proto`/`port` at `now`?
+    pub fn decide_inbound(&self, peer: &Peer, proto: u8, port: u16, now: UnixTime) -> Decision {
+        peer.inbound.decide(&self.rules, proto, port, now)
+    }
+
+    /// The next time after `now` that one of its rules starts or stops being in force: when the
+    /// node must look at its peers and flows again even if no controller speaks.
+    pub fn next_boundary(&self, now: UnixTime) -> Option<UnixTime> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.window.next_boundary(now))
+            .min()
+    }
+
+    /// Compares two allowlists peer by peer, ignoring the revision. Linear in the number of peers.
+    pub fn diff(&self, new: &Allowlist) -> AllowlistDiff {
+        let mut d = AllowlistDiff {
+            header_changed: self.identity != new.identity
+                || self.address != new.address
+                || self.network != new.network
+                || self.rules != new.rules,
+            ..AllowlistDiff::default()
+        };
+        let (mut a, mut b) = (self.peers.iter().peekable(), new.peers.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(x), None) => {
+                    d.removed.push(x.name.clone());
+                    a.next();
+                }
+                (None, Some(y)) => {
+                    d.added.push(y.name.clone());
+                    b.next();
+                }
+                (Some(x), Some(y)) => match x.name.cmp(&y.name) {
+                    std::cmp::Ordering::Less => {
+                        d.removed.push(x.name.clone());
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        d.added.push(y.name.clone());
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if x != y {
+                            d.changed.push(x.name.clone());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, action: Action, window: Window) -> RuleRef {
+        RuleRef {
+            name: name.into(),
+            action,
+            window,
+            posture: vec![],
+        }
+    }
+
+    fn peer(name: &str, last: u8, outbound: PortTable) -> Peer {
+        Peer {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 0, 0, last),
+            outbound,
+            inbound: PortTable::default(),
+        }
+    }
+
+    fn list(peers: Vec<Peer>, rules: Vec<RuleRef>) -> Allowlist {
+        Allowlist {
+            revision: 1,
+            identity: "me".into(),
+            address: Ipv4Addr::new(10, 0, 0, 1),
+            network: Network {
+                address: Ipv4Addr::new(10, 0, 0, 0),
+                prefix_len: 24,
+            },
+            rules,
+            peers,
+        }
+    }
+
+    #[test]
+    fn window_is_half_open() {
+        let w = Window {
+            not_before: Some(10),
+            expires: Some(20),
+        };
+        assert!(!w.contains(9));
+        assert!(w.contains(10));
+        assert!(w.contains(19));
+        assert!(!w.contains(20));
+        assert!(!w.is_over(19));
+        assert!(w.is_over(20));
+        assert_eq!(w.next_boundary(5), Some(10));
+        assert_eq!(w.next_boundary(10), Some(20));
+        assert_eq!(w.next_boundary(20), None);
+        assert!(Window::ALWAYS.contains(i64::MIN));
+    }
+
+    #[test]
+    fn network_contains() {
+        let n = Network {
+            address: Ipv4Addr::new(10, 100, 0, 0),
+            prefix_len: 16,
+        };
+        assert!(n.contains(Ipv4Addr::new(10, 100, 255, 1)));
+        assert!(!n.contains(Ipv4Addr::new(10, 101, 0, 1)));
+        let all = Network {
+            address: Ipv4Addr::UNSPECIFIED,
+            prefix_len: 0,
+        };
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+    }
+
+    #[test]
+    fn lookups_go_through_the_peer_and_its_table() {
+        let rules = vec![rule("r", Action::Allow, Window::ALWAYS)];
+        let t = PortTable::build([(0, PortSpec::Tcp { lo: 22, hi: 22 })]);
+        let l = list(vec![peer("a", 2, t)], rules);
+        let idx = l.peer_index();
+        let p = &l.peers[idx[&Ipv4Addr::new(10, 0, 0, 2)]];
+        assert_eq!(
+            l.decide_outbound(p, proto::TCP, 22, 0),
+            Decision::Allow { rule: 0 }
+        );
+        assert_eq!(
+            l.decide_outbound(p, proto::TCP, 23, 0),
+            Decision::Deny { rule: None }
+        );
+        assert_eq!(
+            l.decide_inbound(p, proto::TCP, 22, 0),
+            Decision::Deny { rule: None }
+        );
+        assert!(l.peer("a").is_some());
+        assert!(l.peer("b").is_none());
+    }
+
+    #[test]
+    fn diff_reports_added_removed_and_changed_peers() {
+        let rules = vec![rule("r", Action::Allow, Window::ALWAYS)];
+        let t22 = PortTable::build([(0, PortSpec::Tcp { lo: 22, hi: 22 })]);
+        let t23 = PortTable::build([(0, PortSpec::Tcp { lo: 23, hi: 23 })]);
+        let old = list(
+            vec![
+                peer("a", 2, t22.clone()),
+                peer("b", 3, t22.clone()),
+                peer("c", 4, t22.clone()),
+            ],
+            rules.clone(),
+        );
+        let new = list(
+            vec![
+                peer("b", 3, t23),
+                peer("c", 4, t22.clone()),
+                peer("d", 5, t22),
+            ],
+            rules,
+        );
+        let d = old.diff(&new);
+        assert_eq!(d.added, vec!["d"]);
+        assert_eq!(d.removed, vec!["a"]);
+        assert_eq!(d.changed, vec!["b"]);
+        assert!(!d.header_changed);
+        assert!(old.diff(&old).is_empty());
+        let mut bumped = old.clone();
+        bumped.revision += 1;
+        assert!(
+            old.diff(&bumped).is_empty(),
+            "the revision alone is no change"
+        );
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let rules = vec![rule(
+            "r",
+            Action::Deny,
+            Window {
+                not_before: None,
+                expires: Some(5),
+            },
+        )];
+        let t = PortTable::build([(0, PortSpec::Any)]);
+        let l = list(vec![peer("a", 2, t)], rules);
+        let json = serde_json::to_string(&l).unwrap();
+        let back: Allowlist = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, l);
+    }
+}

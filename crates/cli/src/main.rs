@@ -1,0 +1,187 @@
+//! `bulkhead`, the operator CLI. A thin shell: the policy logic lives in `bulkhead-policy`.
+
+mod matrix;
+mod output;
+mod policy;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::output::{Format, Outcome};
+
+/// Bulkhead: zero-trust microsegmentation over WireGuard.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version, about, propagate_version = true)]
+struct Cli {
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
+    output: Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work on policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, or write one page per command into a directory.
+    Man {
+        /// Write `bulkhead.1`, `bulkhead-policy.1`, … here instead of printing `bulkhead.1`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Options shared by commands that evaluate a policy.
+#[derive(Debug, Clone, clap::Args)]
+struct When {
+    /// Evaluate at this time (RFC 3339) instead of now.
+    #[arg(long, value_name = "RFC3339")]
+    at: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy and run its tests; exit 1 with every error as FILE:LINE:COL.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Run the policy's `tests` block; exit 1 if any test fails.
+    Test {
+        /// The policy file.
+        file: PathBuf,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Explain the verdict for one connection and the rule that decides it; exit 1 on deny.
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        /// The initiating identity.
+        from: String,
+        /// The responding identity.
+        to: String,
+        /// tcp/N, udp/N or icmp.
+        port: String,
+        #[command(flatten)]
+        when: When,
+        /// Assume FROM fails this posture check (repeatable).
+        #[arg(long, value_name = "CHECK")]
+        failing: Vec<String>,
+        /// Assume this identity is quarantined (repeatable).
+        #[arg(long, value_name = "IDENTITY")]
+        quarantined: Vec<String>,
+    },
+    /// Show who can reach whom, with the ports, grouped by segment.
+    Matrix {
+        /// The policy file.
+        file: PathBuf,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Show the reachability gained and lost between two policies, pair by pair.
+    Diff {
+        /// The old policy file.
+        old: PathBuf,
+        /// The new policy file.
+        new: PathBuf,
+        #[command(flatten)]
+        when: When,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(outcome) => outcome.into(),
+        Err(e) => {
+            eprintln!("bulkhead: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let fmt = cli.output;
+    match cli.command {
+        Command::Policy(p) => match p {
+            PolicyCommand::Check { file, when } => policy::check(&file, &when, fmt),
+            PolicyCommand::Test { file, when } => policy::test(&file, &when, fmt),
+            PolicyCommand::Explain {
+                file,
+                from,
+                to,
+                port,
+                when,
+                failing,
+                quarantined,
+            } => policy::explain(
+                &file,
+                policy::Query {
+                    from,
+                    to,
+                    port,
+                    failing,
+                    quarantined,
+                },
+                &when,
+                fmt,
+            ),
+            PolicyCommand::Matrix { file, when } => policy::matrix(&file, &when, fmt),
+            PolicyCommand::Diff { old, new, when } => policy::diff(&old, &new, &when, fmt),
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bulkhead",
+                &mut std::io::stdout(),
+            );
+            Ok(Outcome::Ok)
+        }
+        Command::Man { dir } => {
+            let cmd = Cli::command();
+            match dir {
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    clap_mangen::Man::new(cmd).render(&mut out)?;
+                    out.flush()?;
+                }
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)?;
+                    clap_mangen::generate_to(cmd, &dir)?;
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

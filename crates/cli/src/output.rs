@@ -1,0 +1,106 @@
+//! Output formats and exit codes shared by every command.
+
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+/// `-o table|json|yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document.
+    Json,
+    /// One YAML document.
+    Yaml,
+}
+
+/// How a command ended, as the spec's exit codes: 0 success, 1 a failed check or a denial the
+/// command was asked about, 2 usage or connection errors (returned as `Err`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Ok,
+    /// Exit 1.
+    Failed,
+}
+
+impl Outcome {
+    pub fn ok_if(ok: bool) -> Outcome {
+        if ok { Outcome::Ok } else { Outcome::Failed }
+    }
+}
+
+impl From<Outcome> for ExitCode {
+    fn from(o: Outcome) -> ExitCode {
+        match o {
+            Outcome::Ok => ExitCode::SUCCESS,
+            Outcome::Failed => ExitCode::from(1),
+        }
+    }
+}
+
+/// Prints `value` as JSON or YAML, or calls `table` for the table form.
+pub fn emit<T: Serialize>(
+    format: Format,
+    value: &T,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let text = match format {
+        Format::Table => table(),
+        Format::Json => serde_json::to_string_pretty(value)? + "\n",
+        Format::Yaml => serde_saphyr::to_string(value)?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Lays out rows in aligned columns, two spaces apart; the last column is not padded.
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; n];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                line.extend(std::iter::repeat_n(' ', widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Unix seconds as RFC 3339.
+pub fn time(t: i64) -> String {
+    jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |ts| ts.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align() {
+        let rows = vec![
+            vec!["a".to_string(), "bb".into(), "c".into()],
+            vec!["ddd".to_string(), "e".into(), "f".into()],
+        ];
+        assert_eq!(columns(&rows), "a    bb  c\nddd  e   f\n");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,451 @@
+//! The offline policy commands: check, test, explain, matrix, diff.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, anyhow};
+use bulkhead_policy::{
+    Compiled, Conditions, Diagnostic, Inactive, Loaded, Model, Severity, evaluate, parse_probe,
+    parse_time, reach,
+};
+use serde::Serialize;
+
+use crate::When;
+use crate::output::{Format, Outcome, columns, emit, time};
+
+/// A policy file as read from disk.
+struct Source {
+    path: String,
+    loaded: Loaded,
+}
+
+impl Source {
+    /// Reads and loads a policy, printing every diagnostic to stderr.
+    fn load(path: &Path, now: i64, prior: &BTreeMap<String, Ipv4Addr>) -> anyhow::Result<Source> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let loaded = bulkhead_policy::load(&text, now, prior);
+        let path = path.display().to_string();
+        for d in &loaded.diagnostics {
+            eprintln!("{}", d.render(&path));
+        }
+        Ok(Source { path, loaded })
+    }
+
+    /// The model, if the policy is valid; `None` after diagnostics were printed.
+    fn valid_model(&self) -> Option<&Model> {
+        self.loaded
+            .model
+            .as_ref()
+            .filter(|_| self.loaded.is_valid())
+    }
+
+    fn errors(&self) -> usize {
+        self.loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    }
+
+    fn invalid(&self) -> anyhow::Result<Outcome> {
+        eprintln!("{}: invalid policy, {} error(s)", self.path, self.errors());
+        Ok(Outcome::Failed)
+    }
+}
+
+fn now(when: &When) -> anyhow::Result<i64> {
+    match &when.at {
+        Some(s) => parse_time(s).map_err(|e| anyhow!("--at: {e}")),
+        None => Ok(jiff::Timestamp::now().as_second()),
+    }
+}
+
+#[derive(Serialize)]
+struct CheckReport<'a> {
+    file: &'a str,
+    valid: bool,
+    identities: usize,
+    segments: usize,
+    rules: usize,
+    tests: usize,
+    diagnostics: &'a [Diagnostic],
+}
+
+/// `bulkhead policy check FILE`.
+pub fn check(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+    let src = Source::load(file, now(when)?, &BTreeMap::new())?;
+    let valid = src.loaded.is_valid();
+    let p = src.loaded.model.as_ref().map(|m| m.policy());
+    let report = CheckReport {
+        file: &src.path,
+        valid,
+        identities: p.map_or(0, |p| p.identities.len()),
+        segments: p.map_or(0, |p| p.segments.len()),
+        rules: p.map_or(0, |p| p.rules.len()),
+        tests: src.loaded.tests.len(),
+        diagnostics: &src.loaded.diagnostics,
+    };
+    emit(fmt, &report, || {
+        if valid {
+            format!(
+                "{}: valid: {} identities, {} segments, {} rules, {} tests pass\n",
+                report.file, report.identities, report.segments, report.rules, report.tests
+            )
+        } else {
+            String::new()
+        }
+    })?;
+    if !valid {
+        return src.invalid();
+    }
+    Ok(Outcome::Ok)
+}
+
+#[derive(Serialize)]
+struct TestReport<'a> {
+    file: &'a str,
+    passed: usize,
+    failed: usize,
+    tests: &'a [bulkhead_policy::TestOutcome],
+}
+
+/// `bulkhead policy test FILE`.
+pub fn test(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+    let src = Source::load(file, now(when)?, &BTreeMap::new())?;
+    if src.loaded.model.is_none() {
+        return src.invalid();
+    }
+    let tests = &src.loaded.tests;
+    let failed = tests.iter().filter(|t| !t.passed).count();
+    let report = TestReport {
+        file: &src.path,
+        passed: tests.len() - failed,
+        failed,
+        tests,
+    };
+    emit(fmt, &report, || {
+        let verdict = |e: bulkhead_policy::Expect| format!("{e:?}").to_lowercase();
+        let mut rows = vec![vec![
+            "RESULT".into(),
+            "LINE".into(),
+            "FROM".into(),
+            "TO".into(),
+            "PORT".into(),
+            "EXPECT".into(),
+            "GOT".into(),
+            "RULE".into(),
+        ]];
+        for t in tests {
+            rows.push(vec![
+                if t.passed { "pass" } else { "FAIL" }.into(),
+                t.pos.line.to_string(),
+                t.from.clone(),
+                t.to.clone(),
+                t.port.clone(),
+                verdict(t.expect),
+                verdict(t.got),
+                t.rule.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        let summary = if failed == 0 {
+            format!("all {} tests pass\n", tests.len())
+        } else {
+            format!("{failed} of {} tests fail\n", tests.len())
+        };
+        columns(&rows) + &summary
+    })?;
+    if !src.loaded.is_valid() {
+        return Ok(Outcome::Failed);
+    }
+    Ok(Outcome::Ok)
+}
+
+/// What `explain` is asked about.
+#[derive(Debug)]
+pub struct Query {
+    pub from: String,
+    pub to: String,
+    pub port: String,
+    pub failing: Vec<String>,
+    pub quarantined: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RuleAt {
+    rule: String,
+    location: String,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Depends {
+    /// The verdict holds until this time.
+    Expires { at: String },
+    /// The verdict holds only from this time.
+    NotBefore { at: String },
+    /// The verdict holds while the identity passes the check.
+    Posture { identity: String, check: String },
+    /// The verdict holds while the identity is not quarantined.
+    NotQuarantined { identity: String },
+}
+
+#[derive(Serialize)]
+struct InactiveRule {
+    rule: String,
+    location: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Explanation {
+    from: String,
+    to: String,
+    port: String,
+    at: String,
+    verdict: &'static str,
+    rule: Option<String>,
+    location: Option<String>,
+    reason: String,
+    depends_on: Vec<Depends>,
+    also: Vec<RuleAt>,
+    not_in_force: Vec<InactiveRule>,
+}
+
+/// `bulkhead policy explain FILE FROM TO PORT`.
+pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+    let probe = parse_probe(&q.port).map_err(|e| anyhow!(e))?;
+    let now = now(when)?;
+    let src = Source::load(file, now, &BTreeMap::new())?;
+    let Some(m) = src.valid_model() else {
+        return src.invalid();
+    };
+    let ident = |n: &str| {
+        m.identity(n)
+            .ok_or_else(|| anyhow!("{}: no identity named {n:?}", src.path))
+    };
+    let (a, b) = (ident(&q.from)?, ident(&q.to)?);
+    let mut cond = Conditions::at(now);
+    for c in &q.failing {
+        m.check(c)
+            .ok_or_else(|| anyhow!("{}: no posture check named {c:?}", src.path))?;
+        cond.failing.insert((q.from.clone(), c.clone()));
+    }
+    for i in &q.quarantined {
+        ident(i)?;
+        cond.quarantined.insert(i.clone());
+    }
+    let d = evaluate(m, a, b, probe, &m.state(&cond));
+    let loc = |r: u32| format!("{}:{}", src.path, m.rule_line(r));
+    let mut depends = Vec::new();
+    if let Some(r) = d.rule.map(|r| m.rule(r)) {
+        if let Some(t) = r.window.expires {
+            depends.push(Depends::Expires { at: time(t) });
+        }
+        if let Some(t) = r.window.not_before {
+            depends.push(Depends::NotBefore { at: time(t) });
+        }
+        if d.allowed {
+            for &c in &r.posture {
+                depends.push(Depends::Posture {
+                    identity: q.from.clone(),
+                    check: m.check_name(c).to_string(),
+                });
+            }
+            if !r.from.quarantined {
+                depends.push(Depends::NotQuarantined {
+                    identity: q.from.clone(),
+                });
+            }
+            if !r.to.quarantined {
+                depends.push(Depends::NotQuarantined {
+                    identity: q.to.clone(),
+                });
+            }
+        }
+    }
+    let reason = match (d.rule, d.allowed, d.self_traffic) {
+        (_, _, true) => "traffic of an identity to itself never crosses a tunnel".to_string(),
+        (Some(_), true, _) => "allowed by rule".into(),
+        (Some(_), false, _) => "denied by a deny rule, which overrides every allow".into(),
+        (None, _, _) => "no rule in force allows it: default deny".into(),
+    };
+    let why = |w: &Inactive| match w {
+        Inactive::NotYet(t) => format!("not in force before {}", time(*t)),
+        Inactive::Expired(t) => format!("expired at {}", time(*t)),
+        Inactive::Posture(cs) => format!(
+            "{} fails posture: {}",
+            q.from,
+            cs.iter()
+                .map(|&c| m.check_name(c))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Inactive::Quarantined { from, to } => {
+            let who: Vec<&str> = [(*from, q.from.as_str()), (*to, q.to.as_str())]
+                .into_iter()
+                .filter_map(|(on, n)| on.then_some(n))
+                .collect();
+            format!("{} quarantined", who.join(" and "))
+        }
+    };
+    let e = Explanation {
+        from: q.from.clone(),
+        to: q.to.clone(),
+        port: probe.to_string(),
+        at: time(now),
+        verdict: if d.allowed { "allow" } else { "deny" },
+        rule: d.rule.map(|r| m.rule(r).name.clone()),
+        location: d.rule.map(loc),
+        reason,
+        depends_on: depends,
+        also: d
+            .also
+            .iter()
+            .map(|&r| RuleAt {
+                rule: m.rule(r).name.clone(),
+                location: loc(r),
+            })
+            .collect(),
+        not_in_force: d
+            .inactive
+            .iter()
+            .map(|(r, w)| InactiveRule {
+                rule: m.rule(*r).name.clone(),
+                location: loc(*r),
+                reason: why(w),
+            })
+            .collect(),
+    };
+    emit(fmt, &e, || explain_table(&e))?;
+    Ok(Outcome::ok_if(d.allowed))
+}
+
+fn explain_table(e: &Explanation) -> String {
+    let mut s = format!(
+        "{}: {} -> {} {} at {}\n",
+        e.verdict, e.from, e.to, e.port, e.at
+    );
+    match (&e.rule, &e.location) {
+        (Some(r), Some(l)) => s += &format!("  rule:   {r} ({l})\n"),
+        _ => s += "  rule:   none\n",
+    }
+    s += &format!("  reason: {}\n", e.reason);
+    if !e.depends_on.is_empty() {
+        s += "  holds while:\n";
+        for d in &e.depends_on {
+            s += &match d {
+                Depends::Expires { at } => format!("    - now is before {at} (expires)\n"),
+                Depends::NotBefore { at } => format!("    - now is after {at} (not_before)\n"),
+                Depends::Posture { identity, check } => {
+                    format!("    - {identity} passes posture check {check}\n")
+                }
+                Depends::NotQuarantined { identity } => {
+                    format!("    - {identity} is not quarantined\n")
+                }
+            };
+        }
+    }
+    if !e.also.is_empty() {
+        s += "  also matched by:\n";
+        for r in &e.also {
+            s += &format!("    - {} ({})\n", r.rule, r.location);
+        }
+    }
+    if !e.not_in_force.is_empty() {
+        s += "  matching rules not in force:\n";
+        for r in &e.not_in_force {
+            s += &format!("    - {} ({}): {}\n", r.rule, r.location, r.reason);
+        }
+    }
+    s
+}
+
+/// `bulkhead policy matrix FILE`.
+pub fn matrix(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+    let now = now(when)?;
+    let src = Source::load(file, now, &BTreeMap::new())?;
+    let Some(m) = src.valid_model() else {
+        return src.invalid();
+    };
+    let compiled = Compiled::new(m, m.state(&Conditions::at(now)));
+    let reach = reach::reachability(m, &compiled);
+    let report = crate::matrix::Matrix::new(m, &reach, &src.path);
+    emit(fmt, &report.json(), || report.table())?;
+    Ok(Outcome::Ok)
+}
+
+#[derive(Serialize)]
+struct DiffReport<'a> {
+    old: &'a str,
+    new: &'a str,
+    identities_added: Vec<String>,
+    identities_removed: Vec<String>,
+    changes: Vec<reach::PairChange>,
+}
+
+/// `bulkhead policy diff OLD NEW`.
+pub fn diff(old: &Path, new: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+    let now = now(when)?;
+    let a = Source::load(old, now, &BTreeMap::new())?;
+    let Some(ma) = a.valid_model() else {
+        return a.invalid();
+    };
+    // The new policy keeps the old addresses, as the controller would.
+    let b = Source::load(new, now, &ma.addresses())?;
+    let Some(mb) = b.valid_model() else {
+        return b.invalid();
+    };
+    let cond = Conditions::at(now);
+    let ca = Compiled::new(ma, ma.state(&cond));
+    let cb = Compiled::new(mb, mb.state(&cond));
+    let names = |m: &Model| -> Vec<String> {
+        m.identity_ids()
+            .map(|i| m.identity_name(i).to_string())
+            .collect()
+    };
+    let (na, nb) = (names(ma), names(mb));
+    let report = DiffReport {
+        old: &a.path,
+        new: &b.path,
+        identities_added: nb.iter().filter(|n| !na.contains(n)).cloned().collect(),
+        identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
+        changes: reach::diff((ma, &ca), (mb, &cb)),
+    };
+    emit(fmt, &report, || diff_table(&report))?;
+    Ok(Outcome::Ok)
+}
+
+fn diff_table(r: &DiffReport<'_>) -> String {
+    let mut s = String::new();
+    for n in &r.identities_added {
+        s += &format!("+ identity {n}\n");
+    }
+    for n in &r.identities_removed {
+        s += &format!("- identity {n}\n");
+    }
+    if r.changes.is_empty() {
+        s += "no change in reachability\n";
+        return s;
+    }
+    let mut rows = vec![vec![
+        "FROM".to_string(),
+        "TO".into(),
+        "GAINED".into(),
+        "LOST".into(),
+    ]];
+    for c in &r.changes {
+        rows.push(vec![
+            c.from.clone(),
+            c.to.clone(),
+            c.gained.to_string(),
+            c.lost.to_string(),
+        ]);
+    }
+    let gained = r.changes.iter().filter(|c| !c.gained.is_empty()).count();
+    let lost = r.changes.iter().filter(|c| !c.lost.is_empty()).count();
+    s += &columns(&rows);
+    s += &format!("{gained} pair(s) gain access, {lost} pair(s) lose access\n");
+    s
+}

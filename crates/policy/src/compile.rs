@@ -1,0 +1,294 @@
+//! Compiling a model into per-identity allowlists, in full or one identity at a time.
+//!
+//! For every ordered pair `(a, b)` the compiler gathers the rules that apply to connections from
+//! `a` to `b` and builds one [`PortTable`] from them. Pairs with the same rules share one table.
+//! `b`'s inbound table from `a` is `a`'s outbound table to `b`, so each table is built once.
+//!
+//! A rule applies to a pair if `a` is on its `from` side and `b` on its `to` side, and:
+//! - an allow rule is in force now ([`crate::eval`]: window, posture, quarantine);
+//! - a deny rule's window is not over. Denies that start later are shipped too, so a node that
+//!   loses its controller still starts enforcing them on time.
+//!
+//! Pairs without any allow rule get no table. A pair is a peer if either direction allows
+//! something now.
+//!
+//! When one identity changes (its labels, posture or quarantine), only the pairs it is part of
+//! change: [`Compiled::update_identity`] recomputes those and reports whose allowlists moved.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bulkhead_allowlist::{Action, Allowlist, Peer, PortTable, RuleRef};
+
+use crate::eval::{State, in_force};
+use crate::model::{IdentityId, Model, RuleId};
+
+type Tables = Vec<(IdentityId, Arc<PortTable>)>;
+
+/// Every pair's port tables for one model and state.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    state: State,
+    /// For each identity, its outbound tables by peer, sorted by peer.
+    out: Vec<Tables>,
+    /// For each identity, its inbound tables by peer, sorted by peer. Shared with `out`.
+    inb: Vec<Tables>,
+}
+
+/// Scratch space for gathering one identity's pairs: rule lists indexed by peer.
+struct Scratch {
+    lists: Vec<Vec<RuleId>>,
+    touched: Vec<IdentityId>,
+    tables: HashMap<Vec<RuleId>, Arc<PortTable>>,
+}
+
+impl Scratch {
+    fn new(n: usize) -> Scratch {
+        Scratch {
+            lists: vec![Vec::new(); n],
+            touched: Vec::new(),
+            tables: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, peer: IdentityId, rule: RuleId) {
+        let l = &mut self.lists[peer as usize];
+        if l.is_empty() {
+            self.touched.push(peer);
+        }
+        l.push(rule);
+    }
+
+    /// Turns what was gathered into tables, sorted by peer, and resets.
+    fn finish(&mut self, m: &Model) -> Tables {
+        self.touched.sort_unstable();
+        let mut out = Vec::with_capacity(self.touched.len());
+        for &peer in &self.touched {
+            let mut rules = std::mem::take(&mut self.lists[peer as usize]);
+            rules.sort_unstable();
+            rules.dedup();
+            if !rules.iter().any(|&r| m.rule(r).action == Action::Allow) {
+                continue;
+            }
+            let table = match self.tables.get(&rules) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Arc::new(PortTable::build(
+                        rules
+                            .iter()
+                            .flat_map(|&r| m.rule(r).ports.iter().map(move |&p| (r, p))),
+                    ));
+                    self.tables.insert(rules, t.clone());
+                    t
+                }
+            };
+            out.push((peer, table));
+        }
+        self.touched.clear();
+        out
+    }
+}
+
+/// Whether the rule applies to `a -> b` for compilation: see the module docs.
+fn applies(m: &Model, rid: RuleId, a: IdentityId, b: IdentityId, st: &State) -> bool {
+    let r = m.rule(rid);
+    match r.action {
+        Action::Allow => in_force(r, a, b, st).is_ok(),
+        Action::Deny => !r.window.is_over(st.now),
+    }
+}
+
+fn outbound(m: &Model, st: &State, a: IdentityId, s: &mut Scratch) -> Tables {
+    let mut rules: Vec<RuleId> = m
+        .rules_initiated_by(a, st.quarantined[a as usize])
+        .collect();
+    rules.sort_unstable();
+    rules.dedup();
+    for rid in rules {
+        m.for_each_on_side(&m.rule(rid).to, &st.quarantined, |b| {
+            if b != a && applies(m, rid, a, b, st) {
+                s.push(b, rid);
+            }
+        });
+    }
+    s.finish(m)
+}
+
+fn inbound(m: &Model, st: &State, b: IdentityId, s: &mut Scratch) -> Tables {
+    let mut rules: Vec<RuleId> = m.rules_answered_by(b, st.quarantined[b as usize]).collect();
+    rules.sort_unstable();
+    rules.dedup();
+    for rid in rules {
+        m.for_each_on_side(&m.rule(rid).from, &st.quarantined, |a| {
+            if a != b && applies(m, rid, a, b, st) {
+                s.push(a, rid);
+            }
+        });
+    }
+    s.finish(m)
+}
+
+fn find(t: &Tables, peer: IdentityId) -> Result<usize, usize> {
+    t.binary_search_by_key(&peer, |(p, _)| *p)
+}
+
+impl Compiled {
+    /// Compiles every pair.
+    pub fn new(m: &Model, state: State) -> Compiled {
+        let n = m.identity_count();
+        let mut s = Scratch::new(n);
+        let out: Vec<Tables> = m
+            .identity_ids()
+            .map(|a| outbound(m, &state, a, &mut s))
+            .collect();
+        let mut inb: Vec<Tables> = vec![Vec::new(); n];
+        for (a, tables) in out.iter().enumerate() {
+            for (b, t) in tables {
+                inb[*b as usize].push((a as IdentityId, t.clone()));
+            }
+        }
+        Compiled { state, out, inb }
+    }
+
+    /// The state this was compiled for.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The table for connections from `a` to `b`, if any rule allows some.
+    pub fn table(&self, a: IdentityId, b: IdentityId) -> Option<&PortTable> {
+        let t = &self.out[a as usize];
+        find(t, b).ok().map(|i| &*t[i].1)
+    }
+
+    /// Every pair `(a, b, table)` with an outbound table, in id order.
+    pub fn tables(&self) -> impl Iterator<Item = (IdentityId, IdentityId, &PortTable)> {
+        self.out.iter().enumerate().flat_map(|(a, t)| {
+            t.iter()
+                .map(move |(b, table)| (a as IdentityId, *b, &**table))
+        })
+    }
+
+    /// Recompiles every pair `id` is part of, after the model or the state changed for `id` only.
+    /// Returns the identities whose allowlists may have changed, ascending, `id` included.
+    pub fn update_identity(&mut self, m: &Model, id: IdentityId) -> Vec<IdentityId> {
+        let mut affected: Vec<IdentityId> = vec![id];
+        let old_out = std::mem::take(&mut self.out[id as usize]);
+        let old_in = std::mem::take(&mut self.inb[id as usize]);
+        for (b, _) in &old_out {
+            let t = &mut self.inb[*b as usize];
+            if let Ok(i) = find(t, id) {
+                t.remove(i);
+            }
+            affected.push(*b);
+        }
+        for (a, _) in &old_in {
+            let t = &mut self.out[*a as usize];
+            if let Ok(i) = find(t, id) {
+                t.remove(i);
+            }
+            affected.push(*a);
+        }
+        let mut s = Scratch::new(m.identity_count());
+        let new_out = outbound(m, &self.state, id, &mut s);
+        let new_in = inbound(m, &self.state, id, &mut s);
+        for (b, t) in &new_out {
+            let v = &mut self.inb[*b as usize];
+            if let Err(i) = find(v, id) {
+                v.insert(i, (id, t.clone()));
+            }
+            affected.push(*b);
+        }
+        for (a, t) in &new_in {
+            let v = &mut self.out[*a as usize];
+            if let Err(i) = find(v, id) {
+                v.insert(i, (id, t.clone()));
+            }
+            affected.push(*a);
+        }
+        self.out[id as usize] = new_out;
+        self.inb[id as usize] = new_in;
+        affected.sort_unstable();
+        affected.dedup();
+        affected
+    }
+
+    /// Sets whether `id` is quarantined and recompiles its pairs. Returns the identities whose
+    /// allowlists may have changed.
+    pub fn set_quarantined(&mut self, m: &Model, id: IdentityId, on: bool) -> Vec<IdentityId> {
+        self.state.quarantined[id as usize] = on;
+        self.update_identity(m, id)
+    }
+
+    /// The allowlist of `id`: its peers and their tables, with rule indices local to it.
+    pub fn allowlist(&self, m: &Model, id: IdentityId, revision: u64) -> Allowlist {
+        static EMPTY: PortTable = PortTable {
+            tcp: Vec::new(),
+            udp: Vec::new(),
+            icmp: Vec::new(),
+            other: Vec::new(),
+        };
+        let refs = m.rule_refs();
+        let now = self.state.now;
+        let (out, inb) = (&self.out[id as usize], &self.inb[id as usize]);
+        let (mut i, mut j) = (0, 0);
+        let mut pairs: Vec<(IdentityId, &PortTable, &PortTable)> = Vec::new();
+        while i < out.len() || j < inb.len() {
+            let po = out.get(i).map(|x| x.0);
+            let pi = inb.get(j).map(|x| x.0);
+            let peer = match (po, pi) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b,
+                (None, None) => break,
+            };
+            let o: &PortTable = if po == Some(peer) {
+                i += 1;
+                &out[i - 1].1
+            } else {
+                &EMPTY
+            };
+            let n: &PortTable = if pi == Some(peer) {
+                j += 1;
+                &inb[j - 1].1
+            } else {
+                &EMPTY
+            };
+            if o.allows_any(refs, now) || n.allows_any(refs, now) {
+                pairs.push((peer, o, n));
+            }
+        }
+        let mut used: Vec<u32> = pairs
+            .iter()
+            .flat_map(|(_, o, n)| o.rule_indices().into_iter().chain(n.rule_indices()))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let local = |g: u32| used.binary_search(&g).unwrap_or_default() as u32;
+        let rules: Vec<RuleRef> = used.iter().map(|&g| refs[g as usize].clone()).collect();
+        let peers = pairs
+            .into_iter()
+            .map(|(p, o, n)| Peer {
+                name: m.identity_name(p).to_string(),
+                address: m.address(p),
+                outbound: o.remap(local),
+                inbound: n.remap(local),
+            })
+            .collect();
+        Allowlist {
+            revision,
+            identity: m.identity_name(id).to_string(),
+            address: m.address(id),
+            network: m.policy().cidr,
+            rules,
+            peers,
+        }
+    }
+
+    /// Every identity's allowlist, in name order.
+    pub fn allowlists(&self, m: &Model, revision: u64) -> Vec<Allowlist> {
+        m.identity_ids()
+            .map(|id| self.allowlist(m, id, revision))
+            .collect()
+    }
+}

@@ -1,0 +1,182 @@
+//! The Bulkhead policy language.
+//!
+//! Pure: no I/O, no clock, no async. Text goes in, with the current time as an argument; a
+//! validated [`Model`], diagnostics, verdicts and compiled [`Allowlist`]s come out.
+//!
+//! - [`load`] parses, validates and runs the policy's own tests, reporting every problem at once
+//!   as `FILE:LINE:COL: error: MESSAGE` ([`Diagnostic::render`]).
+//! - [`evaluate`] answers "may A open a connection to B on this port?" with the deciding rule.
+//! - [`Compiled`] holds every pair's port tables and yields each identity's [`Allowlist`];
+//!   [`Compiled::update_identity`] recompiles one identity's pairs after it changes.
+//! - [`reach::reachability`] and [`reach::diff`] give the matrix and the change between policies.
+//!
+//! [`Allowlist`]: bulkhead_allowlist::Allowlist
+
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod ast;
+mod compile;
+mod diag;
+mod eval;
+mod model;
+mod parse;
+pub mod posture;
+pub mod reach;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use bulkhead_allowlist::UnixTime;
+use serde::Serialize;
+
+pub use ast::{Expect, Policy, Probe};
+pub use compile::Compiled;
+pub use diag::{Diagnostic, Pos, Severity};
+pub use eval::{Conditions, Decision, Inactive, State, evaluate, ports_cover};
+pub use model::{CheckId, EVERYONE, IdentityId, Model, QUARANTINED, Rule, RuleId, SegmentId, Side};
+pub use parse::{is_valid_name, parse_duration, parse_port_spec, parse_probe, parse_time};
+
+/// The result of loading a policy.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The resolved policy, if its form and references are valid. Present even when tests fail,
+    /// so that the tests can be shown.
+    pub model: Option<Model>,
+    /// Every problem found, sorted by position.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The outcome of each entry of `tests`, if the policy got that far.
+    pub tests: Vec<TestOutcome>,
+}
+
+impl Loaded {
+    /// Whether the policy may be applied: it resolved, and nothing is wrong, tests included.
+    pub fn is_valid(&self) -> bool {
+        self.model.is_some()
+            && !self
+                .diagnostics
+                .iter()
+                .any(|d| d.severity == Severity::Error)
+    }
+}
+
+/// How one entry of `tests` went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TestOutcome {
+    /// Where the test is written.
+    pub pos: Pos,
+    /// Initiator.
+    pub from: String,
+    /// Responder.
+    pub to: String,
+    /// Protocol and port, e.g. `tcp/5432`.
+    pub port: String,
+    /// What the test expects.
+    pub expect: Expect,
+    /// What the policy says.
+    pub got: Expect,
+    /// The deciding rule, if any.
+    pub rule: Option<String>,
+    /// Whether `got` is `expect`.
+    pub passed: bool,
+}
+
+/// Parses, validates and tests a policy. `now` is the time for tests without `at`; `prior` holds
+/// addresses identities had before (see [`addr`]), empty if unknown.
+pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Loaded {
+    let mut loaded = Loaded {
+        model: None,
+        diagnostics: Vec::new(),
+        tests: Vec::new(),
+    };
+    let root = match yaml::parse(text) {
+        Ok(root) => root,
+        Err(d) => {
+            loaded.diagnostics.push(d);
+            return loaded;
+        }
+    };
+    let (policy, mut diags) = parse::read(&root);
+    let Some(policy) = policy else {
+        loaded.diagnostics = diags.into_sorted();
+        return loaded;
+    };
+    let Some(model) = Model::resolve(policy, prior, &mut diags) else {
+        loaded.diagnostics = diags.into_sorted();
+        return loaded;
+    };
+    loaded.tests = run_tests(&model, now, &mut diags);
+    loaded.model = Some(model);
+    loaded.diagnostics = diags.into_sorted();
+    loaded
+}
+
+fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags) -> Vec<TestOutcome> {
+    let mut out = Vec::new();
+    for t in &m.policy().tests {
+        let ident = |n: &ast::Spanned<String>, d: &mut diag::Diags| {
+            let id = m.identity(&n.value);
+            if id.is_none() {
+                d.error(n.pos, format!("undefined identity {:?}", n.value));
+            }
+            id
+        };
+        let (from, to) = (ident(&t.from, d), ident(&t.to, d));
+        let mut cond = Conditions::at(t.at.unwrap_or(now));
+        for c in &t.failing {
+            if m.check(&c.value).is_none() {
+                d.error(c.pos, format!("undefined posture check {:?}", c.value));
+            }
+            cond.failing.insert((t.from.value.clone(), c.value.clone()));
+        }
+        for q in &t.quarantined {
+            if ident(q, d).is_some() {
+                cond.quarantined.insert(q.value.clone());
+            }
+        }
+        let (Some(a), Some(b)) = (from, to) else {
+            continue;
+        };
+        let dec = evaluate(m, a, b, t.probe, &m.state(&cond));
+        let got = if dec.allowed {
+            Expect::Allow
+        } else {
+            Expect::Deny
+        };
+        let outcome = TestOutcome {
+            pos: t.pos,
+            from: t.from.value.clone(),
+            to: t.to.value.clone(),
+            port: t.probe.to_string(),
+            expect: t.expect,
+            got,
+            rule: dec.rule.map(|r| m.rule(r).name.clone()),
+            passed: got == t.expect,
+        };
+        if !outcome.passed {
+            let verdict = |e: Expect| match e {
+                Expect::Allow => "allow",
+                Expect::Deny => "deny",
+            };
+            let why = match dec.rule {
+                Some(r) => format!("rule {:?}, line {}", m.rule(r).name, m.rule_line(r)),
+                None if dec.self_traffic => "traffic to itself is outside the policy".into(),
+                None => "no rule allows it".into(),
+            };
+            d.error(
+                t.pos,
+                format!(
+                    "test failed: {} -> {} {}: expected {}, got {} ({why})",
+                    t.from.value,
+                    t.to.value,
+                    t.probe,
+                    verdict(t.expect),
+                    verdict(got)
+                ),
+            );
+        }
+        out.push(outcome);
+    }
+    out
+}
