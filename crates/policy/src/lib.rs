@@ -102,17 +102,21 @@ pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Lo
         loaded.diagnostics = diags.into_sorted();
         return loaded;
     };
-    let Some(model) = Model::resolve(policy, prior, &mut diags) else {
-        loaded.diagnostics = diags.into_sorted();
-        return loaded;
-    };
-    loaded.tests = run_tests(&model, now, &mut diags);
-    loaded.model = Some(model);
+    let model = Model::resolve(policy, prior, &mut diags);
+    // Tests are evaluated only on a policy that is otherwise valid; their names are always checked.
+    let clean = !diags.has_errors();
+    loaded.tests = run_tests(&model, now, &mut diags, clean);
+    loaded.model = clean.then_some(model);
     loaded.diagnostics = diags.into_sorted();
     loaded
 }
 
-fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags) -> Vec<TestOutcome> {
+fn run_tests(
+    m: &Model,
+    now: UnixTime,
+    d: &mut diag::Diags,
+    evaluate_them: bool,
+) -> Vec<TestOutcome> {
     let mut out = Vec::new();
     for t in &m.policy().tests {
         let ident = |n: &ast::Spanned<String>, d: &mut diag::Diags| {
@@ -135,7 +139,7 @@ fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags) -> Vec<TestOutcome> 
                 cond.quarantined.insert(q.value.clone());
             }
         }
-        let (Some(a), Some(b)) = (from, to) else {
+        let (Some(a), Some(b), true) = (from, to, evaluate_them) else {
             continue;
         };
         let dec = evaluate(m, a, b, t.probe, &m.state(&cond));

@@ -116,12 +116,14 @@ pub struct Model {
 
 impl Model {
     /// Resolves a parsed policy. `prior` holds the addresses identities had before, if known;
-    /// see [`crate::addr`]. Errors and warnings go to `d`; on any error, `None`.
+    /// see [`crate::addr`]. Errors and warnings go to `d`. Unresolvable names are left out, so the
+    /// model is usable for further checks, but must not be used for anything else if `d` has
+    /// errors.
     pub(crate) fn resolve(
         policy: Policy,
         prior: &BTreeMap<String, Ipv4Addr>,
         d: &mut Diags,
-    ) -> Option<Model> {
+    ) -> Model {
         let mut order: Vec<usize> = (0..policy.identities.len()).collect();
         order.sort_by(|&a, &b| policy.identities[a].name.cmp(&policy.identities[b].name));
         let names: Vec<String> = order
@@ -279,7 +281,7 @@ impl Model {
                 );
             }
         }
-        (!d.has_errors()).then_some(m)
+        m
     }
 
     fn index_rules(&mut self) {
@@ -618,11 +620,10 @@ fn assign_addresses(
 ) -> Vec<Ipv4Addr> {
     let net = policy.cidr;
     let mut used: HashMap<Ipv4Addr, (&str, Pos)> = HashMap::new();
-    let mut fixed: Vec<Option<Ipv4Addr>> = Vec::with_capacity(order.len());
-    for &i in order {
-        let def = &policy.identities[i];
+    // Checked in file order, so a repeat is reported where it is written second.
+    let mut fixed: Vec<Option<Ipv4Addr>> = vec![None; policy.identities.len()];
+    for (i, def) in policy.identities.iter().enumerate() {
         let Some(a) = &def.address else {
-            fixed.push(None);
             continue;
         };
         if !addr::is_host_address(net, a.value) {
@@ -637,7 +638,6 @@ fn assign_addresses(
                     format!("address {} is outside the network {net}", a.value)
                 },
             );
-            fixed.push(None);
             continue;
         }
         if let Some((other, pos)) = used.get(&a.value) {
@@ -648,17 +648,16 @@ fn assign_addresses(
         } else {
             used.insert(a.value, (&def.name, a.pos));
         }
-        fixed.push(Some(a.value));
+        fixed[i] = Some(a.value);
     }
     // Fixed-address conflicts are reported above; drop them so allocation can still run.
     let mut seen = std::collections::HashSet::new();
     let idents: Vec<(&str, Option<Ipv4Addr>)> = order
         .iter()
-        .zip(&fixed)
-        .map(|(&i, &a)| {
+        .map(|&i| {
             (
                 policy.identities[i].name.as_str(),
-                a.filter(|a| seen.insert(*a)),
+                fixed[i].filter(|a| seen.insert(*a)),
             )
         })
         .collect();

@@ -357,15 +357,15 @@ impl Reader {
     }
 }
 
-/// Reads a whole policy document. Returns the policy if nothing was wrong with its form, and the
-/// diagnostics in any case.
+/// Reads a whole policy document. Returns what could be read, leaving out what was malformed, so
+/// that later checks can report their problems too; `None` only if the network is unusable.
+/// The diagnostics say whether anything was wrong.
 pub(crate) fn read(root: &Node) -> (Option<Policy>, Diags) {
     let mut r = Reader {
         d: Diags::default(),
     };
     let policy = read_policy(&mut r, root);
-    let ok = !r.d.has_errors();
-    (policy.filter(|_| ok), r.d)
+    (policy, r.d)
 }
 
 fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {

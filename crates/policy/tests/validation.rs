@@ -1,0 +1,350 @@
+//! Every validation error, with its exact line and column. Each case lists all the errors the
+//! input must produce (no more, no fewer), as `LINE:COL` and a piece of the message.
+
+use std::collections::BTreeMap;
+
+use bulkhead_policy::{Severity, load};
+
+const NOW: i64 = 1_800_000_000;
+
+/// A valid policy that cases extend with a few lines.
+const BASE: &str = "\
+version: 1
+network: { cidr: 10.0.0.0/24 }
+identities:
+  web-1: { labels: { app: web } }
+  db-1: { labels: { app: db } }
+segments:
+  web: { match: { app: web } }
+  db: { match: { app: db } }
+posture:
+  patched: { kernel.release: \">= 6.1\" }
+";
+
+struct Case {
+    name: &'static str,
+    text: String,
+    errors: &'static [(u32, u32, &'static str)],
+}
+
+fn base(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "yaml syntax",
+            text: "version: 1\nnetwork: { cidr: [10.0.0.0/24 }\n".into(),
+            errors: &[(2, 31, "invalid YAML")],
+        },
+        Case {
+            name: "empty file",
+            text: "".into(),
+            errors: &[(1, 1, "the policy is empty")],
+        },
+        Case {
+            name: "top level not a mapping",
+            text: "- a\n- b\n".into(),
+            errors: &[(1, 1, "the policy must be a mapping, found a list")],
+        },
+        Case {
+            name: "unknown top-level key",
+            text: base("rulez: []\n"),
+            errors: &[(11, 1, "unknown key \"rulez\" in the policy")],
+        },
+        Case {
+            name: "duplicate top-level key",
+            text: base("version: 1\n"),
+            errors: &[(11, 1, "duplicate key \"version\" in the policy (first at 1:1)")],
+        },
+        Case {
+            name: "missing version and network",
+            text: "identities: {}\n".into(),
+            errors: &[
+                (1, 1, "missing the required key \"network\""),
+                (1, 1, "missing the required key \"version\""),
+            ],
+        },
+        Case {
+            name: "unsupported version",
+            text: BASE.replace("version: 1", "version: 2"),
+            errors: &[(1, 10, "unsupported policy version 2")],
+        },
+        Case {
+            name: "bad cidr",
+            text: BASE.replace("10.0.0.0/24", "10.0.0.1/24"),
+            errors: &[(2, 18, "host bits are set; did you mean 10.0.0.0/24?")],
+        },
+        Case {
+            name: "unknown network key",
+            text: BASE.replace("{ cidr: 10.0.0.0/24 }", "{ cidr: 10.0.0.0/24, mtu: 1400 }"),
+            errors: &[(2, 31, "unknown key \"mtu\" in network")],
+        },
+        Case {
+            name: "duplicate identity",
+            text: BASE.replace("  db-1:", "  web-1:"),
+            errors: &[(5, 3, "duplicate key \"web-1\" in identities (first at 4:3)")],
+        },
+        Case {
+            name: "bad names",
+            text: BASE
+                .replace("  db-1:", "  Db_1:")
+                .replace("  db: {", "  -db: {"),
+            errors: &[
+                (5, 3, "bad identity name \"Db_1\""),
+                (8, 3, "bad segment name \"-db\""),
+            ],
+        },
+        Case {
+            name: "unknown identity key",
+            text: BASE.replace("{ labels: { app: web } }", "{ labels: { app: web }, role: x }"),
+            errors: &[(4, 34, "unknown key \"role\" in identity \"web-1\"")],
+        },
+        Case {
+            name: "address outside the cidr and address used twice",
+            text: BASE
+                .replace("{ labels: { app: web } }", "{ address: 10.0.1.5 }")
+                .replace("{ labels: { app: db } }", "{ address: 10.0.0.0 }"),
+            errors: &[
+                (4, 21, "address 10.0.1.5 is outside the network 10.0.0.0/24"),
+                (5, 20, "address 10.0.0.0 is the network or broadcast address"),
+            ],
+        },
+        Case {
+            name: "address used twice",
+            text: BASE
+                .replace("{ labels: { app: web } }", "{ address: 10.0.0.7 }")
+                .replace("{ labels: { app: db } }", "{ address: 10.0.0.7 }"),
+            errors: &[(5, 20, "address 10.0.0.7 is already used by web-1 (at 4:21)")],
+        },
+        Case {
+            name: "bad address",
+            text: BASE.replace("{ labels: { app: web } }", "{ address: 10.0.0.300 }"),
+            errors: &[(4, 21, "bad address \"10.0.0.300\"")],
+        },
+        Case {
+            name: "segment needs match or identities",
+            text: BASE.replace("  web: { match: { app: web } }", "  web: {}"),
+            errors: &[(7, 3, "segment \"web\" needs `match`, `identities` or both")],
+        },
+        Case {
+            name: "segment with an empty match",
+            text: BASE.replace("{ match: { app: web } }", "{ match: {} }"),
+            errors: &[(7, 17, "has an empty match")],
+        },
+        Case {
+            name: "segment lists an undefined identity",
+            text: BASE.replace("{ match: { app: web } }", "{ identities: [web-1, web-9] }"),
+            errors: &[(7, 30, "undefined identity \"web-9\"")],
+        },
+        Case {
+            name: "quarantined is built in",
+            text: BASE.replace("  db: {", "  quarantined: {"),
+            errors: &[(8, 3, "`quarantined` is a built-in segment")],
+        },
+        Case {
+            name: "rule with undefined names, bad ports and unknown key",
+            text: base(
+                "rules:\n  - name: r1\n    from: [web, nope]\n    to: [db]\n    ports: [tcp/0, http, tcp/9-1, tcp/70000]\n    priority: 1\n",
+            ),
+            errors: &[
+                (13, 17, "undefined segment or identity \"nope\""),
+                (15, 13, "bad port \"tcp/0\": ports are 1 to 65535"),
+                (15, 20, "bad port \"http\""),
+                (15, 26, "bad port range \"tcp/9-1\""),
+                (15, 35, "bad port \"tcp/70000\""),
+                (16, 5, "unknown key \"priority\" in a rule"),
+            ],
+        },
+        Case {
+            name: "rule missing keys",
+            text: base("rules:\n  - name: r1\n    from: [web]\n"),
+            errors: &[
+                (12, 5, "a rule is missing the required key \"ports\""),
+                (12, 5, "a rule is missing the required key \"to\""),
+            ],
+        },
+        Case {
+            name: "rule side is not a list",
+            text: base("rules:\n  - { name: r1, from: web, to: [db], ports: [any] }\n"),
+            errors: &[(12, 23, "from must be a list, e.g. [web], found a scalar")],
+        },
+        Case {
+            name: "empty lists",
+            text: base("rules:\n  - { name: r1, from: [], to: [db], ports: [] }\n"),
+            errors: &[(12, 23, "`from` is empty"), (12, 44, "`ports` is empty")],
+        },
+        Case {
+            name: "bad rule names and duplicates",
+            text: base(
+                "rules:\n  - { name: r1, from: [web], to: [db], ports: [any] }\n  - { name: r1, from: [web], to: [db], ports: [any] }\n  - { name: R_2, from: [web], to: [db], ports: [any] }\n",
+            ),
+            errors: &[
+                (13, 5, "duplicate rule name \"r1\" (first at 12:5)"),
+                (14, 13, "bad rule name \"R_2\""),
+            ],
+        },
+        Case {
+            name: "bad times and window",
+            text: base(
+                "rules:\n  - name: r1\n    from: [web]\n    to: [db]\n    ports: [any]\n    not_before: 2027-01-01T00:00:00Z\n    expires: 2026-01-01T00:00:00Z\n  - name: r2\n    from: [web]\n    to: [db]\n    ports: [any]\n    expires: tomorrow\n",
+            ),
+            errors: &[
+                (17, 14, "expires must be later than not_before"),
+                (22, 14, "bad time \"tomorrow\""),
+            ],
+        },
+        Case {
+            name: "bad action",
+            text: base("rules:\n  - { name: r1, action: permit, from: [web], to: [db], ports: [any] }\n"),
+            errors: &[(12, 25, "action must be allow or deny")],
+        },
+        Case {
+            name: "undefined check and posture on deny",
+            text: base(
+                "rules:\n  - { name: r1, from: [web], to: [db], ports: [any], posture: [patched, nope] }\n  - { name: r2, action: deny, from: [web], to: [db], ports: [any], posture: [patched] }\n",
+            ),
+            errors: &[
+                (12, 73, "undefined posture check \"nope\""),
+                (13, 77, "a deny rule cannot require posture"),
+            ],
+        },
+        Case {
+            name: "segment and identity with one name",
+            text: BASE.replace("  db: {", "  db-1: {")
+                + "rules:\n  - { name: r1, from: [web], to: [db-1], ports: [any] }\n",
+            errors: &[(12, 35, "\"db-1\" is both a segment and an identity")],
+        },
+        Case {
+            name: "bad posture checks",
+            text: BASE.replace(
+                "  patched: { kernel.release: \">= 6.1\" }\n",
+                "  patched:\n    kernel.release: \">= 6.x\"\n    os.name: debian\n    root_fs.encrypted: yes\n    os.id: \">= 12\"\n",
+            ),
+            errors: &[
+                (11, 21, "bad version \"6.x\""),
+                (12, 5, "unknown fact \"os.name\""),
+                (13, 24, "root_fs.encrypted must be true or false"),
+                (14, 12, "os.id is not a version"),
+            ],
+        },
+        Case {
+            name: "bad quarantine",
+            text: base("quarantine: { denied_per_minute: 0, duration: 15 }\n"),
+            errors: &[
+                (11, 34, "denied_per_minute must be 1 or more"),
+                (11, 47, "bad duration \"15\""),
+            ],
+        },
+        Case {
+            name: "bad tests",
+            text: base(
+                "tests:\n  - { from: web-1, to: db-9, port: tcp/5432, expect: allow }\n  - { from: web-1, to: db-1, port: tcp, expect: maybe }\n  - { from: web-1, to: db-1, port: tcp/1, expect: deny, failing: [nope] }\n",
+            ),
+            errors: &[
+                (12, 24, "undefined identity \"db-9\""),
+                (13, 36, "bad port \"tcp\""),
+                (13, 49, "expect must be allow or deny"),
+                (14, 67, "undefined posture check \"nope\""),
+            ],
+        },
+        Case {
+            name: "failing tests",
+            text: base(
+                "rules:\n  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }\ntests:\n  - { from: web-1, to: db-1, port: tcp/5432, expect: deny }\n  - { from: web-1, to: db-1, port: tcp/5432, expect: allow }\n  - { from: db-1, to: web-1, port: tcp/5432, expect: allow }\n",
+            ),
+            errors: &[
+                (
+                    14,
+                    5,
+                    "test failed: web-1 -> db-1 tcp/5432: expected deny, got allow (rule \"web-to-db\", line 12)",
+                ),
+                (
+                    16,
+                    5,
+                    "test failed: db-1 -> web-1 tcp/5432: expected allow, got deny (no rule allows it)",
+                ),
+            ],
+        },
+        Case {
+            name: "network too small",
+            text: BASE.replace("10.0.0.0/24", "10.0.0.0/31"),
+            errors: &[(2, 18, "a /31 leaves no room")],
+        },
+        Case {
+            name: "merge keys",
+            text: BASE.replace("{ labels: { app: web } }", "{ <<: {a: b} }"),
+            errors: &[(4, 12, "merge keys (<<) are not supported")],
+        },
+        Case {
+            name: "many errors at once",
+            text: "version: x\nnetwork: { cidr: nope }\nidentities: []\nbogus: 1\n".into(),
+            errors: &[
+                (1, 10, "version must be a whole number"),
+                (2, 18, "bad cidr \"nope\""),
+                (3, 13, "identities must be a mapping, found a list"),
+                (4, 1, "unknown key \"bogus\""),
+            ],
+        },
+    ]
+}
+
+#[test]
+fn every_error_is_reported_at_its_line_and_column() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let l = load(&case.text, NOW, &BTreeMap::new());
+        let got: Vec<(u32, u32, String)> = l
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| (d.pos.line, d.pos.col, d.message.clone()))
+            .collect();
+        let ok = got.len() == case.errors.len()
+            && got
+                .iter()
+                .zip(case.errors)
+                .all(|(g, w)| g.0 == w.0 && g.1 == w.1 && g.2.contains(w.2));
+        if !ok {
+            failures.push(format!(
+                "case {:?}\n  want: {:?}\n  got:  {:?}\n--- input\n{}",
+                case.name, case.errors, got, case.text
+            ));
+        }
+        assert!(!l.is_valid(), "case {:?} must be rejected", case.name);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn the_base_policy_is_valid() {
+    let l = load(BASE, NOW, &BTreeMap::new());
+    assert!(l.is_valid(), "{:?}", l.diagnostics);
+}
+
+#[test]
+fn rendered_form_is_file_line_col() {
+    let l = load(
+        &BASE.replace("version: 1", "version: 3"),
+        NOW,
+        &BTreeMap::new(),
+    );
+    assert_eq!(
+        l.diagnostics[0].render("p.yaml"),
+        "p.yaml:1:10: error: unsupported policy version 3; this bulkhead reads version 1"
+    );
+}
+
+#[test]
+fn warnings_do_not_reject() {
+    let text = BASE.replace(
+        "  db: { match: { app: db } }\n",
+        "  db: { match: { app: db } }\n  empty: { match: { app: none } }\n",
+    );
+    let l = load(&text, NOW, &BTreeMap::new());
+    assert!(l.is_valid(), "{:?}", l.diagnostics);
+    assert_eq!(l.diagnostics.len(), 1);
+    assert_eq!(l.diagnostics[0].severity, Severity::Warning);
+    assert!(l.diagnostics[0].message.contains("has no members"));
+}
