@@ -3,6 +3,8 @@
 //! After an intended change, regenerate with `BULKHEAD_UPDATE_GOLDEN=1 cargo test -p
 //! bulkhead-policy --test golden` and review the diff like any other change.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure with a message
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

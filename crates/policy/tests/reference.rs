@@ -7,6 +7,8 @@
 //! Scale with `BULKHEAD_PROPTEST_SCALE=N` (default 1: 300 policies, well over 10,000 queries).
 //! A failure prints the seed and the policy; rerun one seed with `BULKHEAD_PROPTEST_SEED=S`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure with a message
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bulkhead_allowlist::{Allowlist, Decision, proto};
@@ -367,7 +369,7 @@ fn random_probe(r: &mut Rng) -> Probe {
         1u16, 22, 53, 79, 80, 85, 90, 91, 100, 101, 443, 999, 1024, 1025, 5432, 65535,
     ]);
     match r.below(6) {
-        0 | 1 | 2 => Probe {
+        0..=2 => Probe {
             proto: proto::TCP,
             port,
         },

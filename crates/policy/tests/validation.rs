@@ -1,6 +1,8 @@
 //! Every validation error, with its exact line and column. Each case lists all the errors the
 //! input must produce (no more, no fewer), as `LINE:COL` and a piece of the message.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failure with a message
+
 use std::collections::BTreeMap;
 
 use bulkhead_policy::{Severity, load};
