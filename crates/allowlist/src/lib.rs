@@ -164,10 +164,10 @@ pub struct Peer {
     pub name: String,
     /// The peer's overlay address; the only source address accepted from its tunnel.
     pub address: Ipv4Addr,
-    /// Connections this identity may open to the peer.
-    pub outbound: PortTable,
-    /// Connections the peer may open to this identity.
-    pub inbound: PortTable,
+    /// Connections this identity may open to the peer: an index into [`Allowlist::tables`].
+    pub outbound: u32,
+    /// Connections the peer may open to this identity: an index into [`Allowlist::tables`].
+    pub inbound: u32,
 }
 
 /// The compiled allowlist of one identity.
@@ -181,8 +181,12 @@ pub struct Allowlist {
     pub address: Ipv4Addr,
     /// The overlay network.
     pub network: Network,
-    /// The rules the port tables refer to, by index. Only rules that concern this identity.
+    /// The rules the port tables refer to, by index, in policy order. Only rules that concern
+    /// this identity.
     pub rules: Vec<RuleRef>,
+    /// The distinct port tables, which peers refer to by index: peers governed by the same rules
+    /// share one.
+    pub tables: Vec<PortTable>,
     /// The peers, sorted by name: exactly the identities with some traffic allowed either way.
     pub peers: Vec<Peer>,
 }
@@ -219,6 +223,7 @@ impl Allowlist {
             address,
             network,
             rules: Vec::new(),
+            tables: Vec::new(),
             peers: Vec::new(),
         }
     }
@@ -240,14 +245,27 @@ impl Allowlist {
             .map(|i| &self.peers[i])
     }
 
+    /// The table at `index`; an index out of range is the empty table, which allows nothing.
+    pub fn table(&self, index: u32) -> &PortTable {
+        static EMPTY: PortTable = PortTable {
+            tcp: Vec::new(),
+            udp: Vec::new(),
+            icmp: Vec::new(),
+            other: Vec::new(),
+        };
+        self.tables.get(index as usize).unwrap_or(&EMPTY)
+    }
+
     /// May this identity open a connection to `peer` on `proto`/`port` at `now`?
     pub fn decide_outbound(&self, peer: &Peer, proto: u8, port: u16, now: UnixTime) -> Decision {
-        peer.outbound.decide(&self.rules, proto, port, now)
+        self.table(peer.outbound)
+            .decide(&self.rules, proto, port, now)
     }
 
     /// May `peer` open a connection to this identity on `proto`/`port` at `now`?
     pub fn decide_inbound(&self, peer: &Peer, proto: u8, port: u16, now: UnixTime) -> Decision {
-        peer.inbound.decide(&self.rules, proto, port, now)
+        self.table(peer.inbound)
+            .decide(&self.rules, proto, port, now)
     }
 
     /// The next time after `now` that one of its rules starts or stops being in force: when the
@@ -290,7 +308,10 @@ impl Allowlist {
                         b.next();
                     }
                     std::cmp::Ordering::Equal => {
-                        if x != y {
+                        let same = x.address == y.address
+                            && self.table(x.outbound) == new.table(y.outbound)
+                            && self.table(x.inbound) == new.table(y.inbound);
+                        if !same {
                             d.changed.push(x.name.clone());
                         }
                         a.next();
@@ -316,16 +337,21 @@ mod tests {
         }
     }
 
-    fn peer(name: &str, last: u8, outbound: PortTable) -> Peer {
-        Peer {
-            name: name.into(),
-            address: Ipv4Addr::new(10, 0, 0, last),
-            outbound,
-            inbound: PortTable::default(),
-        }
-    }
-
-    fn list(peers: Vec<Peer>, rules: Vec<RuleRef>) -> Allowlist {
+    /// Peers with their outbound tables; inbound tables are empty.
+    fn list(peers: Vec<(&str, u8, PortTable)>, rules: Vec<RuleRef>) -> Allowlist {
+        let mut tables = vec![PortTable::default()];
+        let peers = peers
+            .into_iter()
+            .map(|(name, last, outbound)| {
+                tables.push(outbound);
+                Peer {
+                    name: name.into(),
+                    address: Ipv4Addr::new(10, 0, 0, last),
+                    outbound: tables.len() as u32 - 1,
+                    inbound: 0,
+                }
+            })
+            .collect();
         Allowlist {
             revision: 1,
             identity: "me".into(),
@@ -335,6 +361,7 @@ mod tests {
                 prefix_len: 24,
             },
             rules,
+            tables,
             peers,
         }
     }
@@ -376,7 +403,7 @@ mod tests {
     fn lookups_go_through_the_peer_and_its_table() {
         let rules = vec![rule("r", Action::Allow, Window::ALWAYS)];
         let t = PortTable::build([(0, PortSpec::Tcp { lo: 22, hi: 22 })]);
-        let l = list(vec![peer("a", 2, t)], rules);
+        let l = list(vec![("a", 2, t)], rules);
         let idx = l.peer_index();
         let p = &l.peers[idx[&Ipv4Addr::new(10, 0, 0, 2)]];
         assert_eq!(
@@ -402,18 +429,14 @@ mod tests {
         let t23 = PortTable::build([(0, PortSpec::Tcp { lo: 23, hi: 23 })]);
         let old = list(
             vec![
-                peer("a", 2, t22.clone()),
-                peer("b", 3, t22.clone()),
-                peer("c", 4, t22.clone()),
+                ("a", 2, t22.clone()),
+                ("b", 3, t22.clone()),
+                ("c", 4, t22.clone()),
             ],
             rules.clone(),
         );
         let new = list(
-            vec![
-                peer("b", 3, t23),
-                peer("c", 4, t22.clone()),
-                peer("d", 5, t22),
-            ],
+            vec![("b", 3, t23), ("c", 4, t22.clone()), ("d", 5, t22)],
             rules,
         );
         let d = old.diff(&new);
@@ -441,7 +464,7 @@ mod tests {
             },
         )];
         let t = PortTable::build([(0, PortSpec::Any)]);
-        let l = list(vec![peer("a", 2, t)], rules);
+        let l = list(vec![("a", 2, t)], rules);
         let json = serde_json::to_string(&l).unwrap();
         let back: Allowlist = serde_json::from_str(&json).unwrap();
         assert_eq!(back, l);

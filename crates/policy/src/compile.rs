@@ -18,12 +18,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bulkhead_allowlist::{Action, Allowlist, Peer, PortTable, RuleRef};
+use bulkhead_allowlist::{Action, Allowlist, Peer, PortTable};
 
 use crate::eval::{State, in_force};
 use crate::model::{IdentityId, Model, RuleId};
 
-type Tables = Vec<(IdentityId, Arc<PortTable>)>;
+/// A pair's table, and whether it allows anything at the compile time.
+#[derive(Debug)]
+struct Entry {
+    table: PortTable,
+    allows_now: bool,
+}
+
+type Tables = Vec<(IdentityId, Arc<Entry>)>;
 
 /// Every pair's port tables for one model and state.
 #[derive(Debug, Clone)]
@@ -39,7 +46,7 @@ pub struct Compiled {
 struct Scratch {
     lists: Vec<Vec<RuleId>>,
     touched: Vec<IdentityId>,
-    tables: HashMap<Vec<RuleId>, Arc<PortTable>>,
+    tables: HashMap<Vec<RuleId>, Arc<Entry>>,
 }
 
 impl Scratch {
@@ -60,7 +67,7 @@ impl Scratch {
     }
 
     /// Turns what was gathered into tables, sorted by peer, and resets.
-    fn finish(&mut self, m: &Model) -> Tables {
+    fn finish(&mut self, m: &Model, st: &State) -> Tables {
         self.touched.sort_unstable();
         let mut out = Vec::with_capacity(self.touched.len());
         for &peer in &self.touched {
@@ -73,11 +80,13 @@ impl Scratch {
             let table = match self.tables.get(&rules) {
                 Some(t) => t.clone(),
                 None => {
-                    let t = Arc::new(PortTable::build(
+                    let table = PortTable::build(
                         rules
                             .iter()
                             .flat_map(|&r| m.rule(r).ports.iter().map(move |&p| (r, p))),
-                    ));
+                    );
+                    let allows_now = table.allows_any(m.rule_refs(), st.now);
+                    let t = Arc::new(Entry { table, allows_now });
                     self.tables.insert(rules, t.clone());
                     t
                 }
@@ -111,7 +120,7 @@ fn outbound(m: &Model, st: &State, a: IdentityId, s: &mut Scratch) -> Tables {
             }
         });
     }
-    s.finish(m)
+    s.finish(m, st)
 }
 
 fn inbound(m: &Model, st: &State, b: IdentityId, s: &mut Scratch) -> Tables {
@@ -125,7 +134,20 @@ fn inbound(m: &Model, st: &State, b: IdentityId, s: &mut Scratch) -> Tables {
             }
         });
     }
-    s.finish(m)
+    s.finish(m, st)
+}
+
+/// The index of `e` in `pool`, adding it if new. `None` stands for the empty table.
+fn intern<'a>(
+    pool: &mut Vec<Option<&'a Arc<Entry>>>,
+    slot: &mut HashMap<*const Entry, u32>,
+    e: Option<&'a Arc<Entry>>,
+) -> u32 {
+    let key = e.map_or(std::ptr::null(), Arc::as_ptr);
+    *slot.entry(key).or_insert_with(|| {
+        pool.push(e);
+        pool.len() as u32 - 1
+    })
 }
 
 fn find(t: &Tables, peer: IdentityId) -> Result<usize, usize> {
@@ -158,15 +180,15 @@ impl Compiled {
     /// The table for connections from `a` to `b`, if any rule allows some.
     pub fn table(&self, a: IdentityId, b: IdentityId) -> Option<&PortTable> {
         let t = &self.out[a as usize];
-        find(t, b).ok().map(|i| &*t[i].1)
+        find(t, b).ok().map(|i| &t[i].1.table)
     }
 
     /// Every pair `(a, b, table)` with an outbound table, in id order.
     pub fn tables(&self) -> impl Iterator<Item = (IdentityId, IdentityId, &PortTable)> {
-        self.out.iter().enumerate().flat_map(|(a, t)| {
-            t.iter()
-                .map(move |(b, table)| (a as IdentityId, *b, &**table))
-        })
+        self.out
+            .iter()
+            .enumerate()
+            .flat_map(|(a, t)| t.iter().map(move |(b, e)| (a as IdentityId, *b, &e.table)))
     }
 
     /// Recompiles every pair `id` is part of, after the model or the state changed for `id` only.
@@ -222,57 +244,54 @@ impl Compiled {
 
     /// The allowlist of `id`: its peers and their tables, with rule indices local to it.
     pub fn allowlist(&self, m: &Model, id: IdentityId, revision: u64) -> Allowlist {
+        let refs = m.rule_refs();
+        let (out, inb) = (&self.out[id as usize], &self.inb[id as usize]);
+        // Distinct tables by identity of the shared entry; `None` is the empty table.
+        let mut pool: Vec<Option<&Arc<Entry>>> = Vec::new();
+        let mut slot: HashMap<*const Entry, u32> = HashMap::new();
+        let (mut i, mut j) = (0, 0);
+        let mut peers: Vec<(IdentityId, u32, u32)> = Vec::new();
+        loop {
+            let (po, pi) = (out.get(i).map(|x| x.0), inb.get(j).map(|x| x.0));
+            let Some(peer) = po.into_iter().chain(pi).min() else {
+                break;
+            };
+            let o = (po == Some(peer)).then(|| &out[i].1);
+            let n = (pi == Some(peer)).then(|| &inb[j].1);
+            i += usize::from(o.is_some());
+            j += usize::from(n.is_some());
+            if o.is_some_and(|e| e.allows_now) || n.is_some_and(|e| e.allows_now) {
+                let o = intern(&mut pool, &mut slot, o);
+                let n = intern(&mut pool, &mut slot, n);
+                peers.push((peer, o, n));
+            }
+        }
+        let mut used: Vec<u32> = pool
+            .iter()
+            .flatten()
+            .flat_map(|e| e.table.rule_indices())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let local = |g: u32| used.binary_search(&g).unwrap_or_default() as u32;
+        // Equal tables behind different entries (recompiled separately) become one, so that an
+        // allowlist has one form whichever way it was compiled.
         static EMPTY: PortTable = PortTable {
             tcp: Vec::new(),
             udp: Vec::new(),
             icmp: Vec::new(),
             other: Vec::new(),
         };
-        let refs = m.rule_refs();
-        let now = self.state.now;
-        let (out, inb) = (&self.out[id as usize], &self.inb[id as usize]);
-        let (mut i, mut j) = (0, 0);
-        let mut pairs: Vec<(IdentityId, &PortTable, &PortTable)> = Vec::new();
-        while i < out.len() || j < inb.len() {
-            let po = out.get(i).map(|x| x.0);
-            let pi = inb.get(j).map(|x| x.0);
-            let peer = match (po, pi) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(a), None) => a,
-                (None, Some(b)) => b,
-                (None, None) => break,
-            };
-            let o: &PortTable = if po == Some(peer) {
-                i += 1;
-                &out[i - 1].1
-            } else {
-                &EMPTY
-            };
-            let n: &PortTable = if pi == Some(peer) {
-                j += 1;
-                &inb[j - 1].1
-            } else {
-                &EMPTY
-            };
-            if o.allows_any(refs, now) || n.allows_any(refs, now) {
-                pairs.push((peer, o, n));
-            }
-        }
-        let mut used: Vec<u32> = pairs
+        let mut canonical: HashMap<&PortTable, u32> = HashMap::new();
+        let mut tables = Vec::new();
+        let renumber: Vec<u32> = pool
             .iter()
-            .flat_map(|(_, o, n)| o.rule_indices().into_iter().chain(n.rule_indices()))
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        let local = |g: u32| used.binary_search(&g).unwrap_or_default() as u32;
-        let rules: Vec<RuleRef> = used.iter().map(|&g| refs[g as usize].clone()).collect();
-        let peers = pairs
-            .into_iter()
-            .map(|(p, o, n)| Peer {
-                name: m.identity_name(p).to_string(),
-                address: m.address(p),
-                outbound: o.remap(local),
-                inbound: n.remap(local),
+            .map(|e| {
+                let t = e.map_or(&EMPTY, |e| &e.table);
+                *canonical.entry(t).or_insert_with(|| {
+                    tables.push(t.remap(local));
+                    tables.len() as u32 - 1
+                })
             })
             .collect();
         Allowlist {
@@ -280,8 +299,17 @@ impl Compiled {
             identity: m.identity_name(id).to_string(),
             address: m.address(id),
             network: m.policy().cidr,
-            rules,
-            peers,
+            rules: used.iter().map(|&g| refs[g as usize].clone()).collect(),
+            tables,
+            peers: peers
+                .into_iter()
+                .map(|(p, outbound, inbound)| Peer {
+                    name: m.identity_name(p).to_string(),
+                    address: m.address(p),
+                    outbound: renumber[outbound as usize],
+                    inbound: renumber[inbound as usize],
+                })
+                .collect(),
         }
     }
 
