@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The project's test command: what CI runs (.ci/run) and what a developer runs before pushing.
+# It installs what the tests need, then runs every check: formatting, lints, all tests, and the
+# example policies. Run it from anywhere; it works in the repository it belongs to.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$c"
+  fi
+done
+cargo --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build the binaries (end-to-end tests run them)"
+cargo build --workspace --bins --locked
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "example policies"
+for f in deploy/examples/*.yaml; do
+  target/debug/bulkhead policy check "$f"
+done
