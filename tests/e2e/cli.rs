@@ -44,11 +44,17 @@ rules:
     );
     let r = bulkhead(&["policy", "check", &f]);
     assert_eq!(r.code, Some(1));
-    let errors: Vec<&str> = r.stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    let errors: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains(": error: "))
+        .collect();
     assert_eq!(
         errors,
         vec![
-            format!("{f}:4:34: error: unknown key \"adress\" in identity \"web-1\"; expected one of: labels, address, description"),
+            format!(
+                "{f}:4:34: error: unknown key \"adress\" in identity \"web-1\"; expected one of: labels, address, description"
+            ),
             format!("{f}:5:20: error: address 10.9.9.9 is outside the network 10.0.0.0/24"),
             format!("{f}:9:28: error: undefined segment or identity \"ghost\""),
             format!("{f}:9:56: error: bad port \"tcp/99999\": ports are 1 to 65535"),
@@ -56,7 +62,10 @@ rules:
         "{}",
         r.stderr
     );
-    assert!(r.stdout.is_empty(), "results go to stdout, diagnostics to stderr");
+    assert!(
+        r.stdout.is_empty(),
+        "results go to stdout, diagnostics to stderr"
+    );
 
     let r = bulkhead(&["policy", "check", &f, "-o", "json"]);
     assert_eq!(r.code, Some(1));
@@ -82,7 +91,8 @@ fn a_failing_test_fails_check_and_test() {
     assert!(r.stdout.contains("FAIL"), "{}", r.stdout);
     assert!(r.stdout.contains("1 of 15 tests fail"), "{}", r.stdout);
     assert!(
-        r.stderr.contains("error: test failed: web-1 -> db-1 tcp/5432: expected allow, got deny"),
+        r.stderr
+            .contains("error: test failed: web-1 -> db-1 tcp/5432: expected allow, got deny"),
         "{}",
         r.stderr
     );
@@ -92,25 +102,40 @@ fn a_failing_test_fails_check_and_test() {
 
 #[test]
 fn explain_names_the_rule_and_its_line_and_exits_by_verdict() {
-    let r = bulkhead(&["policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "json"]);
+    let r = bulkhead(&[
+        "policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "json",
+    ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json();
     assert_eq!(j["verdict"], "allow");
     assert_eq!(j["rule"], "api-to-db");
     assert_eq!(j["location"], format!("{THREE_TIER}:37"));
 
-    let r = bulkhead(&["policy", "explain", THREE_TIER, "web-1", "db-1", "tcp/5432", "-o", "json"]);
-    assert_eq!(r.code, Some(1), "a denial the command was asked about exits 1");
+    let r = bulkhead(&[
+        "policy", "explain", THREE_TIER, "web-1", "db-1", "tcp/5432", "-o", "json",
+    ]);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "a denial the command was asked about exits 1"
+    );
     let j = r.json();
     assert_eq!(j["verdict"], "deny");
     assert_eq!(j["rule"], serde_json::Value::Null);
 
     // A deny rule decides, and the table form says so with FILE:LINE.
-    let r = bulkhead(&["policy", "explain", THREE_TIER, "bastion", "db-1", "tcp/5432"]);
+    let r = bulkhead(&[
+        "policy", "explain", THREE_TIER, "bastion", "db-1", "tcp/5432",
+    ]);
     assert_eq!(r.code, Some(1));
-    assert!(r.stdout.starts_with("deny: bastion -> db-1 tcp/5432"), "{}", r.stdout);
     assert!(
-        r.stdout.contains(&format!("no-admin-on-db-data ({THREE_TIER}:45)")),
+        r.stdout.starts_with("deny: bastion -> db-1 tcp/5432"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains(&format!("no-admin-on-db-data ({THREE_TIER}:45)")),
         "{}",
         r.stdout
     );
@@ -118,7 +143,16 @@ fn explain_names_the_rule_and_its_line_and_exits_by_verdict() {
 
 #[test]
 fn explain_lists_the_conditions_of_the_verdict() {
-    let r = bulkhead(&["policy", "explain", COMPANY, "admin-alice", "prod-db-1", "tcp/22", "-o", "json"]);
+    let r = bulkhead(&[
+        "policy",
+        "explain",
+        COMPANY,
+        "admin-alice",
+        "prod-db-1",
+        "tcp/22",
+        "-o",
+        "json",
+    ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let checks: BTreeSet<String> = r.json()["depends_on"]
         .as_array()
@@ -127,17 +161,39 @@ fn explain_lists_the_conditions_of_the_verdict() {
         .filter(|d| d["kind"] == "posture")
         .filter_map(|d| d["check"].as_str().map(String::from))
         .collect();
-    assert_eq!(checks, BTreeSet::from(["patched".into(), "disk-encrypted".into()]));
+    assert_eq!(
+        checks,
+        BTreeSet::from(["patched".into(), "disk-encrypted".into()])
+    );
 
     let r = bulkhead(&[
-        "policy", "explain", COMPANY, "admin-alice", "prod-db-1", "tcp/22", "--failing", "patched",
+        "policy",
+        "explain",
+        COMPANY,
+        "admin-alice",
+        "prod-db-1",
+        "tcp/22",
+        "--failing",
+        "patched",
     ]);
     assert_eq!(r.code, Some(1));
-    assert!(r.stdout.contains("admin-alice fails posture: patched"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("admin-alice fails posture: patched"),
+        "{}",
+        r.stdout
+    );
 
     let r = bulkhead(&[
-        "policy", "explain", COMPANY, "contractor", "dev-web-1", "tcp/8080", "--at", "2027-01-01T00:00:00Z",
-        "-o", "json",
+        "policy",
+        "explain",
+        COMPANY,
+        "contractor",
+        "dev-web-1",
+        "tcp/8080",
+        "--at",
+        "2027-01-01T00:00:00Z",
+        "-o",
+        "json",
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json();
@@ -145,10 +201,21 @@ fn explain_lists_the_conditions_of_the_verdict() {
     assert_eq!(j["depends_on"][0]["at"], "2030-06-30T17:00:00Z");
 
     let r = bulkhead(&[
-        "policy", "explain", COMPANY, "contractor", "dev-web-1", "tcp/8080", "--at", "2031-01-01T00:00:00Z",
+        "policy",
+        "explain",
+        COMPANY,
+        "contractor",
+        "dev-web-1",
+        "tcp/8080",
+        "--at",
+        "2031-01-01T00:00:00Z",
     ]);
     assert_eq!(r.code, Some(1));
-    assert!(r.stdout.contains("expired at 2030-06-30T17:00:00Z"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("expired at 2030-06-30T17:00:00Z"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -168,7 +235,10 @@ fn matrix_agrees_with_explain_on_every_pair() {
         .into_iter()
         .flatten()
         .flat_map(|p| {
-            let (f, t) = (p["from"].as_str().unwrap_or(""), p["to"].as_str().unwrap_or(""));
+            let (f, t) = (
+                p["from"].as_str().unwrap_or(""),
+                p["to"].as_str().unwrap_or(""),
+            );
             p["ports"]
                 .as_array()
                 .into_iter()
@@ -179,7 +249,9 @@ fn matrix_agrees_with_explain_on_every_pair() {
     for from in &names {
         for to in names.iter().filter(|t| *t != from) {
             for port in ["tcp/22", "tcp/5432", "tcp/8080", "tcp/9000", "icmp"] {
-                let r = bulkhead(&["policy", "explain", THREE_TIER, from, to, port, "-o", "json"]);
+                let r = bulkhead(&[
+                    "policy", "explain", THREE_TIER, from, to, port, "-o", "json",
+                ]);
                 let allowed = r.json()["verdict"] == "allow";
                 let in_matrix = pairs.iter().any(|(f, t, p)| {
                     f == from
@@ -197,7 +269,11 @@ fn matrix_agrees_with_explain_on_every_pair() {
 fn matrix_table_groups_identities_by_segment() {
     let r = bulkhead(&["policy", "matrix", THREE_TIER]);
     assert_eq!(r.code, Some(0));
-    assert!(r.stdout.contains("6 identities in 5 groups"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("6 identities in 5 groups"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("web-1, web-2"), "{}", r.stdout);
     assert!(r.stdout.contains("tcp/9000-9001"), "{}", r.stdout);
 }
@@ -207,7 +283,10 @@ fn diff_shows_reachability_gained_and_lost_pair_by_pair() {
     let dir = TempDir::new("diff");
     let text = std::fs::read_to_string(bulkhead_e2e::root().join(THREE_TIER)).unwrap_or_default();
     let new = text
-        .replace("    ports: [tcp/5432]\n  - name: admin-ssh", "    ports: [tcp/5432, tcp/6432]\n  - name: admin-ssh")
+        .replace(
+            "    ports: [tcp/5432]\n  - name: admin-ssh",
+            "    ports: [tcp/5432, tcp/6432]\n  - name: admin-ssh",
+        )
         .replace("    ports: [tcp/8080]\n", "    ports: [tcp/8443]\n");
     // The old tests no longer hold; this is about the diff, so drop them.
     let new = new[..new.find("\ntests:").unwrap_or(new.len())].to_string();
@@ -249,15 +328,29 @@ fn diff_shows_reachability_gained_and_lost_pair_by_pair() {
 
     let r = bulkhead(&["policy", "diff", THREE_TIER, THREE_TIER]);
     assert_eq!(r.code, Some(0));
-    assert!(r.stdout.contains("no change in reachability"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("no change in reachability"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
 fn yaml_output_is_yaml() {
-    let r = bulkhead(&["policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "yaml"]);
+    let r = bulkhead(&[
+        "policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "yaml",
+    ]);
     assert_eq!(r.code, Some(0));
-    assert!(r.stdout.lines().any(|l| l == "verdict: allow"), "{}", r.stdout);
-    assert!(r.stdout.lines().any(|l| l == "rule: api-to-db"), "{}", r.stdout);
+    assert!(
+        r.stdout.lines().any(|l| l == "verdict: allow"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.lines().any(|l| l == "rule: api-to-db"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -283,7 +376,11 @@ fn completions_and_man_page() {
     assert!(r.stdout.contains("bulkhead"), "{}", r.stdout);
     let r = bulkhead(&["man"]);
     assert_eq!(r.code, Some(0));
-    assert!(r.stdout.contains(".TH bulkhead"), "{}", &r.stdout[..200.min(r.stdout.len())]);
+    assert!(
+        r.stdout.contains(".TH bulkhead"),
+        "{}",
+        &r.stdout[..200.min(r.stdout.len())]
+    );
     let dir = TempDir::new("man");
     let r = bulkhead(&["man", "--dir", &dir.path().display().to_string()]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
