@@ -139,10 +139,33 @@ fn compile_all_allowlists(b: divan::Bencher) {
     b.bench(|| Compiled::new(m, m.state(&Conditions::at(NOW))).allowlists(m, 1));
 }
 
-/// One identity's labels change: update the model, recompile its pairs, and rebuild the
-/// allowlists of every identity affected.
+/// One identity's labels change: update the model, recompile its pairs, rebuild its allowlist
+/// and patch the allowlists of every identity affected, as the controller does.
 #[divan::bench(sample_count = 20)]
 fn recompile_after_one_label_change(b: divan::Bencher) {
+    let mut m = MODEL.clone();
+    let mut c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
+    let mut lists = c.allowlists(&m, 1);
+    let id = m.identity("host-4242").unwrap();
+    let mut flip = false;
+    b.bench_local(|| {
+        flip = !flip;
+        m.set_labels(id, labels(4242, if flip { 1 } else { 0 }));
+        let affected = c.update_identity(&m, id);
+        for &a in &affected {
+            if a == id {
+                lists[a as usize] = c.allowlist(&m, a, 2);
+            } else {
+                c.patch_allowlist(&m, &mut lists[a as usize], id);
+            }
+        }
+        affected.len()
+    });
+}
+
+/// The same, rebuilding every affected allowlist from scratch instead of patching.
+#[divan::bench(sample_count = 20)]
+fn recompile_and_rebuild_after_one_label_change(b: divan::Bencher) {
     let mut m = MODEL.clone();
     let mut c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
     let id = m.identity("host-4242").unwrap();

@@ -150,6 +150,57 @@ fn intern<'a>(
     })
 }
 
+/// Puts an allowlist's pools in the order [`Compiled::allowlist`] produces: tables by first use in
+/// peer order, unused tables and rules dropped.
+fn canonicalize(list: &mut Allowlist) {
+    const UNSEEN: u32 = u32::MAX;
+    let mut order = vec![UNSEEN; list.tables.len()];
+    let mut next = 0;
+    for p in &mut list.peers {
+        for t in [&mut p.outbound, &mut p.inbound] {
+            let slot = &mut order[*t as usize];
+            if *slot == UNSEEN {
+                *slot = next;
+                next += 1;
+            }
+            *t = *slot;
+        }
+    }
+    let mut tables: Vec<Option<PortTable>> = vec![None; next as usize];
+    for (i, t) in std::mem::take(&mut list.tables).into_iter().enumerate() {
+        if order[i] != UNSEEN {
+            tables[order[i] as usize] = Some(t);
+        }
+    }
+    list.tables = tables.into_iter().flatten().collect();
+    let mut used = vec![false; list.rules.len()];
+    for t in &list.tables {
+        let spans = t.tcp.iter().chain(&t.udp).flat_map(|s| &s.rules);
+        for &r in spans.chain(&t.icmp).chain(&t.other) {
+            if let Some(u) = used.get_mut(r as usize) {
+                *u = true;
+            }
+        }
+    }
+    if used.contains(&false) {
+        let mut renumber = Vec::with_capacity(used.len());
+        let mut next = 0;
+        for &u in &used {
+            renumber.push(next);
+            next += u32::from(u);
+        }
+        for t in &mut list.tables {
+            *t = t.remap(|i| renumber[i as usize]);
+        }
+        let rules = std::mem::take(&mut list.rules);
+        list.rules = rules
+            .into_iter()
+            .zip(&used)
+            .filter_map(|(r, &u)| u.then_some(r))
+            .collect();
+    }
+}
+
 fn find(t: &Tables, peer: IdentityId) -> Result<usize, usize> {
     t.binary_search_by_key(&peer, |(p, _)| *p)
 }
@@ -311,6 +362,76 @@ impl Compiled {
                 })
                 .collect(),
         }
+    }
+
+    /// Brings `list`, an allowlist this value produced before [`Compiled::update_identity`]
+    /// changed `peer`, up to date for that one peer: its entry, and the rule and table pools.
+    /// The result equals [`Compiled::allowlist`] at a fraction of the cost, since every other
+    /// peer is untouched. For the changed identity itself, call [`Compiled::allowlist`].
+    pub fn patch_allowlist(&self, m: &Model, list: &mut Allowlist, peer: IdentityId) {
+        let Some(me) = m.identity(&list.identity) else {
+            return;
+        };
+        let name = m.identity_name(peer);
+        if let Ok(i) = list.peers.binary_search_by(|p| p.name.as_str().cmp(name)) {
+            list.peers.remove(i);
+        }
+        let entry = |t: &Tables| find(t, peer).ok().map(|i| t[i].1.clone());
+        let (o, n) = (entry(&self.out[me as usize]), entry(&self.inb[me as usize]));
+        let allows = |e: &Option<Arc<Entry>>| e.as_ref().is_some_and(|e| e.allows_now);
+        if allows(&o) || allows(&n) {
+            // Rule indices of the new entry are global; the list's are local to it.
+            let mut global: Vec<u32> = list
+                .rules
+                .iter()
+                .filter_map(|r| m.rule_id(&r.name))
+                .collect();
+            let needed = o.iter().chain(&n).flat_map(|e| e.table.rule_indices());
+            let mut grown = global.clone();
+            grown.extend(needed);
+            grown.sort_unstable();
+            grown.dedup();
+            if grown != global {
+                let to_new =
+                    |l: u32| grown.binary_search(&global[l as usize]).unwrap_or_default() as u32;
+                for t in &mut list.tables {
+                    *t = t.remap(to_new);
+                }
+                list.rules = grown
+                    .iter()
+                    .map(|&g| m.rule_refs()[g as usize].clone())
+                    .collect();
+                global = grown;
+            }
+            let local = |g: u32| global.binary_search(&g).unwrap_or_default() as u32;
+            let mut slot = |e: &Option<Arc<Entry>>| -> u32 {
+                let t = e
+                    .as_ref()
+                    .map_or_else(PortTable::default, |e| e.table.remap(local));
+                match list.tables.iter().position(|x| *x == t) {
+                    Some(i) => i as u32,
+                    None => {
+                        list.tables.push(t);
+                        list.tables.len() as u32 - 1
+                    }
+                }
+            };
+            let (outbound, inbound) = (slot(&o), slot(&n));
+            let at = list
+                .peers
+                .binary_search_by(|p| p.name.as_str().cmp(name))
+                .unwrap_or_else(|i| i);
+            list.peers.insert(
+                at,
+                Peer {
+                    name: name.to_string(),
+                    address: m.address(peer),
+                    outbound,
+                    inbound,
+                },
+            );
+        }
+        canonicalize(list);
     }
 
     /// Every identity's allowlist, in name order.

@@ -656,6 +656,22 @@ fn incremental_recompiles_match_full_ones() {
             Compiled::new(&reloaded, reloaded.state(&w.conditions())).allowlists(&reloaded, 1);
         let incremental = c.allowlists(&m, 1);
         assert_eq!(incremental, full, "seed {seed}: relabel\n{}", g.yaml());
+        // Patching the old allowlists of the affected gives the same as building them anew.
+        for &a in &affected {
+            let mut list = before[a as usize].clone();
+            if a == id {
+                list = c.allowlist(&m, a, 1);
+            } else {
+                c.patch_allowlist(&m, &mut list, id);
+            }
+            assert_eq!(
+                list,
+                full[a as usize],
+                "seed {seed}: patch {}\n{}",
+                list.identity,
+                g.yaml()
+            );
+        }
         for (i, (old, new)) in before.iter().zip(&full).enumerate() {
             if old != new {
                 assert!(
