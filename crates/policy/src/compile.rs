@@ -107,30 +107,39 @@ fn applies(m: &Model, rid: RuleId, a: IdentityId, b: IdentityId, st: &State) -> 
     }
 }
 
-fn outbound(m: &Model, st: &State, a: IdentityId, s: &mut Scratch) -> Tables {
-    let mut rules: Vec<RuleId> = m
-        .rules_initiated_by(a, st.quarantined[a as usize])
-        .collect();
-    rules.sort_unstable();
-    rules.dedup();
-    for rid in rules {
-        m.for_each_on_side(&m.rule(rid).to, &st.quarantined, |b| {
-            if b != a && applies(m, rid, a, b, st) {
-                s.push(b, rid);
-            }
-        });
-    }
-    s.finish(m, st)
+/// Which side of its pairs an identity is gathered from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// The pairs it initiates.
+    Out,
+    /// The pairs it answers.
+    In,
 }
 
-fn inbound(m: &Model, st: &State, b: IdentityId, s: &mut Scratch) -> Tables {
-    let mut rules: Vec<RuleId> = m.rules_answered_by(b, st.quarantined[b as usize]).collect();
+/// The tables of every pair `me` is on one side of, keyed by the identity on the other side.
+fn pairs_of(m: &Model, st: &State, me: IdentityId, dir: Direction, s: &mut Scratch) -> Tables {
+    let q = st.quarantined[me as usize];
+    let mut rules: Vec<RuleId> = match dir {
+        Direction::Out => m.rules_initiated_by(me, q).collect(),
+        Direction::In => m.rules_answered_by(me, q).collect(),
+    };
     rules.sort_unstable();
     rules.dedup();
     for rid in rules {
-        m.for_each_on_side(&m.rule(rid).from, &st.quarantined, |a| {
-            if a != b && applies(m, rid, a, b, st) {
-                s.push(a, rid);
+        let r = m.rule(rid);
+        let other_side = if dir == Direction::Out {
+            &r.to
+        } else {
+            &r.from
+        };
+        m.for_each_on_side(other_side, &st.quarantined, |other| {
+            let (a, b) = if dir == Direction::Out {
+                (me, other)
+            } else {
+                (other, me)
+            };
+            if other != me && applies(m, rid, a, b, st) {
+                s.push(other, rid);
             }
         });
     }
@@ -212,7 +221,7 @@ impl Compiled {
         let mut s = Scratch::new(n);
         let out: Vec<Tables> = m
             .identity_ids()
-            .map(|a| outbound(m, &state, a, &mut s))
+            .map(|a| pairs_of(m, &state, a, Direction::Out, &mut s))
             .collect();
         let mut inb: Vec<Tables> = vec![Vec::new(); n];
         for (a, tables) in out.iter().enumerate() {
@@ -263,8 +272,8 @@ impl Compiled {
             affected.push(*a);
         }
         let mut s = Scratch::new(m.identity_count());
-        let new_out = outbound(m, &self.state, id, &mut s);
-        let new_in = inbound(m, &self.state, id, &mut s);
+        let new_out = pairs_of(m, &self.state, id, Direction::Out, &mut s);
+        let new_in = pairs_of(m, &self.state, id, Direction::In, &mut s);
         for (b, t) in &new_out {
             let v = &mut self.inb[*b as usize];
             if let Err(i) = find(v, id) {
