@@ -1,0 +1,658 @@
+//! [`Node`]: one identity's tunnels, filter and flow table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet as WgPacket, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::{Conntrack, FlowKey, Initiator, Timeouts, Tracked};
+use crate::keys::Key;
+use crate::packet::{self, Ipv4, Malformed, Packet};
+
+/// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Largest packet the node handles, plus room for WireGuard's overhead.
+const BUFFER: usize = 65536 + 148;
+
+/// The time, twice: monotonic for timeouts, wall clock for rule windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub instant: Instant,
+    /// Unix seconds.
+    pub unix: UnixTime,
+}
+
+/// How to reach one peer: what the controller tells a node besides its allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The peer's WireGuard public key.
+    pub public_key: Key,
+    /// Where to send to the peer, if known; learned from authenticated packets otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Everything a node enforces: its allowlist and how to reach the peers it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// The compiled allowlist.
+    pub allowlist: Allowlist,
+    /// Keys and endpoints of peers, by name. A peer of the allowlist missing here gets no tunnel.
+    #[serde(default)]
+    pub peers: BTreeMap<String, PeerInfo>,
+    /// WireGuard persistent keepalive, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
+}
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a well-formed IP packet.
+    Malformed(Malformed),
+    /// IPv6: no rule covers it.
+    Ipv6,
+    /// No allowlist applied yet: nothing passes.
+    NoAllowlist,
+    /// The destination (egress) is not a peer of this node.
+    NotAPeer,
+    /// Egress with a source other than this node's address.
+    WrongSource,
+    /// Ingress whose inner source is not the address of the peer that sent it.
+    Spoofed,
+    /// Ingress for an address other than this node's.
+    WrongDestination,
+    /// A deny rule forbids it.
+    DeniedByRule(String),
+    /// No rule allows it.
+    NotAllowed,
+    /// A packet that needs a tracked flow (a reply) and has none.
+    NoFlow,
+    /// The flow table is full.
+    TableFull,
+    /// The peer's endpoint is unknown, so nothing can be sent to it.
+    NoEndpoint,
+    /// A datagram that is not WireGuard, or fails authentication.
+    Tunnel,
+    /// A WireGuard datagram from a key that is not a peer.
+    UnknownPeer,
+}
+
+impl DropReason {
+    /// A short, stable name for counters and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DropReason::Malformed(m) => m.as_str(),
+            DropReason::Ipv6 => "ipv6",
+            DropReason::NoAllowlist => "no_allowlist",
+            DropReason::NotAPeer => "not_a_peer",
+            DropReason::WrongSource => "wrong_source",
+            DropReason::Spoofed => "spoofed_source",
+            DropReason::WrongDestination => "wrong_destination",
+            DropReason::DeniedByRule(_) => "denied_by_rule",
+            DropReason::NotAllowed => "not_allowed",
+            DropReason::NoFlow => "no_flow",
+            DropReason::TableFull => "flow_table_full",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::Tunnel => "tunnel",
+            DropReason::UnknownPeer => "unknown_peer",
+        }
+    }
+}
+
+/// Something the node did that the shell may log, count or report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A new flow was admitted.
+    FlowStarted {
+        /// Who opened it.
+        initiator: Initiator,
+        /// The flow.
+        key: FlowKey,
+        /// The peer's name.
+        peer: &'a str,
+        /// The rule that admitted it.
+        rule: &'a str,
+    },
+    /// A packet was dropped.
+    Dropped {
+        /// Egress (from TUN) or ingress (from a tunnel).
+        egress: bool,
+        /// Why.
+        reason: &'a DropReason,
+        /// The packet's flow key, if it got that far.
+        key: Option<FlowKey>,
+        /// The peer involved, if known.
+        peer: Option<&'a str>,
+    },
+}
+
+/// Where the node's output goes.
+pub trait Sink {
+    /// Send `datagram` to `to` over UDP.
+    fn to_network(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// Write `packet` to the TUN device.
+    fn to_tun(&mut self, packet: &[u8]);
+    /// Take note of an event. Ignored by default.
+    fn event(&mut self, _event: Event<'_>) {}
+}
+
+/// Counters of dropped packets, by reason and by deciding deny rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Drops by [`DropReason::reason`].
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// Drops by the deny rule that decided them.
+    pub denied_by_rule: BTreeMap<String, u64>,
+    /// Flows admitted.
+    pub flows_started: u64,
+}
+
+/// A peer as `wg show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's name.
+    pub name: String,
+    /// Its public key.
+    pub public_key: Key,
+    /// Its overlay address, the only one allowed from its tunnel.
+    pub address: Ipv4Addr,
+    /// Where it is reached.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last handshake.
+    pub since_handshake: Option<Duration>,
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+    /// Persistent keepalive, in seconds.
+    pub keepalive: Option<u16>,
+}
+
+/// What applying a configuration changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The configuration was the same as the one in force: nothing was touched.
+    pub unchanged: bool,
+    /// Peers that got a tunnel.
+    pub added: Vec<String>,
+    /// Peers whose tunnel was removed.
+    pub removed: Vec<String>,
+    /// Tracked flows that the new allowlist no longer allows, and were cut.
+    pub flows_cut: usize,
+}
+
+struct PeerState {
+    name: String,
+    address: Ipv4Addr,
+    key: Key,
+    endpoint: Option<SocketAddr>,
+    tunn: Tunn,
+    /// The tunnel's index: WireGuard receiver indices carry it in their upper 24 bits.
+    index: u32,
+    /// Index of the peer in the allowlist's `peers`.
+    entry: usize,
+}
+
+/// One identity's data plane.
+pub struct Node {
+    secret: StaticSecret,
+    public: PublicKey,
+    config: Option<Config>,
+    peers: Vec<PeerState>,
+    by_address: HashMap<Ipv4Addr, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+    /// Tunnel index (the upper 24 bits of WireGuard receiver indices) to peer.
+    by_index: HashMap<u32, usize>,
+    next_index: u32,
+    conntrack: Conntrack,
+    counters: Counters,
+    /// When a rule window next opens or closes: flows and peers are checked again then.
+    next_boundary: Option<UnixTime>,
+    rate_limiter: Arc<RateLimiter>,
+    last_rate_reset: Option<Instant>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("public_key", &Key(self.public.to_bytes()))
+            .field("peers", &self.peers.len())
+            .field("flows", &self.conntrack.len())
+            .finish()
+    }
+}
+
+impl Node {
+    /// A node with this private key, enforcing nothing-passes until [`Node::apply`].
+    pub fn new(private_key: &Key, flow_capacity: usize) -> Node {
+        let secret = StaticSecret::from(private_key.0);
+        let public = PublicKey::from(&secret);
+        Node {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            config: None,
+            peers: Vec::new(),
+            by_address: HashMap::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            next_index: 1,
+            conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
+            counters: Counters::default(),
+            next_boundary: None,
+            last_rate_reset: None,
+            buf: vec![0; BUFFER],
+        }
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> Key {
+        Key(self.public.to_bytes())
+    }
+
+    /// The configuration in force, if any.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    /// DropReason counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of tracked flows.
+    pub fn flow_count(&self) -> usize {
+        self.conntrack.len()
+    }
+
+    /// The tracked flows.
+    pub fn flows(&self) -> impl Iterator<Item = (&FlowKey, &crate::conntrack::Flow)> {
+        self.conntrack.iter()
+    }
+
+    /// The peers with a tunnel, in name order.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let (since, tx, rx, _, _) = p.tunn.stats();
+                PeerStatus {
+                    name: p.name.clone(),
+                    public_key: p.key,
+                    address: p.address,
+                    endpoint: p.endpoint,
+                    since_handshake: since,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                    keepalive: p.tunn.persistent_keepalive(),
+                }
+            })
+            .collect()
+    }
+
+    /// Applies a new configuration as one step: peers are added and removed, the filter is
+    /// swapped whole, and tracked flows the new allowlist does not allow are cut. Flows it still
+    /// allows are untouched, and tunnels of peers that stay keep their sessions. Applying the
+    /// configuration in force changes nothing.
+    pub fn apply(&mut self, config: Config, now: Now) -> ApplyReport {
+        if self.config.as_ref() == Some(&config) {
+            return ApplyReport {
+                unchanged: true,
+                ..ApplyReport::default()
+            };
+        }
+        let mut report = ApplyReport::default();
+        let mut old: HashMap<String, PeerState> =
+            self.peers.drain(..).map(|p| (p.name.clone(), p)).collect();
+        let list = &config.allowlist;
+        for (entry, peer) in list.peers.iter().enumerate() {
+            let Some(info) = config.peers.get(&peer.name) else {
+                continue;
+            };
+            if info.public_key == self.public_key() {
+                continue; // never a tunnel to oneself
+            }
+            let state = match old.remove(&peer.name) {
+                Some(mut p) if p.key == info.public_key => {
+                    p.address = peer.address;
+                    p.endpoint = info.endpoint.or(p.endpoint);
+                    p.entry = entry;
+                    p
+                }
+                _ => {
+                    report.added.push(peer.name.clone());
+                    let index = self.next_index;
+                    self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+                    PeerState {
+                        name: peer.name.clone(),
+                        address: peer.address,
+                        key: info.public_key,
+                        endpoint: info.endpoint,
+                        tunn: Tunn::new(
+                            self.secret.clone(),
+                            PublicKey::from(info.public_key.0),
+                            None,
+                            config.keepalive,
+                            index,
+                            Some(self.rate_limiter.clone()),
+                        ),
+                        index,
+                        entry,
+                    }
+                }
+            };
+            self.peers.push(state);
+        }
+        report.removed = old.into_keys().collect();
+        report.removed.sort();
+        self.config = Some(config);
+        self.reindex();
+        report.flows_cut = self.revalidate(now);
+        report
+    }
+
+    fn reindex(&mut self) {
+        self.by_address.clear();
+        self.by_key.clear();
+        self.by_index.clear();
+        for (i, p) in self.peers.iter().enumerate() {
+            self.by_address.insert(p.address, i);
+            self.by_key.insert(p.key.0, i);
+            self.by_index.insert(p.index, i);
+        }
+        self.next_boundary = None;
+    }
+
+    /// Checks every tracked flow against the allowlist at `now` and cuts those it no longer
+    /// allows; removes tunnels to peers nothing is allowed with any more. Returns flows cut.
+    fn revalidate(&mut self, now: Now) -> usize {
+        let Some(cfg) = &self.config else {
+            return 0;
+        };
+        let list = &cfg.allowlist;
+        let by_address = &self.by_address;
+        let peers = &self.peers;
+        let cut = self.conntrack.retain(|k, f| {
+            let p = &peers[*by_address.get(&k.peer)?];
+            let entry = &list.peers[p.entry];
+            let port = k.service_port(f.initiator);
+            let d = match f.initiator {
+                Initiator::Local => list.decide_outbound(entry, k.proto, port, now.unix),
+                Initiator::Peer => list.decide_inbound(entry, k.proto, port, now.unix),
+            };
+            match d {
+                Decision::Allow { rule } => Some(list.rules[rule as usize].name.clone()),
+                Decision::Deny { .. } => None,
+            }
+        });
+        // A peer whose every rule has expired keeps no tunnel: it cannot come back without a new
+        // allowlist, since rules that open later are only sent when they open.
+        let before = self.peers.len();
+        self.peers.retain(|p| {
+            let e = &list.peers[p.entry];
+            list.table(e.outbound).allows_any(&list.rules, now.unix)
+                || list.table(e.inbound).allows_any(&list.rules, now.unix)
+        });
+        if self.peers.len() != before {
+            self.reindex();
+        }
+        self.next_boundary = self
+            .config
+            .as_ref()
+            .and_then(|c| c.allowlist.next_boundary(now.unix));
+        cut
+    }
+
+    fn drop(
+        &mut self,
+        egress: bool,
+        why: DropReason,
+        key: Option<FlowKey>,
+        peer: Option<usize>,
+        sink: &mut impl Sink,
+    ) {
+        *self.counters.dropped.entry(why.reason()).or_default() += 1;
+        if let DropReason::DeniedByRule(r) = &why {
+            *self.counters.denied_by_rule.entry(r.clone()).or_default() += 1;
+        }
+        sink.event(Event::Dropped {
+            egress,
+            reason: &why,
+            key,
+            peer: peer.map(|i| self.peers[i].name.as_str()),
+        });
+    }
+
+    /// Decides whether `p` may pass between this node and peer `i`, tracking flows. `egress` is
+    /// the direction. Returns the drop reason if not.
+    fn admit(
+        &mut self,
+        i: usize,
+        p: &Ipv4,
+        egress: bool,
+        now: Now,
+        sink: &mut impl Sink,
+    ) -> Result<(), (DropReason, FlowKey)> {
+        let (key, from) = if egress {
+            (FlowKey::egress(p), Initiator::Local)
+        } else {
+            (FlowKey::ingress(p), Initiator::Peer)
+        };
+        match self.conntrack.track(key, p, from, now.instant) {
+            Tracked::Known(_) => return Ok(()),
+            Tracked::CannotOpen => return Err((DropReason::NoFlow, key)),
+            Tracked::New => {}
+        }
+        let Some(cfg) = &self.config else {
+            return Err((DropReason::NoAllowlist, key));
+        };
+        let list = &cfg.allowlist;
+        let entry = &list.peers[self.peers[i].entry];
+        let port = key.service_port(from);
+        let d = if egress {
+            list.decide_outbound(entry, p.proto, port, now.unix)
+        } else {
+            list.decide_inbound(entry, p.proto, port, now.unix)
+        };
+        let rule = match d {
+            Decision::Allow { rule } => &list.rules[rule as usize].name,
+            Decision::Deny { rule: Some(r) } => {
+                return Err((
+                    DropReason::DeniedByRule(list.rules[r as usize].name.clone()),
+                    key,
+                ));
+            }
+            Decision::Deny { rule: None } => return Err((DropReason::NotAllowed, key)),
+        };
+        if !self.conntrack.open(key, from, rule, now.instant) {
+            return Err((DropReason::TableFull, key));
+        }
+        self.counters.flows_started += 1;
+        sink.event(Event::FlowStarted {
+            initiator: from,
+            key,
+            peer: &self.peers[i].name,
+            rule,
+        });
+        Ok(())
+    }
+
+    /// Handles one packet read from the TUN device: filter, then encrypt to its peer.
+    pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
+        let Some(cfg) = &self.config else {
+            return self.drop(true, DropReason::NoAllowlist, None, None, sink);
+        };
+        let me = cfg.allowlist.address;
+        let p = match packet::classify(pkt) {
+            Ok(Packet::V4(p)) => p,
+            Ok(Packet::V6) => return self.drop(true, DropReason::Ipv6, None, None, sink),
+            Err(m) => return self.drop(true, DropReason::Malformed(m), None, None, sink),
+        };
+        if p.src != me {
+            return self.drop(
+                true,
+                DropReason::WrongSource,
+                Some(FlowKey::egress(&p)),
+                None,
+                sink,
+            );
+        }
+        let Some(&i) = self.by_address.get(&p.dst) else {
+            return self.drop(
+                true,
+                DropReason::NotAPeer,
+                Some(FlowKey::egress(&p)),
+                None,
+                sink,
+            );
+        };
+        if let Err((why, key)) = self.admit(i, &p, true, now, sink) {
+            return self.drop(true, why, Some(key), Some(i), sink);
+        }
+        let peer = &mut self.peers[i];
+        let Some(to) = peer.endpoint else {
+            return self.drop(
+                true,
+                DropReason::NoEndpoint,
+                Some(FlowKey::egress(&p)),
+                Some(i),
+                sink,
+            );
+        };
+        match peer.tunn.encapsulate(pkt, &mut self.buf) {
+            TunnResult::WriteToNetwork(out) => sink.to_network(to, out),
+            TunnResult::Err(_) => self.drop(true, DropReason::Tunnel, None, Some(i), sink),
+            _ => {}
+        }
+    }
+
+    /// Handles one datagram read from the UDP socket: authenticate and decrypt, then filter.
+    pub fn handle_udp(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Now,
+        sink: &mut impl Sink,
+    ) {
+        let mut cookie = [0u8; 64];
+        let packet = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(reply)) => return sink.to_network(from, reply),
+            Err(_) => return self.drop(false, DropReason::Tunnel, None, None, sink),
+        };
+        let peer = match packet {
+            WgPacket::HandshakeInit(ref init) => {
+                parse_handshake_anon(&self.secret, &self.public, init)
+                    .ok()
+                    .and_then(|h| self.by_key.get(&h.peer_static_public).copied())
+            }
+            WgPacket::HandshakeResponse(r) => self.by_index.get(&(r.receiver_idx >> 8)).copied(),
+            WgPacket::PacketCookieReply(c) => self.by_index.get(&(c.receiver_idx >> 8)).copied(),
+            WgPacket::PacketData(d) => self.by_index.get(&(d.receiver_idx >> 8)).copied(),
+        };
+        let Some(i) = peer else {
+            return self.drop(false, DropReason::UnknownPeer, None, None, sink);
+        };
+        // The buffer is taken out so the decrypted packet can be filtered without a copy.
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut flush = false;
+        let inner = {
+            let peer = &mut self.peers[i];
+            match peer.tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
+                TunnResult::WriteToNetwork(out) => {
+                    peer.endpoint = Some(from);
+                    sink.to_network(from, out);
+                    flush = true;
+                    None
+                }
+                TunnResult::WriteToTunnelV4(out, src) => {
+                    peer.endpoint = Some(from);
+                    Some(Ok((out.len(), src)))
+                }
+                TunnResult::WriteToTunnelV6(..) => Some(Err(DropReason::Ipv6)),
+                TunnResult::Done => {
+                    peer.endpoint = Some(from);
+                    None
+                }
+                TunnResult::Err(_) => Some(Err(DropReason::Tunnel)),
+            }
+        };
+        if flush {
+            // A completed handshake releases packets queued while it was under way.
+            let peer = &mut self.peers[i];
+            while let TunnResult::WriteToNetwork(out) = peer.tunn.decapsulate(None, &[], &mut buf) {
+                sink.to_network(from, out);
+            }
+        }
+        match inner {
+            None => {}
+            Some(Err(why)) => self.drop(false, why, None, Some(i), sink),
+            Some(Ok((len, src))) => self.ingress(i, &buf[..len], src, now, sink),
+        }
+        self.buf = buf;
+    }
+
+    fn ingress(&mut self, i: usize, pkt: &[u8], src: Ipv4Addr, now: Now, sink: &mut impl Sink) {
+        let Some(me) = self.config.as_ref().map(|c| c.allowlist.address) else {
+            return self.drop(false, DropReason::NoAllowlist, None, Some(i), sink);
+        };
+        let p = match packet::classify(pkt) {
+            Ok(Packet::V4(p)) => p,
+            Ok(Packet::V6) => return self.drop(false, DropReason::Ipv6, None, Some(i), sink),
+            Err(m) => return self.drop(false, DropReason::Malformed(m), None, Some(i), sink),
+        };
+        let key = FlowKey::ingress(&p);
+        if p.src != self.peers[i].address || src != p.src {
+            return self.drop(false, DropReason::Spoofed, Some(key), Some(i), sink);
+        }
+        if p.dst != me {
+            return self.drop(
+                false,
+                DropReason::WrongDestination,
+                Some(key),
+                Some(i),
+                sink,
+            );
+        }
+        match self.admit(i, &p, false, now, sink) {
+            Ok(()) => sink.to_tun(pkt),
+            Err((why, key)) => self.drop(false, why, Some(key), Some(i), sink),
+        }
+    }
+
+    /// Runs timers: WireGuard handshakes and keepalives, flow expiry, and rule windows that open
+    /// or close. Call it a few times a second.
+    pub fn tick(&mut self, now: Now, sink: &mut impl Sink) {
+        if self
+            .last_rate_reset
+            .is_none_or(|t| now.instant.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.rate_limiter.reset_count();
+            self.last_rate_reset = Some(now.instant);
+        }
+        for p in &mut self.peers {
+            if let TunnResult::WriteToNetwork(out) = p.tunn.update_timers(&mut self.buf)
+                && let Some(to) = p.endpoint
+            {
+                sink.to_network(to, out);
+            }
+        }
+        self.conntrack.expire(now.instant);
+        if self.next_boundary.is_some_and(|t| now.unix >= t) {
+            self.revalidate(now);
+        }
+    }
+}

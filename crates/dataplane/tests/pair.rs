@@ -1,0 +1,481 @@
+//! Nodes in one process, joined by a simulated network: handshakes, the filter at both ends,
+//! spoofing, reconfiguration and expiry. Time is an argument; nothing touches a socket.
+
+#![allow(clippy::unwrap_used)] // test code
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bulkhead_allowlist::Allowlist;
+use bulkhead_dataplane::packet::{build, icmp, tcp};
+use bulkhead_dataplane::{
+    Config, Event, Key, Node, Now, PeerInfo, Sink, generate_private_key, public_key,
+};
+use bulkhead_policy::{Compiled, Conditions};
+
+const T0: i64 = 1_800_000_000;
+
+/// What one node emitted.
+#[derive(Default)]
+struct Out {
+    net: Vec<(SocketAddr, Vec<u8>)>,
+    tun: Vec<Vec<u8>>,
+    dropped: Vec<String>,
+    flows: Vec<String>,
+}
+
+impl Sink for Out {
+    fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
+        self.net.push((to, d.to_vec()));
+    }
+    fn to_tun(&mut self, p: &[u8]) {
+        self.tun.push(p.to_vec());
+    }
+    fn event(&mut self, e: Event<'_>) {
+        match e {
+            Event::Dropped { reason, .. } => self.dropped.push(reason.reason().to_string()),
+            Event::FlowStarted { rule, .. } => self.flows.push(rule.to_string()),
+        }
+    }
+}
+
+struct Host {
+    name: String,
+    node: Node,
+    udp: SocketAddr,
+    key: Key,
+    /// Everything the host's TUN device received, and everything it dropped.
+    tun: Vec<Vec<u8>>,
+    dropped: Vec<String>,
+    flows: Vec<String>,
+}
+
+struct World {
+    hosts: Vec<Host>,
+    lists: HashMap<String, Allowlist>,
+    now: Now,
+    wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
+}
+
+fn allowlists(policy: &str, now: i64) -> HashMap<String, Allowlist> {
+    let l = bulkhead_policy::load(policy, now, &BTreeMap::new());
+    assert!(l.is_valid(), "{:?}", l.diagnostics);
+    let m = l.model.unwrap();
+    Compiled::new(&m, m.state(&Conditions::at(now)))
+        .allowlists(&m, 1)
+        .into_iter()
+        .map(|a| (a.identity.clone(), a))
+        .collect()
+}
+
+impl World {
+    fn new(policy: &str, names: &[&str]) -> World {
+        let lists = allowlists(policy, T0);
+        let hosts: Vec<Host> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let key = generate_private_key();
+                Host {
+                    name: n.to_string(),
+                    node: Node::new(&key, 1024),
+                    udp: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
+                    key,
+                    tun: Vec::new(),
+                    dropped: Vec::new(),
+                    flows: Vec::new(),
+                }
+            })
+            .collect();
+        let mut w = World {
+            hosts,
+            lists,
+            now: Now {
+                instant: Instant::now(),
+                unix: T0,
+            },
+            wire: Vec::new(),
+        };
+        for i in 0..w.hosts.len() {
+            let list = w.lists[&w.hosts[i].name].clone();
+            let cfg = w.config(list);
+            let now = w.now;
+            w.hosts[i].node.apply(cfg, now);
+        }
+        w
+    }
+
+    /// The configuration for an allowlist, with every host's key and endpoint.
+    fn config(&self, allowlist: Allowlist) -> Config {
+        Config {
+            allowlist,
+            peers: self
+                .hosts
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.clone(),
+                        PeerInfo {
+                            public_key: public_key(&h.key),
+                            endpoint: Some(h.udp),
+                        },
+                    )
+                })
+                .collect(),
+            keepalive: None,
+        }
+    }
+
+    fn idx(&self, name: &str) -> usize {
+        self.hosts.iter().position(|h| h.name == name).unwrap()
+    }
+
+    fn addr(&self, name: &str) -> Ipv4Addr {
+        self.lists[name].address
+    }
+
+    fn collect(&mut self, i: usize, out: Out) {
+        let from = self.hosts[i].udp;
+        self.wire
+            .extend(out.net.into_iter().map(|(to, d)| (from, to, d)));
+        let h = &mut self.hosts[i];
+        h.tun.extend(out.tun);
+        h.dropped.extend(out.dropped);
+        h.flows.extend(out.flows);
+    }
+
+    /// A local process on `name` sends `pkt`; the network runs until quiet.
+    fn send(&mut self, name: &str, pkt: &[u8]) {
+        let i = self.idx(name);
+        let mut out = Out::default();
+        let now = self.now;
+        self.hosts[i].node.handle_tun(pkt, now, &mut out);
+        self.collect(i, out);
+        self.run();
+    }
+
+    /// Delivers datagrams until none are left (bounded, to catch loops).
+    fn run(&mut self) {
+        for _ in 0..100 {
+            let Some((from, to, d)) = (!self.wire.is_empty()).then(|| self.wire.remove(0)) else {
+                return;
+            };
+            let Some(j) = self.hosts.iter().position(|h| h.udp == to) else {
+                continue;
+            };
+            let mut out = Out::default();
+            let now = self.now;
+            self.hosts[j].node.handle_udp(from, &d, now, &mut out);
+            self.collect(j, out);
+        }
+        panic!("the network did not settle");
+    }
+
+    fn tick(&mut self, by: Duration) {
+        self.now.instant += by;
+        self.now.unix += by.as_secs() as i64;
+        for i in 0..self.hosts.len() {
+            let mut out = Out::default();
+            let now = self.now;
+            self.hosts[i].node.tick(now, &mut out);
+            self.collect(i, out);
+        }
+        self.run();
+    }
+
+    fn take_tun(&mut self, name: &str) -> Vec<Vec<u8>> {
+        let i = self.idx(name);
+        std::mem::take(&mut self.hosts[i].tun)
+    }
+
+    fn take_dropped(&mut self, name: &str) -> Vec<String> {
+        let i = self.idx(name);
+        std::mem::take(&mut self.hosts[i].dropped)
+    }
+}
+
+const POLICY: &str = "
+version: 1
+network: { cidr: 10.9.0.0/24 }
+identities:
+  web: { labels: { app: web } }
+  db: { labels: { app: db } }
+  ops: { labels: { app: ops } }
+  other: { labels: { app: other } }
+segments:
+  webs: { match: { app: web } }
+  dbs: { match: { app: db } }
+  opss: { match: { app: ops } }
+rules:
+  - { name: web-db, from: [webs], to: [dbs], ports: [tcp/5432, udp/53, icmp] }
+  - { name: ops-any, from: [opss], to: [webs, dbs], ports: [any] }
+  - { name: no-ops-telnet, action: deny, from: [opss], to: [dbs], ports: [tcp/23] }
+  - { name: web-ssh-temp, from: [webs], to: [dbs], ports: [tcp/22], expires: 2027-01-15T08:00:10Z }
+";
+
+fn world() -> World {
+    World::new(POLICY, &["web", "db", "ops", "other"])
+}
+
+#[test]
+fn an_allowed_tcp_connection_flows_both_ways_after_a_handshake() {
+    let mut w = world();
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::SYN));
+    let got = w.take_tun("db");
+    assert_eq!(
+        got,
+        vec![build::tcp(web, db, 40000, 5432, tcp::SYN)],
+        "the SYN arrives intact"
+    );
+    w.send("db", &build::tcp(db, web, 5432, 40000, tcp::SYN | tcp::ACK));
+    assert_eq!(
+        w.take_tun("web").len(),
+        1,
+        "the reply rides on the tracked flow"
+    );
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::ACK));
+    assert_eq!(w.take_tun("db").len(), 1);
+    assert!(w.take_dropped("web").is_empty());
+    assert!(w.take_dropped("db").is_empty());
+    let flows = &w.hosts[w.idx("db")].flows;
+    assert_eq!(flows, &vec!["web-db".to_string()]);
+}
+
+#[test]
+fn ping_and_udp_replies_ride_on_flows_but_cannot_open_them() {
+    let mut w = world();
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    w.send("web", &build::icmp_echo(web, db, icmp::ECHO_REQUEST, 9, 1));
+    assert_eq!(w.take_tun("db").len(), 1);
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REPLY, 9, 1));
+    assert_eq!(w.take_tun("web").len(), 1);
+    // db may not ping web: no rule from db to web.
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REQUEST, 10, 1));
+    assert!(w.take_tun("web").is_empty());
+    assert_eq!(w.take_dropped("db"), vec!["not_allowed"]);
+    // An unsolicited echo reply is not a flow.
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REPLY, 77, 1));
+    assert_eq!(w.take_dropped("db"), vec!["no_flow"]);
+    // UDP both ways.
+    w.send("web", &build::udp(web, db, 5353, 53, b"q"));
+    assert_eq!(w.take_tun("db").len(), 1);
+    w.send("db", &build::udp(db, web, 53, 5353, b"a"));
+    assert_eq!(w.take_tun("web").len(), 1);
+}
+
+#[test]
+fn denied_traffic_is_dropped_at_the_sender_with_its_reason() {
+    let mut w = world();
+    let (web, db, ops, other) = (w.addr("web"), w.addr("db"), w.addr("ops"), w.addr("other"));
+    w.send("web", &build::tcp(web, db, 40000, 6379, tcp::SYN));
+    assert_eq!(w.take_dropped("web"), vec!["not_allowed"]);
+    w.send("web", &build::tcp(web, other, 40000, 22, tcp::SYN));
+    assert_eq!(w.take_dropped("web"), vec!["not_a_peer"]);
+    w.send("ops", &build::tcp(ops, db, 40000, 23, tcp::SYN));
+    assert_eq!(w.take_dropped("ops"), vec!["denied_by_rule"]);
+    assert_eq!(
+        w.hosts[w.idx("ops")]
+            .node
+            .counters()
+            .denied_by_rule
+            .get("no-ops-telnet"),
+        Some(&1)
+    );
+    // A TCP segment that is not a SYN cannot open a flow.
+    w.send("web", &build::tcp(web, db, 40001, 5432, tcp::ACK));
+    assert_eq!(w.take_dropped("web"), vec!["no_flow"]);
+    // Nothing reached anyone.
+    for h in ["web", "db", "ops", "other"] {
+        assert!(w.take_tun(h).is_empty(), "{h} received something");
+    }
+}
+
+#[test]
+fn other_has_no_tunnels_at_all() {
+    let w = world();
+    assert!(w.hosts[w.idx("other")].node.peers().is_empty());
+    let names: Vec<String> = w.hosts[w.idx("db")]
+        .node
+        .peers()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, vec!["ops", "web"]);
+}
+
+/// A rogue node holds web's real key but enforces a permissive allowlist of its own making.
+/// The receiver's own rules must stop it.
+#[test]
+fn the_receiver_enforces_its_own_rules_against_a_rogue_sender() {
+    let mut w = world();
+    let (web, db, ops) = (w.addr("web"), w.addr("db"), w.addr("ops"));
+    // web's allowlist, widened: any traffic to db.
+    let rogue = allowlists(
+        &POLICY.replace("ports: [tcp/5432, udp/53, icmp] }", "ports: [any] }"),
+        T0,
+    );
+    let cfg = w.config(rogue["web"].clone());
+    let now = w.now;
+    let i = w.idx("web");
+    w.hosts[i].node.apply(cfg, now);
+
+    w.send("web", &build::tcp(web, db, 40000, 6379, tcp::SYN));
+    assert!(
+        w.take_dropped("web").is_empty(),
+        "the rogue sender lets it out"
+    );
+    assert!(
+        w.take_tun("db").is_empty(),
+        "the receiver does not let it in"
+    );
+    assert_eq!(w.take_dropped("db"), vec!["not_allowed"]);
+
+    // Spoofing: a valid tunnel, with ops's address as the source.
+    let mut spoof_list = w.lists["web"].clone();
+    spoof_list.address = ops;
+    let cfg = w.config(spoof_list);
+    w.hosts[i].node.apply(cfg, now);
+    w.send("web", &build::tcp(ops, db, 40000, 5432, tcp::SYN));
+    assert!(w.take_tun("db").is_empty());
+    assert_eq!(w.take_dropped("db"), vec!["spoofed_source"]);
+}
+
+#[test]
+fn a_new_allowlist_cuts_what_it_forbids_and_leaves_the_rest() {
+    let mut w = world();
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    // Two flows: postgres and DNS.
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::SYN));
+    w.send("db", &build::tcp(db, web, 5432, 40000, tcp::SYN | tcp::ACK));
+    w.send("web", &build::udp(web, db, 5353, 53, b"q"));
+    w.take_tun("db");
+    w.take_tun("web");
+
+    // New policy: postgres stays (under a renamed rule), DNS goes.
+    let new = allowlists(
+        &POLICY.replace(
+            "{ name: web-db, from: [webs], to: [dbs], ports: [tcp/5432, udp/53, icmp] }",
+            "{ name: web-db-v2, from: [webs], to: [dbs], ports: [tcp/5432] }",
+        ),
+        T0,
+    );
+    let now = w.now;
+    for h in ["web", "db"] {
+        let cfg = w.config(new[h].clone());
+        let i = w.idx(h);
+        let r = w.hosts[i].node.apply(cfg, now);
+        assert_eq!(r.flows_cut, 1, "{h}: the DNS flow is cut");
+        assert!(
+            r.added.is_empty() && r.removed.is_empty(),
+            "{h}: tunnels stay"
+        );
+    }
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::ACK));
+    assert_eq!(w.take_tun("db").len(), 1, "the postgres flow is untouched");
+    w.send("db", &build::udp(db, web, 53, 5353, b"late answer"));
+    assert!(w.take_tun("web").is_empty(), "the DNS flow is gone");
+    assert!(w.take_dropped("db").contains(&"not_allowed".to_string()));
+
+    // The same configuration again is a no-op.
+    let cfg = w.config(new["web"].clone());
+    let i = w.idx("web");
+    assert!(w.hosts[i].node.apply(cfg, now).unchanged);
+}
+
+#[test]
+fn removing_a_peer_drops_its_tunnel_and_flows() {
+    let mut w = world();
+    let (ops, web) = (w.addr("ops"), w.addr("web"));
+    w.send("ops", &build::tcp(ops, web, 40000, 80, tcp::SYN));
+    assert_eq!(w.take_tun("web").len(), 1);
+    let new = allowlists(
+        &POLICY.replace("to: [webs, dbs], ports: [any]", "to: [dbs], ports: [any]"),
+        T0,
+    );
+    let now = w.now;
+    let i = w.idx("web");
+    let cfg = w.config(new["web"].clone());
+    let r = w.hosts[i].node.apply(cfg, now);
+    assert_eq!(r.removed, vec!["ops"]);
+    assert_eq!(r.flows_cut, 1);
+    w.send("ops", &build::tcp(ops, web, 40000, 80, tcp::ACK));
+    assert!(w.take_tun("web").is_empty());
+    assert_eq!(w.take_dropped("web"), vec!["unknown_peer"]);
+}
+
+#[test]
+fn expiry_cuts_flows_and_tunnels_without_a_controller() {
+    let mut w = world();
+    // T0 is 2027-01-15T08:00:00Z; web-ssh-temp expires ten seconds later.
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    w.send("web", &build::tcp(web, db, 40000, 22, tcp::SYN));
+    assert_eq!(
+        w.take_tun("db").len(),
+        1,
+        "ssh is allowed until the rule expires"
+    );
+    w.tick(Duration::from_secs(11));
+    w.send("web", &build::tcp(web, db, 40000, 22, tcp::ACK));
+    assert!(w.take_tun("db").is_empty(), "the flow was cut at expiry");
+    w.send("web", &build::tcp(web, db, 40001, 22, tcp::SYN));
+    assert_eq!(w.take_dropped("web"), vec!["no_flow", "not_allowed"]);
+    // Postgres, under a rule without expiry, still works.
+    w.send("web", &build::tcp(web, db, 40002, 5432, tcp::SYN));
+    assert_eq!(w.take_tun("db").len(), 1);
+}
+
+#[test]
+fn before_any_allowlist_nothing_passes() {
+    let key = generate_private_key();
+    let mut n = Node::new(&key, 16);
+    let mut out = Out::default();
+    let now = Now {
+        instant: Instant::now(),
+        unix: T0,
+    };
+    let a = Ipv4Addr::new(10, 9, 0, 1);
+    let b = Ipv4Addr::new(10, 9, 0, 2);
+    n.handle_tun(&build::tcp(a, b, 1, 22, tcp::SYN), now, &mut out);
+    n.handle_udp(
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        &[1, 0, 0, 0],
+        now,
+        &mut out,
+    );
+    assert!(out.net.is_empty() && out.tun.is_empty());
+    assert_eq!(out.dropped, vec!["no_allowlist", "tunnel"]);
+}
+
+#[test]
+fn garbage_never_panics_and_is_counted() {
+    let mut w = world();
+    let web = w.addr("web");
+    let db = w.addr("db");
+    let i = w.idx("web");
+    let now = w.now;
+    let mut out = Out::default();
+    let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![0x45], vec![0xff; 100], vec![0x45; 70_000]];
+    let good = build::tcp(web, db, 1, 5432, tcp::SYN);
+    for n in 0..good.len() {
+        inputs.push(good[..n].to_vec());
+    }
+    let mut wrong_src = good.clone();
+    wrong_src[15] ^= 1;
+    inputs.push(wrong_src);
+    inputs.push(vec![0x60; 40]);
+    let db_udp = w.hosts[w.idx("db")].udp;
+    for pkt in &inputs {
+        w.hosts[i].node.handle_tun(pkt, now, &mut out);
+        w.hosts[i].node.handle_udp(db_udp, pkt, now, &mut out);
+    }
+    assert!(out.tun.is_empty());
+    assert!(out.net.is_empty(), "garbage never makes the node send");
+    let c = w.hosts[i].node.counters();
+    let total: u64 = c.dropped.values().sum();
+    assert_eq!(total as usize, inputs.len() * 2, "{:?}", c.dropped);
+    assert!(c.dropped.contains_key("wrong_source"));
+    assert!(c.dropped.contains_key("ipv6"));
+    assert!(c.dropped.contains_key("truncated"));
+}
