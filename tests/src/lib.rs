@@ -3,6 +3,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, as `scripts/test.sh`
 //! does); a test that finds none fails with that advice rather than testing something stale.
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

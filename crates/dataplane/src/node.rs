@@ -361,6 +361,15 @@ impl Node {
         report
     }
 
+    /// Forgets the configuration: every tunnel goes, every flow is cut, and nothing passes until
+    /// the next [`Node::apply`]. For an allowlist that cannot be read: never fail open.
+    pub fn clear(&mut self) {
+        self.config = None;
+        self.peers.clear();
+        self.conntrack.retain(|_, _| None);
+        self.reindex();
+    }
+
     fn reindex(&mut self) {
         self.by_address.clear();
         self.by_key.clear();

@@ -1,0 +1,220 @@
+//! The daemon loop: one task owns the data plane core and feeds it from the TUN device, the UDP
+//! socket, a timer, signals and the UAPI socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bulkhead_dataplane::{Config, Event, Node, Now, Sink};
+use tokio::net::UdpSocket;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::tun::Interface;
+use crate::uapi;
+
+/// How `bulkheadd run` was asked to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// State directory: the private key.
+    pub state: PathBuf,
+    /// TUN interface name.
+    pub interface: String,
+    /// UDP port.
+    pub listen_port: u16,
+    /// The address peers should send to, as reported to the controller.
+    pub endpoint: Option<SocketAddr>,
+    /// A configuration (allowlist and peers) to enforce, as JSON; reread on SIGHUP.
+    pub allowlist: Option<PathBuf>,
+    /// Most flows tracked at once.
+    pub flow_capacity: usize,
+}
+
+/// Packets handled per wake-up before the loop looks at its other inputs.
+const BATCH: usize = 64;
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    }
+}
+
+/// Output of the core, written out after each batch.
+#[derive(Default)]
+struct Out {
+    net: Vec<(SocketAddr, Vec<u8>)>,
+    tun: Vec<Vec<u8>>,
+}
+
+impl Sink for Out {
+    fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
+        self.net.push((to, d.to_vec()));
+    }
+
+    fn to_tun(&mut self, p: &[u8]) {
+        self.tun.push(p.to_vec());
+    }
+
+    fn event(&mut self, e: Event<'_>) {
+        match e {
+            Event::FlowStarted {
+                initiator,
+                key,
+                peer,
+                rule,
+            } => tracing::debug!(
+                ?initiator,
+                peer,
+                rule,
+                proto = key.proto,
+                local_port = key.local_port,
+                peer_port = key.peer_port,
+                "flow"
+            ),
+            Event::Dropped {
+                egress,
+                reason,
+                key,
+                peer,
+            } => tracing::debug!(egress, reason = reason.reason(), ?key, peer, "drop"),
+        }
+    }
+}
+
+/// Reads a configuration file. Anything unreadable is an error, never a partial config.
+pub fn read_config(path: &Path) -> anyhow::Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid configuration", path.display()))
+}
+
+async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Result<()> {
+    let (addr, net) = (cfg.allowlist.address, cfg.allowlist.network);
+    let revision = cfg.allowlist.revision;
+    let report = node.apply(cfg, now());
+    tun.set_address(addr, net.prefix_len).await?;
+    tracing::info!(
+        revision,
+        unchanged = report.unchanged,
+        added = ?report.added,
+        removed = ?report.removed,
+        flows_cut = report.flows_cut,
+        "allowlist applied"
+    );
+    Ok(())
+}
+
+/// Runs until SIGTERM or SIGINT. Removes the interface and the UAPI socket on the way out.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let key = crate::state::load_or_create_key(&s.state)?;
+    let mut node = Node::new(&key, s.flow_capacity);
+    // A configuration that does not parse stops the daemon before it creates anything.
+    let first = s.allowlist.as_deref().map(read_config).transpose()?;
+
+    let mut tun = Interface::create(&s.interface).await?;
+    let udp = UdpSocket::bind(("0.0.0.0", s.listen_port))
+        .await
+        .with_context(|| format!("cannot bind UDP port {}", s.listen_port))?;
+    let (uapi_tx, mut uapi_rx) = mpsc::channel(16);
+    let socket = uapi::serve(&s.interface, uapi_tx)?;
+    let _cleanup = RemoveOnDrop(socket);
+
+    if let Some(cfg) = first {
+        apply(&mut node, &mut tun, cfg).await?;
+    } else {
+        tracing::warn!("no allowlist yet: nothing passes");
+    }
+    tracing::info!(
+        interface = %s.interface,
+        port = s.listen_port,
+        public_key = %node.public_key().to_base64(),
+        endpoint = ?s.endpoint,
+        "bulkheadd running"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tun_buf = vec![0u8; 65536];
+    let mut udp_buf = vec![0u8; 65536];
+    let mut out = Out::default();
+
+    loop {
+        tokio::select! {
+            r = tun.dev.recv(&mut tun_buf) => {
+                let n = r.context("TUN read")?;
+                let t = now();
+                node.handle_tun(&tun_buf[..n], t, &mut out);
+                for _ in 1..BATCH {
+                    match tun.dev.try_recv(&mut tun_buf) {
+                        Ok(n) => node.handle_tun(&tun_buf[..n], t, &mut out),
+                        Err(_) => break,
+                    }
+                }
+            }
+            r = udp.recv_from(&mut udp_buf) => {
+                let t = now();
+                match r {
+                    Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], t, &mut out),
+                    Err(e) => tracing::debug!(error = %e, "udp read"),
+                }
+                for _ in 1..BATCH {
+                    match udp.try_recv_from(&mut udp_buf) {
+                        Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], t, &mut out),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => node.tick(now(), &mut out),
+            Some(reply) = uapi_rx.recv() => {
+                let snap = uapi::Snapshot {
+                    private_key: key,
+                    listen_port: s.listen_port,
+                    peers: node.peers(),
+                };
+                let _ = reply.send(uapi::format_get(&snap, SystemTime::now()));
+            }
+            _ = hup.recv() => {
+                if let Some(path) = &s.allowlist {
+                    match read_config(path) {
+                        Ok(cfg) => apply(&mut node, &mut tun, cfg).await?,
+                        Err(e) => {
+                            // Never fail open: an allowlist that cannot be read lets nothing pass.
+                            tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");
+                            node.clear();
+                        }
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        for (to, d) in out.net.drain(..) {
+            if let Err(e) = udp.send_to(&d, to).await {
+                tracing::debug!(error = %e, %to, "udp send");
+            }
+        }
+        for p in out.tun.drain(..) {
+            if let Err(e) = tun.dev.send(&p).await {
+                tracing::debug!(error = %e, "TUN write");
+            }
+        }
+    }
+    tracing::info!("bulkheadd stopping");
+    Ok(())
+}
+
+/// Removes a file when dropped: the UAPI socket, on every way out of `run`.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,94 @@
+//! The TUN device: created with tun-rs, addressed and brought up over netlink (rtnetlink).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, anyhow};
+use futures_util::TryStreamExt;
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+/// WireGuard's usual MTU: 1500 minus 80 bytes of outer IPv6, UDP and WireGuard headers.
+pub const MTU: u16 = 1420;
+
+/// A TUN interface and the netlink handle that configures it.
+pub struct Interface {
+    /// The device.
+    pub dev: AsyncDevice,
+    /// Its name.
+    pub name: String,
+    index: u32,
+    netlink: rtnetlink::Handle,
+    address: Option<(Ipv4Addr, u8)>,
+}
+
+impl std::fmt::Debug for Interface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interface")
+            .field("name", &self.name)
+            .field("index", &self.index)
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Interface {
+    /// Creates the interface, up, without an address. It disappears when the process exits.
+    pub async fn create(name: &str) -> anyhow::Result<Interface> {
+        let dev = DeviceBuilder::new()
+            .name(name)
+            .mtu(MTU)
+            .build_async()
+            .with_context(|| {
+                format!("cannot create TUN interface {name} (is /dev/net/tun there, are we root?)")
+            })?;
+        let index = dev.if_index().context("TUN interface index")?;
+        let (conn, netlink, _) = rtnetlink::new_connection().context("netlink")?;
+        tokio::spawn(conn);
+        // The overlay is IPv4; keep the kernel from sending IPv6 chatter into the tunnel.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        netlink
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| anyhow!("cannot bring {name} up: {e}"))?;
+        Ok(Interface {
+            dev,
+            name: name.to_string(),
+            index,
+            netlink,
+            address: None,
+        })
+    }
+
+    /// Gives the interface this overlay address, replacing the one it had. The prefix makes the
+    /// kernel route the whole overlay network into the tunnel.
+    pub async fn set_address(&mut self, addr: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+        if self.address == Some((addr, prefix)) {
+            return Ok(());
+        }
+        if self.address.take().is_some() {
+            let mut list = self
+                .netlink
+                .address()
+                .get()
+                .set_link_index_filter(self.index)
+                .execute();
+            while let Some(msg) = list.try_next().await.map_err(|e| anyhow!("netlink: {e}"))? {
+                self.netlink
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| anyhow!("cannot remove the old address: {e}"))?;
+            }
+        }
+        self.netlink
+            .address()
+            .add(self.index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+            .map_err(|e| anyhow!("cannot give {} the address {addr}/{prefix}: {e}", self.name))?;
+        self.address = Some((addr, prefix));
+        Ok(())
+    }
+}

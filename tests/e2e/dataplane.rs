@@ -1,0 +1,376 @@
+//! Real `bulkheadd` processes on real TUN devices, each in its own network namespace, joined by
+//! a bridge. Each test checks what must get through and, as carefully, what must not.
+//!
+//! Needs root, `ip netns` and `/dev/net/tun` (and `ping`, `wg`: `scripts/test.sh` installs them).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bulkhead_dataplane::{Config, Key, PeerInfo};
+use bulkhead_e2e::netns::{self, Lab};
+use bulkhead_e2e::{bin, run};
+use bulkhead_policy::{Compiled, Conditions};
+
+const PORT: u16 = 51820;
+
+const POLICY: &str = "
+version: 1
+network: { cidr: 10.77.0.0/24 }
+identities:
+  web: { labels: { app: web } }
+  db: { labels: { app: db } }
+  other: { labels: { app: other } }
+segments:
+  webs: { match: { app: web } }
+  dbs: { match: { app: db } }
+rules:
+  - { name: web-to-db, from: [webs], to: [dbs], ports: [tcp/5432, icmp] }
+";
+
+/// Whether namespace tests can run here. They must, unless BULKHEAD_SKIP_NETNS says otherwise:
+/// a test that quietly does nothing would hide a broken setup.
+fn netns_ok() -> bool {
+    match netns::available() {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("BULKHEAD_SKIP_NETNS").is_some() => {
+            eprintln!("skipping: {why}");
+            false
+        }
+        Err(why) => panic!(
+            "namespace tests need root, ip netns and /dev/net/tun: {why} (BULKHEAD_SKIP_NETNS=1 skips them)"
+        ),
+    }
+}
+
+/// A lab running one daemon per identity of `policy`, each enforcing its compiled allowlist.
+struct Overlay {
+    lab: Lab,
+    keys: BTreeMap<String, Key>,
+    addresses: BTreeMap<String, String>,
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+fn configs(policy: &str, lab: &Lab, keys: &BTreeMap<String, Key>) -> BTreeMap<String, Config> {
+    let l = bulkhead_policy::load(policy, now(), &BTreeMap::new());
+    assert!(l.is_valid(), "{:?}", l.diagnostics);
+    let m = l.model.expect("model");
+    let c = Compiled::new(&m, m.state(&Conditions::at(now())));
+    let peers: BTreeMap<String, PeerInfo> = lab
+        .hosts
+        .iter()
+        .map(|h| {
+            (
+                h.name.clone(),
+                PeerInfo {
+                    public_key: keys[&h.name],
+                    endpoint: Some(format!("{}:{PORT}", h.underlay).parse().expect("endpoint")),
+                },
+            )
+        })
+        .collect();
+    c.allowlists(&m, 1)
+        .into_iter()
+        .map(|a| {
+            (
+                a.identity.clone(),
+                Config {
+                    allowlist: a,
+                    peers: peers.clone(),
+                    keepalive: None,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Overlay {
+    fn start(policy: &str, names: &[&str]) -> Overlay {
+        let lab = Lab::new(names);
+        let mut keys = BTreeMap::new();
+        for h in &lab.hosts {
+            let state = h.dir.join("state");
+            let r = run(
+                "bulkheadd",
+                &["pubkey", "--state", &state.display().to_string()],
+            );
+            assert_eq!(r.code, Some(0), "{}", r.stderr);
+            keys.insert(
+                h.name.clone(),
+                Key::from_base64(&r.stdout).expect("public key"),
+            );
+        }
+        let mut o = Overlay {
+            lab,
+            keys,
+            addresses: BTreeMap::new(),
+        };
+        let cfgs = configs(policy, &o.lab, &o.keys);
+        for (name, cfg) in cfgs.iter().filter(|(n, _)| names.contains(&n.as_str())) {
+            o.addresses
+                .insert(name.clone(), cfg.allowlist.address.to_string());
+            o.write_config(name, cfg);
+        }
+        for name in names {
+            o.start_daemon(name);
+        }
+        o
+    }
+
+    fn write_config(&self, name: &str, cfg: &Config) {
+        let path = self.lab.host(name).dir.join("config.json");
+        std::fs::write(&path, serde_json::to_string(cfg).expect("json")).expect("write config");
+    }
+
+    fn start_daemon(&mut self, name: &str) {
+        let h = self.lab.host(name);
+        let (state, cfg, iface) = (
+            h.dir.join("state").display().to_string(),
+            h.dir.join("config.json").display().to_string(),
+            h.interface.clone(),
+        );
+        let bulkheadd = bin("bulkheadd").display().to_string();
+        self.lab.spawn(
+            name,
+            "bulkheadd",
+            &[
+                &bulkheadd,
+                "run",
+                "--state",
+                &state,
+                "--interface",
+                &iface,
+                "--listen-port",
+                "51820",
+                "--allowlist",
+                &cfg,
+            ],
+        );
+        let up = Lab::until(Duration::from_secs(10), || {
+            run("bulkheadd", &["status", "--interface", &iface]).code == Some(0)
+        });
+        assert!(
+            up,
+            "bulkheadd on {name} did not come up:\n{}",
+            self.lab.log(name, "bulkheadd")
+        );
+    }
+
+    fn addr(&self, name: &str) -> &str {
+        &self.addresses[name]
+    }
+
+    fn ping(&self, from: &str, to: &str) -> bool {
+        self.lab
+            .exec(from, &["ping", "-c", "1", "-W", "1", self.addr(to)])
+            .status
+            .success()
+    }
+
+    /// Ping, allowing a few tries for the first handshake.
+    fn ping_eventually(&self, from: &str, to: &str) -> bool {
+        (0..3).any(|_| self.ping(from, to))
+    }
+
+    fn listen(&mut self, on: &str, port: u16) {
+        let probe = bin("bh-probe").display().to_string();
+        let p = port.to_string();
+        self.lab
+            .spawn(on, &format!("listen-{port}"), &[&probe, "listen", &p, "60"]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    fn connect(&self, from: &str, to: &str, port: u16) -> bool {
+        let probe = bin("bh-probe").display().to_string();
+        self.lab
+            .exec(
+                from,
+                &[&probe, "connect", self.addr(to), &port.to_string(), "1500"],
+            )
+            .status
+            .success()
+    }
+
+    fn wg_show(&self, on: &str) -> String {
+        let o = self
+            .lab
+            .exec(on, &["wg", "show", &self.lab.host(on).interface]);
+        assert!(
+            o.status.success(),
+            "wg show: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+#[test]
+fn allowed_traffic_passes_and_everything_else_is_dropped() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = Overlay::start(POLICY, &["web", "db", "other"]);
+    o.listen("db", 5432);
+    o.listen("db", 22);
+    o.listen("web", 8080);
+
+    assert!(o.ping_eventually("web", "db"), "web may ping db");
+    assert!(
+        o.connect("web", "db", 5432),
+        "web reaches db:5432, and the echo comes back"
+    );
+
+    assert!(!o.connect("web", "db", 22), "no rule for tcp/22");
+    assert!(!o.ping("db", "web"), "no rule from db to web");
+    assert!(!o.connect("db", "web", 8080), "no rule from db to web");
+    assert!(!o.ping("other", "db"), "other has no rule at all");
+    assert!(!o.connect("other", "db", 5432), "other has no rule at all");
+    assert!(!o.ping("web", "other"), "no tunnel to other");
+
+    // `wg show` lists exactly the peers with a rule, with handshakes and transfer.
+    let web = o.wg_show("web");
+    assert!(web.contains(&o.keys["db"].to_base64()), "{web}");
+    assert!(
+        !web.contains(&o.keys["other"].to_base64()),
+        "no tunnel without a rule:\n{web}"
+    );
+    assert!(
+        web.contains(&format!("allowed ips: {}/32", o.addr("db"))),
+        "{web}"
+    );
+    assert!(web.contains("latest handshake"), "{web}");
+    assert!(web.contains("transfer"), "{web}");
+    let other = o.wg_show("other");
+    assert!(!other.contains("peer:"), "other has no peers:\n{other}");
+}
+
+#[test]
+fn the_receiver_drops_what_a_rogue_sender_lets_out() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = Overlay::start(POLICY, &["web", "db", "other"]);
+    o.listen("db", 22);
+    o.listen("db", 5432);
+    assert!(o.connect("web", "db", 5432));
+
+    // web is compromised: its daemon now enforces a widened allowlist, any port to db.
+    let wide = POLICY.replace("ports: [tcp/5432, icmp]", "ports: [any]");
+    let cfg = configs(&wide, &o.lab, &o.keys).remove("web").expect("web");
+    o.write_config("web", &cfg);
+    o.lab.signal("web", "bulkheadd", "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!o.connect("web", "db", 22), "db's own rules stop tcp/22");
+    assert!(o.connect("web", "db", 5432), "what db allows still works");
+
+    // web now spoofs other's overlay address through its valid tunnel.
+    let mut spoof = cfg;
+    spoof.allowlist.address = o.addr("other").parse().expect("address");
+    o.write_config("web", &spoof);
+    o.lab.signal("web", "bulkheadd", "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !o.connect("web", "db", 5432),
+        "a spoofed source is dropped at db"
+    );
+    let log = o.lab.log("web", "bulkheadd");
+    assert!(log.contains("allowlist applied"), "{log}");
+}
+
+#[test]
+fn a_new_allowlist_is_enforced_and_an_unreadable_one_lets_nothing_through() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = Overlay::start(POLICY, &["web", "db"]);
+    o.listen("db", 5432);
+    assert!(o.connect("web", "db", 5432));
+
+    // The rule moves to another port on both ends.
+    let moved = POLICY.replace("tcp/5432, icmp", "tcp/6432, icmp");
+    for name in ["web", "db"] {
+        let cfg = configs(&moved, &o.lab, &o.keys)
+            .remove(name)
+            .expect("config");
+        o.write_config(name, &cfg);
+        o.lab.signal(name, "bulkheadd", "HUP");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!o.connect("web", "db", 5432), "the old port is closed");
+    assert!(o.ping_eventually("web", "db"), "icmp is still allowed");
+
+    // Garbage on db: it fails closed.
+    std::fs::write(o.lab.host("db").dir.join("config.json"), "{ not json").expect("write");
+    o.lab.signal("db", "bulkheadd", "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !o.ping("web", "db"),
+        "nothing passes after an unreadable allowlist"
+    );
+    assert!(o.lab.log("db", "bulkheadd").contains("nothing passes"));
+}
+
+#[test]
+fn sigterm_removes_the_interface_and_socket_and_a_corrupt_key_refuses_to_start() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = Overlay::start(POLICY, &["web", "db"]);
+    let iface = o.lab.host("web").interface.clone();
+    assert!(
+        o.lab
+            .exec("web", &["ip", "link", "show", &iface])
+            .status
+            .success()
+    );
+    o.lab.signal("web", "bulkheadd", "TERM");
+    assert_eq!(
+        o.lab.wait("web", "bulkheadd", Duration::from_secs(5)),
+        Some(0)
+    );
+    assert!(
+        !o.lab
+            .exec("web", &["ip", "link", "show", &iface])
+            .status
+            .success(),
+        "interface gone"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/var/run/wireguard/{iface}.sock")).exists(),
+        "socket gone"
+    );
+
+    let state = o.lab.host("web").dir.join("state");
+    std::fs::write(state.join("private.key"), "garbage").expect("write");
+    let cfg = o
+        .lab
+        .host("web")
+        .dir
+        .join("config.json")
+        .display()
+        .to_string();
+    let out = o.lab.exec(
+        "web",
+        &[
+            &bin("bulkheadd").display().to_string(),
+            "run",
+            "--state",
+            &state.display().to_string(),
+            "--interface",
+            &iface,
+            "--allowlist",
+            &cfg,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to start"));
+    assert!(
+        !o.lab
+            .exec("web", &["ip", "link", "show", &iface])
+            .status
+            .success(),
+        "nothing created"
+    );
+}
