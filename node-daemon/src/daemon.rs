@@ -111,6 +111,11 @@ async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Res
 
 /// Runs until SIGTERM or SIGINT. Removes the interface and the UAPI socket on the way out.
 pub async fn run(s: Settings) -> anyhow::Result<()> {
+    if bulkhead_dataplane::UNFILTERED {
+        tracing::error!(
+            "this bulkheadd is a benchmark build WITHOUT the packet filter: never deploy it"
+        );
+    }
     let key = crate::state::load_or_create_key(&s.state)?;
     let mut node = Node::new(&key, s.flow_capacity);
     // A configuration that does not parse stops the daemon before it creates anything.

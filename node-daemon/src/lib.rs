@@ -61,12 +61,14 @@ enum Command {
 /// The daemon's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // BULKHEAD_LOG=error|warn|info|debug|trace; a full filter language is not worth its build.
+    let level = std::env::var("BULKHEAD_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_max_level(level)
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -98,6 +98,15 @@ enum PolicyCommand {
         #[command(flatten)]
         when: When,
     },
+    /// Print the compiled allowlist of one identity, or of all: what the controller pushes.
+    Compile {
+        /// The policy file.
+        file: PathBuf,
+        /// Only this identity.
+        identity: Option<String>,
+        #[command(flatten)]
+        when: When,
+    },
     /// Show the reachability gained and lost between two policies, pair by pair.
     Diff {
         /// The old policy file.
@@ -148,6 +157,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             ),
             PolicyCommand::Matrix { file, when } => policy::matrix(&file, &when, fmt),
             PolicyCommand::Diff { old, new, when } => policy::diff(&old, &new, &when, fmt),
+            PolicyCommand::Compile {
+                file,
+                identity,
+                when,
+            } => policy::compile(&file, identity.as_deref(), &when, fmt),
         },
         Command::Completions { shell } => {
             clap_complete::generate(

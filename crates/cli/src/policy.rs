@@ -449,3 +449,51 @@ fn diff_table(r: &DiffReport<'_>) -> String {
     s += &format!("{gained} pair(s) gain access, {lost} pair(s) lose access\n");
     s
 }
+
+/// `bulkhead policy compile FILE [IDENTITY]`.
+pub fn compile(
+    file: &Path,
+    identity: Option<&str>,
+    when: &When,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let now = now(when)?;
+    let src = Source::load(file, now, &BTreeMap::new())?;
+    let Some(m) = src.valid_model() else {
+        return src.invalid();
+    };
+    let c = Compiled::new(m, m.state(&Conditions::at(now)));
+    let lists = match identity {
+        Some(name) => {
+            let id = m
+                .identity(name)
+                .ok_or_else(|| anyhow!("{}: no identity named {name:?}", src.path))?;
+            vec![c.allowlist(m, id, 0)]
+        }
+        None => c.allowlists(m, 0),
+    };
+    emit(fmt, &lists, || {
+        let mut s = String::new();
+        for l in &lists {
+            s += &format!(
+                "{} {} ({} peers, {} rules)\n",
+                l.identity,
+                l.address,
+                l.peers.len(),
+                l.rules.len()
+            );
+            for p in &l.peers {
+                let (o, i) = (l.table(p.outbound), l.table(p.inbound));
+                s += &format!(
+                    "  {:<20} {:<15} out: {}  in: {}\n",
+                    p.name,
+                    p.address,
+                    o.access(&l.rules, now),
+                    i.access(&l.rules, now)
+                );
+            }
+        }
+        s
+    })?;
+    Ok(Outcome::Ok)
+}

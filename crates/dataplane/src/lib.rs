@@ -28,3 +28,6 @@ pub use keys::{Key, generate_private_key, public_key};
 pub use node::{
     ApplyReport, Config, Counters, DropReason, Event, Node, Now, PeerInfo, PeerStatus, Sink,
 };
+
+/// Whether this build skips the filter (the `unfiltered` benchmark feature).
+pub const UNFILTERED: bool = cfg!(feature = "unfiltered");
