@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
+# Which tunnels to measure; the report covers those measured.
+TUNNELS=${TUNNELS:-"raw wireguard-go boringtun-cli nebula bulkheadd unfiltered"}
+want() { [[ " $TUNNELS " == *" $1 "* ]]; }
 TOOLS=$PWD/target/bench-tools
 WORK=$(mktemp -d /tmp/bulkhead-bench.XXXXXX)
 A=bhbA$$
@@ -50,7 +53,7 @@ cargo build --quiet --release -p bulkhead-node -p bulkhead-cli >&2
 cargo build --quiet --release -p bulkhead-node --features bulkhead-dataplane/unfiltered \
   --target-dir target/bench-unfiltered >&2
 BULKHEAD=$PWD/target/release/bulkhead
-BULKHEADD=$PWD/target/release/bulkheadd
+BULKHEADD=${BULKHEADD:-$PWD/target/release/bulkheadd}
 BULKHEADD_UNFILTERED=$PWD/target/bench-unfiltered/release/bulkheadd
 
 # --- the two hosts -----------------------------------------------------------------------------
@@ -93,11 +96,11 @@ declare -A RESULT
 record() { RESULT[$1]=$2; log "$1: median Gbit/s, RTT ms, runs: $2"; }
 
 # --- raw veth ----------------------------------------------------------------------------------
-record "raw veth" "$(measure 198.18.1.2)"
+if want raw; then record "raw veth" "$(measure 198.18.1.2)"; fi
 
 # --- wg-compatible userspace implementations, configured with wg(8) ----------------------------
-wg_pair() { # $1 = interface prefix, $2.. = command that starts a daemon for an interface name
-  local pre=$1; shift
+wg_pair() { # $1 = interface prefix, $2 = UDP port, $3.. = command that starts a daemon for an interface
+  local pre=$1 port=$2; shift 2
   local ka kb pa pb
   ka=$(wg genkey); kb=$(wg genkey)
   pa=$(echo "$ka" | wg pubkey); pb=$(echo "$kb" | wg pubkey)
@@ -108,26 +111,33 @@ wg_pair() { # $1 = interface prefix, $2.. = command that starts a daemon for an 
     [ -S "/var/run/wireguard/${pre}A$$.sock" ] && [ -S "/var/run/wireguard/${pre}B$$.sock" ] && break
     sleep 0.1
   done
-  inA wg set "${pre}A$$" private-key "$WORK/ka" listen-port 51820 \
-    peer "$pb" allowed-ips 10.99.0.2/32 endpoint 198.18.1.2:51820
-  inB wg set "${pre}B$$" private-key "$WORK/kb" listen-port 51820 \
-    peer "$pa" allowed-ips 10.99.0.1/32 endpoint 198.18.1.1:51820
+  inA wg set "${pre}A$$" private-key "$WORK/ka" listen-port "$port" \
+    peer "$pb" allowed-ips 10.99.0.2/32 endpoint "198.18.1.2:$port"
+  inB wg set "${pre}B$$" private-key "$WORK/kb" listen-port "$port" \
+    peer "$pa" allowed-ips 10.99.0.1/32 endpoint "198.18.1.1:$port"
   inA ip addr add 10.99.0.1/24 dev "${pre}A$$"; inA ip link set "${pre}A$$" mtu 1420 up
   inB ip addr add 10.99.0.2/24 dev "${pre}B$$"; inB ip link set "${pre}B$$" mtu 1420 up
 }
 stop_daemons() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
   PIDS=()
 }
 
-wg_pair wg env WG_PROCESS_FOREGROUND=1 wireguard-go -f
-record "wireguard-go" "$(measure 10.99.0.2)"
-stop_daemons
+if want wireguard-go; then
+  wg_pair wg 51820 env WG_PROCESS_FOREGROUND=1 wireguard-go -f
+  record "wireguard-go" "$(measure 10.99.0.2)"
+  stop_daemons
+fi
 
-wg_pair bt "$TOOLS/bin/boringtun-cli" -f --disable-drop-privileges
-record "boringtun-cli" "$(measure 10.99.0.2)"
-stop_daemons
+if want boringtun-cli; then
+  wg_pair bt 51821 "$TOOLS/bin/boringtun-cli" -f --disable-drop-privileges
+  record "boringtun-cli" "$(measure 10.99.0.2)"
+  stop_daemons
+fi
 
 # --- nebula ------------------------------------------------------------------------------------
 (
@@ -154,11 +164,13 @@ EOF
     : "$other"
   done
 )
-bg inA nebula -config "$WORK/a.yml"
-bg inB nebula -config "$WORK/b.yml"
-sleep 1.5
-record "nebula" "$(measure 10.98.0.2)"
-stop_daemons
+if want nebula; then
+  bg inA nebula -config "$WORK/a.yml"
+  bg inB nebula -config "$WORK/b.yml"
+  sleep 1.5
+  record "nebula" "$(measure 10.98.0.2)"
+  stop_daemons
+fi
 
 # --- bulkheadd ---------------------------------------------------------------------------------
 # A realistic allowlist: a and b among 200 identities and 300 rules, a -> b on iperf3's port.
@@ -196,31 +208,36 @@ import json, sys
 work, h = sys.argv[1], sys.argv[2]
 lst = json.load(open(f"{work}/list-{h}.json"))[0]
 peers = {p: {"public_key": open(f"{work}/pub-{p}").read().strip(),
-             "endpoint": "198.18.1.1:51820" if p == "a" else "198.18.1.2:51820"} for p in "ab"}
+             "endpoint": "198.18.1.1:51822" if p == "a" else "198.18.1.2:51822"} for p in "ab"}
 json.dump({"allowlist": lst, "peers": peers}, open(f"{work}/config-{h}.json", "w"))
 EOF
   done
-  bg inA "$bin" run --state "$WORK/state-a" --interface "bhA$$" --allowlist "$WORK/config-a.json"
-  bg inB "$bin" run --state "$WORK/state-b" --interface "bhB$$" --allowlist "$WORK/config-b.json"
+  bg inA "$bin" run --state "$WORK/state-a" --interface "bhA$$" --listen-port 51822 --allowlist "$WORK/config-a.json"
+  bg inB "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
   sleep 1
 }
-bulkhead_pair "$BULKHEADD"
-record "bulkheadd" "$(measure 10.97.0.2)"
-stop_daemons
-bulkhead_pair "$BULKHEADD_UNFILTERED"
-record "bulkheadd, no filter" "$(measure 10.97.0.2)"
-stop_daemons
+if want bulkheadd; then
+  bulkhead_pair "$BULKHEADD"
+  record "bulkheadd" "$(measure 10.97.0.2)"
+  stop_daemons
+fi
+if want unfiltered; then
+  bulkhead_pair "$BULKHEADD_UNFILTERED"
+  record "bulkheadd, no filter" "$(measure 10.97.0.2)"
+  stop_daemons
+fi
 
 # --- report ------------------------------------------------------------------------------------
 {
   echo "iperf3 TCP, $RUNS runs of ${SECS}s; ping RTT average of 20; $(nproc) cores; $(date -u +%FT%TZ)"
   printf '%-22s %12s %9s   %s\n' tunnel "median Gb/s" "RTT ms" "runs (Gb/s)"
   for k in "raw veth" wireguard-go boringtun-cli nebula bulkheadd "bulkheadd, no filter"; do
+    [ -n "${RESULT[$k]:-}" ] || continue
     read -r med rtt runs <<<"${RESULT[$k]}"
     printf '%-22s %12s %9s   %s\n' "$k" "$med" "$rtt" "$runs"
   done
-  python3 - "${RESULT[wireguard-go]}" "${RESULT[boringtun-cli]}" "${RESULT[nebula]}" \
-    "${RESULT[bulkheadd]}" "${RESULT[bulkheadd, no filter]}" <<'EOF'
+  python3 - "${RESULT[wireguard-go]:-0}" "${RESULT[boringtun-cli]:-0}" "${RESULT[nebula]:-0}" \
+    "${RESULT[bulkheadd]:-0}" "${RESULT[bulkheadd, no filter]:-0}" <<'EOF'
 import sys
 med = lambda s: float(s.split()[0])
 wg, bt, neb, bh, raw = (med(x) for x in sys.argv[1:])
