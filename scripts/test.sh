@@ -35,6 +35,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build the binaries (end-to-end tests run them)"
 cargo build --workspace --bins --locked
 
+step "build the fuzz targets (run them with cargo fuzz; see docs/operations.md)"
+cargo build --manifest-path fuzz/Cargo.toml --target-dir target --locked
+
 step "cargo test"
 cargo test --workspace --locked
 
