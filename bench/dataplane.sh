@@ -67,7 +67,9 @@ ip -n "$A" link set "va$$" up
 ip -n "$B" link set "vb$$" up
 inA() { ip netns exec "$A" "$@"; }
 inB() { ip netns exec "$B" "$@"; }
-bg() { "$@" >>"$WORK/daemons.log" 2>&1 & PIDS+=($!); }
+# Starts a daemon in a namespace. `ip netns exec` execs the command, so $! is the daemon itself
+# and stop_daemons really stops it.
+bg() { local ns=$1; shift; ip netns exec "$ns" "$@" >>"$WORK/daemons.log" 2>&1 & PIDS+=($!); }
 
 # Runs iperf3 RUNS times to $1, prints "median_gbps rtt_ms".
 measure() {
@@ -105,8 +107,8 @@ wg_pair() { # $1 = interface prefix, $2 = UDP port, $3.. = command that starts a
   ka=$(wg genkey); kb=$(wg genkey)
   pa=$(echo "$ka" | wg pubkey); pb=$(echo "$kb" | wg pubkey)
   echo "$ka" >"$WORK/ka"; echo "$kb" >"$WORK/kb"
-  bg inA "$@" "${pre}A$$"
-  bg inB "$@" "${pre}B$$"
+  bg "$A" "$@" "${pre}A$$"
+  bg "$B" "$@" "${pre}B$$"
   for _ in $(seq 50); do
     [ -S "/var/run/wireguard/${pre}A$$.sock" ] && [ -S "/var/run/wireguard/${pre}B$$.sock" ] && break
     sleep 0.1
@@ -165,8 +167,8 @@ EOF
   done
 )
 if want nebula; then
-  bg inA nebula -config "$WORK/a.yml"
-  bg inB nebula -config "$WORK/b.yml"
+  bg "$A" nebula -config "$WORK/a.yml"
+  bg "$B" nebula -config "$WORK/b.yml"
   sleep 1.5
   record "nebula" "$(measure 10.98.0.2)"
   stop_daemons
@@ -212,8 +214,8 @@ peers = {p: {"public_key": open(f"{work}/pub-{p}").read().strip(),
 json.dump({"allowlist": lst, "peers": peers}, open(f"{work}/config-{h}.json", "w"))
 EOF
   done
-  bg inA "$bin" run --state "$WORK/state-a" --interface "bhA$$" --listen-port 51822 --allowlist "$WORK/config-a.json"
-  bg inB "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
+  bg "$A" "$bin" run --state "$WORK/state-a" --interface "bhA$$" --listen-port 51822 --allowlist "$WORK/config-a.json"
+  bg "$B" "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
   sleep 1
 }
 if want bulkheadd; then
