@@ -20,6 +20,7 @@ mod ports;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -160,8 +161,9 @@ impl std::fmt::Display for Network {
 /// One peer of an identity, with the traffic allowed each way.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Peer {
-    /// The peer's identity name.
-    pub name: String,
+    /// The peer's identity name; shared, since the controller holds the same name in thousands
+    /// of allowlists.
+    pub name: Arc<str>,
     /// The peer's overlay address; the only source address accepted from its tunnel.
     pub address: Ipv4Addr,
     /// Connections this identity may open to the peer: an index into [`Allowlist::tables`].
@@ -240,7 +242,7 @@ impl Allowlist {
     /// The peer with this name.
     pub fn peer(&self, name: &str) -> Option<&Peer> {
         self.peers
-            .binary_search_by(|p| p.name.as_str().cmp(name))
+            .binary_search_by(|p| (*p.name).cmp(name))
             .ok()
             .map(|i| &self.peers[i])
     }
@@ -291,20 +293,20 @@ impl Allowlist {
             match (a.peek(), b.peek()) {
                 (None, None) => break,
                 (Some(x), None) => {
-                    d.removed.push(x.name.clone());
+                    d.removed.push(x.name.to_string());
                     a.next();
                 }
                 (None, Some(y)) => {
-                    d.added.push(y.name.clone());
+                    d.added.push(y.name.to_string());
                     b.next();
                 }
                 (Some(x), Some(y)) => match x.name.cmp(&y.name) {
                     std::cmp::Ordering::Less => {
-                        d.removed.push(x.name.clone());
+                        d.removed.push(x.name.to_string());
                         a.next();
                     }
                     std::cmp::Ordering::Greater => {
-                        d.added.push(y.name.clone());
+                        d.added.push(y.name.to_string());
                         b.next();
                     }
                     std::cmp::Ordering::Equal => {
@@ -312,7 +314,7 @@ impl Allowlist {
                             && self.table(x.outbound) == new.table(y.outbound)
                             && self.table(x.inbound) == new.table(y.inbound);
                         if !same {
-                            d.changed.push(x.name.clone());
+                            d.changed.push(x.name.to_string());
                         }
                         a.next();
                         b.next();

@@ -316,13 +316,13 @@ impl Node {
             self.peers.drain(..).map(|p| (p.name.clone(), p)).collect();
         let list = &config.allowlist;
         for (entry, peer) in list.peers.iter().enumerate() {
-            let Some(info) = config.peers.get(&peer.name) else {
+            let Some(info) = config.peers.get(&*peer.name) else {
                 continue;
             };
             if info.public_key == self.public_key() {
                 continue; // never a tunnel to oneself
             }
-            let state = match old.remove(&peer.name) {
+            let state = match old.remove(&*peer.name) {
                 Some(mut p) if p.key == info.public_key => {
                     p.address = peer.address;
                     p.endpoint = info.endpoint.or(p.endpoint);
@@ -330,11 +330,11 @@ impl Node {
                     p
                 }
                 _ => {
-                    report.added.push(peer.name.clone());
+                    report.added.push(peer.name.to_string());
                     let index = self.next_index;
                     self.next_index = (self.next_index + 1) & 0x00ff_ffff;
                     PeerState {
-                        name: peer.name.clone(),
+                        name: peer.name.to_string(),
                         address: peer.address,
                         key: info.public_key,
                         endpoint: info.endpoint,

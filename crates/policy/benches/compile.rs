@@ -139,6 +139,16 @@ fn compile_all_allowlists(b: divan::Bencher) {
     b.bench(|| Compiled::new(m, m.state(&Conditions::at(NOW))).allowlists(m, 1));
 }
 
+/// From the policy's text to all 10,000 allowlists: load, then compile everything.
+#[divan::bench(sample_count = 5)]
+fn text_to_all_allowlists(b: divan::Bencher) {
+    let text: &str = &POLICY;
+    b.bench(|| {
+        let m = load(text, NOW, &BTreeMap::new()).model.unwrap();
+        Compiled::new(&m, m.state(&Conditions::at(NOW))).allowlists(&m, 1)
+    });
+}
+
 /// One identity's labels change: update the model, recompile its pairs, rebuild its allowlist
 /// and patch the allowlists of every identity affected, as the controller does.
 #[divan::bench(sample_count = 20)]

@@ -26,11 +26,49 @@ use crate::model::{IdentityId, Model, RuleId};
 /// A pair's table, and whether it allows anything at the compile time.
 #[derive(Debug)]
 struct Entry {
+    /// The rules behind the table, ascending. Equal tables have equal rule lists and the other
+    /// way round (every rule leaves its index somewhere in the table), so this is the short key
+    /// that tells tables apart.
+    rules: Vec<RuleId>,
     table: PortTable,
     allows_now: bool,
 }
 
 type Tables = Vec<(IdentityId, Arc<Entry>)>;
+
+/// FxHash (rustc's hasher): the compiler's maps are hit millions of times in a full compile, with
+/// keys from the operator's own policy, so SipHash's protection against chosen keys buys nothing
+/// here and costs a tenth of the compile.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
 
 /// Every pair's port tables for one model and state.
 #[derive(Debug, Clone)]
@@ -46,7 +84,7 @@ pub struct Compiled {
 struct Scratch {
     lists: Vec<Vec<RuleId>>,
     touched: Vec<IdentityId>,
-    tables: HashMap<Vec<RuleId>, Arc<Entry>>,
+    tables: FastMap<Vec<RuleId>, Arc<Entry>>,
 }
 
 impl Scratch {
@@ -54,7 +92,7 @@ impl Scratch {
         Scratch {
             lists: vec![Vec::new(); n],
             touched: Vec::new(),
-            tables: HashMap::new(),
+            tables: FastMap::default(),
         }
     }
 
@@ -86,7 +124,11 @@ impl Scratch {
                             .flat_map(|&r| m.rule(r).ports.iter().map(move |&p| (r, p))),
                     );
                     let allows_now = table.allows_any(m.rule_refs(), st.now);
-                    let t = Arc::new(Entry { table, allows_now });
+                    let t = Arc::new(Entry {
+                        rules: rules.clone(),
+                        table,
+                        allows_now,
+                    });
                     self.tables.insert(rules, t.clone());
                     t
                 }
@@ -149,7 +191,7 @@ fn pairs_of(m: &Model, st: &State, me: IdentityId, dir: Direction, s: &mut Scrat
 /// The index of `e` in `pool`, adding it if new. `None` stands for the empty table.
 fn intern<'a>(
     pool: &mut Vec<Option<&'a Arc<Entry>>>,
-    slot: &mut HashMap<*const Entry, u32>,
+    slot: &mut FastMap<*const Entry, u32>,
     e: Option<&'a Arc<Entry>>,
 ) -> u32 {
     let key = e.map_or(std::ptr::null(), Arc::as_ptr);
@@ -165,15 +207,22 @@ fn canonicalize(list: &mut Allowlist) {
     const UNSEEN: u32 = u32::MAX;
     let mut order = vec![UNSEEN; list.tables.len()];
     let mut next = 0;
-    for p in &mut list.peers {
-        for t in [&mut p.outbound, &mut p.inbound] {
-            let slot = &mut order[*t as usize];
+    for p in &list.peers {
+        for t in [p.outbound, p.inbound] {
+            let slot = &mut order[t as usize];
             if *slot == UNSEEN {
                 *slot = next;
                 next += 1;
             }
-            *t = *slot;
         }
+    }
+    // Usually a patch leaves the order as it was: then there is nothing to move or drop.
+    if next as usize == order.len() && order.iter().enumerate().all(|(i, &o)| o as usize == i) {
+        return;
+    }
+    for p in &mut list.peers {
+        p.outbound = order[p.outbound as usize];
+        p.inbound = order[p.inbound as usize];
     }
     let mut tables: Vec<Option<PortTable>> = vec![None; next as usize];
     for (i, t) in std::mem::take(&mut list.tables).into_iter().enumerate() {
@@ -308,7 +357,7 @@ impl Compiled {
         let (out, inb) = (&self.out[id as usize], &self.inb[id as usize]);
         // Distinct tables by identity of the shared entry; `None` is the empty table.
         let mut pool: Vec<Option<&Arc<Entry>>> = Vec::new();
-        let mut slot: HashMap<*const Entry, u32> = HashMap::new();
+        let mut slot: FastMap<*const Entry, u32> = FastMap::default();
         let (mut i, mut j) = (0, 0);
         let mut peers: Vec<(IdentityId, u32, u32)> = Vec::new();
         loop {
@@ -329,7 +378,7 @@ impl Compiled {
         let mut used: Vec<u32> = pool
             .iter()
             .flatten()
-            .flat_map(|e| e.table.rule_indices())
+            .flat_map(|e| e.rules.iter().copied())
             .collect();
         used.sort_unstable();
         used.dedup();
@@ -342,13 +391,14 @@ impl Compiled {
             icmp: Vec::new(),
             other: Vec::new(),
         };
-        let mut canonical: HashMap<&PortTable, u32> = HashMap::new();
+        let mut canonical: FastMap<&[RuleId], u32> = FastMap::default();
         let mut tables = Vec::new();
         let renumber: Vec<u32> = pool
             .iter()
             .map(|e| {
                 let t = e.map_or(&EMPTY, |e| &e.table);
-                *canonical.entry(t).or_insert_with(|| {
+                let key = e.map_or(&[][..], |e| e.rules.as_slice());
+                *canonical.entry(key).or_insert_with(|| {
                     tables.push(t.remap(local));
                     tables.len() as u32 - 1
                 })
@@ -364,7 +414,7 @@ impl Compiled {
             peers: peers
                 .into_iter()
                 .map(|(p, outbound, inbound)| Peer {
-                    name: m.identity_name(p).to_string(),
+                    name: m.shared_name(p),
                     address: m.address(p),
                     outbound: renumber[outbound as usize],
                     inbound: renumber[inbound as usize],
@@ -382,37 +432,57 @@ impl Compiled {
             return;
         };
         let name = m.identity_name(peer);
-        if let Ok(i) = list.peers.binary_search_by(|p| p.name.as_str().cmp(name)) {
+        if let Ok(i) = list.peers.binary_search_by(|p| (*p.name).cmp(name)) {
             list.peers.remove(i);
         }
         let entry = |t: &Tables| find(t, peer).ok().map(|i| t[i].1.clone());
         let (o, n) = (entry(&self.out[me as usize]), entry(&self.inb[me as usize]));
         let allows = |e: &Option<Arc<Entry>>| e.as_ref().is_some_and(|e| e.allows_now);
         if allows(&o) || allows(&n) {
-            // Rule indices of the new entry are global; the list's are local to it.
-            let mut global: Vec<u32> = list
-                .rules
+            // Rule indices of the new entry are global; the list's are local to it. Usually the
+            // list has every rule the entry needs already, found by name.
+            let mut needed: Vec<u32> = o
                 .iter()
-                .filter_map(|r| m.rule_id(&r.name))
+                .chain(&n)
+                .flat_map(|e| e.rules.iter().copied())
                 .collect();
-            let needed = o.iter().chain(&n).flat_map(|e| e.table.rule_indices());
-            let mut grown = global.clone();
-            grown.extend(needed);
-            grown.sort_unstable();
-            grown.dedup();
-            if grown != global {
+            needed.sort_unstable();
+            needed.dedup();
+            let refs = m.rule_refs();
+            let known: Option<Vec<(u32, u32)>> = needed
+                .iter()
+                .map(|&g| {
+                    let at = list
+                        .rules
+                        .iter()
+                        .position(|r| r.name == refs[g as usize].name)?;
+                    Some((g, at as u32))
+                })
+                .collect();
+            // Otherwise the rule table grows, in policy order, and every table is renumbered.
+            let mut global: Vec<u32> = Vec::new();
+            if known.is_none() {
+                global = list
+                    .rules
+                    .iter()
+                    .filter_map(|r| m.rule_id(&r.name))
+                    .collect();
+                let mut grown = global.clone();
+                grown.extend(&needed);
+                grown.sort_unstable();
+                grown.dedup();
                 let to_new =
                     |l: u32| grown.binary_search(&global[l as usize]).unwrap_or_default() as u32;
                 for t in &mut list.tables {
                     *t = t.remap(to_new);
                 }
-                list.rules = grown
-                    .iter()
-                    .map(|&g| m.rule_refs()[g as usize].clone())
-                    .collect();
+                list.rules = grown.iter().map(|&g| refs[g as usize].clone()).collect();
                 global = grown;
             }
-            let local = |g: u32| global.binary_search(&g).unwrap_or_default() as u32;
+            let local = |g: u32| match &known {
+                Some(pairs) => pairs.iter().find(|p| p.0 == g).map_or(0, |p| p.1),
+                None => global.binary_search(&g).unwrap_or_default() as u32,
+            };
             let mut slot = |e: &Option<Arc<Entry>>| -> u32 {
                 let t = e
                     .as_ref()
@@ -428,12 +498,12 @@ impl Compiled {
             let (outbound, inbound) = (slot(&o), slot(&n));
             let at = list
                 .peers
-                .binary_search_by(|p| p.name.as_str().cmp(name))
+                .binary_search_by(|p| (*p.name).cmp(name))
                 .unwrap_or_else(|i| i);
             list.peers.insert(
                 at,
                 Peer {
-                    name: name.to_string(),
+                    name: m.shared_name(peer),
                     address: m.address(peer),
                     outbound,
                     inbound,

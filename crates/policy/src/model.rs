@@ -86,6 +86,8 @@ pub struct Model {
     policy: Policy,
     /// Identity names, ascending; an identity's id is its index here.
     names: Vec<String>,
+    /// The same names, shared with every allowlist that names the identity.
+    shared_names: Vec<std::sync::Arc<str>>,
     /// For each identity id, its index in `policy.identities`.
     def_of: Vec<usize>,
     addresses: Vec<Ipv4Addr>,
@@ -169,16 +171,43 @@ impl Model {
             ids.dedup();
             explicit.push(ids);
         }
+        // Selectors are indexed by one of their labels, so an identity is only matched against
+        // segments that share a label with it, not against every segment.
+        let mut by_label: HashMap<(&str, &str), Vec<SegmentId>> = HashMap::new();
+        for (sid, s) in policy.segments.iter().enumerate() {
+            if let Some((k, v)) = s.selector.as_ref().and_then(|m| m.iter().next()) {
+                by_label
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(sid as SegmentId);
+            }
+        }
         let mut member_of: Vec<Vec<SegmentId>> = vec![Vec::new(); n_ident];
+        for (sid, ids) in explicit.iter().enumerate() {
+            for &id in ids {
+                member_of[id as usize].push(sid as SegmentId);
+            }
+        }
         let mut members: Vec<Vec<IdentityId>> = vec![Vec::new(); policy.segments.len()];
         for (id, &def) in order.iter().enumerate() {
             let labels = &policy.identities[def].labels;
-            for (sid, s) in policy.segments.iter().enumerate() {
-                let by_label = s.selector.as_ref().is_some_and(|m| selects(m, labels));
-                if by_label || explicit[sid].binary_search(&(id as IdentityId)).is_ok() {
-                    member_of[id].push(sid as SegmentId);
-                    members[sid].push(id as IdentityId);
+            for (k, v) in labels {
+                for &sid in by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .into_iter()
+                    .flatten()
+                {
+                    let selector = policy.segments[sid as usize].selector.as_ref();
+                    if selector.is_some_and(|m| selects(m, labels)) {
+                        member_of[id].push(sid);
+                    }
                 }
+            }
+            let mine = &mut member_of[id];
+            mine.sort_unstable();
+            mine.dedup();
+            for &sid in mine.iter() {
+                members[sid as usize].push(id as IdentityId);
             }
         }
         for (sid, s) in policy.segments.iter().enumerate() {
@@ -244,6 +273,10 @@ impl Model {
 
         let mut m = Model {
             policy,
+            shared_names: names
+                .iter()
+                .map(|n| std::sync::Arc::from(n.as_str()))
+                .collect(),
             names,
             def_of: order,
             addresses,
@@ -418,6 +451,11 @@ impl Model {
     /// An identity's name.
     pub fn identity_name(&self, id: IdentityId) -> &str {
         &self.names[id as usize]
+    }
+
+    /// An identity's name as a shared string, for allowlists.
+    pub fn shared_name(&self, id: IdentityId) -> std::sync::Arc<str> {
+        self.shared_names[id as usize].clone()
     }
 
     /// An identity's overlay address.
