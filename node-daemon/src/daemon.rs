@@ -52,18 +52,23 @@ struct Out {
     net_len: usize,
     tun: Vec<Vec<u8>>,
     tun_len: usize,
+    gro: tun_rs::GROTable,
 }
 
-/// Copies `data` into the next reusable buffer of `pool`.
-fn stash<'a>(pool: &'a mut Vec<Vec<u8>>, len: &mut usize, data: &[u8]) -> &'a mut Vec<u8> {
+/// The virtio-net header every TUN read and write carries with offloads on.
+const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+/// Copies `data` into the next reusable buffer of `pool`, after `headroom` zero bytes (room for
+/// the TUN device's virtio-net header).
+fn stash(pool: &mut Vec<Vec<u8>>, len: &mut usize, headroom: usize, data: &[u8]) {
     if *len == pool.len() {
         pool.push(Vec::with_capacity(2048));
     }
     let b = &mut pool[*len];
     b.clear();
+    b.resize(headroom, 0);
     b.extend_from_slice(data);
     *len += 1;
-    b
 }
 
 impl Out {
@@ -73,10 +78,12 @@ impl Out {
                 tracing::debug!(error = %e, %to, "udp send");
             }
         }
-        for p in &self.tun[..self.tun_len] {
-            if let Err(e) = tun.send(p).await {
-                tracing::debug!(error = %e, "TUN write");
-            }
+        if self.tun_len > 0
+            && let Err(e) = tun
+                .send_multiple(&mut self.gro, &mut self.tun[..self.tun_len], VNET)
+                .await
+        {
+            tracing::debug!(error = %e, "TUN write");
         }
         self.net_len = 0;
         self.tun_len = 0;
@@ -96,7 +103,7 @@ impl Sink for Out {
     }
 
     fn to_tun(&mut self, p: &[u8]) {
-        stash(&mut self.tun, &mut self.tun_len, p);
+        stash(&mut self.tun, &mut self.tun_len, VNET, p);
     }
 
     fn event(&mut self, e: Event<'_>) {
@@ -186,21 +193,19 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut tun_buf = vec![0u8; 65536];
+    let mut tun_super = vec![0u8; VNET + 65535];
+    let mut tun_bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
+    let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut udp_buf = vec![0u8; 65536];
     let mut out = Out::default();
 
     loop {
         tokio::select! {
-            r = tun.dev.recv(&mut tun_buf) => {
+            r = tun.dev.recv_multiple(&mut tun_super, &mut tun_bufs, &mut tun_sizes, 0) => {
                 let n = r.context("TUN read")?;
                 let t = now();
-                node.handle_tun(&tun_buf[..n], t, &mut out);
-                for _ in 1..BATCH {
-                    match tun.dev.try_recv(&mut tun_buf) {
-                        Ok(n) => node.handle_tun(&tun_buf[..n], t, &mut out),
-                        Err(_) => break,
-                    }
+                for (b, &len) in tun_bufs.iter().zip(&tun_sizes).take(n) {
+                    node.handle_tun(&b[..len], t, &mut out);
                 }
             }
             r = udp.recv_from(&mut udp_buf) => {
