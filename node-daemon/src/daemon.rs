@@ -31,9 +31,6 @@ pub struct Settings {
     pub flow_capacity: usize,
 }
 
-/// Packets handled per wake-up before the loop looks at its other inputs.
-const BATCH: usize = 64;
-
 fn now() -> Now {
     Now {
         instant: Instant::now(),
@@ -53,6 +50,56 @@ struct Out {
     tun: Vec<Vec<u8>>,
     tun_len: usize,
     gro: tun_rs::GROTable,
+    gso: Vec<u8>,
+}
+
+/// The UDP socket, with quinn-udp's GSO (one send, many datagrams) and GRO (one receive, many
+/// datagrams) where the kernel has them.
+struct Udp {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    max_segments: usize,
+}
+
+impl Udp {
+    fn new(socket: UdpSocket) -> anyhow::Result<Udp> {
+        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        let max_segments = state.max_gso_segments().max(1);
+        Ok(Udp {
+            socket,
+            state,
+            max_segments,
+        })
+    }
+
+    /// Sends `contents`, cut into datagrams of `segment_size` if given. Waits while the socket
+    /// is full; other errors drop the datagrams (UDP makes no promise anyway).
+    async fn send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+        let t = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        loop {
+            let r = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), &t)
+            });
+            match r {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.socket.writable().await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, %to, "udp send");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The virtio-net header every TUN read and write carries with offloads on.
@@ -72,11 +119,29 @@ fn stash(pool: &mut Vec<Vec<u8>>, len: &mut usize, headroom: usize, data: &[u8])
 }
 
 impl Out {
-    async fn flush(&mut self, udp: &UdpSocket, tun: &tun_rs::AsyncDevice) {
-        for (to, d) in &self.net[..self.net_len] {
-            if let Err(e) = udp.send_to(d, *to).await {
-                tracing::debug!(error = %e, %to, "udp send");
+    async fn flush(&mut self, udp: &Udp, tun: &tun_rs::AsyncDevice) {
+        // Runs of datagrams to one destination, all of one size but the last, go out as one
+        // GSO send: one system call for up to `max_segments` datagrams.
+        let mut i = 0;
+        while i < self.net_len {
+            let (to, size) = (self.net[i].0, self.net[i].1.len());
+            let mut j = i + 1;
+            while j < self.net_len
+                && j - i < udp.max_segments
+                && self.net[j].0 == to
+                && self.net[j - 1].1.len() == size
+                && self.net[j].1.len() <= size
+                && (j - i + 1) * size <= 65000
+            {
+                j += 1;
             }
+            self.gso.clear();
+            for (_, d) in &self.net[i..j] {
+                self.gso.extend_from_slice(d);
+            }
+            let segment_size = (j - i > 1).then_some(size);
+            udp.send(to, &self.gso, segment_size).await;
+            i = j;
         }
         if self.tun_len > 0
             && let Err(e) = tun
@@ -169,9 +234,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let first = s.allowlist.as_deref().map(read_config).transpose()?;
 
     let mut tun = Interface::create(&s.interface).await?;
-    let udp = UdpSocket::bind(("0.0.0.0", s.listen_port))
-        .await
-        .with_context(|| format!("cannot bind UDP port {}", s.listen_port))?;
+    let udp = Udp::new(
+        UdpSocket::bind(("0.0.0.0", s.listen_port))
+            .await
+            .with_context(|| format!("cannot bind UDP port {}", s.listen_port))?,
+    )?;
     let (uapi_tx, mut uapi_rx) = mpsc::channel(16);
     let socket = uapi::serve(&s.interface, uapi_tx)?;
     let _cleanup = RemoveOnDrop(socket);
@@ -196,7 +263,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut tun_super = vec![0u8; VNET + 65535];
     let mut tun_bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
     let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut udp_buf = vec![0u8; 65536];
+    let mut udp_bufs = vec![vec![0u8; 65536]; quinn_udp::BATCH_SIZE.min(8)];
+    let mut udp_meta = vec![quinn_udp::RecvMeta::default(); udp_bufs.len()];
     let mut out = Out::default();
 
     loop {
@@ -208,16 +276,31 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     node.handle_tun(&b[..len], t, &mut out);
                 }
             }
-            r = udp.recv_from(&mut udp_buf) => {
+            r = udp.socket.readable() => {
+                r.context("UDP socket")?;
                 let t = now();
-                match r {
-                    Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], t, &mut out),
-                    Err(e) => tracing::debug!(error = %e, "udp read"),
-                }
-                for _ in 1..BATCH {
-                    match udp.try_recv_from(&mut udp_buf) {
-                        Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], t, &mut out),
-                        Err(_) => break,
+                // A few receives per wake-up; each can bring many datagrams (recvmmsg, GRO).
+                for _ in 0..8 {
+                    let mut slices: Vec<std::io::IoSliceMut<'_>> =
+                        udp_bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                    let r = udp.socket.try_io(tokio::io::Interest::READABLE, || {
+                        udp.state.recv((&udp.socket).into(), &mut slices, &mut udp_meta)
+                    });
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            if e.kind() != std::io::ErrorKind::WouldBlock {
+                                tracing::debug!(error = %e, "udp read");
+                            }
+                            break;
+                        }
+                    };
+                    drop(slices);
+                    for (meta, buf) in udp_meta.iter().zip(&udp_bufs).take(n) {
+                        let stride = meta.stride.max(1);
+                        for d in buf[..meta.len].chunks(stride) {
+                            node.handle_udp(meta.addr, d, t, &mut out);
+                        }
                     }
                 }
             }
