@@ -117,7 +117,7 @@ impl Default for Timeouts {
 /// The flow table.
 #[derive(Debug)]
 pub struct Conntrack {
-    flows: HashMap<FlowKey, Flow>,
+    flows: HashMap<FlowKey, Flow, ahash::RandomState>,
     capacity: usize,
     timeouts: Timeouts,
 }
@@ -156,7 +156,7 @@ impl Conntrack {
     /// A table holding at most `capacity` flows.
     pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
         Conntrack {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             capacity,
             timeouts,
         }
@@ -175,24 +175,21 @@ impl Conntrack {
     /// Looks a packet up, and if it belongs to a live flow, records it. `from` is the side that
     /// sent the packet.
     pub fn track(&mut self, key: FlowKey, p: &Ipv4, from: Initiator, now: Instant) -> Tracked {
-        let Some(f) = self.flows.get(&key) else {
-            return if can_open(p) {
+        let fresh = || {
+            if can_open(p) {
                 Tracked::New
             } else {
                 Tracked::CannotOpen
-            };
+            }
+        };
+        // One lookup on the common path: a live flow.
+        let Some(f) = self.flows.get_mut(&key) else {
+            return fresh();
         };
         if now.saturating_duration_since(f.last_seen) > timeout(&self.timeouts, &key, f) {
             self.flows.remove(&key);
-            return if can_open(p) {
-                Tracked::New
-            } else {
-                Tracked::CannotOpen
-            };
+            return fresh();
         }
-        let Some(f) = self.flows.get_mut(&key) else {
-            return Tracked::New;
-        };
         f.last_seen = now;
         if from != f.initiator && f.stage == Stage::Opening {
             f.stage = Stage::Established;
