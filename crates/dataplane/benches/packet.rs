@@ -1,0 +1,136 @@
+//! The per-packet cost of the core: one 1400-byte TCP packet of an established flow, encrypted
+//! by one node and decrypted and admitted by another, with a realistic allowlist.
+//!
+//! Run it twice to see what the filter costs, deterministic where throughput tests are noisy:
+//!
+//!   cargo bench -p bulkhead-dataplane --bench packet
+//!   cargo bench -p bulkhead-dataplane --bench packet --features unfiltered
+
+#![allow(clippy::unwrap_used)] // benchmark code
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use bulkhead_dataplane::packet::{build, tcp};
+use bulkhead_dataplane::{Config, Node, Now, PeerInfo, Sink, generate_private_key, public_key};
+use bulkhead_policy::{Compiled, Conditions};
+
+fn main() {
+    divan::main();
+}
+
+const T0: i64 = 1_800_000_000;
+
+#[derive(Default)]
+struct Out {
+    net: Vec<Vec<u8>>,
+    tun: usize,
+}
+
+impl Sink for Out {
+    fn to_network(&mut self, _: SocketAddr, d: &[u8]) {
+        self.net.push(d.to_vec());
+    }
+    fn to_tun(&mut self, _: &[u8]) {
+        self.tun += 1;
+    }
+}
+
+/// 200 identities and 300 rules around the two that talk, like bench/dataplane.sh.
+fn policy() -> String {
+    let mut y = String::from(
+        "version: 1\nnetwork: { cidr: 10.97.0.0/16 }\nidentities:\n  a: { labels: { app: client } }\n  b: { labels: { app: server } }\n",
+    );
+    for i in 0..198 {
+        y += &format!("  h{i}: {{ labels: {{ app: app{} }} }}\n", i % 40);
+    }
+    y +=
+        "segments:\n  clients: { match: { app: client } }\n  servers: { match: { app: server } }\n";
+    for a in 0..40 {
+        y += &format!("  s{a}: {{ match: {{ app: app{a} }} }}\n");
+    }
+    y += "rules:\n  - { name: bench, from: [clients], to: [servers, s1, s2], ports: [tcp/5201, icmp] }\n";
+    for r in 0..300 {
+        y += &format!(
+            "  - {{ name: r{r}, from: [s{}], to: [s{}, servers], ports: [tcp/{}, udp/{}] }}\n",
+            r % 40,
+            (r * 7) % 40,
+            1000 + r,
+            2000 + r
+        );
+    }
+    y
+}
+
+#[divan::bench(sample_count = 1000, sample_size = 20)]
+fn tcp_packet_through_two_nodes(b: divan::Bencher) {
+    let l = bulkhead_policy::load(&policy(), T0, &BTreeMap::new());
+    let m = l.model.unwrap();
+    let lists = Compiled::new(&m, m.state(&Conditions::at(T0))).allowlists(&m, 1);
+    let (ka, kb) = (generate_private_key(), generate_private_key());
+    let (ea, eb): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    );
+    let peers = BTreeMap::from([
+        (
+            "a".to_string(),
+            PeerInfo {
+                public_key: public_key(&ka),
+                endpoint: Some(ea),
+            },
+        ),
+        (
+            "b".to_string(),
+            PeerInfo {
+                public_key: public_key(&kb),
+                endpoint: Some(eb),
+            },
+        ),
+    ]);
+    let cfg = |name: &str| Config {
+        allowlist: lists.iter().find(|l| l.identity == name).unwrap().clone(),
+        peers: peers.clone(),
+        keepalive: None,
+    };
+    let now = Now {
+        instant: Instant::now(),
+        unix: T0,
+    };
+    let (mut a, mut bn) = (Node::new(&ka, 65536), Node::new(&kb, 65536));
+    a.apply(cfg("a"), now);
+    bn.apply(cfg("b"), now);
+    let (ia, ib): (Ipv4Addr, Ipv4Addr) = (cfg("a").allowlist.address, cfg("b").allowlist.address);
+
+    // Handshake and flow set-up: a SYN from a to b, and its answer.
+    let mut run = |pkt: &[u8], a: &mut Node, bn: &mut Node| {
+        let mut out = Out::default();
+        a.handle_tun(pkt, now, &mut out);
+        for _ in 0..4 {
+            let mut back = Out::default();
+            for d in std::mem::take(&mut out.net) {
+                bn.handle_udp(ea, &d, now, &mut back);
+            }
+            for d in std::mem::take(&mut back.net) {
+                a.handle_udp(eb, &d, now, &mut out);
+            }
+        }
+    };
+    run(&build::tcp(ia, ib, 40000, 5201, tcp::SYN), &mut a, &mut bn);
+    let mut data = build::tcp(ia, ib, 40000, 5201, tcp::ACK);
+    data.extend_from_slice(&[0x5a; 1360]);
+    let total = (data.len() as u16).to_be_bytes();
+    data[2..4].copy_from_slice(&total);
+
+    let mut out = Out::default();
+    let mut back = Out::default();
+    b.bench_local(|| {
+        out.net.clear();
+        a.handle_tun(&data, now, &mut out);
+        for d in &out.net {
+            bn.handle_udp(ea, d, now, &mut back);
+        }
+    });
+    assert!(back.tun > 0, "packets reached b");
+}
