@@ -104,7 +104,7 @@ fn tcp_packet_through_two_nodes(b: divan::Bencher) {
     let (ia, ib): (Ipv4Addr, Ipv4Addr) = (cfg("a").allowlist.address, cfg("b").allowlist.address);
 
     // Handshake and flow set-up: a SYN from a to b, and its answer.
-    let mut run = |pkt: &[u8], a: &mut Node, bn: &mut Node| {
+    let run = |pkt: &[u8], a: &mut Node, bn: &mut Node| {
         let mut out = Out::default();
         a.handle_tun(pkt, now, &mut out);
         for _ in 0..4 {
