@@ -71,27 +71,36 @@ inB() { ip netns exec "$B" "$@"; }
 # and stop_daemons really stops it.
 bg() { local ns=$1; shift; ip netns exec "$ns" "$@" >>"$WORK/daemons.log" 2>&1 & PIDS+=($!); }
 
-# Runs iperf3 RUNS times to $1, prints "median_gbps rtt_ms".
-measure() {
-  local dst=$1 results=() i
-  for ((i = 0; i < RUNS; i++)); do
-    inB timeout $((SECS + 15)) iperf3 -s -1 >/dev/null 2>&1 &
-    local srv=$!
-    sleep 0.3
-    local bps
-    bps=$(inA timeout $((SECS + 10)) iperf3 -c "$dst" -t "$SECS" -J 2>/dev/null |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0)
-    wait "$srv" 2>/dev/null || true
-    results+=("$bps")
-  done
-  local rtt
-  rtt=$(inA ping -q -c 20 -i 0.05 -W 1 "$dst" 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
-  python3 - "$rtt" "${results[@]}" <<'EOF'
+# One iperf3 run to $1: prints bits per second.
+one_run() {
+  inB timeout $((SECS + 15)) iperf3 -s -1 >/dev/null 2>&1 &
+  local srv=$!
+  sleep 0.3
+  inA timeout $((SECS + 10)) iperf3 -c "$1" -t "$SECS" -J 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0
+  wait "$srv" 2>/dev/null || true
+}
+
+# Average ping RTT to $1 in ms.
+rtt() {
+  inA ping -q -c 20 -i 0.05 -W 1 "$1" 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p'
+}
+
+# Prints "median_gbps rtt_ms runs..." from an RTT and bits-per-second runs.
+summarize() {
+  python3 - "$@" <<'EOF'
 import statistics, sys
 rtt = sys.argv[1] or "nan"
 runs = [float(x) / 1e9 for x in sys.argv[2:]]
 print(f"{statistics.median(runs):.3f} {rtt} {' '.join(f'{r:.3f}' for r in runs)}")
 EOF
+}
+
+# Runs iperf3 RUNS times to $1, prints "median_gbps rtt_ms runs...".
+measure() {
+  local results=() i
+  for ((i = 0; i < RUNS; i++)); do results+=("$(one_run "$1")"); done
+  summarize "$(rtt "$1")" "${results[@]}"
 }
 
 declare -A RESULT
@@ -218,16 +227,25 @@ EOF
   bg "$B" "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
   sleep 1
 }
-if want bulkheadd; then
-  bulkhead_pair "$BULKHEADD"
-  record "bulkheadd" "$(measure 10.97.0.2)"
-  stop_daemons
-fi
-if want unfiltered; then
-  bulkhead_pair "$BULKHEADD_UNFILTERED"
-  record "bulkheadd, no filter" "$(measure 10.97.0.2)"
-  stop_daemons
-fi
+# With and without the filter, interleaved run by run, so that the machine's drift (large here)
+# falls on both alike.
+filtered=() unfiltered=() rtt_f="" rtt_u=""
+for ((i = 0; i < RUNS; i++)); do
+  if want bulkheadd; then
+    bulkhead_pair "$BULKHEADD"
+    filtered+=("$(one_run 10.97.0.2)")
+    [ -n "$rtt_f" ] || rtt_f=$(rtt 10.97.0.2)
+    stop_daemons
+  fi
+  if want unfiltered; then
+    bulkhead_pair "$BULKHEADD_UNFILTERED"
+    unfiltered+=("$(one_run 10.97.0.2)")
+    [ -n "$rtt_u" ] || rtt_u=$(rtt 10.97.0.2)
+    stop_daemons
+  fi
+done
+if want bulkheadd; then record "bulkheadd" "$(summarize "$rtt_f" "${filtered[@]}")"; fi
+if want unfiltered; then record "bulkheadd, no filter" "$(summarize "$rtt_u" "${unfiltered[@]}")"; fi
 
 # --- report ------------------------------------------------------------------------------------
 {
