@@ -149,24 +149,49 @@ fn text_to_all_allowlists(b: divan::Bencher) {
     });
 }
 
+/// The 10k model and its compiled pairs, with one identity whose labels go back and forth.
+struct Relabel {
+    m: Model,
+    c: Compiled,
+    id: u32,
+    flip: bool,
+}
+
+impl Relabel {
+    fn new() -> Relabel {
+        let m = MODEL.clone();
+        let c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
+        let id = m.identity("host-4242").unwrap();
+        Relabel {
+            m,
+            c,
+            id,
+            flip: false,
+        }
+    }
+
+    /// Changes the labels and recompiles that identity's pairs; returns who is affected.
+    fn step(&mut self) -> Vec<u32> {
+        self.flip = !self.flip;
+        self.m
+            .set_labels(self.id, labels(4242, usize::from(self.flip)));
+        self.c.update_identity(&self.m, self.id)
+    }
+}
+
 /// One identity's labels change: update the model, recompile its pairs, rebuild its allowlist
 /// and patch the allowlists of every identity affected, as the controller does.
 #[divan::bench(sample_count = 20)]
 fn recompile_after_one_label_change(b: divan::Bencher) {
-    let mut m = MODEL.clone();
-    let mut c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
-    let mut lists = c.allowlists(&m, 1);
-    let id = m.identity("host-4242").unwrap();
-    let mut flip = false;
+    let mut r = Relabel::new();
+    let mut lists = r.c.allowlists(&r.m, 1);
     b.bench_local(|| {
-        flip = !flip;
-        m.set_labels(id, labels(4242, if flip { 1 } else { 0 }));
-        let affected = c.update_identity(&m, id);
+        let affected = r.step();
         for &a in &affected {
-            if a == id {
-                lists[a as usize] = c.allowlist(&m, a, 2);
+            if a == r.id {
+                lists[a as usize] = r.c.allowlist(&r.m, a, 2);
             } else {
-                c.patch_allowlist(&m, &mut lists[a as usize], id);
+                r.c.patch_allowlist(&r.m, &mut lists[a as usize], r.id);
             }
         }
         affected.len()
@@ -176,17 +201,12 @@ fn recompile_after_one_label_change(b: divan::Bencher) {
 /// The same, rebuilding every affected allowlist from scratch instead of patching.
 #[divan::bench(sample_count = 20)]
 fn recompile_and_rebuild_after_one_label_change(b: divan::Bencher) {
-    let mut m = MODEL.clone();
-    let mut c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
-    let id = m.identity("host-4242").unwrap();
-    let mut flip = false;
+    let mut r = Relabel::new();
     b.bench_local(|| {
-        flip = !flip;
-        m.set_labels(id, labels(4242, if flip { 1 } else { 0 }));
-        let affected = c.update_identity(&m, id);
+        let affected = r.step();
         affected
             .iter()
-            .map(|&a| c.allowlist(&m, a, 2))
+            .map(|&a| r.c.allowlist(&r.m, a, 2))
             .collect::<Vec<_>>()
     });
 }
@@ -194,15 +214,8 @@ fn recompile_and_rebuild_after_one_label_change(b: divan::Bencher) {
 /// The same, without building the allowlists: only the pair tables.
 #[divan::bench(sample_count = 20)]
 fn recompile_pairs_only_after_one_label_change(b: divan::Bencher) {
-    let mut m = MODEL.clone();
-    let mut c = Compiled::new(&m, m.state(&Conditions::at(NOW)));
-    let id = m.identity("host-4242").unwrap();
-    let mut flip = false;
-    b.bench_local(|| {
-        flip = !flip;
-        m.set_labels(id, labels(4242, if flip { 1 } else { 0 }));
-        c.update_identity(&m, id)
-    });
+    let mut r = Relabel::new();
+    b.bench_local(|| r.step());
 }
 
 /// One `explain` query: the deciding rule for a random pair and port.
