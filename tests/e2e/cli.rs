@@ -12,6 +12,13 @@ fn bulkhead(args: &[&str]) -> bulkhead_e2e::Run {
     run("bulkhead", args)
 }
 
+/// `bulkhead policy explain FILE FROM TO PORT EXTRA...`.
+fn explain(file: &str, from: &str, to: &str, port: &str, extra: &[&str]) -> bulkhead_e2e::Run {
+    let mut args = vec!["policy", "explain", file, from, to, port];
+    args.extend_from_slice(extra);
+    bulkhead(&args)
+}
+
 #[test]
 fn the_examples_are_valid_and_their_tests_pass() {
     for f in [THREE_TIER, COMPANY] {
@@ -102,18 +109,14 @@ fn a_failing_test_fails_check_and_test() {
 
 #[test]
 fn explain_names_the_rule_and_its_line_and_exits_by_verdict() {
-    let r = bulkhead(&[
-        "policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "json",
-    ]);
+    let r = explain(THREE_TIER, "api-1", "db-1", "tcp/5432", &["-o", "json"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json();
     assert_eq!(j["verdict"], "allow");
     assert_eq!(j["rule"], "api-to-db");
     assert_eq!(j["location"], format!("{THREE_TIER}:37"));
 
-    let r = bulkhead(&[
-        "policy", "explain", THREE_TIER, "web-1", "db-1", "tcp/5432", "-o", "json",
-    ]);
+    let r = explain(THREE_TIER, "web-1", "db-1", "tcp/5432", &["-o", "json"]);
     assert_eq!(
         r.code,
         Some(1),
@@ -124,9 +127,7 @@ fn explain_names_the_rule_and_its_line_and_exits_by_verdict() {
     assert_eq!(j["rule"], serde_json::Value::Null);
 
     // A deny rule decides, and the table form says so with FILE:LINE.
-    let r = bulkhead(&[
-        "policy", "explain", THREE_TIER, "bastion", "db-1", "tcp/5432",
-    ]);
+    let r = explain(THREE_TIER, "bastion", "db-1", "tcp/5432", &[]);
     assert_eq!(r.code, Some(1));
     assert!(
         r.stdout.starts_with("deny: bastion -> db-1 tcp/5432"),
@@ -143,16 +144,13 @@ fn explain_names_the_rule_and_its_line_and_exits_by_verdict() {
 
 #[test]
 fn explain_lists_the_conditions_of_the_verdict() {
-    let r = bulkhead(&[
-        "policy",
-        "explain",
+    let r = explain(
         COMPANY,
         "admin-alice",
         "prod-db-1",
         "tcp/22",
-        "-o",
-        "json",
-    ]);
+        &["-o", "json"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let checks: BTreeSet<String> = r.json()["depends_on"]
         .as_array()
@@ -166,16 +164,13 @@ fn explain_lists_the_conditions_of_the_verdict() {
         BTreeSet::from(["patched".into(), "disk-encrypted".into()])
     );
 
-    let r = bulkhead(&[
-        "policy",
-        "explain",
+    let r = explain(
         COMPANY,
         "admin-alice",
         "prod-db-1",
         "tcp/22",
-        "--failing",
-        "patched",
-    ]);
+        &["--failing", "patched"],
+    );
     assert_eq!(r.code, Some(1));
     assert!(
         r.stdout.contains("admin-alice fails posture: patched"),
@@ -183,33 +178,25 @@ fn explain_lists_the_conditions_of_the_verdict() {
         r.stdout
     );
 
-    let r = bulkhead(&[
-        "policy",
-        "explain",
+    let r = explain(
         COMPANY,
         "contractor",
         "dev-web-1",
         "tcp/8080",
-        "--at",
-        "2027-01-01T00:00:00Z",
-        "-o",
-        "json",
-    ]);
+        &["--at", "2027-01-01T00:00:00Z", "-o", "json"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let j = r.json();
     assert_eq!(j["depends_on"][0]["kind"], "expires");
     assert_eq!(j["depends_on"][0]["at"], "2030-06-30T17:00:00Z");
 
-    let r = bulkhead(&[
-        "policy",
-        "explain",
+    let r = explain(
         COMPANY,
         "contractor",
         "dev-web-1",
         "tcp/8080",
-        "--at",
-        "2031-01-01T00:00:00Z",
-    ]);
+        &["--at", "2031-01-01T00:00:00Z"],
+    );
     assert_eq!(r.code, Some(1));
     assert!(
         r.stdout.contains("expired at 2030-06-30T17:00:00Z"),
@@ -249,9 +236,7 @@ fn matrix_agrees_with_explain_on_every_pair() {
     for from in &names {
         for to in names.iter().filter(|t| *t != from) {
             for port in ["tcp/22", "tcp/5432", "tcp/8080", "tcp/9000", "icmp"] {
-                let r = bulkhead(&[
-                    "policy", "explain", THREE_TIER, from, to, port, "-o", "json",
-                ]);
+                let r = explain(THREE_TIER, from, to, port, &["-o", "json"]);
                 let allowed = r.json()["verdict"] == "allow";
                 let in_matrix = pairs.iter().any(|(f, t, p)| {
                     f == from
@@ -337,9 +322,7 @@ fn diff_shows_reachability_gained_and_lost_pair_by_pair() {
 
 #[test]
 fn yaml_output_is_yaml() {
-    let r = bulkhead(&[
-        "policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432", "-o", "yaml",
-    ]);
+    let r = explain(THREE_TIER, "api-1", "db-1", "tcp/5432", &["-o", "yaml"]);
     assert_eq!(r.code, Some(0));
     assert!(
         r.stdout.lines().any(|l| l == "verdict: allow"),
