@@ -1,0 +1,232 @@
+//! `bulkhead-controller`: holds the policy, enrolls nodes, compiles and pushes allowlists,
+//! collects reports.
+//!
+//! - [`records`]: what is kept in the store, under which keys.
+//! - [`view`]: the in-memory view that follows the store, and distribution to nodes.
+//! - [`ops`]: what each API call does.
+//! - [`api`]: TLS, authentication, HTTP routes.
+//! - [`pki`]: the CA and the administrator's credential, at first start.
+//!
+//! [`start`] runs a controller inside the current tokio runtime (the binary, and in-process
+//! tests on port 0).
+
+pub mod api;
+pub mod ops;
+pub mod pki;
+pub mod records;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bulkhead_proto::PolicyRequest;
+use bulkhead_proto::tls::{Ca, server_config};
+use bulkhead_store::{Embedded, Store};
+use tokio::sync::watch;
+
+/// How the controller was asked to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// API address.
+    pub listen: SocketAddr,
+    /// State directory: the embedded store and `admin.yaml`.
+    pub state: PathBuf,
+    /// `etcd://…` to keep state in etcd instead.
+    pub store: Option<String>,
+    /// A policy file to apply at start and whenever it changes.
+    pub policy: Option<PathBuf>,
+    /// The URL tokens and `admin.yaml` carry.
+    pub advertise_url: Option<String>,
+}
+
+/// A running controller's shared state.
+#[derive(Debug)]
+pub struct Controller {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) view: Arc<view::Shared>,
+    pub(crate) ca: Ca,
+    pub(crate) ca_fingerprint: String,
+    pub(crate) url: String,
+    pub(crate) started: Instant,
+    pub(crate) cred_changes: watch::Sender<u64>,
+}
+
+/// A started controller.
+#[derive(Debug)]
+pub struct Handle {
+    /// The API address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+    /// The URL it advertises.
+    pub url: String,
+    /// The administrator's CLI configuration.
+    pub admin: PathBuf,
+    /// The shared state, for in-process tests.
+    pub controller: Arc<Controller>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops serving: the listener, every connection and the store follower.
+    pub fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn default_url(listen: SocketAddr) -> String {
+    let host = if listen.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
+    } else {
+        listen.ip().to_string()
+    };
+    match listen.ip() {
+        std::net::IpAddr::V6(_) if !listen.ip().is_unspecified() => {
+            format!("https://[{host}]:{}", listen.port())
+        }
+        _ => format!("https://{host}:{}", listen.port()),
+    }
+}
+
+/// The host part of an `https://HOST:PORT` URL.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?.trim_end_matches('/');
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split_once(']')?.0,
+        None => rest.rsplit_once(':')?.0,
+    };
+    Some(host.to_string())
+}
+
+/// Opens the store, sets up the PKI, binds the API and starts serving.
+pub async fn start(s: Settings) -> anyhow::Result<Handle> {
+    if let Some(spec) = &s.store {
+        bail!(
+            "--store {spec}: the etcd store is not available in this build yet; omit --store to use the embedded store"
+        );
+    }
+    std::fs::create_dir_all(&s.state)
+        .with_context(|| format!("cannot create state directory {}", s.state.display()))?;
+    let store: Arc<dyn Store> = Arc::new(Embedded::open(&s.state.join("store.redb"))?);
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.listen))?;
+    let addr = listener.local_addr()?;
+    let url = s.advertise_url.clone().unwrap_or_else(|| default_url(addr));
+    let host = url_host(&url)
+        .with_context(|| format!("--advertise-url {url:?}: expected https://HOST:PORT"))?;
+
+    let ca = pki::ca(&*store).await?;
+    let mut names = vec![host, "localhost".into(), "127.0.0.1".into()];
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    names.sort();
+    names.dedup();
+    let (cert, key) = ca.server_cert(&names)?;
+    let tls = Arc::new(server_config(&ca.cert_pem, &cert, &key)?);
+    let admin = s.state.join("admin.yaml");
+    pki::admin_config(&*store, &ca, &url, &admin).await?;
+
+    let (ready_tx, mut ready) = watch::channel(false);
+    let (cred_tx, _) = watch::channel(0u64);
+    let view = Arc::new(view::Shared::default());
+    let controller = Arc::new(Controller {
+        store: store.clone(),
+        view: view.clone(),
+        ca_fingerprint: ca.fingerprint()?,
+        ca,
+        url: url.clone(),
+        started: Instant::now(),
+        cred_changes: cred_tx.clone(),
+    });
+    let mut tasks = vec![tokio::spawn(view::sync(store, view, ready_tx, cred_tx))];
+    // Serve only once the view holds the store's state: never answer from an empty view.
+    ready.wait_for(|r| *r).await?;
+    tasks.push(tokio::spawn(api::serve(
+        listener,
+        tls,
+        api::router(controller.clone()),
+    )));
+    if let Some(path) = s.policy.clone() {
+        tasks.push(tokio::spawn(follow_policy_file(controller.clone(), path)));
+    }
+    tracing::info!(%addr, %url, store = %controller.store.describe(), "bulkhead-controller serving");
+    Ok(Handle {
+        addr,
+        url,
+        admin,
+        controller,
+        tasks,
+    })
+}
+
+/// `--policy FILE`: applies the file at start and whenever its contents change (checked every
+/// second), through the same validate-test-apply path as `bulkhead policy apply`. A bad file is
+/// refused with its errors in the log, and the last good policy stays.
+async fn follow_policy_file(c: Arc<Controller>, path: PathBuf) {
+    let mut last: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if last.is_some() || e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::debug!(path = %path.display(), error = %e, "policy file unreadable");
+                }
+                continue;
+            }
+        };
+        if last.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last = Some(text.clone());
+        apply_file(&c, &path, text).await;
+    }
+}
+
+async fn apply_file(c: &Controller, path: &Path, text: String) {
+    let req = PolicyRequest {
+        text,
+        source: path.display().to_string(),
+        base_revision: None,
+    };
+    let by = format!("file:{}", path.display());
+    match c.apply(&req, &by).await {
+        Ok(r) if r.changed => {
+            tracing::info!(revision = r.revision, path = %path.display(), "policy file applied")
+        }
+        Ok(_) => tracing::debug!(path = %path.display(), "policy file unchanged"),
+        Err(f) => {
+            tracing::error!(path = %path.display(), "policy file refused; the live policy stays: {f}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            url_host("https://10.0.0.1:7443").as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            url_host("https://[fd00::1]:7443/").as_deref(),
+            Some("fd00::1")
+        );
+        assert_eq!(url_host("http://x:1"), None);
+        assert_eq!(
+            default_url("10.1.1.1:7443".parse().unwrap()),
+            "https://10.1.1.1:7443"
+        );
+    }
+}

@@ -1,0 +1,495 @@
+//! What the API does, apart from HTTP: apply a policy, issue and redeem tokens, revoke, report.
+//! Every change is a store transaction; the view follows the store ([`crate::view::sync`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
+use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
+use bulkhead_proto::{
+    ApplyResponse, JoinRequest, JoinResponse, NodeView, PairChange, Plan, PlanResponse,
+    PolicyRequest, PolicyView, Report, RevokeResponse, StatusView, Token, TokenRequest,
+    TokenResponse,
+};
+use bulkhead_store::{Compare, Op};
+
+use crate::Controller;
+use crate::api::Fail;
+use crate::records::{
+    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PolicyRecord,
+    TOKENS, TokenRecord,
+};
+use crate::view::lock;
+
+/// Longest token lifetime: a week.
+pub const MAX_TTL: u64 = 7 * 24 * 3600;
+
+pub(crate) fn unix_now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+/// A validated policy, ready to apply.
+struct Candidate {
+    model: Model,
+    compiled: Compiled,
+}
+
+fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> Plan {
+    let names = |m: &Model| -> Vec<String> {
+        m.identity_ids()
+            .map(|i| m.identity_name(i).to_string())
+            .collect()
+    };
+    let nb = names(new.0);
+    let na = old.map(|o| names(o.0)).unwrap_or_default();
+    let changes = match old {
+        Some(old) => reach::diff(old, new)
+            .into_iter()
+            .map(|c| PairChange {
+                from: c.from,
+                to: c.to,
+                gained: c.gained.to_strings(),
+                lost: c.lost.to_strings(),
+            })
+            .collect(),
+        None => reach::reachability(new.0, new.1)
+            .into_iter()
+            .map(|r| PairChange {
+                from: new.0.identity_name(r.from).to_string(),
+                to: new.0.identity_name(r.to).to_string(),
+                gained: r.access.to_strings(),
+                lost: Vec::new(),
+            })
+            .collect(),
+    };
+    Plan {
+        identities_added: nb.iter().filter(|n| !na.contains(n)).cloned().collect(),
+        identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
+        changes,
+    }
+}
+
+impl Controller {
+    /// Validates and tests `text` against the live addresses; every problem becomes a detail
+    /// line of one `invalid_policy` error.
+    fn validate(
+        &self,
+        text: &str,
+        source: &str,
+        prior: &BTreeMap<String, std::net::Ipv4Addr>,
+    ) -> Result<Candidate, Fail> {
+        let now = unix_now();
+        let loaded = bulkhead_policy::load(text, now, prior);
+        let details: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.render(source))
+            .collect();
+        match loaded.model {
+            Some(model) if loaded.is_valid() => {
+                let compiled = Compiled::new(&model, model.state(&Conditions::at(now)));
+                Ok(Candidate { model, compiled })
+            }
+            _ => Err(Fail::new(
+                422,
+                "invalid_policy",
+                format!(
+                    "{source}: invalid policy, {} error(s); nothing applied",
+                    details.len()
+                ),
+            )
+            .with_details(details)),
+        }
+    }
+
+    /// The plan for `req` against the live policy.
+    pub fn plan(&self, req: &PolicyRequest) -> Result<PlanResponse, Fail> {
+        let (base, prior) = {
+            let v = lock(&self.view);
+            (
+                v.revision(),
+                v.live
+                    .as_ref()
+                    .map(|l| l.record.addresses.clone())
+                    .unwrap_or_default(),
+            )
+        };
+        let cand = self.validate(&req.text, &req.source, &prior)?;
+        let v = lock(&self.view);
+        if v.revision() != base {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "the live policy changed meanwhile; plan again",
+            ));
+        }
+        let old = v.live.as_ref().map(|l| (&l.model, &l.compiled));
+        Ok(PlanResponse {
+            base_revision: base,
+            plan: plan_between(old, (&cand.model, &cand.compiled)),
+        })
+    }
+
+    /// Validates, tests and applies a policy; the one path for the CLI and `--policy`.
+    pub async fn apply(&self, req: &PolicyRequest, by: &str) -> Result<ApplyResponse, Fail> {
+        let current = self.store.get(POLICY).await.map_err(Fail::store)?;
+        let (mod_rev, live) = match &current {
+            Some(kv) => (
+                kv.mod_revision,
+                Some(records::decode::<PolicyRecord>(POLICY, &kv.value).map_err(Fail::internal)?),
+            ),
+            None => (0, None),
+        };
+        let live_rev = live.as_ref().map_or(0, |l| l.revision);
+        if let Some(base) = req.base_revision
+            && base != live_rev
+        {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                format!("the live policy is revision {live_rev}, not {base}: plan again"),
+            ));
+        }
+        let prior = live
+            .as_ref()
+            .map(|l| l.addresses.clone())
+            .unwrap_or_default();
+        let cand = self.validate(&req.text, &req.source, &prior)?;
+        let plan = {
+            let v = lock(&self.view);
+            let old = v
+                .live
+                .as_ref()
+                .filter(|l| l.record.revision == live_rev)
+                .map(|l| (&l.model, &l.compiled));
+            plan_between(old, (&cand.model, &cand.compiled))
+        };
+        if live.as_ref().is_some_and(|l| l.text == req.text) {
+            return Ok(ApplyResponse {
+                revision: live_rev,
+                changed: false,
+                plan,
+            });
+        }
+        let rec = PolicyRecord {
+            revision: live_rev + 1,
+            text: req.text.clone(),
+            source: req.source.clone(),
+            applied_at: unix_now(),
+            applied_by: by.to_string(),
+            addresses: cand.model.addresses(),
+        };
+        let t = self
+            .store
+            .txn(
+                &[Compare::ModRevision(POLICY.into(), mod_rev)],
+                &[Op::Put(POLICY.into(), records::encode(&rec))],
+            )
+            .await
+            .map_err(Fail::store)?;
+        if !t.succeeded {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "another apply won the race: plan again",
+            ));
+        }
+        tracing::info!(revision = rec.revision, by, source = %rec.source, changes = plan.changes.len(), "policy applied");
+        Ok(ApplyResponse {
+            revision: rec.revision,
+            changed: true,
+            plan,
+        })
+    }
+
+    /// The live policy.
+    pub fn policy(&self) -> Result<PolicyView, Fail> {
+        let v = lock(&self.view);
+        let l = v
+            .live
+            .as_ref()
+            .ok_or_else(|| Fail::new(404, "not_found", "no policy applied yet"))?;
+        Ok(PolicyView {
+            revision: l.record.revision,
+            text: l.record.text.clone(),
+            source: l.record.source.clone(),
+            applied_at: l.record.applied_at,
+            applied_by: l.record.applied_by.clone(),
+        })
+    }
+
+    /// A new one-time join token.
+    pub async fn token(&self, req: &TokenRequest) -> Result<TokenResponse, Fail> {
+        if !bulkhead_policy::is_valid_name(&req.identity) {
+            return Err(Fail::bad_request(format!(
+                "{:?} is not a valid identity name",
+                req.identity
+            )));
+        }
+        if req.ttl == 0 || req.ttl > MAX_TTL {
+            return Err(Fail::bad_request(format!(
+                "ttl must be between 1 s and {MAX_TTL} s"
+            )));
+        }
+        let secret = random_hex(32);
+        let now = unix_now();
+        let rec = TokenRecord {
+            identity: req.identity.clone(),
+            expires: now + req.ttl as i64,
+            created: now,
+        };
+        let key = format!("{TOKENS}{}", sha256_hex(secret.as_bytes()));
+        bulkhead_store::put(&*self.store, &[Op::Put(key, records::encode(&rec))])
+            .await
+            .map_err(Fail::store)?;
+        let in_policy = lock(&self.view)
+            .live
+            .as_ref()
+            .is_some_and(|l| l.model.identity(&req.identity).is_some());
+        tracing::info!(identity = %req.identity, expires = rec.expires, "join token created");
+        Ok(TokenResponse {
+            token: Token {
+                urls: vec![self.url.clone()],
+                ca_fingerprint: self.ca_fingerprint.clone(),
+                secret,
+            }
+            .encode(),
+            expires: rec.expires,
+            warning: (!in_policy).then(|| {
+                format!(
+                    "{} is not in the live policy: its node will pass nothing until it is",
+                    req.identity
+                )
+            }),
+        })
+    }
+
+    /// Redeems a token: exactly once, even when many try at the same moment.
+    pub async fn join(&self, req: &JoinRequest) -> Result<JoinResponse, Fail> {
+        let invalid = || {
+            Fail::new(
+                403,
+                "token_invalid",
+                "the join token is unknown, used or expired",
+            )
+        };
+        let key = format!("{TOKENS}{}", sha256_hex(req.secret.as_bytes()));
+        let kv = self
+            .store
+            .get(&key)
+            .await
+            .map_err(Fail::store)?
+            .ok_or_else(invalid)?;
+        let tok: TokenRecord = records::decode(&key, &kv.value).map_err(Fail::internal)?;
+        if tok.expires <= unix_now() {
+            let _ = self
+                .store
+                .txn(
+                    &[Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    &[Op::Delete(key)],
+                )
+                .await;
+            return Err(invalid());
+        }
+        let public = ClientPublicKey::from_base64(&req.credential_key)
+            .map_err(|e| Fail::bad_request(e.0))?;
+        let cert = self
+            .ca
+            .client_cert(&tok.identity, &public)
+            .map_err(|e| Fail::internal(e.0))?;
+        let fp = fingerprint(&cert_der(&cert).map_err(|e| Fail::internal(e.0))?);
+        let node_key = format!("{NODES}{}", tok.identity);
+        let previous = self.store.get(&node_key).await.map_err(Fail::store)?;
+        let mut ops = vec![
+            Op::Delete(key.clone()),
+            Op::Put(
+                node_key.clone(),
+                records::encode(&NodeRecord {
+                    identity: tok.identity.clone(),
+                    wireguard_key: req.wireguard_key,
+                    credential: fp.clone(),
+                    enrolled: unix_now(),
+                }),
+            ),
+            Op::Put(
+                format!("{CREDS}{fp}"),
+                records::encode(&CredRecord::Node {
+                    identity: tok.identity.clone(),
+                }),
+            ),
+        ];
+        // Re-enrolling replaces the identity's node: its old credential stops working.
+        if let Some(prev) = &previous
+            && let Ok(rec) = records::decode::<NodeRecord>(&node_key, &prev.value)
+        {
+            ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
+        }
+        let t = self
+            .store
+            .txn(
+                &[
+                    Compare::ModRevision(key, kv.mod_revision),
+                    Compare::ModRevision(node_key, previous.as_ref().map_or(0, |p| p.mod_revision)),
+                ],
+                &ops,
+            )
+            .await
+            .map_err(Fail::store)?;
+        if !t.succeeded {
+            return Err(invalid());
+        }
+        tracing::info!(identity = %tok.identity, "node enrolled");
+        Ok(JoinResponse {
+            identity: tok.identity,
+            certificate: cert,
+            ca: self.ca.cert_pem.clone(),
+            controllers: vec![self.url.clone()],
+        })
+    }
+
+    /// Revokes an identity's node: its record, its credential, its endpoint and any unused
+    /// token for it go, in one transaction.
+    pub async fn revoke(&self, identity: &str) -> Result<RevokeResponse, Fail> {
+        let node_key = format!("{NODES}{identity}");
+        let node = self.store.get(&node_key).await.map_err(Fail::store)?;
+        let tokens = self.store.range(TOKENS).await.map_err(Fail::store)?;
+        let mut ops = vec![
+            Op::Delete(node_key.clone()),
+            Op::Delete(format!("{ENDPOINTS}{identity}")),
+        ];
+        for kv in &tokens.kvs {
+            if records::decode::<TokenRecord>(&kv.key, &kv.value)
+                .is_ok_and(|t| t.identity == identity)
+            {
+                ops.push(Op::Delete(kv.key.clone()));
+            }
+        }
+        let was_enrolled = match &node {
+            Some(kv) => {
+                let rec: NodeRecord =
+                    records::decode(&node_key, &kv.value).map_err(Fail::internal)?;
+                ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
+                true
+            }
+            None => false,
+        };
+        if !was_enrolled && ops.len() == 2 {
+            return Err(Fail::new(
+                404,
+                "not_found",
+                format!("no node is enrolled as {identity:?}"),
+            ));
+        }
+        let t = self
+            .store
+            .txn(
+                &[Compare::ModRevision(
+                    node_key,
+                    node.as_ref().map_or(0, |n| n.mod_revision),
+                )],
+                &ops,
+            )
+            .await
+            .map_err(Fail::store)?;
+        if !t.succeeded {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "the node changed meanwhile; try again",
+            ));
+        }
+        tracing::info!(identity, "node revoked");
+        Ok(RevokeResponse {
+            identity: identity.to_string(),
+            was_enrolled,
+        })
+    }
+
+    /// Takes a node's report; stores its endpoint if it moved.
+    pub async fn report(&self, identity: &str, from: SocketAddr, r: Report) -> Result<(), Fail> {
+        let endpoint = r
+            .endpoint
+            .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
+        let moved = {
+            let mut v = lock(&self.view);
+            let p = v.presence.entry(identity.to_string()).or_default();
+            p.last_seen = Some(unix_now());
+            p.report = Some(r);
+            v.endpoints.get(identity) != Some(&endpoint)
+        };
+        if moved {
+            bulkhead_store::put(
+                &*self.store,
+                &[Op::Put(
+                    format!("{ENDPOINTS}{identity}"),
+                    records::encode(&EndpointRecord { endpoint }),
+                )],
+            )
+            .await
+            .map_err(Fail::store)?;
+        }
+        Ok(())
+    }
+
+    /// Every identity in the policy or enrolled.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let v = lock(&self.view);
+        let mut names: Vec<String> = v.nodes.keys().cloned().collect();
+        if let Some(l) = &v.live {
+            names.extend(
+                l.model
+                    .identity_ids()
+                    .map(|i| l.model.identity_name(i).to_string()),
+            );
+        }
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                let model = v.live.as_ref().map(|l| &l.model);
+                let id = model.and_then(|m| m.identity(&n));
+                let p = v.presence.get(&n);
+                let report = p.and_then(|p| p.report.as_ref());
+                NodeView {
+                    address: model.zip(id).map(|(m, i)| m.address(i)),
+                    in_policy: id.is_some(),
+                    enrolled: v.nodes.contains_key(&n),
+                    endpoint: v.endpoints.get(&n).copied(),
+                    online: p.is_some_and(|p| p.streams > 0),
+                    last_seen: p.and_then(|p| p.last_seen),
+                    revision: report.and_then(|r| r.revision),
+                    status: report.map(|r| r.status.clone()),
+                    identity: n,
+                }
+            })
+            .collect()
+    }
+
+    /// The controller's own state.
+    pub fn status(&self) -> StatusView {
+        let v = lock(&self.view);
+        let rev = v.revision();
+        StatusView {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            url: self.url.clone(),
+            store: self.store.describe(),
+            revision: rev,
+            identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
+            enrolled: v.nodes.len(),
+            online: v.presence.values().filter(|p| p.streams > 0).count(),
+            current: v
+                .nodes
+                .keys()
+                .filter(|n| {
+                    v.presence
+                        .get(*n)
+                        .and_then(|p| p.report.as_ref())
+                        .is_some_and(|r| r.revision == Some(rev))
+                })
+                .count(),
+            uptime: self.started.elapsed().as_secs(),
+        }
+    }
+}

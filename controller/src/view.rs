@@ -1,0 +1,496 @@
+//! The controller's in-memory view of the store, and distribution.
+//!
+//! The store is the only truth: API calls write to it, and this view changes only by following
+//! the store's watch ([`sync`]). So a controller restart, or (with etcd) a write made through
+//! another controller, reaches the nodes by the same path as a local one.
+//!
+//! Each node's configuration (its own allowlist plus its peers' keys and endpoints) sits in a
+//! `watch` channel per identity. After a change, only the identities whose configuration really
+//! differs are sent anything: a policy apply compares every allowlist; an enrollment, revocation
+//! or endpoint change touches only the identities that have that node as a peer. A watch channel
+//! keeps only the newest value, so a slow node skips intermediate configurations instead of
+//! queueing them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_allowlist::Allowlist;
+use bulkhead_dataplane::{Config, PeerInfo};
+use bulkhead_policy::{Compiled, Conditions, Model};
+use bulkhead_proto::{NodeMessage, Report};
+use bulkhead_store::{Event, KeyValue, Store, WatchMessage};
+use tokio::sync::watch;
+
+use crate::records::{
+    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PolicyRecord,
+};
+
+/// WireGuard persistent keepalive pushed to nodes, seconds.
+const KEEPALIVE: u16 = 25;
+
+/// The live policy, resolved and compiled.
+#[derive(Debug)]
+pub struct Live {
+    /// As stored.
+    pub record: PolicyRecord,
+    /// Resolved.
+    pub model: Model,
+    /// Compiled.
+    pub compiled: Compiled,
+}
+
+/// What a node has told this controller.
+#[derive(Debug, Clone, Default)]
+pub struct Presence {
+    /// Open streams.
+    pub streams: usize,
+    /// Unix seconds of the last report or stream start.
+    pub last_seen: Option<i64>,
+    /// The last report.
+    pub report: Option<Report>,
+}
+
+/// The view.
+#[derive(Debug, Default)]
+pub struct View {
+    /// The live policy, if any.
+    pub live: Option<Live>,
+    /// Enrolled nodes.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Valid credentials.
+    pub creds: HashMap<String, CredRecord>,
+    /// Reported endpoints.
+    pub endpoints: HashMap<String, SocketAddr>,
+    /// Per-identity presence (this controller's streams and reports).
+    pub presence: HashMap<String, Presence>,
+    allowlists: HashMap<String, Allowlist>,
+    channels: HashMap<String, watch::Sender<Arc<NodeMessage>>>,
+    /// Raised whenever credentials change, so that open streams re-check theirs.
+    pub cred_generation: u64,
+}
+
+/// What a batch of store events touched.
+#[derive(Debug, Default)]
+struct Touched {
+    policy: bool,
+    creds: bool,
+    /// Nodes whose enrollment or endpoint changed.
+    nodes: HashSet<String>,
+}
+
+fn unix_now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+impl View {
+    /// The revision of the live policy, 0 if none.
+    pub fn revision(&self) -> u64 {
+        self.live.as_ref().map_or(0, |l| l.record.revision)
+    }
+
+    /// The message an identity's node should have now.
+    fn message_for(&self, identity: &str) -> NodeMessage {
+        let Some(list) = self.allowlists.get(identity) else {
+            return NodeMessage::NoPolicy {
+                revision: self.revision(),
+            };
+        };
+        let peers = list
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let n = self.nodes.get(&*p.name)?;
+                Some((
+                    p.name.to_string(),
+                    PeerInfo {
+                        public_key: n.wireguard_key,
+                        endpoint: self.endpoints.get(&*p.name).copied(),
+                    },
+                ))
+            })
+            .collect();
+        NodeMessage::Config(Config {
+            allowlist: list.clone(),
+            peers,
+            keepalive: Some(KEEPALIVE),
+        })
+    }
+
+    /// A receiver of `identity`'s configuration, starting with the current one.
+    pub fn subscribe(&mut self, identity: &str) -> watch::Receiver<Arc<NodeMessage>> {
+        if let Some(tx) = self.channels.get(identity) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(Arc::new(self.message_for(identity)));
+        self.channels.insert(identity.to_string(), tx);
+        rx
+    }
+
+    /// Re-sends to `identities` whatever changed for them; returns how many were sent.
+    fn push<'a>(&self, identities: impl Iterator<Item = &'a String>) -> usize {
+        let mut sent = 0;
+        for id in identities {
+            let Some(tx) = self.channels.get(id) else {
+                continue;
+            };
+            let msg = self.message_for(id);
+            tx.send_if_modified(|cur| {
+                if messages_equal(cur, &msg) {
+                    false
+                } else {
+                    *cur = Arc::new(msg);
+                    sent += 1;
+                    true
+                }
+            });
+        }
+        sent
+    }
+
+    fn recompile(&mut self, record: PolicyRecord) {
+        let loaded = bulkhead_policy::load(&record.text, unix_now(), &record.addresses);
+        let Some(model) = loaded.model else {
+            // Validated when applied; unreadable now means the record was tampered with.
+            tracing::error!(
+                revision = record.revision,
+                "stored policy does not resolve; keeping the previous one"
+            );
+            return;
+        };
+        let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
+        self.allowlists = compiled
+            .allowlists(&model, record.revision)
+            .into_iter()
+            .map(|l| (l.identity.clone(), l))
+            .collect();
+        self.live = Some(Live {
+            record,
+            model,
+            compiled,
+        });
+    }
+
+    /// Replaces the whole view with a snapshot.
+    fn reset(&mut self, kvs: &[KeyValue]) -> Touched {
+        self.nodes.clear();
+        self.creds.clear();
+        self.endpoints.clear();
+        let mut t = Touched::default();
+        let had_policy = self.live.is_some();
+        let mut policy_seen = false;
+        for kv in kvs {
+            policy_seen |= kv.key == POLICY;
+            self.put(kv, &mut t);
+        }
+        if had_policy && !policy_seen {
+            self.live = None;
+            self.allowlists.clear();
+        }
+        // Everything may have changed.
+        t.policy = true;
+        t.creds = true;
+        t
+    }
+
+    fn put(&mut self, kv: &KeyValue, t: &mut Touched) {
+        let key = kv.key.as_str();
+        let r: Result<(), String> = (|| {
+            if key == POLICY {
+                let rec: PolicyRecord = records::decode(key, &kv.value)?;
+                if self.live.as_ref().is_some_and(|l| l.record == rec) {
+                    return Ok(());
+                }
+                if rec.revision < self.revision() {
+                    return Err(format!(
+                        "stored policy revision {} is older than the live {}; ignored",
+                        rec.revision,
+                        self.revision()
+                    ));
+                }
+                self.recompile(rec);
+                t.policy = true;
+            } else if let Some(id) = key.strip_prefix(NODES) {
+                let rec: NodeRecord = records::decode(key, &kv.value)?;
+                self.nodes.insert(id.to_string(), rec);
+                t.nodes.insert(id.to_string());
+            } else if let Some(fp) = key.strip_prefix(CREDS) {
+                let rec: CredRecord = records::decode(key, &kv.value)?;
+                self.creds.insert(fp.to_string(), rec);
+                t.creds = true;
+            } else if let Some(id) = key.strip_prefix(ENDPOINTS) {
+                let rec: EndpointRecord = records::decode(key, &kv.value)?;
+                self.endpoints.insert(id.to_string(), rec.endpoint);
+                t.nodes.insert(id.to_string());
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn delete(&mut self, key: &str, t: &mut Touched) {
+        if key == POLICY {
+            tracing::error!("the stored policy was deleted; keeping the live one");
+        } else if let Some(id) = key.strip_prefix(NODES) {
+            self.nodes.remove(id);
+            t.nodes.insert(id.to_string());
+        } else if let Some(fp) = key.strip_prefix(CREDS) {
+            self.creds.remove(fp);
+            t.creds = true;
+        } else if let Some(id) = key.strip_prefix(ENDPOINTS) {
+            self.endpoints.remove(id);
+            t.nodes.insert(id.to_string());
+        }
+    }
+
+    /// Sends what changed to the nodes it concerns.
+    fn distribute(&mut self, t: Touched) -> usize {
+        if t.creds {
+            self.cred_generation += 1;
+        }
+        // A node no longer enrolled loses its channel: its streams end.
+        let gone: Vec<String> = t
+            .nodes
+            .iter()
+            .filter(|id| !self.nodes.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in &gone {
+            self.channels.remove(id);
+            self.presence.remove(id);
+        }
+        if t.policy {
+            let all: Vec<String> = self.channels.keys().cloned().collect();
+            return self.push(all.iter());
+        }
+        if t.nodes.is_empty() {
+            return 0;
+        }
+        // Only identities that have a changed node as a peer.
+        let affected: Vec<String> = self
+            .channels
+            .keys()
+            .filter(|id| {
+                self.allowlists
+                    .get(*id)
+                    .is_some_and(|l| t.nodes.iter().any(|n| l.peer(n).is_some()))
+            })
+            .cloned()
+            .collect();
+        self.push(affected.iter())
+    }
+}
+
+/// Configurations compare by content; the Arc is new every time.
+fn messages_equal(a: &NodeMessage, b: &NodeMessage) -> bool {
+    match (a, b) {
+        (NodeMessage::Config(x), NodeMessage::Config(y)) => x == y,
+        (NodeMessage::NoPolicy { revision: x }, NodeMessage::NoPolicy { revision: y }) => x == y,
+        _ => false,
+    }
+}
+
+/// Shared view, locked briefly (never across an await).
+pub type Shared = std::sync::Mutex<View>;
+
+/// Locks the view; a panic elsewhere must not take the controller down with it.
+pub fn lock(v: &Shared) -> std::sync::MutexGuard<'_, View> {
+    v.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Follows the store forever: a full read, then the watch; a resync or an error starts over.
+/// `ready` is raised after the first full read.
+pub async fn sync(
+    store: Arc<dyn Store>,
+    view: Arc<Shared>,
+    ready: watch::Sender<bool>,
+    creds: watch::Sender<u64>,
+) {
+    let announce = |v: &View| {
+        creds.send_if_modified(|g| {
+            let changed = *g != v.cred_generation;
+            *g = v.cred_generation;
+            changed
+        });
+    };
+    loop {
+        let snap = match store.range("").await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the store; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        {
+            let mut v = lock(&view);
+            let t = v.reset(&snap.kvs);
+            let sent = v.distribute(t);
+            announce(&v);
+            tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
+        }
+        ready.send_replace(true);
+        let mut w = match store.watch("", snap.revision).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the store; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut seen = snap.revision;
+        loop {
+            match w.next().await {
+                Some(WatchMessage::Events(events)) => {
+                    let mut v = lock(&view);
+                    let mut t = Touched::default();
+                    for e in &events {
+                        if e.revision() <= seen {
+                            continue;
+                        }
+                        match e {
+                            Event::Put(kv) => v.put(kv, &mut t),
+                            Event::Delete { key, .. } => v.delete(key, &mut t),
+                        }
+                    }
+                    seen = events
+                        .iter()
+                        .map(Event::revision)
+                        .max()
+                        .unwrap_or(seen)
+                        .max(seen);
+                    let sent = v.distribute(t);
+                    announce(&v);
+                    if sent > 0 {
+                        tracing::info!(store_revision = seen, nodes = sent, "pushed");
+                    }
+                }
+                Some(WatchMessage::Resync) => {
+                    tracing::warn!("store watch lost events: reloading everything");
+                    break;
+                }
+                None => {
+                    tracing::warn!("store watch ended: reloading");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::records::encode;
+
+    fn kv(key: &str, value: Vec<u8>, rev: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value,
+            mod_revision: rev,
+        }
+    }
+
+    const POLICY_TEXT: &str = "version: 1
+network: {name: t, cidr: 10.9.0.0/16}
+identities:
+  a: {labels: {r: a}}
+  b: {labels: {r: b}}
+  c: {labels: {r: c}}
+segments:
+  sa: {match: {r: a}}
+  sb: {match: {r: b}}
+rules:
+  - {name: ab, from: [sa], to: [sb], ports: [tcp/80]}
+";
+
+    fn node(id: &str, k: u8) -> NodeRecord {
+        NodeRecord {
+            identity: id.into(),
+            wireguard_key: bulkhead_dataplane::Key([k; 32]),
+            credential: format!("fp-{id}"),
+            enrolled: 0,
+        }
+    }
+
+    #[test]
+    fn only_affected_nodes_are_sent_anything() {
+        let mut v = View::default();
+        let rec = PolicyRecord {
+            revision: 1,
+            text: POLICY_TEXT.into(),
+            source: "p.yaml".into(),
+            applied_at: 0,
+            applied_by: "admin".into(),
+            addresses: BTreeMap::new(),
+        };
+        let t = v.reset(&[
+            kv(POLICY, encode(&rec), 1),
+            kv("nodes/a", encode(&node("a", 1)), 2),
+            kv("nodes/b", encode(&node("b", 2)), 3),
+            kv("nodes/c", encode(&node("c", 3)), 4),
+        ]);
+        v.distribute(t);
+        let (mut ra, mut rb, mut rc) = (v.subscribe("a"), v.subscribe("b"), v.subscribe("c"));
+        ra.borrow_and_update();
+        rb.borrow_and_update();
+        rc.borrow_and_update();
+        match &**ra.borrow() {
+            NodeMessage::Config(c) => {
+                assert_eq!(c.allowlist.identity, "a");
+                assert_eq!(
+                    c.peers.keys().collect::<Vec<_>>(),
+                    ["b"],
+                    "own allowlist only"
+                );
+            }
+            m => panic!("{m:?}"),
+        }
+        // c has no rule: it gets an allowlist with no peers, never a's or b's.
+        match &**rc.borrow() {
+            NodeMessage::Config(c) => assert!(c.allowlist.peers.is_empty() && c.peers.is_empty()),
+            m => panic!("{m:?}"),
+        }
+        // b's endpoint changes: a (its peer) is sent a new config; c is not.
+        let mut t = Touched::default();
+        v.put(
+            &kv(
+                "endpoints/b",
+                encode(&EndpointRecord {
+                    endpoint: "198.18.0.2:51820".parse().unwrap(),
+                }),
+                5,
+            ),
+            &mut t,
+        );
+        assert_eq!(v.distribute(t), 1);
+        assert!(ra.has_changed().unwrap());
+        assert!(!rc.has_changed().unwrap());
+        // b is revoked: a loses the peer; b's channel closes.
+        let mut t = Touched::default();
+        v.delete("nodes/b", &mut t);
+        v.distribute(t);
+        match &**ra.borrow_and_update() {
+            NodeMessage::Config(c) => assert!(c.peers.is_empty()),
+            m => panic!("{m:?}"),
+        }
+        assert!(rb.has_changed().is_err(), "the revoked node's stream ends");
+        // A record that is not JSON is refused, and nothing else changes.
+        let mut t = Touched::default();
+        v.put(&kv("nodes/a", b"garbage".to_vec(), 7), &mut t);
+        assert_eq!(v.nodes["a"], node("a", 1));
+        // An older policy revision never replaces a newer one.
+        let mut old = rec.clone();
+        old.revision = 0;
+        old.text = "identities: {}\n".into();
+        let mut t = Touched::default();
+        v.put(&kv(POLICY, encode(&old), 8), &mut t);
+        assert_eq!(v.revision(), 1);
+    }
+}

@@ -1,0 +1,541 @@
+//! The API against an in-process controller on port 0, over real TLS connections: enrollment,
+//! token reuse and expiry, authentication, revocation and malformed requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bulkhead_controller::{Handle, Settings, start};
+use bulkhead_proto::tls::{Ca, CredentialKey, Identity, Trust};
+use bulkhead_proto::{
+    ApiError, ApplyResponse, CliConfig, Client, JoinRequest, JoinResponse, NodeMessage,
+    PolicyRequest, PolicyView, Report, RevokeResponse, Token, TokenRequest, TokenResponse,
+};
+
+const POLICY: &str = "version: 1
+network: {name: t, cidr: 10.77.0.0/16}
+identities:
+  web-1: {labels: {tier: web}}
+  db-1: {labels: {tier: db}}
+  other: {labels: {tier: none}}
+segments:
+  web: {match: {tier: web}}
+  db: {match: {tier: db}}
+rules:
+  - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
+";
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    handle: Option<Handle>,
+    admin: CliConfig,
+}
+
+impl Fixture {
+    async fn new(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let handle = start(Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state: dir.clone(),
+            store: None,
+            policy: None,
+            advertise_url: None,
+        })
+        .await
+        .unwrap();
+        let admin = CliConfig::load(&handle.admin).unwrap();
+        Fixture {
+            dir,
+            handle: Some(handle),
+            admin,
+        }
+    }
+
+    async fn admin(&self) -> bulkhead_proto::Connection {
+        self.admin.client().unwrap().connect().await.unwrap()
+    }
+
+    async fn token(&self, identity: &str, ttl: u64) -> String {
+        let r: TokenResponse = self
+            .admin()
+            .await
+            .post(
+                "/v1/tokens",
+                &TokenRequest {
+                    identity: identity.into(),
+                    ttl,
+                },
+            )
+            .await
+            .unwrap();
+        r.token
+    }
+
+    async fn apply(&self, text: &str) -> Result<ApplyResponse, ApiError> {
+        self.admin()
+            .await
+            .post(
+                "/v1/policy/apply",
+                &PolicyRequest {
+                    text: text.into(),
+                    source: "p.yaml".into(),
+                    base_revision: None,
+                },
+            )
+            .await
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node's side of a join: fresh keys, only public parts sent.
+struct Joined {
+    response: JoinResponse,
+    wireguard: bulkhead_dataplane::Key,
+    identity: Identity,
+    url: String,
+}
+
+impl Joined {
+    fn client(&self) -> Client {
+        Client::new(
+            std::slice::from_ref(&self.url),
+            &Trust::Ca(self.response.ca.clone()),
+            Some(&self.identity),
+        )
+        .unwrap()
+    }
+}
+
+async fn join(token: &str) -> Result<Joined, ApiError> {
+    let t = Token::decode(token).unwrap();
+    let key = CredentialKey::generate().unwrap();
+    let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+    let client = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None)?;
+    let response: JoinResponse = client
+        .connect()
+        .await?
+        .post(
+            "/v1/join",
+            &JoinRequest {
+                secret: t.secret.clone(),
+                wireguard_key: wg,
+                credential_key: key.public().to_base64(),
+            },
+        )
+        .await?;
+    Ok(Joined {
+        wireguard: wg,
+        identity: Identity {
+            cert_pem: response.certificate.clone(),
+            key_pem: key.pem(),
+        },
+        response,
+        url: t.urls[0].clone(),
+    })
+}
+
+async fn next(lines: &mut bulkhead_proto::client::Lines) -> Option<NodeMessage> {
+    tokio::time::timeout(Duration::from_secs(10), lines.next::<NodeMessage>())
+        .await
+        .expect("no message within 10 s")
+        .expect("stream error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_and_distribution() {
+    let f = Fixture::new("enroll").await;
+    let t = f.token("web-1", 3600).await;
+    let node = join(&t).await.unwrap();
+    assert_eq!(node.response.identity, "web-1");
+    let mut conn = node.client().connect().await.unwrap();
+    let mut s = conn.stream("/v1/node/stream").await.unwrap();
+    // No policy yet: the node is told so (it passes nothing).
+    assert!(matches!(
+        next(&mut s).await,
+        Some(NodeMessage::NoPolicy { revision: 0 })
+    ));
+    let applied = f.apply(POLICY).await.unwrap();
+    assert_eq!(applied.revision, 1);
+    assert!(
+        applied
+            .plan
+            .changes
+            .iter()
+            .any(|c| c.from == "web-1" && c.to == "db-1")
+    );
+    match next(&mut s).await {
+        Some(NodeMessage::Config(c)) => {
+            assert_eq!(c.allowlist.identity, "web-1", "its own allowlist");
+            assert_eq!(c.allowlist.revision, 1);
+            assert_eq!(c.allowlist.peers.len(), 1);
+            assert!(c.peers.is_empty(), "db-1 is not enrolled: no tunnel to it");
+        }
+        m => panic!("{m:?}"),
+    }
+    // db-1 enrolls and reports: web-1 is sent db-1's key and reported endpoint.
+    let db = join(&f.token("db-1", 3600).await).await.unwrap();
+    let mut dbc = db.client().connect().await.unwrap();
+    let _: serde_json::Value = dbc
+        .post(
+            "/v1/node/report",
+            &Report {
+                endpoint: Some("198.18.0.9:51820".parse().unwrap()),
+                listen_port: 51820,
+                revision: Some(1),
+                status: "ok".into(),
+                ..Report::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut got_endpoint = false;
+    for _ in 0..3 {
+        match next(&mut s).await {
+            Some(NodeMessage::Config(c)) => {
+                if let Some(p) = c.peers.get("db-1") {
+                    assert_eq!(p.public_key, db.wireguard);
+                    if p.endpoint == Some("198.18.0.9:51820".parse().unwrap()) {
+                        got_endpoint = true;
+                        break;
+                    }
+                }
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+    assert!(got_endpoint, "the peer's reported endpoint reached web-1");
+    // `other` is in no rule: an applied change to it sends web-1 nothing.
+    let changed = POLICY.replace(
+        "other: {labels: {tier: none}}",
+        "other: {labels: {tier: none2}}",
+    );
+    assert_eq!(f.apply(&changed).await.unwrap().revision, 2);
+    // web-1's allowlist carries the revision, so it does get revision 2 (nothing else changed).
+    match next(&mut s).await {
+        Some(NodeMessage::Config(c)) => assert_eq!(c.allowlist.revision, 2),
+        m => panic!("{m:?}"),
+    }
+    // The live policy and node list.
+    let p: PolicyView = f.admin().await.get("/v1/policy").await.unwrap();
+    assert_eq!(p.revision, 2);
+    let nodes: Vec<bulkhead_proto::NodeView> = f.admin().await.get("/v1/nodes").await.unwrap();
+    let web = nodes.iter().find(|n| n.identity == "web-1").unwrap();
+    assert!(web.enrolled && web.online && web.in_policy);
+    let dbv = nodes.iter().find(|n| n.identity == "db-1").unwrap();
+    assert_eq!(dbv.revision, Some(1));
+    assert!(
+        !nodes
+            .iter()
+            .find(|n| n.identity == "other")
+            .unwrap()
+            .enrolled
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_enrolls_exactly_once_even_concurrently() {
+    let f = Fixture::new("race").await;
+    let t = f.token("web-1", 3600).await;
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move { join(&t).await }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Some("token_invalid"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (1, 99));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_forged_tokens_are_refused() {
+    let f = Fixture::new("expiry").await;
+    let t = f.token("web-1", 1).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(join(&t).await.err().unwrap().code(), Some("token_invalid"));
+    // A token with a made-up secret.
+    let mut forged = Token::decode(&f.token("web-1", 3600).await).unwrap();
+    forged.secret = "0".repeat(64);
+    assert_eq!(
+        join(&forged.encode()).await.err().unwrap().code(),
+        Some("token_invalid")
+    );
+    // A token pinning another CA: the join never reaches the API.
+    let mut wrong_ca = Token::decode(&f.token("web-1", 3600).await).unwrap();
+    wrong_ca.ca_fingerprint = Ca::generate().unwrap().fingerprint().unwrap();
+    match join(&wrong_ca.encode()).await {
+        Err(ApiError::Transport(m)) => assert!(m.contains("fingerprint"), "{m}"),
+        r => panic!("{:?}", r.err()),
+    }
+    // Bad token requests.
+    let r: Result<TokenResponse, _> = f
+        .admin()
+        .await
+        .post(
+            "/v1/tokens",
+            &TokenRequest {
+                identity: "Not A Name".into(),
+                ttl: 60,
+            },
+        )
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some("bad_request"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_right_credential_get_nothing() {
+    let f = Fixture::new("auth").await;
+    f.apply(POLICY).await.unwrap();
+    // No client certificate at all.
+    let anon = Client::new(
+        std::slice::from_ref(&f.admin.url),
+        &Trust::Ca(f.admin.ca.clone()),
+        None,
+    )
+    .unwrap();
+    for path in ["/v1/policy", "/v1/nodes", "/v1/status"] {
+        let e = anon
+            .connect()
+            .await
+            .unwrap()
+            .get::<serde_json::Value>(path)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("unauthenticated"), "{path}: {e}");
+    }
+    let e = anon
+        .connect()
+        .await
+        .unwrap()
+        .stream("/v1/node/stream")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthenticated"));
+    // A certificate from another CA fails the TLS handshake (or the first request).
+    let other = Ca::generate().unwrap();
+    let k = CredentialKey::generate().unwrap();
+    let foreign = Client::new(
+        std::slice::from_ref(&f.admin.url),
+        &Trust::Ca(f.admin.ca.clone()),
+        Some(&Identity {
+            cert_pem: other.client_cert("admin", &k.public()).unwrap(),
+            key_pem: k.pem(),
+        }),
+    )
+    .unwrap();
+    let r = async {
+        foreign
+            .connect()
+            .await?
+            .get::<serde_json::Value>("/v1/policy")
+            .await
+    }
+    .await;
+    assert!(matches!(r, Err(ApiError::Transport(_))), "{r:?}");
+    // A node's credential is not an administrator's.
+    let node = join(&f.token("web-1", 60).await).await.unwrap();
+    let e = node
+        .client()
+        .connect()
+        .await
+        .unwrap()
+        .get::<serde_json::Value>("/v1/policy")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    // Nor can an administrator pose as a node.
+    let e = f.admin().await.stream("/v1/node/stream").await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_ends_the_stream_and_the_credential() {
+    let f = Fixture::new("revoke").await;
+    f.apply(POLICY).await.unwrap();
+    let web = join(&f.token("web-1", 600).await).await.unwrap();
+    let db = join(&f.token("db-1", 600).await).await.unwrap();
+    let spare = f.token("db-1", 600).await; // unused: revocation must void it too
+    let mut wconn = web.client().connect().await.unwrap();
+    let mut ws = wconn.stream("/v1/node/stream").await.unwrap();
+    let mut dconn = db.client().connect().await.unwrap();
+    let mut ds = dconn.stream("/v1/node/stream").await.unwrap();
+    let first = next(&mut ws).await;
+    assert!(
+        matches!(&first, Some(NodeMessage::Config(c)) if c.peers.contains_key("db-1")),
+        "{first:?}"
+    );
+    next(&mut ds).await;
+    let r: RevokeResponse = f
+        .admin()
+        .await
+        .post("/v1/nodes/db-1/revoke", &())
+        .await
+        .unwrap();
+    assert!(r.was_enrolled);
+    // web-1 is told to drop db-1.
+    match next(&mut ws).await {
+        Some(NodeMessage::Config(c)) => assert!(c.peers.is_empty()),
+        m => panic!("{m:?}"),
+    }
+    // db-1's stream ends, and its credential no longer works.
+    assert!(
+        next(&mut ds).await.is_none(),
+        "the revoked node's stream ends"
+    );
+    let e = db
+        .client()
+        .connect()
+        .await
+        .unwrap()
+        .stream("/v1/node/stream")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthenticated"));
+    // The unused token issued before the revocation is void; a new one works.
+    assert_eq!(
+        join(&spare).await.err().unwrap().code(),
+        Some("token_invalid")
+    );
+    let again = join(&f.token("db-1", 600).await).await.unwrap();
+    assert_eq!(again.response.identity, "db-1");
+    // Revoking what is not enrolled is an error.
+    let e = f
+        .admin()
+        .await
+        .post::<_, RevokeResponse>("/v1/nodes/nobody/revoke", &())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("not_found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_codes_and_change_nothing() {
+    let f = Fixture::new("bad").await;
+    f.apply(POLICY).await.unwrap();
+    let mut c = f.admin().await;
+    // Garbage and truncated bodies.
+    for body in [
+        b"\x00\xffgarbage".to_vec(),
+        br#"{"text": "version: 1", "sour"#.to_vec(),
+    ] {
+        let (status, bytes) = c
+            .raw(http::Method::POST, "/v1/policy/apply", body)
+            .await
+            .unwrap();
+        assert_eq!(status, 400);
+        let e: bulkhead_proto::ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(e.code, "bad_request");
+    }
+    let (status, _) = c.raw(http::Method::GET, "/v1/nope", vec![]).await.unwrap();
+    assert_eq!(status, 404);
+    // A policy that fails validation: every error with FILE:LINE:COL, nothing applied.
+    let bad = POLICY
+        .replace("to: [db]", "to: [nowhere]")
+        .replace("tcp/5432", "tcp/99999");
+    let e = f.apply(&bad).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_policy"));
+    let ApiError::Api { body, .. } = &e else {
+        panic!()
+    };
+    assert_eq!(body.details.len(), 2, "{:?}", body.details);
+    assert!(
+        body.details.iter().all(|d| d.starts_with("p.yaml:11:")),
+        "{:?}",
+        body.details
+    );
+    // A policy whose own test fails is refused too.
+    let failing =
+        format!("{POLICY}tests:\n  - {{from: db-1, to: web-1, port: tcp/5432, expect: allow}}\n");
+    assert_eq!(
+        f.apply(&failing).await.unwrap_err().code(),
+        Some("invalid_policy")
+    );
+    let p: PolicyView = c.get("/v1/policy").await.unwrap();
+    assert_eq!(
+        (p.revision, p.text.as_str()),
+        (1, POLICY),
+        "the live policy stays"
+    );
+    // Applying against a stale plan is a conflict.
+    let r: Result<ApplyResponse, _> = c
+        .post(
+            "/v1/policy/apply",
+            &PolicyRequest {
+                text: POLICY.replace("5432", "5433"),
+                source: "p.yaml".into(),
+                base_revision: Some(0),
+            },
+        )
+        .await;
+    assert_eq!(r.unwrap_err().code(), Some("conflict"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_policy_enrollment_and_revision() {
+    let mut f = Fixture::new("restart").await;
+    f.apply(POLICY).await.unwrap();
+    f.apply(&POLICY.replace("5432", "5433")).await.unwrap();
+    let node = join(&f.token("web-1", 600).await).await.unwrap();
+    let dir = f.dir.clone();
+    f.handle.take().unwrap().stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = start(Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state: dir,
+        store: None,
+        policy: None,
+        advertise_url: None,
+    })
+    .await
+    .unwrap();
+    let admin = CliConfig::load(&h.admin).unwrap();
+    assert_eq!(
+        admin.certificate, f.admin.certificate,
+        "admin.yaml's credential is kept"
+    );
+    let p: PolicyView = admin
+        .client()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+        .get("/v1/policy")
+        .await
+        .unwrap();
+    assert_eq!(p.revision, 2);
+    // The node's credential still works, against the new address.
+    let client = Client::new(
+        std::slice::from_ref(&h.url),
+        &Trust::Ca(node.response.ca.clone()),
+        Some(&node.identity),
+    )
+    .unwrap();
+    let mut s = client
+        .connect()
+        .await
+        .unwrap()
+        .stream("/v1/node/stream")
+        .await
+        .unwrap();
+    match next(&mut s).await {
+        Some(NodeMessage::Config(c)) => assert_eq!(c.allowlist.revision, 2),
+        m => panic!("{m:?}"),
+    }
+    f.handle = Some(h);
+}

@@ -1,0 +1,255 @@
+//! The controller API, shared by the controller, the daemon and the CLI.
+//!
+//! HTTP/2 over TLS with JSON bodies (see docs/architecture.md for why not gRPC). Every route is
+//! under `/v1`. Callers are authenticated by their client certificate ([`tls`]); a join carries
+//! a token instead. Errors are JSON too: [`ErrorBody`] with a stable `code`.
+//!
+//! | route | caller | body → answer |
+//! |---|---|---|
+//! | `POST /v1/join` | token holder | [`JoinRequest`] → [`JoinResponse`] |
+//! | `GET /v1/node/stream` | node | → newline-delimited [`NodeMessage`]s, for as long as it stays open |
+//! | `POST /v1/node/report` | node | [`Report`] → `{}` |
+//! | `GET /v1/policy` | admin | → [`PolicyView`] |
+//! | `POST /v1/policy/plan` | admin | [`PolicyRequest`] → [`PlanResponse`] |
+//! | `POST /v1/policy/apply` | admin | [`PolicyRequest`] → [`ApplyResponse`] |
+//! | `POST /v1/tokens` | admin | [`TokenRequest`] → [`TokenResponse`] |
+//! | `GET /v1/nodes` | admin | → [`NodeView`]s |
+//! | `POST /v1/nodes/{identity}/revoke` | admin | → [`RevokeResponse`] |
+//! | `GET /v1/status` | admin | → [`StatusView`] |
+//!
+//! Quarantine, release, flows and audit (issue 6) are further admin routes of the same shape.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod tls;
+pub mod token;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use bulkhead_dataplane::{Config, Key};
+use serde::{Deserialize, Serialize};
+
+pub use client::{ApiError, Client, Connection};
+pub use config::CliConfig;
+pub use token::Token;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code: `unauthenticated`, `forbidden`, `bad_request`,
+    /// `invalid_policy`, `conflict`, `not_found`, `token_invalid`, `unavailable`, `internal`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// Extra lines, e.g. every `FILE:LINE:COL: error: …` of a refused policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+/// `POST /v1/join`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The token's secret part.
+    pub secret: String,
+    /// The node's WireGuard public key.
+    pub wireguard_key: Key,
+    /// The node's credential public key ([`tls::ClientPublicKey::to_base64`]).
+    pub credential_key: String,
+}
+
+/// The answer to a join.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    /// The identity the token was bound to.
+    pub identity: String,
+    /// The node's client certificate, PEM.
+    pub certificate: String,
+    /// The CA certificate, PEM.
+    pub ca: String,
+    /// Every controller URL known.
+    pub controllers: Vec<String>,
+}
+
+/// What the controller pushes on a node's stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeMessage {
+    /// The node's whole configuration: its own allowlist and its peers' keys and endpoints.
+    Config(Config),
+    /// The identity has no allowlist (not in the policy, or no policy yet): nothing passes.
+    NoPolicy {
+        /// The policy revision, 0 if none.
+        revision: u64,
+    },
+}
+
+/// `POST /v1/node/report`: a node's view of itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Where peers should send to; the controller uses the connection's address with
+    /// `listen_port` if this is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    /// The WireGuard UDP port.
+    pub listen_port: u16,
+    /// The policy revision of the allowlist the node enforces, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// `ok`, or what is wrong.
+    pub status: String,
+    /// Peers with a tunnel.
+    #[serde(default)]
+    pub peers: usize,
+    /// The daemon's version.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `GET /v1/policy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// The live policy revision; 0 before the first apply.
+    pub revision: u64,
+    /// The policy text as applied.
+    pub text: String,
+    /// The file name it was applied from.
+    pub source: String,
+    /// When, Unix seconds.
+    pub applied_at: i64,
+    /// Who applied it: `admin`, or `file` for `--policy`.
+    pub applied_by: String,
+}
+
+/// `POST /v1/policy/plan` and `/apply`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyRequest {
+    /// The policy text.
+    pub text: String,
+    /// Its file name, for diagnostics.
+    pub source: String,
+    /// Apply only if the live revision is still this one (the one the plan was made against).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_revision: Option<u64>,
+}
+
+/// Reachability between two policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Identities the new policy adds.
+    pub identities_added: Vec<String>,
+    /// Identities it removes.
+    pub identities_removed: Vec<String>,
+    /// Pair by pair: what is gained and lost.
+    pub changes: Vec<PairChange>,
+}
+
+/// One ordered pair's change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairChange {
+    /// Initiator.
+    pub from: String,
+    /// Responder.
+    pub to: String,
+    /// Newly allowed, e.g. `["tcp/5432"]`.
+    pub gained: Vec<String>,
+    /// No longer allowed.
+    pub lost: Vec<String>,
+}
+
+/// The answer to a plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanResponse {
+    /// The live revision the plan is against.
+    pub base_revision: u64,
+    /// The change.
+    pub plan: Plan,
+}
+
+/// The answer to an apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// The new live revision (the old one if nothing changed).
+    pub revision: u64,
+    /// Whether the text differed from the live policy.
+    pub changed: bool,
+    /// What changed.
+    pub plan: Plan,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The identity the token enrolls.
+    pub identity: String,
+    /// Lifetime in seconds.
+    pub ttl: u64,
+}
+
+/// The answer to a token request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The token, to give to `bulkheadd join`.
+    pub token: String,
+    /// When it expires, Unix seconds.
+    pub expires: i64,
+    /// Something the operator should know, e.g. that the identity is not in the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// One identity, as `bulkhead nodes` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    /// The identity.
+    pub identity: String,
+    /// Its overlay address, if the policy names it.
+    pub address: Option<Ipv4Addr>,
+    /// Whether it is in the live policy.
+    pub in_policy: bool,
+    /// Whether a node has enrolled as it.
+    pub enrolled: bool,
+    /// Its WireGuard endpoint, as reported.
+    pub endpoint: Option<SocketAddr>,
+    /// Whether its stream is open now.
+    pub online: bool,
+    /// The last report, Unix seconds.
+    pub last_seen: Option<i64>,
+    /// The policy revision it has applied.
+    pub revision: Option<u64>,
+    /// Its reported status.
+    pub status: Option<String>,
+}
+
+/// The answer to a revocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// The identity revoked.
+    pub identity: String,
+    /// Whether a node was enrolled as it.
+    pub was_enrolled: bool,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The controller's version.
+    pub version: String,
+    /// The URL it advertises.
+    pub url: String,
+    /// Where its state lives.
+    pub store: String,
+    /// The live policy revision.
+    pub revision: u64,
+    /// Identities in the policy.
+    pub identities: usize,
+    /// Nodes enrolled.
+    pub enrolled: usize,
+    /// Nodes with an open stream.
+    pub online: usize,
+    /// Nodes whose applied revision is the live one.
+    pub current: usize,
+    /// Seconds since the controller started.
+    pub uptime: u64,
+}
