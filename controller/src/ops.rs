@@ -35,15 +35,12 @@ struct Candidate {
 }
 
 fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> Plan {
-    let names = |m: &Model| -> Vec<String> {
-        m.identity_ids()
-            .map(|i| m.identity_name(i).to_string())
-            .collect()
-    };
-    let nb = names(new.0);
-    let na = old.map(|o| names(o.0)).unwrap_or_default();
-    let changes = match old {
-        Some(old) => reach::diff(old, new)
+    let p = reach::plan(old, new);
+    Plan {
+        identities_added: p.identities_added,
+        identities_removed: p.identities_removed,
+        changes: p
+            .changes
             .into_iter()
             .map(|c| PairChange {
                 from: c.from,
@@ -52,20 +49,6 @@ fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> P
                 lost: c.lost.to_strings(),
             })
             .collect(),
-        None => reach::reachability(new.0, new.1)
-            .into_iter()
-            .map(|r| PairChange {
-                from: new.0.identity_name(r.from).to_string(),
-                to: new.0.identity_name(r.to).to_string(),
-                gained: r.access.to_strings(),
-                lost: Vec::new(),
-            })
-            .collect(),
-    };
-    Plan {
-        identities_added: nb.iter().filter(|n| !na.contains(n)).cloned().collect(),
-        identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
-        changes,
     }
 }
 

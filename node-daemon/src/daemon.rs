@@ -11,13 +11,15 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::link::{self, Applied, Update};
+use crate::state::{Enrollment, StateDir};
 use crate::tun::Interface;
 use crate::uapi;
 
 /// How `bulkheadd run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// State directory: the private key.
+    /// State directory: the private key, the enrollment, the cached configuration.
     pub state: PathBuf,
     /// TUN interface name.
     pub interface: String,
@@ -205,10 +207,14 @@ pub fn read_config(path: &Path) -> anyhow::Result<Config> {
         .with_context(|| format!("{}: not a valid configuration", path.display()))
 }
 
-async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Result<()> {
+async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Result<Applied> {
     let (addr, net) = (cfg.allowlist.address, cfg.allowlist.network);
     let revision = cfg.allowlist.revision;
     let report = node.apply(cfg, now());
+    let applied = Applied {
+        revision: Some(revision),
+        peers: node.peers().len(),
+    };
     tun.set_address(addr, net.prefix_len).await?;
     tracing::info!(
         revision,
@@ -218,7 +224,23 @@ async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Res
         flows_cut = report.flows_cut,
         "allowlist applied"
     );
-    Ok(())
+    Ok(applied)
+}
+
+/// Where the configuration comes from.
+enum Source {
+    /// `--allowlist FILE`, reread on SIGHUP.
+    File(PathBuf),
+    /// The controller, through the link; the last configuration is cached in the state.
+    Controller(Box<Enrollment>),
+}
+
+/// Waits for the link's next update; forever if there is no link.
+async fn next_update(rx: &mut Option<mpsc::Receiver<Update>>) -> Option<Update> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs until SIGTERM or SIGINT. Removes the interface and the UAPI socket on the way out.
@@ -229,9 +251,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         );
     }
     let key = crate::state::load_or_create_key(&s.state)?;
+    let state = StateDir(s.state.clone());
     let mut node = Node::new(&key, s.flow_capacity);
-    // A configuration that does not parse stops the daemon before it creates anything.
-    let first = s.allowlist.as_deref().map(read_config).transpose()?;
+    // A configuration or state that does not parse stops the daemon before it creates anything.
+    let (source, first) = match &s.allowlist {
+        Some(path) => (Source::File(path.clone()), Some(read_config(path)?)),
+        None => {
+            let e = state.enrollment()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: not enrolled: run `bulkheadd join TOKEN` first, or pass --token",
+                    s.state.display()
+                )
+            })?;
+            (Source::Controller(Box::new(e)), state.cached_config()?)
+        }
+    };
 
     let mut tun = Interface::create(&s.interface).await?;
     let udp = Udp::new(
@@ -243,11 +277,33 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let socket = uapi::serve(&s.interface, uapi_tx)?;
     let _cleanup = RemoveOnDrop(socket);
 
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(Applied::default());
     if let Some(cfg) = first {
-        apply(&mut node, &mut tun, cfg).await?;
+        if matches!(source, Source::Controller(_)) {
+            tracing::info!(
+                revision = cfg.allowlist.revision,
+                "enforcing the cached allowlist until the controller answers"
+            );
+        }
+        applied_tx.send_replace(apply(&mut node, &mut tun, cfg).await?);
     } else {
         tracing::warn!("no allowlist yet: nothing passes");
     }
+    let mut updates = match &source {
+        Source::Controller(e) => {
+            tracing::info!(identity = %e.identity, controllers = ?e.controllers, "enrolled");
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(link::run(
+                (**e).clone(),
+                s.listen_port,
+                s.endpoint,
+                tx,
+                applied_rx,
+            ));
+            Some(rx)
+        }
+        Source::File(_) => None,
+    };
     tracing::info!(
         interface = %s.interface,
         port = s.listen_port,
@@ -313,10 +369,28 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 };
                 let _ = reply.send(uapi::format_get(&snap, SystemTime::now()));
             }
+            Some(u) = next_update(&mut updates) => match u {
+                Update::Config(cfg) => {
+                    if let Err(e) = state.save_config(&cfg) {
+                        tracing::error!(error = %format!("{e:#}"), "cannot cache the allowlist");
+                    }
+                    applied_tx.send_replace(apply(&mut node, &mut tun, *cfg).await?);
+                }
+                Update::NoPolicy | Update::Revoked => {
+                    tracing::warn!("the controller has no allowlist for this node: nothing passes");
+                    node.clear();
+                    if let Err(e) = state.clear_config() {
+                        tracing::error!(error = %e, "cannot remove the cached allowlist");
+                    }
+                    applied_tx.send_replace(Applied::default());
+                }
+            },
             _ = hup.recv() => {
-                if let Some(path) = &s.allowlist {
+                if let Source::File(path) = &source {
                     match read_config(path) {
-                        Ok(cfg) => apply(&mut node, &mut tun, cfg).await?,
+                        Ok(cfg) => {
+                            apply(&mut node, &mut tun, cfg).await?;
+                        }
                         Err(e) => {
                             // Never fail open: an allowlist that cannot be read lets nothing pass.
                             tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");

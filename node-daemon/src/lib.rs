@@ -2,6 +2,7 @@
 //! (`bulkhead-dataplane`) over it and a UDP socket, and serves the WireGuard UAPI socket.
 
 pub mod daemon;
+pub mod link;
 pub mod state;
 pub mod tun;
 pub mod uapi;
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// bulkheadd: the Bulkhead node daemon.
@@ -22,11 +24,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the daemon: the tunnel interface, the filter, the UAPI socket.
-    Run {
-        /// State directory (the private key lives here).
+    /// Enroll with a one-time join token from `bulkhead token create`.
+    Join {
+        /// The token.
+        token: String,
+        /// State directory (keys, credential, cached allowlist).
         #[arg(long, default_value = "/var/lib/bulkheadd")]
         state: PathBuf,
+    },
+    /// Run the daemon: the tunnel interface, the filter, the UAPI socket, the controller link.
+    Run {
+        /// State directory (keys, credential, cached allowlist).
+        #[arg(long, default_value = "/var/lib/bulkheadd")]
+        state: PathBuf,
+        /// Enroll with this token first, unless already enrolled.
+        #[arg(long)]
+        token: Option<String>,
         /// TUN interface name.
         #[arg(long, default_value = "bh0")]
         interface: String,
@@ -44,11 +57,15 @@ enum Command {
         #[arg(long, default_value_t = 65536)]
         flow_capacity: usize,
     },
-    /// Show the interface, its peers, handshakes and transfer, from the running daemon.
+    /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
+    /// handshakes and transfer.
     Status {
         /// TUN interface name.
         #[arg(long, default_value = "bh0")]
         interface: String,
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/bulkheadd")]
+        state: PathBuf,
     },
     /// Print this node's WireGuard public key, creating the key pair if there is none.
     Pubkey {
@@ -68,6 +85,7 @@ pub fn main() -> ExitCode {
         .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(level)
         .init();
     match run(cli) {
@@ -84,23 +102,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Join { token, state } => {
+            let e = rt.block_on(link::join(&state::StateDir(state), &token))?;
+            println!(
+                "enrolled as {} with {}",
+                e.identity,
+                e.controllers.join(", ")
+            );
+            Ok(())
+        }
         Command::Run {
             state,
+            token,
             interface,
             listen_port,
             endpoint,
             allowlist,
             flow_capacity,
-        } => rt.block_on(daemon::run(daemon::Settings {
-            state,
-            interface,
-            listen_port,
-            endpoint,
-            allowlist,
-            flow_capacity,
-        })),
-        Command::Status { interface } => {
-            let text = rt.block_on(uapi::get(&interface))?;
+        } => rt.block_on(async {
+            let dir = state::StateDir(state.clone());
+            if let Some(t) = token
+                && allowlist.is_none()
+                && dir.enrollment()?.is_none()
+            {
+                let e = link::join(&dir, &t).await?;
+                tracing::info!(identity = %e.identity, "enrolled");
+            }
+            daemon::run(daemon::Settings {
+                state,
+                interface,
+                listen_port,
+                endpoint,
+                allowlist,
+                flow_capacity,
+            })
+            .await
+        }),
+        Command::Status { interface, state } => {
+            let dir = state::StateDir(state);
+            match dir.enrollment()? {
+                Some(e) => println!(
+                    "identity: {}\ncontrollers: {}",
+                    e.identity,
+                    e.controllers.join(", ")
+                ),
+                None => println!("not enrolled"),
+            }
+            match dir.cached_config()? {
+                Some(c) => println!(
+                    "cached allowlist: revision {}, {} peers",
+                    c.allowlist.revision,
+                    c.allowlist.peers.len()
+                ),
+                None => println!("cached allowlist: none"),
+            }
+            let text = rt
+                .block_on(uapi::get(&interface))
+                .with_context(|| format!("no daemon running on {interface}"))?;
             print!("{}", status(&interface, &text));
             Ok(())
         }

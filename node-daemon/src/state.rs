@@ -1,38 +1,139 @@
-//! What the daemon keeps on disk in `--state`: its WireGuard private key.
+//! What the daemon keeps on disk in `--state` (directory 0700, files 0600, written atomically):
+//!
+//! - `private.key`: its WireGuard private key;
+//! - `enrollment.json`: its identity, its credential (certificate and key), the CA and the
+//!   controller URLs, from `bulkheadd join`;
+//! - `config.json`: the last configuration the controller sent, enforced after a restart until
+//!   the controller answers.
+//!
+//! Any of them that does not parse is an error: the daemon refuses to start rather than run
+//! with an identity or a policy it did not mean to have.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use bulkhead_dataplane::{Key, generate_private_key};
+use bulkhead_dataplane::{Config, Key, generate_private_key};
+use serde::{Deserialize, Serialize};
 
 const KEY_FILE: &str = "private.key";
+const ENROLLMENT_FILE: &str = "enrollment.json";
+const CONFIG_FILE: &str = "config.json";
+
+/// Creates the state directory with mode 0700.
+fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// Writes `data` to `path` with mode 0600: a temporary file, fsync, rename. A crash leaves the
+/// old file or the new one, never half of one.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
 
 /// Reads the node's private key from `dir`, creating the directory (0700) and a new key (0600)
-/// if there is none. A key file that does not parse is an error: the daemon refuses to start
-/// rather than run with an identity it did not mean to have.
+/// if there is none.
 pub fn load_or_create_key(dir: &Path) -> anyhow::Result<Key> {
     let path = dir.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => Key::from_base64(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}; refusing to start", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            ensure_dir(dir)?;
             let key = generate_private_key();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            writeln!(f, "{}", key.to_base64())?;
-            f.sync_all()?;
+            write_private(&path, format!("{}\n", key.to_base64()).as_bytes())?;
             Ok(key)
         }
         Err(e) => bail!("cannot read {}: {e}", path.display()),
+    }
+}
+
+/// The result of `bulkheadd join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The identity the token enrolled.
+    pub identity: String,
+    /// The client certificate, PEM.
+    pub certificate: String,
+    /// Its private key, PEM.
+    pub key: String,
+    /// The CA, PEM.
+    pub ca: String,
+    /// Controller URLs.
+    pub controllers: Vec<String>,
+}
+
+fn read_optional<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> anyhow::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: corrupt {what} ({e}); refusing to start. Remove it to start over{}",
+                path.display(),
+                if what == "enrollment" {
+                    " with a new token"
+                } else {
+                    " (nothing passes until the controller answers)"
+                }
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    /// The enrollment, if the node has joined.
+    pub fn enrollment(&self) -> anyhow::Result<Option<Enrollment>> {
+        read_optional(&self.0.join(ENROLLMENT_FILE), "enrollment")
+    }
+
+    /// Saves the enrollment.
+    pub fn save_enrollment(&self, e: &Enrollment) -> anyhow::Result<()> {
+        ensure_dir(&self.0)?;
+        write_private(
+            &self.0.join(ENROLLMENT_FILE),
+            &serde_json::to_vec_pretty(e)?,
+        )
+    }
+
+    /// The cached configuration, if any.
+    pub fn cached_config(&self) -> anyhow::Result<Option<Config>> {
+        read_optional(&self.0.join(CONFIG_FILE), "cached configuration")
+    }
+
+    /// Caches the configuration in force.
+    pub fn save_config(&self, c: &Config) -> anyhow::Result<()> {
+        write_private(&self.0.join(CONFIG_FILE), &serde_json::to_vec(c)?)
+    }
+
+    /// Forgets the cached configuration (the controller said there is none).
+    pub fn clear_config(&self) -> anyhow::Result<()> {
+        match std::fs::remove_file(self.0.join(CONFIG_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -55,6 +156,26 @@ mod tests {
         std::fs::write(dir.join(KEY_FILE), "not a key").unwrap();
         let e = load_or_create_key(&dir).unwrap_err().to_string();
         assert!(e.contains("refusing to start"), "{e}");
+
+        let s = StateDir(dir.clone());
+        assert_eq!(s.enrollment().unwrap(), None);
+        let en = Enrollment {
+            identity: "web-1".into(),
+            certificate: "c".into(),
+            key: "k".into(),
+            ca: "ca".into(),
+            controllers: vec!["https://127.0.0.1:7443".into()],
+        };
+        s.save_enrollment(&en).unwrap();
+        assert_eq!(s.enrollment().unwrap(), Some(en));
+        std::fs::write(dir.join(CONFIG_FILE), b"{\"allowlist\": tru").unwrap();
+        let e = s.cached_config().unwrap_err().to_string();
+        assert!(
+            e.contains("corrupt cached configuration") && e.contains("refusing"),
+            "{e}"
+        );
+        s.clear_config().unwrap();
+        assert_eq!(s.cached_config().unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

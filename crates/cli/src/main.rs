@@ -1,6 +1,7 @@
 //! `bulkhead`, the operator CLI. A thin shell: the policy logic lives in `bulkhead-policy`.
 
 mod matrix;
+mod online;
 mod output;
 mod policy;
 
@@ -26,6 +27,10 @@ struct Cli {
     )]
     output: Format,
 
+    /// The controller address and credentials (default ~/.config/bulkhead/config.yaml).
+    #[arg(long, global = true, env = "BULKHEAD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +40,18 @@ enum Command {
     /// Work on policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Every identity: address, endpoint, online, last seen, applied revision, status.
+    Nodes,
+    /// Revoke an identity's node: every peer drops it, its credential stops working.
+    Revoke {
+        /// The identity.
+        identity: String,
+    },
+    /// The controller's state.
+    Status,
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -54,6 +71,18 @@ struct When {
     /// Evaluate at this time (RFC 3339) instead of now.
     #[arg(long, value_name = "RFC3339")]
     at: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a one-time join token for IDENTITY, and nothing else, on stdout.
+    Create {
+        /// The identity the token enrolls.
+        identity: String,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
+        ttl: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +136,21 @@ enum PolicyCommand {
         #[command(flatten)]
         when: When,
     },
+    /// Against the controller: what `apply` would change, as reachability gained and lost.
+    Plan {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Against the controller: validate, run the tests, show the plan, apply; print the revision.
+    Apply {
+        /// The policy file.
+        file: PathBuf,
+        /// Apply without asking.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Against the controller: the live policy and its revision.
+    Show,
     /// Show the reachability gained and lost between two policies, pair by pair.
     Diff {
         /// The old policy file.
@@ -131,7 +175,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let fmt = cli.output;
+    let remote = || online::Remote::connect(cli.config.as_deref());
     match cli.command {
+        Command::Token(TokenCommand::Create { identity, ttl }) => {
+            online::token(&mut remote()?, &identity, &ttl, fmt)
+        }
+        Command::Nodes => online::nodes(&mut remote()?, fmt),
+        Command::Revoke { identity } => online::revoke(&mut remote()?, &identity, fmt),
+        Command::Status => online::status(&mut remote()?, fmt),
         Command::Policy(p) => match p {
             PolicyCommand::Check { file, when } => policy::check(&file, &when, fmt),
             PolicyCommand::Test { file, when } => policy::test(&file, &when, fmt),
@@ -156,6 +207,9 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 fmt,
             ),
             PolicyCommand::Matrix { file, when } => policy::matrix(&file, &when, fmt),
+            PolicyCommand::Plan { file } => online::plan(&mut remote()?, &file, fmt),
+            PolicyCommand::Apply { file, yes } => online::apply(&mut remote()?, &file, yes, fmt),
+            PolicyCommand::Show => online::show(&mut remote()?, fmt),
             PolicyCommand::Diff { old, new, when } => policy::diff(&old, &new, &when, fmt),
             PolicyCommand::Compile {
                 file,

@@ -380,9 +380,8 @@ pub fn matrix(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> 
 struct DiffReport<'a> {
     old: &'a str,
     new: &'a str,
-    identities_added: Vec<String>,
-    identities_removed: Vec<String>,
-    changes: Vec<reach::PairChange>,
+    #[serde(flatten)]
+    plan: reach::Plan,
 }
 
 /// `bulkhead policy diff OLD NEW`.
@@ -400,32 +399,43 @@ pub fn diff(old: &Path, new: &Path, when: &When, fmt: Format) -> anyhow::Result<
     let cond = Conditions::at(now);
     let ca = Compiled::new(ma, ma.state(&cond));
     let cb = Compiled::new(mb, mb.state(&cond));
-    let names = |m: &Model| -> Vec<String> {
-        m.identity_ids()
-            .map(|i| m.identity_name(i).to_string())
-            .collect()
-    };
-    let (na, nb) = (names(ma), names(mb));
     let report = DiffReport {
         old: &a.path,
         new: &b.path,
-        identities_added: nb.iter().filter(|n| !na.contains(n)).cloned().collect(),
-        identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
-        changes: reach::diff((ma, &ca), (mb, &cb)),
+        plan: reach::plan(Some((ma, &ca)), (mb, &cb)),
     };
-    emit(fmt, &report, || diff_table(&report))?;
+    emit(fmt, &report, || plan_table(&wire_plan(&report.plan)))?;
     Ok(Outcome::Ok)
 }
 
-fn diff_table(r: &DiffReport<'_>) -> String {
+/// A plan as the controller sends it: ports as strings.
+pub fn wire_plan(p: &reach::Plan) -> bulkhead_proto::Plan {
+    bulkhead_proto::Plan {
+        identities_added: p.identities_added.clone(),
+        identities_removed: p.identities_removed.clone(),
+        changes: p
+            .changes
+            .iter()
+            .map(|c| bulkhead_proto::PairChange {
+                from: c.from.clone(),
+                to: c.to.clone(),
+                gained: c.gained.to_strings(),
+                lost: c.lost.to_strings(),
+            })
+            .collect(),
+    }
+}
+
+/// Reachability gained and lost, pair by pair, for people.
+pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
     let mut s = String::new();
-    for n in &r.identities_added {
+    for n in &p.identities_added {
         s += &format!("+ identity {n}\n");
     }
-    for n in &r.identities_removed {
+    for n in &p.identities_removed {
         s += &format!("- identity {n}\n");
     }
-    if r.changes.is_empty() {
+    if p.changes.is_empty() {
         s += "no change in reachability\n";
         return s;
     }
@@ -435,16 +445,23 @@ fn diff_table(r: &DiffReport<'_>) -> String {
         "GAINED".into(),
         "LOST".into(),
     ]];
-    for c in &r.changes {
+    let join = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    for c in &p.changes {
         rows.push(vec![
             c.from.clone(),
             c.to.clone(),
-            c.gained.to_string(),
-            c.lost.to_string(),
+            join(&c.gained),
+            join(&c.lost),
         ]);
     }
-    let gained = r.changes.iter().filter(|c| !c.gained.is_empty()).count();
-    let lost = r.changes.iter().filter(|c| !c.lost.is_empty()).count();
+    let gained = p.changes.iter().filter(|c| !c.gained.is_empty()).count();
+    let lost = p.changes.iter().filter(|c| !c.lost.is_empty()).count();
     s += &columns(&rows);
     s += &format!("{gained} pair(s) gain access, {lost} pair(s) lose access\n");
     s

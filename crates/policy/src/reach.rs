@@ -103,3 +103,43 @@ pub fn diff(old: (&Model, &Compiled), new: (&Model, &Compiled)) -> Vec<PairChang
         })
         .collect()
 }
+
+/// What applying a policy changes: identities added and removed, and reachability gained and
+/// lost pair by pair. Against no policy at all, everything the new one allows is gained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Identities only the new policy has.
+    pub identities_added: Vec<String>,
+    /// Identities only the old policy has.
+    pub identities_removed: Vec<String>,
+    /// Pair by pair, sorted by names.
+    pub changes: Vec<PairChange>,
+}
+
+/// The plan from `old` (if any) to `new`.
+pub fn plan(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> Plan {
+    let names = |m: &Model| -> Vec<String> {
+        m.identity_ids()
+            .map(|i| m.identity_name(i).to_string())
+            .collect()
+    };
+    let nb = names(new.0);
+    let na = old.map(|o| names(o.0)).unwrap_or_default();
+    let changes = match old {
+        Some(old) => diff(old, new),
+        None => reachability(new.0, new.1)
+            .into_iter()
+            .map(|r| PairChange {
+                from: new.0.identity_name(r.from).to_string(),
+                to: new.0.identity_name(r.to).to_string(),
+                gained: r.access,
+                lost: AccessSet::default(),
+            })
+            .collect(),
+    };
+    Plan {
+        identities_added: nb.iter().filter(|n| !na.contains(n)).cloned().collect(),
+        identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
+        changes,
+    }
+}

@@ -1,0 +1,282 @@
+//! The commands that talk to a controller: policy plan/apply/show, token create, nodes, revoke,
+//! status.
+//!
+//! Exit codes: a request the controller refused on its merits (an invalid policy, an unknown
+//! identity, a stale plan) exits 1; not being able to ask (no config, no connection, a refused
+//! credential) exits 2.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use bulkhead_proto::{
+    ApiError, ApplyResponse, CliConfig, Connection, NodeView, PlanResponse, PolicyRequest,
+    PolicyView, RevokeResponse, StatusView, TokenRequest, TokenResponse,
+};
+
+use crate::output::{Format, Outcome, columns, emit, time};
+use crate::policy::plan_table;
+
+/// Where the CLI's configuration is: `--config`, else `$BULKHEAD_CONFIG` (both handled by clap),
+/// else `~/.config/bulkhead/config.yaml`.
+fn config_path(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow!("no --config, no $BULKHEAD_CONFIG and no $HOME"))?;
+    Ok(PathBuf::from(home).join(".config/bulkhead/config.yaml"))
+}
+
+/// A connection to the configured controller.
+pub struct Remote {
+    rt: tokio::runtime::Runtime,
+    conn: Connection,
+}
+
+impl Remote {
+    /// Reads the configuration and connects.
+    pub fn connect(config: Option<&Path>) -> anyhow::Result<Remote> {
+        let path = config_path(config)?;
+        let cfg = CliConfig::load(&path).map_err(|e| {
+            anyhow!("{e}\n(the controller writes this file as STATE/admin.yaml on first start; pass it with --config or $BULKHEAD_CONFIG)")
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = cfg.client()?;
+        let conn = rt.block_on(client.connect())?;
+        Ok(Remote { rt, conn })
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<T, ApiError> {
+        self.rt.block_on(self.conn.get(path))
+    }
+
+    fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
+        self.rt.block_on(self.conn.post(path, body))
+    }
+}
+
+/// Turns a refusal on the merits into exit 1 (after printing it), anything else into exit 2.
+fn refused<T>(r: Result<T, ApiError>) -> anyhow::Result<Result<T, Outcome>> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(ApiError::Api { status, body }) if !matches!(status, 401 | 403) && status < 500 => {
+            eprintln!("bulkhead: {}", body.message);
+            for d in &body.details {
+                eprintln!("{d}");
+            }
+            Ok(Err(Outcome::Failed))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn read_policy(file: &Path) -> anyhow::Result<PolicyRequest> {
+    Ok(PolicyRequest {
+        text: std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+        source: file.display().to_string(),
+        base_revision: None,
+    })
+}
+
+/// `bulkhead policy plan FILE`.
+pub fn plan(r: &mut Remote, file: &Path, fmt: Format) -> anyhow::Result<Outcome> {
+    let req = read_policy(file)?;
+    let p: PlanResponse = match refused(r.post("/v1/policy/plan", &req))? {
+        Ok(p) => p,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &p, || {
+        format!(
+            "against live revision {}:\n{}",
+            p.base_revision,
+            plan_table(&p.plan)
+        )
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead policy apply FILE [--yes]`: plan, show, confirm, apply against the planned revision.
+pub fn apply(r: &mut Remote, file: &Path, yes: bool, fmt: Format) -> anyhow::Result<Outcome> {
+    let mut req = read_policy(file)?;
+    let p: PlanResponse = match refused(r.post("/v1/policy/plan", &req))? {
+        Ok(p) => p,
+        Err(o) => return Ok(o),
+    };
+    // The plan goes to stderr when the result is machine-readable, so stdout stays one document.
+    let shown = format!(
+        "against live revision {}:\n{}",
+        p.base_revision,
+        plan_table(&p.plan)
+    );
+    if fmt == Format::Table {
+        print!("{shown}");
+    } else {
+        eprint!("{shown}");
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(anyhow!(
+                "not applied: confirm with --yes when not running interactively"
+            ));
+        }
+        eprint!("apply this plan? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("not applied");
+            return Ok(Outcome::Failed);
+        }
+    }
+    req.base_revision = Some(p.base_revision);
+    let a: ApplyResponse = match refused(r.post("/v1/policy/apply", &req))? {
+        Ok(a) => a,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &a, || {
+        if a.changed {
+            format!("applied: revision {}\n", a.revision)
+        } else {
+            format!("no change: revision {} is already live\n", a.revision)
+        }
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead policy show`.
+pub fn show(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let p: PolicyView = match refused(r.get("/v1/policy"))? {
+        Ok(p) => p,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &p, || {
+        format!(
+            "# revision {}, applied {} by {} from {}\n{}",
+            p.revision,
+            time(p.applied_at),
+            p.applied_by,
+            p.source,
+            p.text
+        )
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead token create IDENTITY [--ttl D]`: the token alone on stdout.
+pub fn token(r: &mut Remote, identity: &str, ttl: &str, fmt: Format) -> anyhow::Result<Outcome> {
+    let secs = bulkhead_policy::parse_duration(ttl).map_err(|e| anyhow!("--ttl: {e}"))?;
+    let req = TokenRequest {
+        identity: identity.to_string(),
+        ttl: u64::try_from(secs).unwrap_or(0),
+    };
+    let t: TokenResponse = match refused(r.post("/v1/tokens", &req))? {
+        Ok(t) => t,
+        Err(o) => return Ok(o),
+    };
+    if let Some(w) = &t.warning {
+        eprintln!("bulkhead: warning: {w}");
+    }
+    emit(fmt, &t, || format!("{}\n", t.token))?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead nodes`.
+pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let nodes: Vec<NodeView> = match refused(r.get("/v1/nodes"))? {
+        Ok(n) => n,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &nodes, || {
+        let dash = || "-".to_string();
+        let mut rows = vec![
+            [
+                "IDENTITY",
+                "ADDRESS",
+                "ENDPOINT",
+                "STATE",
+                "LAST SEEN",
+                "REVISION",
+                "STATUS",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for n in &nodes {
+            let state = match (n.in_policy, n.enrolled, n.online) {
+                (_, true, true) => "online",
+                (_, true, false) => "offline",
+                (true, false, _) => "not enrolled",
+                (false, false, _) => "-",
+            };
+            let state = if n.enrolled && !n.in_policy {
+                format!("{state} (not in policy)")
+            } else {
+                state.to_string()
+            };
+            rows.push(vec![
+                n.identity.clone(),
+                n.address.map_or_else(dash, |a| a.to_string()),
+                n.endpoint.map_or_else(dash, |e| e.to_string()),
+                state,
+                n.last_seen.map_or_else(dash, time),
+                n.revision.map_or_else(dash, |r| r.to_string()),
+                n.status.clone().unwrap_or_else(dash),
+            ]);
+        }
+        columns(&rows)
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead revoke IDENTITY`.
+pub fn revoke(r: &mut Remote, identity: &str, fmt: Format) -> anyhow::Result<Outcome> {
+    let path = format!("/v1/nodes/{identity}/revoke");
+    let v: RevokeResponse = match refused(r.post(&path, &()))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &v, || {
+        if v.was_enrolled {
+            format!(
+                "revoked {}: every peer drops it; it needs a new token to return\n",
+                v.identity
+            )
+        } else {
+            format!(
+                "revoked {}'s unused join tokens (no node was enrolled)\n",
+                v.identity
+            )
+        }
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead status`.
+pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let s: StatusView = match refused(r.get("/v1/status"))? {
+        Ok(s) => s,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &s, || {
+        columns(&[
+            vec!["controller".into(), s.url.clone()],
+            vec!["version".into(), s.version.clone()],
+            vec!["store".into(), s.store.clone()],
+            vec!["policy revision".into(), s.revision.to_string()],
+            vec!["identities".into(), s.identities.to_string()],
+            vec!["enrolled".into(), s.enrolled.to_string()],
+            vec!["online".into(), s.online.to_string()],
+            vec!["on the live revision".into(), s.current.to_string()],
+            vec!["uptime".into(), format!("{} s", s.uptime)],
+        ])
+    })?;
+    Ok(Outcome::Ok)
+}

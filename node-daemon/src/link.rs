@@ -1,0 +1,190 @@
+//! The daemon's link to the controller: enrollment, then one long-lived stream of its own
+//! configuration, and reports of what it enforces.
+//!
+//! The link never touches the data plane: it hands what the controller said to the daemon loop
+//! ([`Update`]) and reads back what the loop applied ([`Applied`]). When the controller cannot
+//! be reached, the link retries with capped, jittered exponential backoff and the loop keeps
+//! enforcing what it has: the link going away is never a reason to let more through.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkhead_dataplane::Config;
+use bulkhead_proto::tls::{CredentialKey, Identity, Trust};
+use bulkhead_proto::{ApiError, Client, JoinRequest, JoinResponse, NodeMessage, Report, Token};
+use tokio::sync::{mpsc, watch};
+
+use crate::state::{Enrollment, StateDir, load_or_create_key};
+
+/// Enrolls with a join token: creates the keys locally, sends only their public halves, saves
+/// the credential. Returns the enrollment.
+pub async fn join(state: &StateDir, token: &str) -> anyhow::Result<Enrollment> {
+    let t = Token::decode(token).map_err(anyhow::Error::msg)?;
+    let wg = load_or_create_key(&state.0)?;
+    let cred = CredentialKey::generate()?;
+    let client = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None)?;
+    let resp: JoinResponse = client
+        .connect()
+        .await?
+        .post(
+            "/v1/join",
+            &JoinRequest {
+                secret: t.secret.clone(),
+                wireguard_key: bulkhead_dataplane::public_key(&wg),
+                credential_key: cred.public().to_base64(),
+            },
+        )
+        .await
+        .context("join refused")?;
+    let mut controllers = resp.controllers;
+    for u in t.urls {
+        if !controllers.contains(&u) {
+            controllers.push(u);
+        }
+    }
+    let e = Enrollment {
+        identity: resp.identity,
+        certificate: resp.certificate,
+        key: cred.pem(),
+        ca: resp.ca,
+        controllers,
+    };
+    state.save_enrollment(&e)?;
+    Ok(e)
+}
+
+/// What the controller told the daemon.
+#[derive(Debug)]
+pub enum Update {
+    /// Enforce this configuration.
+    Config(Box<Config>),
+    /// There is no allowlist for this identity: let nothing pass.
+    NoPolicy,
+    /// The credential was refused: revoked. Let nothing pass.
+    Revoked,
+}
+
+/// What the daemon loop enforces, for reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The policy revision in force, if any.
+    pub revision: Option<u64>,
+    /// Peers with a tunnel.
+    pub peers: usize,
+}
+
+/// How often a node reports even when nothing changed.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a revoked node asks again (an operator may have re-enrolled it meanwhile).
+const REVOKED_RETRY: Duration = Duration::from_secs(30);
+
+/// Runs the link until the daemon stops.
+pub async fn run(
+    enrollment: Enrollment,
+    listen_port: u16,
+    endpoint: Option<SocketAddr>,
+    updates: mpsc::Sender<Update>,
+    mut applied: watch::Receiver<Applied>,
+) {
+    let client = match Client::new(
+        &enrollment.controllers,
+        &Trust::Ca(enrollment.ca.clone()),
+        Some(&Identity {
+            cert_pem: enrollment.certificate.clone(),
+            key_pem: enrollment.key.clone(),
+        }),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "enrollment unusable; nothing passes");
+            let _ = updates.send(Update::Revoked).await;
+            return;
+        }
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let wait = match session(&client, listen_port, endpoint, &updates, &mut applied).await {
+            Ok(()) => {
+                tracing::warn!("controller ended the stream; reconnecting");
+                backoff = BACKOFF_MIN;
+                BACKOFF_MIN
+            }
+            Err(e @ ApiError::Api { status: 401, .. }) => {
+                tracing::error!(error = %e, "the controller refuses this node's credential (revoked?): nothing passes; join again with a new token");
+                if updates.send(Update::Revoked).await.is_err() {
+                    return;
+                }
+                REVOKED_RETRY
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; enforcing the last allowlist");
+                let w = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                w
+            }
+        };
+        if updates.is_closed() {
+            return;
+        }
+        tokio::time::sleep(jitter(wait)).await;
+    }
+}
+
+/// Up to 25% less than `d`, so that nodes do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(1.0 - f64::from(nanos % 1000) / 4000.0)
+}
+
+/// One connection: the stream, and reports on it. Returns when the stream ends.
+async fn session(
+    client: &Client,
+    listen_port: u16,
+    endpoint: Option<SocketAddr>,
+    updates: &mpsc::Sender<Update>,
+    applied: &mut watch::Receiver<Applied>,
+) -> Result<(), ApiError> {
+    let mut conn = client.connect().await?;
+    let mut lines = conn.stream("/v1/node/stream").await?;
+    tracing::info!(controller = conn.url(), "connected to the controller");
+    let report = |a: &Applied| Report {
+        endpoint,
+        listen_port,
+        revision: a.revision,
+        status: "ok".into(),
+        peers: a.peers,
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    loop {
+        tokio::select! {
+            m = lines.next::<NodeMessage>() => {
+                let u = match m? {
+                    None => return Ok(()),
+                    Some(NodeMessage::Config(c)) => Update::Config(Box::new(c)),
+                    Some(NodeMessage::NoPolicy { .. }) => Update::NoPolicy,
+                };
+                if updates.send(u).await.is_err() {
+                    return Ok(());
+                }
+            }
+            r = applied.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let rep = report(&applied.borrow_and_update().clone());
+                let _: serde_json::Value = conn.post("/v1/node/report", &rep).await?;
+            }
+            _ = tick.tick() => {
+                let rep = report(&applied.borrow().clone());
+                let _: serde_json::Value = conn.post("/v1/node/report", &rep).await?;
+            }
+        }
+    }
+}
