@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bulkhead_dataplane::{Config, Key, PeerInfo};
-use bulkhead_e2e::netns::{self, Lab};
-use bulkhead_e2e::{bin, run};
+use bulkhead_e2e::netns::Lab;
+use bulkhead_e2e::{bin, netns_ok, run};
 use bulkhead_policy::{Compiled, Conditions};
 
 const PORT: u16 = 51820;
@@ -26,21 +26,6 @@ segments:
 rules:
   - { name: web-to-db, from: [webs], to: [dbs], ports: [tcp/5432, icmp] }
 ";
-
-/// Whether namespace tests can run here. They must, unless BULKHEAD_SKIP_NETNS says otherwise:
-/// a test that quietly does nothing would hide a broken setup.
-fn netns_ok() -> bool {
-    match netns::available() {
-        Ok(()) => true,
-        Err(why) if std::env::var_os("BULKHEAD_SKIP_NETNS").is_some() => {
-            eprintln!("skipping: {why}");
-            false
-        }
-        Err(why) => panic!(
-            "namespace tests need root, ip netns and /dev/net/tun: {why} (BULKHEAD_SKIP_NETNS=1 skips them)"
-        ),
-    }
-}
 
 /// A lab running one daemon per identity of `policy`, each enforcing its compiled allowlist.
 struct Overlay {

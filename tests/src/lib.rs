@@ -3,7 +3,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, as `scripts/test.sh`
 //! does); a test that finds none fails with that advice rather than testing something stale.
 
-pub mod netns;
+pub use bulkhead_netlab as netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -71,36 +71,19 @@ pub fn run(name: &str, args: &[&str]) -> Run {
         .into()
 }
 
-/// A directory under the system temp dir, removed when dropped.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub use bulkhead_netlab::TempDir;
 
-impl TempDir {
-    /// Creates a fresh, empty directory.
-    pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let p = std::env::temp_dir().join(format!("bulkhead-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes a file in it and returns its path as a string.
-    pub fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).expect("write temp file");
-        p.display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Whether namespace tests can run here. They must, unless BULKHEAD_SKIP_NETNS says otherwise:
+/// a test that quietly does nothing would hide a broken setup.
+pub fn netns_ok() -> bool {
+    match netns::available() {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("BULKHEAD_SKIP_NETNS").is_some() => {
+            eprintln!("skipping: {why}");
+            false
+        }
+        Err(why) => panic!(
+            "namespace tests need root, ip netns and /dev/net/tun: {why} (BULKHEAD_SKIP_NETNS=1 skips them)"
+        ),
     }
 }

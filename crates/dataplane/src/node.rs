@@ -200,6 +200,10 @@ struct PeerState {
     index: u32,
     /// Index of the peer in the allowlist's `peers`.
     entry: usize,
+    /// Start a handshake at the next tick: the peer is new, or its endpoint is. A node that
+    /// restarted thus tells its peers at once, instead of waiting for their session to time
+    /// out before they notice (WireGuard's ~15 s).
+    greet: bool,
 }
 
 /// One identity's data plane.
@@ -325,6 +329,7 @@ impl Node {
             let state = match old.remove(&*peer.name) {
                 Some(mut p) if p.key == info.public_key => {
                     p.address = peer.address;
+                    p.greet |= info.endpoint.is_some() && info.endpoint != p.endpoint;
                     p.endpoint = info.endpoint.or(p.endpoint);
                     p.entry = entry;
                     p
@@ -348,6 +353,7 @@ impl Node {
                         ),
                         index,
                         entry,
+                        greet: true,
                     }
                 }
             };
@@ -656,6 +662,16 @@ impl Node {
             self.last_rate_reset = Some(now.instant);
         }
         for p in &mut self.peers {
+            if p.greet
+                && let Some(to) = p.endpoint
+            {
+                p.greet = false;
+                if let TunnResult::WriteToNetwork(out) =
+                    p.tunn.format_handshake_initiation(&mut self.buf, false)
+                {
+                    sink.to_network(to, out);
+                }
+            }
             if let TunnResult::WriteToNetwork(out) = p.tunn.update_timers(&mut self.buf)
                 && let Some(to) = p.endpoint
             {

@@ -1,14 +1,54 @@
-//! A lab of network namespaces joined by a bridge, for tests that run real daemons.
+//! A lab of network namespaces joined by a bridge, for tests and the demo that run real daemons,
+//! and the probes that send traffic across it.
 //!
 //! Every namespace, link and process a lab creates is removed when it is dropped, also when the
-//! test fails. Traffic stays inside the lab: the underlay is 198.18.0.0/24 (the range RFC 2544
-//! sets aside for benchmarks), on a bridge in a namespace of the lab's own.
+//! test fails or the demo is interrupted. Traffic stays inside the lab: the underlay is
+//! 198.18.0.0/24 (the range RFC 2544 sets aside for benchmarks), on a bridge in a namespace of
+//! the lab's own.
+//!
+//! Setting up a lab panics on failure (it is test equipment); check [`available`] first.
+
+#![forbid(unsafe_code)]
+
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::TempDir;
+/// A directory under the system temp dir, removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh, empty directory.
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let p = std::env::temp_dir().join(format!("bulkhead-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes a file in it and returns its path as a string.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Whether this machine can run namespace tests: root, `ip netns`, `/dev/net/tun`.
 pub fn available() -> Result<(), String> {
@@ -167,7 +207,8 @@ impl Lab {
         }
     }
 
-    /// Waits up to `limit` for a started process to exit; returns its exit code.
+    /// Waits up to `limit` for a started process to exit; returns its exit code (128 + the
+    /// signal if a signal ended it), or `None` if it is still running.
     pub fn wait(&mut self, host: &str, label: &str, limit: Duration) -> Option<i32> {
         let key = format!("{host}/{label}");
         let end = Instant::now() + limit;
@@ -175,7 +216,8 @@ impl Lab {
         while Instant::now() < end {
             if let Ok(Some(status)) = self.children[i].1.try_wait() {
                 self.children.remove(i);
-                return status.code();
+                use std::os::unix::process::ExitStatusExt;
+                return status.code().or_else(|| status.signal().map(|s| 128 + s));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1,0 +1,166 @@
+//! Traffic probes, run inside a lab's namespaces (by `bh-probe` in the tests and by the hidden
+//! `bulkhead probe` in the demo):
+//!
+//! - `listen PORT[,PORT…] SECONDS`: accept TCP connections on every port and echo what they
+//!   send; exit after SECONDS.
+//! - `connect ADDR PORT TIMEOUT_MS`: connect, send a line, wait for the echo. Exit 0 if the echo
+//!   came back in time, 1 if not.
+//! - `hold ADDR PORT SECONDS`: open one connection and exchange a line on it every 20 ms for
+//!   SECONDS. Exit 0 if every exchange worked; else print `broken after MS ms at UNIX_MS` and
+//!   exit 1.
+//!
+//! Every loop is bounded in time, so a probe never outlives its caller by more than SECONDS.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Runs a probe command; returns the exit code.
+pub fn run(args: &[String]) -> u8 {
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
+    match arg(0) {
+        "listen" => {
+            let ports: Vec<u16> = arg(1).split(',').filter_map(|p| p.parse().ok()).collect();
+            listen(&ports, Duration::from_secs(arg(2).parse().unwrap_or(10)))
+        }
+        "connect" => match arg(1).parse::<IpAddr>() {
+            Ok(ip) => u8::from(!connect(
+                ip,
+                arg(2).parse().unwrap_or(0),
+                Duration::from_millis(arg(3).parse().unwrap_or(1000)),
+            )),
+            Err(_) => 2,
+        },
+        "hold" => match arg(1).parse::<IpAddr>() {
+            Ok(ip) => {
+                match hold(
+                    ip,
+                    arg(2).parse().unwrap_or(0),
+                    Duration::from_secs(arg(3).parse().unwrap_or(10)),
+                ) {
+                    Ok(()) => 0,
+                    Err(b) => {
+                        println!(
+                            "broken after {} ms at {}",
+                            b.after.as_millis(),
+                            b.at_unix_ms
+                        );
+                        1
+                    }
+                }
+            }
+            Err(_) => 2,
+        },
+        _ => {
+            eprintln!(
+                "usage: probe listen PORT[,PORT...] SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS"
+            );
+            2
+        }
+    }
+}
+
+/// Echoes on every port until `limit` passes. Exit code 2 if a port cannot be bound.
+pub fn listen(ports: &[u16], limit: Duration) -> u8 {
+    let mut listeners = Vec::new();
+    for &port in ports {
+        let Ok(l) = TcpListener::bind(("0.0.0.0", port)) else {
+            eprintln!("probe: cannot listen on {port}");
+            return 2;
+        };
+        let _ = l.set_nonblocking(true);
+        listeners.push(l);
+    }
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        let mut idle = true;
+        for l in &listeners {
+            if let Ok((s, _)) = l.accept() {
+                idle = false;
+                std::thread::spawn(move || echo(s, end));
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    0
+}
+
+fn echo(s: TcpStream, end: Instant) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while Instant::now() < end {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+/// One exchange on a new connection, within `timeout` for the connect and again for the echo.
+pub fn connect(ip: IpAddr, port: u16, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if s.write_all(b"bulkhead probe\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok() && line == "bulkhead probe\n"
+}
+
+/// When a held connection stopped working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broken {
+    /// Since the hold started, to the send of the first exchange that failed.
+    pub after: Duration,
+    /// That send, in Unix milliseconds (to compare with when a change was made).
+    pub at_unix_ms: u128,
+}
+
+/// Keeps one connection busy for `limit`; `Err` when an exchange fails (500 ms each).
+pub fn hold(ip: IpAddr, port: u16, limit: Duration) -> Result<(), Broken> {
+    let start = Instant::now();
+    let broken = |sent: Instant| Broken {
+        after: sent - start,
+        at_unix_ms: std::time::SystemTime::now()
+            .checked_sub(sent.elapsed())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis()),
+    };
+    let t = Duration::from_millis(500);
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), t) else {
+        return Err(broken(start));
+    };
+    let _ = s.set_read_timeout(Some(t));
+    let Ok(r) = s.try_clone() else {
+        return Err(broken(start));
+    };
+    let mut r = BufReader::new(r);
+    let mut line = String::new();
+    while start.elapsed() < limit {
+        let sent = Instant::now();
+        line.clear();
+        let ok =
+            s.write_all(b"hold\n").is_ok() && r.read_line(&mut line).is_ok() && line == "hold\n";
+        if !ok {
+            return Err(broken(sent));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
