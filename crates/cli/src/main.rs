@@ -1,5 +1,6 @@
 //! `bulkhead`, the operator CLI. A thin shell: the policy logic lives in `bulkhead-policy`.
 
+mod demo;
 mod matrix;
 mod online;
 mod output;
@@ -52,6 +53,23 @@ enum Command {
     },
     /// The controller's state.
     Status,
+    /// Run the whole overlay on this machine (as root): a controller and a daemon per identity,
+    /// each in its own network namespace; probe every pair and compare with the policy.
+    Demo {
+        /// Exit after one pass: 0 only if the network did exactly what the policy says.
+        #[arg(long)]
+        check: bool,
+        /// The policy to enforce (default: the built-in deploy/examples/three-tier.yaml).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+    },
+    /// Traffic probes run inside the demo's namespaces.
+    #[command(hide = true)]
+    Probe {
+        /// listen PORTS SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -183,6 +201,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Nodes => online::nodes(&mut remote()?, fmt),
         Command::Revoke { identity } => online::revoke(&mut remote()?, &identity, fmt),
         Command::Status => online::status(&mut remote()?, fmt),
+        Command::Demo { check, policy } => demo::demo(check, policy.as_deref(), fmt),
+        Command::Probe { args } => Ok(match bulkhead_netlab::probe::run(&args) {
+            0 => Outcome::Ok,
+            _ => Outcome::Failed,
+        }),
         Command::Policy(p) => match p {
             PolicyCommand::Check { file, when } => policy::check(&file, &when, fmt),
             PolicyCommand::Test { file, when } => policy::test(&file, &when, fmt),
