@@ -25,7 +25,7 @@ fn the_demo_matches_the_policy_and_cleans_up() {
     // Six identities, 30 ordered pairs, five probes each (icmp, tcp/22, 5432, 8080, 9000).
     assert_eq!(probes.len(), 150);
     let allowed = probes.iter().filter(|p| p["network"] == "allow").count();
-    assert!(allowed >= 10 && allowed < 150, "{allowed} allowed");
+    assert!((10..150).contains(&allowed), "{allowed} allowed");
     assert!(
         probes
             .iter()
