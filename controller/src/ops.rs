@@ -443,6 +443,8 @@ impl Controller {
                     online: p.is_some_and(|p| p.streams > 0),
                     last_seen: p.and_then(|p| p.last_seen),
                     revision: report.and_then(|r| r.revision),
+                    in_sync: v.nodes.contains_key(&n)
+                        && report.and_then(|r| r.revision) == v.expected_revision(&n),
                     status: report.map(|r| r.status.clone()),
                     identity: n,
                 }
@@ -462,14 +464,14 @@ impl Controller {
             identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
             enrolled: v.nodes.len(),
             online: v.presence.values().filter(|p| p.streams > 0).count(),
-            current: v
+            in_sync: v
                 .nodes
                 .keys()
                 .filter(|n| {
                     v.presence
                         .get(*n)
                         .and_then(|p| p.report.as_ref())
-                        .is_some_and(|r| r.revision == Some(rev))
+                        .is_some_and(|r| r.revision == v.expected_revision(n))
                 })
                 .count(),
             uptime: self.started.elapsed().as_secs(),

@@ -90,6 +90,11 @@ impl View {
         self.live.as_ref().map_or(0, |l| l.record.revision)
     }
 
+    /// The revision of the allowlist an identity should enforce, if it has one.
+    pub fn expected_revision(&self, identity: &str) -> Option<u64> {
+        self.allowlists.get(identity).map(|l| l.revision)
+    }
+
     /// The message an identity's node should have now.
     fn message_for(&self, identity: &str) -> NodeMessage {
         let Some(list) = self.allowlists.get(identity) else {
@@ -160,10 +165,20 @@ impl View {
             return;
         };
         let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
+        // An allowlist's revision is the policy revision that last changed it: an apply that
+        // does not touch a node sends it nothing.
+        let old = std::mem::take(&mut self.allowlists);
         self.allowlists = compiled
             .allowlists(&model, record.revision)
             .into_iter()
-            .map(|l| (l.identity.clone(), l))
+            .map(|mut l| {
+                if let Some(o) = old.get(&l.identity)
+                    && o.diff(&l).is_empty()
+                {
+                    l.revision = o.revision;
+                }
+                (l.identity.clone(), l)
+            })
             .collect();
         self.live = Some(Live {
             record,

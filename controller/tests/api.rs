@@ -213,20 +213,27 @@ async fn enrollment_and_distribution() {
         }
     }
     assert!(got_endpoint, "the peer's reported endpoint reached web-1");
-    // `other` is in no rule: an applied change to it sends web-1 nothing.
+    // `other` is in no rule: an applied change to it sends web-1 nothing...
     let changed = POLICY.replace(
         "other: {labels: {tier: none}}",
         "other: {labels: {tier: none2}}",
     );
     assert_eq!(f.apply(&changed).await.unwrap().revision, 2);
-    // web-1's allowlist carries the revision, so it does get revision 2 (nothing else changed).
+    let quiet = tokio::time::timeout(Duration::from_millis(500), s.next::<NodeMessage>()).await;
+    assert!(
+        quiet.is_err(),
+        "an untouched node is sent nothing: {quiet:?}"
+    );
+    // ...and a change to its own rule does, with the new revision.
+    let port = changed.replace("tcp/5432", "tcp/5433");
+    assert_eq!(f.apply(&port).await.unwrap().revision, 3);
     match next(&mut s).await {
-        Some(NodeMessage::Config(c)) => assert_eq!(c.allowlist.revision, 2),
+        Some(NodeMessage::Config(c)) => assert_eq!(c.allowlist.revision, 3),
         m => panic!("{m:?}"),
     }
     // The live policy and node list.
     let p: PolicyView = f.admin().await.get("/v1/policy").await.unwrap();
-    assert_eq!(p.revision, 2);
+    assert_eq!(p.revision, 3);
     let nodes: Vec<bulkhead_proto::NodeView> = f.admin().await.get("/v1/nodes").await.unwrap();
     let web = nodes.iter().find(|n| n.identity == "web-1").unwrap();
     assert!(web.enrolled && web.online && web.in_policy);

@@ -160,19 +160,19 @@ impl Cluster {
         r.json().as_array().cloned().unwrap_or_default()
     }
 
-    /// Waits until every daemon is online and reports `revision`.
-    fn converge(&mut self, revision: u64, names: &[&str]) {
+    /// Waits until every daemon is online and enforces the allowlist the live policy gives it.
+    fn converge(&mut self, names: &[&str]) {
         let ok = Lab::until(Duration::from_secs(20), || {
             let nodes = self.nodes();
             names.iter().all(|n| {
-                nodes.iter().any(|v| {
-                    v["identity"] == *n && v["online"] == true && v["revision"] == revision
-                })
+                nodes
+                    .iter()
+                    .any(|v| v["identity"] == *n && v["online"] == true && v["in_sync"] == true)
             })
         });
         assert!(
             ok,
-            "nodes did not converge on revision {revision}: {:#?}\n{}",
+            "nodes did not converge: {:#?}\n{}",
             self.nodes(),
             self.logs()
         );
@@ -331,7 +331,7 @@ fn the_overlay_end_to_end() {
         c.start_daemon(n, "bulkheadd", Some(&t));
         tokens.insert(n, t);
     }
-    c.converge(1, &NODES);
+    c.converge(&NODES);
     for n in NODES {
         let probe = bin("bh-probe").display().to_string();
         c.lab
@@ -413,7 +413,16 @@ fn the_overlay_end_to_end() {
         "api-1 -> db-1 must not be disturbed"
     );
     assert!(!c.connect("web-2", "api-1", 9000), "and no new flow either");
-    c.converge(2, &NODES);
+    c.converge(&NODES);
+    // Only the nodes whose allowlist changed were sent revision 2; db-1's did not change.
+    let revs: BTreeMap<String, u64> = c
+        .nodes()
+        .iter()
+        .filter_map(|v| Some((v["identity"].as_str()?.to_string(), v["revision"].as_u64()?)))
+        .collect();
+    assert_eq!(revs["web-2"], 2);
+    assert_eq!(revs["api-1"], 2);
+    assert_eq!(revs["db-1"], 1, "{revs:?}");
 
     // --- Bad input: a policy that fails validation or its tests is refused whole, exit 1.
     let bad = c
@@ -481,7 +490,7 @@ fn the_overlay_end_to_end() {
         c.cli(&["policy", "show", "-o", "json"]).json()["revision"],
         2
     );
-    c.converge(2, &NODES);
+    c.converge(&NODES);
     let nodes = c.nodes();
     assert!(nodes.iter().all(|n| n["enrolled"] == true), "{nodes:?}");
 

@@ -344,7 +344,7 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
         bail!("the daemons did not all enroll and apply the policy in 30 s:\n{logs}");
     }
     eprintln!(
-        "demo: {} daemons enrolled and enforcing revision 1; probing every pair",
+        "demo: {} daemons enrolled and enforcing the policy; probing every pair",
         ids.len()
     );
 

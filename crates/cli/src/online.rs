@@ -211,7 +211,8 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         ];
         for n in &nodes {
             let state = match (n.in_policy, n.enrolled, n.online) {
-                (_, true, true) => "online",
+                (_, true, true) if n.in_sync => "online",
+                (_, true, true) => "online, syncing",
                 (_, true, false) => "offline",
                 (true, false, _) => "not enrolled",
                 (false, false, _) => "-",
@@ -274,7 +275,7 @@ pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
             vec!["identities".into(), s.identities.to_string()],
             vec!["enrolled".into(), s.enrolled.to_string()],
             vec!["online".into(), s.online.to_string()],
-            vec!["on the live revision".into(), s.current.to_string()],
+            vec!["in sync".into(), s.in_sync.to_string()],
             vec!["uptime".into(), format!("{} s", s.uptime)],
         ])
     })?;

@@ -216,8 +216,10 @@ pub struct NodeView {
     pub online: bool,
     /// The last report, Unix seconds.
     pub last_seen: Option<i64>,
-    /// The policy revision it has applied.
+    /// The revision of the allowlist it has applied: the policy revision that last changed it.
     pub revision: Option<u64>,
+    /// Whether it enforces the allowlist the live policy gives it.
+    pub in_sync: bool,
     /// Its reported status.
     pub status: Option<String>,
 }
@@ -248,8 +250,8 @@ pub struct StatusView {
     pub enrolled: usize,
     /// Nodes with an open stream.
     pub online: usize,
-    /// Nodes whose applied revision is the live one.
-    pub current: usize,
+    /// Enrolled nodes that enforce the allowlist the live policy gives them.
+    pub in_sync: usize,
     /// Seconds since the controller started.
     pub uptime: u64,
 }

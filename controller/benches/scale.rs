@@ -1,0 +1,293 @@
+//! Scale benchmark: one controller (a separate process) and many simulated daemons on real TLS
+//! connections, each enrolled with its own token, holding its stream and acknowledging every
+//! configuration with a report, as `bulkheadd` does.
+//!
+//! It measures, per apply, the time from the start of `policy apply` until each node has
+//! acknowledged the new allowlist (every apply here changes every node's allowlist), and the
+//! controller's memory (VmRSS and VmHWM from /proc).
+//!
+//! ```sh
+//! cargo bench -p bulkhead-controller --bench scale                  # 1,000 nodes, 10 applies
+//! BH_SCALE_NODES=2000 BH_SCALE_APPLIES=5 cargo bench -p bulkhead-controller --bench scale
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_proto::tls::{CredentialKey, Identity, Trust};
+use bulkhead_proto::{
+    ApplyResponse, CliConfig, Client, JoinRequest, JoinResponse, NodeMessage, PolicyRequest,
+    Report, Token, TokenRequest, TokenResponse,
+};
+
+const TIERS: usize = 20;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `n` identities in 20 tiers; tier k may open tier k+1 on one port. `shift` moves every port,
+/// so that each apply changes every identity's allowlist.
+fn policy(n: usize, shift: usize) -> String {
+    let mut s =
+        String::from("version: 1\nnetwork: { name: scale, cidr: 10.64.0.0/12 }\nidentities:\n");
+    for i in 0..n {
+        s += &format!("  n{i:05}: {{ labels: {{ tier: t{} }} }}\n", i % TIERS);
+    }
+    s += "segments:\n";
+    for k in 0..TIERS {
+        s += &format!("  t{k}: {{ match: {{ tier: t{k} }} }}\n");
+    }
+    s += "rules:\n";
+    for k in 0..TIERS - 1 {
+        s += &format!(
+            "  - {{ name: r{k}, from: [t{k}], to: [t{}], ports: [tcp/{}] }}\n",
+            k + 1,
+            1000 + shift * 100 + k
+        );
+    }
+    s
+}
+
+fn controller_process() {
+    let dir = std::env::var("BH_SCALE_CONTROLLER_DIR").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = bulkhead_controller::start(bulkhead_controller::Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state: dir.into(),
+            store: None,
+            policy: None,
+            advertise_url: None,
+        })
+        .await
+        .unwrap();
+        println!("ready {}", h.admin.display());
+        // Runs until the benchmark closes stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        })
+        .await
+        .unwrap();
+        h.stop();
+    });
+}
+
+fn memory(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Per node: the revisions it acknowledged, and when.
+type Acks = Arc<Mutex<HashMap<usize, Vec<(u64, Instant)>>>>;
+
+async fn fake_daemon(
+    i: usize,
+    token: String,
+    acks: Acks,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let t = Token::decode(&token).unwrap();
+    let key = CredentialKey::generate().unwrap();
+    let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+    let joiner = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None).unwrap();
+    let j: JoinResponse = joiner
+        .connect()
+        .await
+        .unwrap()
+        .post(
+            "/v1/join",
+            &JoinRequest {
+                secret: t.secret,
+                wireguard_key: wg,
+                credential_key: key.public().to_base64(),
+            },
+        )
+        .await
+        .unwrap();
+    let client = Client::new(
+        &t.urls,
+        &Trust::Ca(j.ca),
+        Some(&Identity {
+            cert_pem: j.certificate,
+            key_pem: key.pem(),
+        }),
+    )
+    .unwrap();
+    let mut conn = client.connect().await.unwrap();
+    let mut lines = conn.stream("/v1/node/stream").await.unwrap();
+    drop(permit); // enrolled and streaming: let the next one start
+    while let Ok(Some(m)) = lines.next::<NodeMessage>().await {
+        let NodeMessage::Config(c) = m else { continue };
+        let rev = c.allowlist.revision;
+        let r = Report {
+            endpoint: Some(format!("127.0.0.1:{}", 20000 + i).parse().unwrap()),
+            listen_port: 51820,
+            revision: Some(rev),
+            status: "ok".into(),
+            peers: c.peers.len(),
+            version: String::new(),
+        };
+        // The report rides on the stream's own connection, as bulkheadd's does.
+        let _: serde_json::Value = conn.post("/v1/node/report", &r).await.unwrap();
+        acks.lock()
+            .unwrap()
+            .entry(i)
+            .or_default()
+            .push((rev, Instant::now()));
+    }
+}
+
+async fn wait_all(acks: &Acks, n: usize, rev: u64, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        let done = acks
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| v.iter().any(|(r, _)| *r == rev))
+            .count();
+        if done == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+fn main() {
+    if std::env::var_os("BH_SCALE_CONTROLLER_DIR").is_some() {
+        return controller_process();
+    }
+    if std::env::args().any(|a| a == "--list") {
+        return; // cargo test --benches lists benchmarks; there is nothing to list
+    }
+    let n = env("BH_SCALE_NODES", 1000);
+    let applies = env("BH_SCALE_APPLIES", 10);
+    let dir = std::env::temp_dir().join(format!("bh-scale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("BH_SCALE_CONTROLLER_DIR", &dir)
+        .env("BULKHEAD_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let admin_path = line
+        .trim()
+        .strip_prefix("ready ")
+        .expect("controller did not start")
+        .to_string();
+    let pid = child.id();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let admin = CliConfig::load(std::path::Path::new(&admin_path)).unwrap();
+        let mut a = admin.client().unwrap().connect().await.unwrap();
+        let apply = |shift: usize| PolicyRequest {
+            text: policy(n, shift),
+            source: "scale.yaml".into(),
+            base_revision: None,
+        };
+        let r: ApplyResponse = a.post("/v1/policy/apply", &apply(0)).await.unwrap();
+        assert_eq!(r.revision, 1);
+        let acks: Acks = Arc::default();
+        let start = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        for i in 0..n {
+            let t: TokenResponse = a
+                .post("/v1/tokens", &TokenRequest { identity: format!("n{i:05}"), ttl: 600 })
+                .await
+                .unwrap();
+            let (acks, permit) = (acks.clone(), sem.clone().acquire_owned().await.unwrap());
+            tokio::spawn(fake_daemon(i, t.token, acks, permit));
+        }
+        assert!(wait_all(&acks, n, 1, Duration::from_secs(300)).await, "enrollment did not finish");
+        let (rss, hwm) = memory(pid);
+        println!(
+            "{n} nodes enrolled and acknowledged revision 1 in {:.1} s; controller VmRSS {} MiB, VmHWM {} MiB",
+            start.elapsed().as_secs_f64(),
+            rss / 1024,
+            hwm / 1024
+        );
+
+        let mut all = Vec::new();
+        let mut full = Vec::new();
+        let mut calls = Vec::new();
+        for k in 1..=applies {
+            let t0 = Instant::now();
+            let r: ApplyResponse = a.post("/v1/policy/apply", &apply(k)).await.unwrap();
+            calls.push(t0.elapsed());
+            let rev = r.revision;
+            assert!(wait_all(&acks, n, rev, Duration::from_secs(60)).await, "apply {k} not acknowledged");
+            let mut lat: Vec<Duration> = acks
+                .lock()
+                .unwrap()
+                .values()
+                .filter_map(|v| v.iter().find(|(r, _)| *r == rev).map(|(_, t)| *t - t0))
+                .collect();
+            lat.sort();
+            full.push(*lat.last().unwrap());
+            all.extend(lat);
+        }
+        all.sort();
+        full.sort();
+        calls.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (rss, hwm) = memory(pid);
+        println!(
+            "apply -> acknowledged, {} acks over {applies} applies: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            all.len(),
+            ms(percentile(&all, 0.5)),
+            ms(percentile(&all, 0.99)),
+            ms(*all.last().unwrap()),
+        );
+        println!(
+            "apply -> all {n} acknowledged: median {:.0} ms, worst {:.0} ms",
+            ms(percentile(&full, 0.5)),
+            ms(*full.last().unwrap())
+        );
+        println!(
+            "the apply call itself (validate, test, plan, commit): median {:.0} ms",
+            ms(percentile(&calls, 0.5))
+        );
+        println!("controller VmRSS {} MiB, VmHWM {} MiB", rss / 1024, hwm / 1024);
+    });
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
