@@ -75,6 +75,35 @@ fn until(limit: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<boo
     Ok(false)
 }
 
+/// On a bare Debian (a container, say) `ip` may be missing: install iproute2 and ping, as root,
+/// saying so. Anywhere else, `available` reports what is missing.
+fn install_ip_tools() {
+    let have_ip = Command::new("ip").arg("-V").output().is_ok();
+    if have_ip || !Path::new("/usr/bin/apt-get").exists() {
+        return;
+    }
+    eprintln!("demo: installing iproute2 and iputils-ping (network namespaces need `ip`)");
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "iproute2",
+                "iputils-ping",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("demo: could not install iproute2; install it and run the demo again");
+    }
+}
+
 /// The controller and daemon binaries, next to this one. Under `cargo run`, builds them first
 /// with the same profile, so that the README's one command is enough.
 fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
@@ -199,6 +228,7 @@ impl Demo {
 
 /// `bulkhead demo [--check] [--policy FILE]`.
 pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<Outcome> {
+    install_ip_tools();
     bulkhead_netlab::available()
         .map_err(|e| anyhow!("the demo needs root, `ip netns` (iproute2) and /dev/net/tun: {e}"))?;
     let (text, source) = match policy {
