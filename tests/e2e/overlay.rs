@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bulkhead_e2e::cluster::{Cluster, unix_ms};
 use bulkhead_e2e::netns::Lab;
-use bulkhead_e2e::{Run, TempDir, bin, netns_ok, run};
+use bulkhead_e2e::{Run, bin, netns_ok, run};
 
 const POLICY: &str = "version: 1
 network: { name: e2e, cidr: 10.200.0.0/16 }
@@ -53,235 +54,29 @@ rules:
 
 const NODES: [&str; 4] = ["web-1", "web-2", "api-1", "db-1"];
 const PORTS: [u16; 2] = [9000, 5432];
-const CTL: &str = "198.18.0.1";
-
-struct Cluster {
-    lab: Lab,
-    files: TempDir,
-    /// Labels of the current controller and daemon processes (restarts get new labels).
-    controller: String,
-    daemons: BTreeMap<String, String>,
-    addresses: BTreeMap<String, String>,
-}
-
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
-}
-
-impl Cluster {
-    fn new() -> Cluster {
-        let mut names = vec!["ctl"];
-        names.extend(NODES);
-        Cluster {
-            lab: Lab::new(&names),
-            files: TempDir::new("overlay"),
-            controller: String::new(),
-            daemons: BTreeMap::new(),
-            addresses: BTreeMap::new(),
-        }
-    }
-
-    fn state(&self, host: &str) -> String {
-        self.lab.host(host).dir.join("state").display().to_string()
-    }
-
-    fn admin(&self) -> String {
-        format!("{}/admin.yaml", self.state("ctl"))
-    }
-
-    /// The CLI, run in the controller's namespace with the administrator's config.
-    fn cli(&self, args: &[&str]) -> Run {
-        let b = bin("bulkhead").display().to_string();
-        let admin = self.admin();
-        let mut full = vec![b.as_str(), "--config", admin.as_str()];
-        full.extend_from_slice(args);
-        self.lab.exec("ctl", &full).into()
-    }
-
-    fn start_controller(&mut self, label: &str, policy: &str) {
-        let b = bin("bulkhead-controller").display().to_string();
-        let state = self.state("ctl");
-        let listen = format!("{CTL}:7443");
-        self.lab.spawn(
-            "ctl",
-            label,
-            &[
-                &b, "--listen", &listen, "--state", &state, "--policy", policy,
-            ],
-        );
-        self.controller = label.to_string();
-        let up = Lab::until(Duration::from_secs(15), || {
-            std::path::Path::new(&self.admin()).exists() && self.cli(&["status"]).code == Some(0)
-        });
-        assert!(
-            up,
-            "controller did not come up:\n{}",
-            self.lab.log("ctl", label)
-        );
-    }
-
-    fn start_daemon(&mut self, name: &str, label: &str, token: Option<&str>) {
-        let b = bin("bulkheadd").display().to_string();
-        let state = self.state(name);
-        let iface = self.lab.host(name).interface.clone();
-        let mut args = vec![
-            b.as_str(),
-            "run",
-            "--state",
-            &state,
-            "--interface",
-            &iface,
-            "--listen-port",
-            "51820",
-        ];
-        if let Some(t) = token {
-            args.extend(["--token", t]);
-        }
-        self.lab.spawn(name, label, &args);
-        self.daemons.insert(name.to_string(), label.to_string());
-    }
-
-    fn token(&self, name: &str) -> String {
-        let r = self.cli(&["token", "create", name, "--ttl", "10m"]);
-        assert_eq!(r.code, Some(0), "{}", r.stderr);
-        assert_eq!(
-            r.stdout.lines().count(),
-            1,
-            "the token and nothing else on stdout"
-        );
-        r.stdout.trim().to_string()
-    }
-
-    fn nodes(&self) -> Vec<serde_json::Value> {
-        let r = self.cli(&["nodes", "-o", "json"]);
-        assert_eq!(r.code, Some(0), "{}", r.stderr);
-        r.json().as_array().cloned().unwrap_or_default()
-    }
-
-    /// Waits until every daemon is online and enforces the allowlist the live policy gives it.
-    fn converge(&mut self, names: &[&str]) {
-        let ok = Lab::until(Duration::from_secs(20), || {
-            let nodes = self.nodes();
-            names.iter().all(|n| {
-                nodes
-                    .iter()
-                    .any(|v| v["identity"] == *n && v["online"] == true && v["in_sync"] == true)
-            })
-        });
-        assert!(
-            ok,
-            "nodes did not converge: {:#?}\n{}",
-            self.nodes(),
-            self.logs()
-        );
-        for v in self.nodes() {
-            if let (Some(n), Some(a)) = (v["identity"].as_str(), v["address"].as_str()) {
-                self.addresses.insert(n.to_string(), a.to_string());
-            }
-        }
-    }
-
-    fn logs(&self) -> String {
-        let mut s = format!("--- controller\n{}", self.lab.log("ctl", &self.controller));
-        for (n, l) in &self.daemons {
-            s += &format!("--- {n}\n{}", self.lab.log(n, l));
-        }
-        s
-    }
-
-    fn connect(&self, from: &str, to: &str, port: u16) -> bool {
-        let probe = bin("bh-probe").display().to_string();
-        self.lab
-            .exec(
-                from,
-                &[
-                    &probe,
-                    "connect",
-                    &self.addresses[to],
-                    &port.to_string(),
-                    "1000",
-                ],
-            )
-            .status
-            .success()
-    }
-
-    /// Connects, allowing a few tries for a first handshake. Only for what must get through.
-    fn connect_eventually(&self, from: &str, to: &str, port: u16) -> bool {
-        (0..4).any(|_| self.connect(from, to, port))
-    }
-
-    /// Every ordered pair and port, probed in parallel: (from, to, port) → got through.
-    fn probe_all(&self) -> BTreeMap<(String, String, u16), bool> {
-        let mut out = BTreeMap::new();
-        thread::scope(|s| {
-            let mut handles = Vec::new();
-            for from in NODES {
-                for to in NODES {
-                    if from == to {
-                        continue;
-                    }
-                    for port in PORTS {
-                        handles.push((
-                            (from.to_string(), to.to_string(), port),
-                            s.spawn(move || self.connect(from, to, port)),
-                        ));
-                    }
+/// Every ordered pair and port, probed in parallel: (from, to, port) → got through.
+fn probe_all(c: &Cluster) -> BTreeMap<(String, String, u16), bool> {
+    let mut out = BTreeMap::new();
+    thread::scope(|s| {
+        let mut handles = Vec::new();
+        for from in NODES {
+            for to in NODES {
+                if from == to {
+                    continue;
+                }
+                for port in PORTS {
+                    handles.push((
+                        (from.to_string(), to.to_string(), port),
+                        s.spawn(move || c.connect(from, to, port)),
+                    ));
                 }
             }
-            for (k, h) in handles {
-                out.insert(k, h.join().unwrap_or(false));
-            }
-        });
-        out
-    }
-
-    fn pubkey(&self, name: &str) -> String {
-        let r = run("bulkheadd", &["pubkey", "--state", &self.state(name)]);
-        r.stdout.trim().to_string()
-    }
-
-    fn wg_peers(&self, on: &str) -> BTreeSet<String> {
-        let o = self
-            .lab
-            .exec(on, &["wg", "show", &self.lab.host(on).interface, "peers"]);
-        assert!(
-            o.status.success(),
-            "wg show: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn hold(&mut self, from: &str, to: &str, port: u16, secs: u64, label: &str) {
-        let probe = bin("bh-probe").display().to_string();
-        let addr = self.addresses[to].clone();
-        self.lab.spawn(
-            from,
-            label,
-            &[&probe, "hold", &addr, &port.to_string(), &secs.to_string()],
-        );
-    }
-
-    /// Waits for a hold to finish: `Ok` if the flow lasted, `Err(unix ms it broke)` if not.
-    fn held(&mut self, from: &str, label: &str) -> Result<(), u128> {
-        let code = self.lab.wait(from, label, Duration::from_secs(30));
-        let log = self.lab.log(from, label);
-        match code {
-            Some(0) => Ok(()),
-            Some(1) => Err(log
-                .split_whitespace()
-                .last()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or_else(|| panic!("hold output: {log}"))),
-            c => panic!("hold {from}/{label} ended with {c:?}: {log}"),
         }
-    }
+        for (k, h) in handles {
+            out.insert(k, h.join().unwrap_or(false));
+        }
+    });
+    out
 }
 
 /// What `bulkhead policy matrix -o json` says: (from, to, port) → allowed.
@@ -317,7 +112,7 @@ fn the_overlay_end_to_end() {
     if !netns_ok() {
         return;
     }
-    let mut c = Cluster::new();
+    let mut c = Cluster::new(&NODES);
     let policy_file = c.files.write("policy.yaml", POLICY);
     let policy2_file = c.files.write("policy2.yaml", POLICY_2);
 
@@ -351,7 +146,7 @@ fn the_overlay_end_to_end() {
             );
         }
     }
-    let got = c.probe_all();
+    let got = probe_all(&c);
     assert_eq!(got, want, "the network must do what the policy says");
     assert!(want.values().filter(|a| **a).count() >= 3 && want.values().any(|a| !*a));
 
@@ -556,6 +351,34 @@ fn the_overlay_end_to_end() {
         )
         .into();
     assert_eq!(r.code, Some(0), "a new token enrolls: {}", r.stderr);
+
+    // --- A corrupt state file: the daemon refuses to start rather than fail open.
+    c.lab.signal("web-2", "bulkheadd", "TERM");
+    assert!(
+        c.lab
+            .wait("web-2", "bulkheadd", Duration::from_secs(10))
+            .is_some()
+    );
+    let web2 = c.state("web-2");
+    std::fs::write(format!("{web2}/config.json"), b"{\"allowlist\": {\"revis").expect("write");
+    let iface = c.lab.host("web-2").interface.clone();
+    let daemon = bin("bulkheadd").display().to_string();
+    let r: Run = c
+        .lab
+        .exec(
+            "web-2",
+            &[&daemon, "run", "--state", &web2, "--interface", &iface],
+        )
+        .into();
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("refusing to start"), "{}", r.stderr);
+    assert!(
+        !c.lab
+            .exec("web-2", &["ip", "link", "show", &iface])
+            .status
+            .success(),
+        "nothing created"
+    );
     let elapsed = Instant::now();
     drop(c);
     eprintln!("cleanup took {:?}", elapsed.elapsed());

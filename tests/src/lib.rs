@@ -3,6 +3,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, as `scripts/test.sh`
 //! does); a test that finds none fails with that advice rather than testing something stale.
 
+pub mod cluster;
 pub use bulkhead_netlab as netns;
 
 use std::path::{Path, PathBuf};
