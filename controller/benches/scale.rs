@@ -18,10 +18,10 @@ use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bulkhead_proto::tls::{CredentialKey, Identity, Trust};
+use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
-    ApplyResponse, CliConfig, Client, JoinRequest, JoinResponse, NodeMessage, PolicyRequest,
-    Report, Token, TokenRequest, TokenResponse,
+    ApplyResponse, CliConfig, Client, NodeMessage, PolicyRequest, Report, Token, TokenRequest,
+    TokenResponse,
 };
 
 const TIERS: usize = 20;
@@ -115,23 +115,9 @@ async fn fake_daemon(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let t = Token::decode(&token).unwrap();
-    let key = CredentialKey::generate().unwrap();
     let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
-    let joiner = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None).unwrap();
-    let j: JoinResponse = joiner
-        .connect()
-        .await
-        .unwrap()
-        .post(
-            "/v1/join",
-            &JoinRequest {
-                secret: t.secret,
-                wireguard_key: wg,
-                credential_key: key.public().to_base64(),
-            },
-        )
-        .await
-        .unwrap();
+    let en = bulkhead_proto::join(&t, wg).await.unwrap();
+    let (j, key) = (en.response, en.credential);
     let client = Client::new(
         &t.urls,
         &Trust::Ca(j.ca),

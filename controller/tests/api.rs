@@ -8,8 +8,8 @@ use std::time::Duration;
 use bulkhead_controller::{Handle, Settings, start};
 use bulkhead_proto::tls::{Ca, CredentialKey, Identity, Trust};
 use bulkhead_proto::{
-    ApiError, ApplyResponse, CliConfig, Client, JoinRequest, JoinResponse, NodeMessage,
-    PolicyRequest, PolicyView, Report, RevokeResponse, Token, TokenRequest, TokenResponse,
+    ApiError, ApplyResponse, CliConfig, Client, JoinResponse, NodeMessage, PolicyRequest,
+    PolicyView, Report, RevokeResponse, Token, TokenRequest, TokenResponse,
 };
 
 const POLICY: &str = "version: 1
@@ -25,6 +25,17 @@ rules:
   - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
 ";
 
+/// A controller on a free loopback port with its state in `dir`.
+fn settings(dir: &std::path::Path) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state: dir.to_path_buf(),
+        store: None,
+        policy: None,
+        advertise_url: None,
+    }
+}
+
 struct Fixture {
     dir: std::path::PathBuf,
     handle: Option<Handle>,
@@ -35,15 +46,7 @@ impl Fixture {
     async fn new(name: &str) -> Fixture {
         let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let handle = start(Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state: dir.clone(),
-            store: None,
-            policy: None,
-            advertise_url: None,
-        })
-        .await
-        .unwrap();
+        let handle = start(settings(&dir)).await.unwrap();
         let admin = CliConfig::load(&handle.admin).unwrap();
         Fixture {
             dir,
@@ -117,28 +120,15 @@ impl Joined {
 
 async fn join(token: &str) -> Result<Joined, ApiError> {
     let t = Token::decode(token).unwrap();
-    let key = CredentialKey::generate().unwrap();
     let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
-    let client = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None)?;
-    let response: JoinResponse = client
-        .connect()
-        .await?
-        .post(
-            "/v1/join",
-            &JoinRequest {
-                secret: t.secret.clone(),
-                wireguard_key: wg,
-                credential_key: key.public().to_base64(),
-            },
-        )
-        .await?;
+    let en = bulkhead_proto::join(&t, wg).await?;
     Ok(Joined {
         wireguard: wg,
         identity: Identity {
-            cert_pem: response.certificate.clone(),
-            key_pem: key.pem(),
+            cert_pem: en.response.certificate.clone(),
+            key_pem: en.credential.pem(),
         },
-        response,
+        response: en.response,
         url: t.urls[0].clone(),
     })
 }
@@ -502,15 +492,7 @@ async fn a_restart_keeps_policy_enrollment_and_revision() {
     let dir = f.dir.clone();
     f.handle.take().unwrap().stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let h = start(Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state: dir,
-        store: None,
-        policy: None,
-        advertise_url: None,
-    })
-    .await
-    .unwrap();
+    let h = start(settings(&dir)).await.unwrap();
     let admin = CliConfig::load(&h.admin).unwrap();
     assert_eq!(
         admin.certificate, f.admin.certificate,

@@ -78,16 +78,7 @@ enum Command {
 /// The daemon's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // BULKHEAD_LOG=error|warn|info|debug|trace; a full filter language is not worth its build.
-    let level = std::env::var("BULKHEAD_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_max_level(level)
-        .init();
+    bulkhead_proto::logging::init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

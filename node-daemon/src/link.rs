@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_dataplane::Config;
-use bulkhead_proto::tls::{CredentialKey, Identity, Trust};
-use bulkhead_proto::{ApiError, Client, JoinRequest, JoinResponse, NodeMessage, Report, Token};
+use bulkhead_proto::tls::{Identity, Trust};
+use bulkhead_proto::{ApiError, Client, NodeMessage, Report, Token};
 use tokio::sync::{mpsc, watch};
 
 use crate::state::{Enrollment, StateDir, load_or_create_key};
@@ -22,32 +22,20 @@ use crate::state::{Enrollment, StateDir, load_or_create_key};
 pub async fn join(state: &StateDir, token: &str) -> anyhow::Result<Enrollment> {
     let t = Token::decode(token).map_err(anyhow::Error::msg)?;
     let wg = load_or_create_key(&state.0)?;
-    let cred = CredentialKey::generate()?;
-    let client = Client::new(&t.urls, &Trust::Fingerprint(t.ca_fingerprint.clone()), None)?;
-    let resp: JoinResponse = client
-        .connect()
-        .await?
-        .post(
-            "/v1/join",
-            &JoinRequest {
-                secret: t.secret.clone(),
-                wireguard_key: bulkhead_dataplane::public_key(&wg),
-                credential_key: cred.public().to_base64(),
-            },
-        )
+    let en = bulkhead_proto::join(&t, bulkhead_dataplane::public_key(&wg))
         .await
         .context("join refused")?;
-    let mut controllers = resp.controllers;
+    let mut controllers = en.response.controllers;
     for u in t.urls {
         if !controllers.contains(&u) {
             controllers.push(u);
         }
     }
     let e = Enrollment {
-        identity: resp.identity,
-        certificate: resp.certificate,
-        key: cred.pem(),
-        ca: resp.ca,
+        identity: en.response.identity,
+        certificate: en.response.certificate,
+        key: en.credential.pem(),
+        ca: en.response.ca,
         controllers,
     };
     state.save_enrollment(&e)?;

@@ -23,6 +23,7 @@
 
 pub mod client;
 pub mod config;
+pub mod logging;
 pub mod tls;
 pub mod token;
 
@@ -254,4 +255,40 @@ pub struct StatusView {
     pub in_sync: usize,
     /// Seconds since the controller started.
     pub uptime: u64,
+}
+
+/// What a node holds after enrolling.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// The controller's answer: identity, certificate, CA, controller URLs.
+    pub response: JoinResponse,
+    /// The credential key the certificate was issued for, created here and never sent.
+    pub credential: tls::CredentialKey,
+}
+
+/// Enrolls with a join token: creates the credential key locally, trusts the controller by the
+/// CA fingerprint the token carries, and sends only public keys.
+pub async fn join(token: &Token, wireguard_key: Key) -> Result<Enrolled, ApiError> {
+    let credential = tls::CredentialKey::generate()?;
+    let client = Client::new(
+        &token.urls,
+        &tls::Trust::Fingerprint(token.ca_fingerprint.clone()),
+        None,
+    )?;
+    let response: JoinResponse = client
+        .connect()
+        .await?
+        .post(
+            "/v1/join",
+            &JoinRequest {
+                secret: token.secret.clone(),
+                wireguard_key,
+                credential_key: credential.public().to_base64(),
+            },
+        )
+        .await?;
+    Ok(Enrolled {
+        response,
+        credential,
+    })
 }
