@@ -116,7 +116,7 @@ pub struct Peer {
 type Ctl = Arc<Controller>;
 
 impl Controller {
-    fn caller(&self, peer: &Peer) -> Result<CredRecord, Fail> {
+    async fn caller(&self, peer: &Peer) -> Result<CredRecord, Fail> {
         let fp = peer.fingerprint.as_ref().ok_or_else(|| {
             Fail::new(
                 401,
@@ -124,22 +124,31 @@ impl Controller {
                 "this call needs a client certificate",
             )
         })?;
-        lock(&self.view)
-            .creds
-            .get(fp)
-            .cloned()
-            .ok_or_else(|| Fail::new(401, "unauthenticated", "credential unknown or revoked"))
+        if let Some(c) = lock(&self.view).creds.get(fp).cloned() {
+            return Ok(c);
+        }
+        // The view may lag a write made an instant ago (here, or through another controller
+        // sharing the store): the store decides.
+        let key = format!("{}{fp}", crate::records::CREDS);
+        match self.store.get(&key).await.map_err(Fail::store)? {
+            Some(kv) => crate::records::decode(&key, &kv.value).map_err(Fail::internal),
+            None => Err(Fail::new(
+                401,
+                "unauthenticated",
+                "credential unknown or revoked",
+            )),
+        }
     }
 
-    fn admin(&self, peer: &Peer) -> Result<String, Fail> {
-        match self.caller(peer)? {
+    async fn admin(&self, peer: &Peer) -> Result<String, Fail> {
+        match self.caller(peer).await? {
             CredRecord::Admin { name } => Ok(name),
             CredRecord::Node { .. } => Err(Fail::new(403, "forbidden", "administrators only")),
         }
     }
 
-    fn node(&self, peer: &Peer) -> Result<String, Fail> {
-        match self.caller(peer)? {
+    async fn node(&self, peer: &Peer) -> Result<String, Fail> {
+        match self.caller(peer).await? {
             CredRecord::Node { identity } => Ok(identity),
             CredRecord::Admin { .. } => Err(Fail::new(403, "forbidden", "nodes only")),
         }
@@ -176,7 +185,7 @@ async fn join(State(c): State<Ctl>, b: Bytes) -> Response {
 
 async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
     let r = async {
-        let id = c.node(&p)?;
+        let id = c.node(&p).await?;
         let rep: Report = body(&b)?;
         c.report(&id, p.addr, rep).await?;
         Ok(serde_json::json!({}))
@@ -185,16 +194,16 @@ async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Resp
 }
 
 async fn policy(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(c.admin(&p).and_then(|_| c.policy()))
+    json(async { c.admin(&p).await.and_then(|_| c.policy()) }.await)
 }
 
 async fn plan(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
-    json(c.admin(&p).and_then(|_| c.plan(&body(&b)?)))
+    json(async { c.admin(&p).await.and_then(|_| c.plan(&body(&b)?)) }.await)
 }
 
 async fn apply(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
     let r = async {
-        let who = c.admin(&p)?;
+        let who = c.admin(&p).await?;
         let req: PolicyRequest = body(&b)?;
         c.apply(&req, &who).await
     };
@@ -203,26 +212,26 @@ async fn apply(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Respo
 
 async fn token(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
     let r = async {
-        c.admin(&p)?;
+        c.admin(&p).await?;
         c.token(&body::<TokenRequest>(&b)?).await
     };
     json(r.await)
 }
 
 async fn nodes(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(c.admin(&p).map(|_| c.nodes()))
+    json(c.admin(&p).await.map(|_| c.nodes()))
 }
 
 async fn revoke(State(c): State<Ctl>, axum::Extension(p): Req, Path(id): Path<String>) -> Response {
     let r = async {
-        c.admin(&p)?;
+        c.admin(&p).await?;
         c.revoke(&id).await
     };
     json(r.await)
 }
 
 async fn status(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(c.admin(&p).map(|_| c.status()))
+    json(c.admin(&p).await.map(|_| c.status()))
 }
 
 /// Counts a node's open stream while it lives.
@@ -262,7 +271,7 @@ fn line(m: &NodeMessage) -> Result<Bytes, Infallible> {
 /// A node's stream: its configuration now, then each time it changes. Ends when the node is
 /// revoked or re-enrolled (its credential is gone).
 async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    let id = match c.node(&p) {
+    let id = match c.node(&p).await {
         Ok(id) => id,
         Err(f) => return f.into_response(),
     };

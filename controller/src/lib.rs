@@ -52,6 +52,17 @@ pub struct Controller {
     pub(crate) url: String,
     pub(crate) started: Instant,
     pub(crate) cred_changes: watch::Sender<u64>,
+    /// The store revision the view has caught up with.
+    pub(crate) applied: watch::Receiver<bulkhead_store::Revision>,
+}
+
+impl Controller {
+    /// Waits (up to 5 s) until the view reflects store revision `rev`, so that whoever made a
+    /// change sees it in their next call.
+    pub(crate) async fn caught_up(&self, rev: bulkhead_store::Revision) {
+        let mut rx = self.applied.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r >= rev)).await;
+    }
 }
 
 /// A started controller.
@@ -133,7 +144,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     let admin = s.state.join("admin.yaml");
     pki::admin_config(&*store, &ca, &url, &admin).await?;
 
-    let (ready_tx, mut ready) = watch::channel(false);
+    let (applied_tx, mut applied) = watch::channel(-1);
     let (cred_tx, _) = watch::channel(0u64);
     let view = Arc::new(view::Shared::default());
     let controller = Arc::new(Controller {
@@ -144,10 +155,11 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         url: url.clone(),
         started: Instant::now(),
         cred_changes: cred_tx.clone(),
+        applied: applied.clone(),
     });
-    let mut tasks = vec![tokio::spawn(view::sync(store, view, ready_tx, cred_tx))];
+    let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
     // Serve only once the view holds the store's state: never answer from an empty view.
-    ready.wait_for(|r| *r).await?;
+    applied.wait_for(|r| *r >= 0).await?;
     tasks.push(tokio::spawn(api::serve(
         listener,
         tls,

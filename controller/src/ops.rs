@@ -19,7 +19,7 @@ use crate::records::{
     self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PolicyRecord,
     TOKENS, TokenRecord,
 };
-use crate::view::lock;
+use crate::view::{Live, lock};
 
 /// Longest token lifetime: a week.
 pub const MAX_TTL: u64 = 7 * 24 * 3600;
@@ -152,7 +152,7 @@ impl Controller {
             return Ok(ApplyResponse {
                 revision: live_rev,
                 changed: false,
-                plan,
+                summary: plan.summary(),
             });
         }
         let rec = PolicyRecord {
@@ -163,26 +163,38 @@ impl Controller {
             applied_by: by.to_string(),
             addresses: cand.model.addresses(),
         };
+        let revision = rec.revision;
+        let body = records::encode(&rec);
+        lock(&self.view).prepared = Some(Live {
+            record: rec,
+            model: cand.model,
+            compiled: cand.compiled,
+        });
         let t = self
             .store
             .txn(
                 &[Compare::ModRevision(POLICY.into(), mod_rev)],
-                &[Op::Put(POLICY.into(), records::encode(&rec))],
+                &[Op::Put(POLICY.into(), body)],
             )
-            .await
-            .map_err(Fail::store)?;
-        if !t.succeeded {
-            return Err(Fail::new(
-                409,
-                "conflict",
-                "another apply won the race: plan again",
-            ));
-        }
-        tracing::info!(revision = rec.revision, by, source = %rec.source, changes = plan.changes.len(), "policy applied");
+            .await;
+        let t = match t {
+            Ok(t) if t.succeeded => t,
+            r => {
+                lock(&self.view).prepared = None;
+                r.map_err(Fail::store)?;
+                return Err(Fail::new(
+                    409,
+                    "conflict",
+                    "another apply won the race: plan again",
+                ));
+            }
+        };
+        self.caught_up(t.revision).await;
+        tracing::info!(revision, by, source = %req.source, changes = plan.changes.len(), "policy applied");
         Ok(ApplyResponse {
-            revision: rec.revision,
+            revision,
             changed: true,
-            plan,
+            summary: plan.summary(),
         })
     }
 
@@ -322,6 +334,7 @@ impl Controller {
         if !t.succeeded {
             return Err(invalid());
         }
+        self.caught_up(t.revision).await;
         tracing::info!(identity = %tok.identity, "node enrolled");
         Ok(JoinResponse {
             identity: tok.identity,
@@ -382,6 +395,7 @@ impl Controller {
                 "the node changed meanwhile; try again",
             ));
         }
+        self.caught_up(t.revision).await;
         tracing::info!(identity, "node revoked");
         Ok(RevokeResponse {
             identity: identity.to_string(),

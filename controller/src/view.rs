@@ -69,6 +69,9 @@ pub struct View {
     channels: HashMap<String, watch::Sender<Arc<NodeMessage>>>,
     /// Raised whenever credentials change, so that open streams re-check theirs.
     pub cred_generation: u64,
+    /// A policy this controller is committing, already compiled, for the view to take when the
+    /// store confirms it (instead of compiling it a second time).
+    pub prepared: Option<Live>,
 }
 
 /// What a batch of store events touched.
@@ -155,16 +158,23 @@ impl View {
     }
 
     fn recompile(&mut self, record: PolicyRecord) {
-        let loaded = bulkhead_policy::load(&record.text, unix_now(), &record.addresses);
-        let Some(model) = loaded.model else {
-            // Validated when applied; unreadable now means the record was tampered with.
-            tracing::error!(
-                revision = record.revision,
-                "stored policy does not resolve; keeping the previous one"
-            );
-            return;
+        let (model, compiled) = match self.prepared.take() {
+            // This controller just validated and compiled exactly this record: reuse it.
+            Some(p) if p.record == record => (p.model, p.compiled),
+            _ => {
+                let loaded = bulkhead_policy::load(&record.text, unix_now(), &record.addresses);
+                let Some(model) = loaded.model else {
+                    // Validated when applied; unreadable now means the record was tampered with.
+                    tracing::error!(
+                        revision = record.revision,
+                        "stored policy does not resolve; keeping the previous one"
+                    );
+                    return;
+                };
+                let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
+                (model, compiled)
+            }
         };
-        let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
         // An allowlist's revision is the policy revision that last changed it: an apply that
         // does not touch a node sends it nothing.
         let old = std::mem::take(&mut self.allowlists);
@@ -317,11 +327,12 @@ pub fn lock(v: &Shared) -> std::sync::MutexGuard<'_, View> {
 }
 
 /// Follows the store forever: a full read, then the watch; a resync or an error starts over.
-/// `ready` is raised after the first full read.
+/// `applied` holds the store revision the view has caught up with (-1 before the first full
+/// read), so that a write can wait until its effect is visible (read your writes).
 pub async fn sync(
     store: Arc<dyn Store>,
     view: Arc<Shared>,
-    ready: watch::Sender<bool>,
+    applied: watch::Sender<bulkhead_store::Revision>,
     creds: watch::Sender<u64>,
 ) {
     let announce = |v: &View| {
@@ -347,7 +358,7 @@ pub async fn sync(
             announce(&v);
             tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
         }
-        ready.send_replace(true);
+        applied.send_replace(snap.revision);
         let mut w = match store.watch("", snap.revision).await {
             Ok(w) => w,
             Err(e) => {
@@ -379,6 +390,8 @@ pub async fn sync(
                         .max(seen);
                     let sent = v.distribute(t);
                     announce(&v);
+                    drop(v);
+                    applied.send_replace(seen);
                     if sent > 0 {
                         tracing::info!(store_revision = seen, nodes = sent, "pushed");
                     }

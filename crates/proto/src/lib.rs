@@ -146,6 +146,31 @@ pub struct Plan {
     pub changes: Vec<PairChange>,
 }
 
+impl Plan {
+    /// The counts, for an apply's answer and the audit log.
+    pub fn summary(&self) -> PlanSummary {
+        PlanSummary {
+            identities_added: self.identities_added.len(),
+            identities_removed: self.identities_removed.len(),
+            pairs_gaining: self.changes.iter().filter(|c| !c.gained.is_empty()).count(),
+            pairs_losing: self.changes.iter().filter(|c| !c.lost.is_empty()).count(),
+        }
+    }
+}
+
+/// A plan in numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    /// Identities added.
+    pub identities_added: usize,
+    /// Identities removed.
+    pub identities_removed: usize,
+    /// Ordered pairs that gain some access.
+    pub pairs_gaining: usize,
+    /// Ordered pairs that lose some access.
+    pub pairs_losing: usize,
+}
+
 /// One ordered pair's change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairChange {
@@ -175,8 +200,9 @@ pub struct ApplyResponse {
     pub revision: u64,
     /// Whether the text differed from the live policy.
     pub changed: bool,
-    /// What changed.
-    pub plan: Plan,
+    /// What changed, in numbers (the plan itself is what `plan` answers; at thousands of
+    /// identities it is megabytes, and the operator has seen it already).
+    pub summary: PlanSummary,
 }
 
 /// `POST /v1/tokens`.
