@@ -182,7 +182,9 @@ fn main() {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .env("BH_SCALE_CONTROLLER_DIR", &dir)
         .env("BULKHEAD_LOG", "warn")
-        .stderr(std::fs::File::create("/tmp/scale-ctl.log").unwrap())
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join("bh-scale-controller.log")).unwrap(),
+        )
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
