@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bulkhead_proto::PolicyRequest;
 use bulkhead_proto::tls::{Ca, server_config};
-use bulkhead_store::{Embedded, Store};
+use bulkhead_store::{Embedded, Etcd, Store};
 use tokio::sync::watch;
 
 /// How the controller was asked to run.
@@ -116,14 +116,24 @@ fn url_host(url: &str) -> Option<String> {
 
 /// Opens the store, sets up the PKI, binds the API and starts serving.
 pub async fn start(s: Settings) -> anyhow::Result<Handle> {
-    if let Some(spec) = &s.store {
-        bail!(
-            "--store {spec}: the etcd store is not available in this build yet; omit --store to use the embedded store"
-        );
-    }
     std::fs::create_dir_all(&s.state)
         .with_context(|| format!("cannot create state directory {}", s.state.display()))?;
-    let store: Arc<dyn Store> = Arc::new(Embedded::open(&s.state.join("store.redb"))?);
+    let store: Arc<dyn Store> = match &s.store {
+        None => Arc::new(Embedded::open(&s.state.join("store.redb"))?),
+        Some(spec) => {
+            // A malformed spec is an error at once; an unreachable cluster is waited for.
+            bulkhead_store::etcd::parse_spec(spec)?;
+            loop {
+                match Etcd::connect(spec, bulkhead_store::etcd::NAMESPACE).await {
+                    Ok(e) => break Arc::new(e),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reach etcd; retrying in 2 s");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        }
+    };
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;

@@ -104,6 +104,33 @@ fn install_ip_tools() {
     }
 }
 
+/// The controller's etcd client is generated from etcd's .proto files at build time: on a bare
+/// Debian, install protoc and the well-known types first, saying so.
+fn install_protoc() {
+    let have = Command::new("protoc").arg("--version").output().is_ok()
+        && Path::new("/usr/include/google/protobuf/descriptor.proto").exists();
+    if have || !Path::new("/usr/bin/apt-get").exists() {
+        return;
+    }
+    eprintln!(
+        "demo: installing protobuf-compiler and libprotobuf-dev (building the controller needs them)"
+    );
+    apt_install(&["protobuf-compiler", "libprotobuf-dev"]);
+}
+
+fn apt_install(packages: &[&str]) -> bool {
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
 /// The controller and daemon binaries, next to this one. Under `cargo run`, builds them first
 /// with the same profile, so that the README's one command is enough.
 fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
@@ -113,6 +140,7 @@ fn binaries() -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
         std::env::var_os("CARGO"),
         std::env::var_os("CARGO_MANIFEST_DIR"),
     ) {
+        install_protoc();
         let mut cmd = Command::new(cargo);
         cmd.args([
             "build",

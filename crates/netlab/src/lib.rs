@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod probe;
 
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod embedded;
+pub mod etcd;
 pub mod suite;
 
 use std::fmt;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub use embedded::Embedded;
+pub use etcd::Etcd;
 
 /// A store revision: 0 before the first write, then one more per committed transaction.
 pub type Revision = i64;
@@ -114,7 +116,9 @@ pub enum WatchMessage {
     Resync,
 }
 
-/// A stream of changes under a prefix. Ends (`None`) only when the store goes away.
+/// A stream of changes under a prefix. It ends (`None`) when the backend's stream ends (the
+/// store went away, or an etcd watch broke after saying `Resync`); the reader then starts over
+/// with a full read and a new watch.
 #[derive(Debug)]
 pub struct Watch {
     rx: mpsc::Receiver<WatchMessage>,

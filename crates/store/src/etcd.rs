@@ -1,0 +1,260 @@
+//! The etcd backend (etcd v3 API, through `etcd-client`), for several controllers sharing one
+//! etcd cluster.
+//!
+//! The trait is etcd's model, so the mapping is direct: keys live under a namespace prefix
+//! (`/bulkhead/` by default) so that one etcd can serve other users too; revisions are etcd's
+//! revisions; a transaction is an etcd `Txn` comparing `mod_revision`s (0 for "absent", as etcd
+//! reports it); a watch is an etcd watch from `after + 1`.
+//!
+//! etcd's published failure modes and what this does about them:
+//! - a watch starting at, or falling behind to, a compacted revision is cancelled by etcd with a
+//!   `compact_revision` (#18089): it becomes [`WatchMessage::Resync`], never a silent gap;
+//! - a broken watch stream (leader change, lost member, #17529 starvation) ends the [`Watch`]
+//!   after a `Resync`, and the reader starts over with a full read;
+//! - a watch that goes back in time after a partition (#15271): events at or below a revision
+//!   already delivered are dropped here, so a reader never sees the past again.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Txn as EtcdTxn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    Compare, Error, Event, KeyValue, Op, Revision, Snapshot, Store, Txn, Watch, WatchMessage,
+};
+
+/// The default key namespace.
+pub const NAMESPACE: &str = "/bulkhead/";
+
+/// A store in an etcd cluster.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    endpoints: Vec<String>,
+    namespace: String,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> Error {
+    Error::Unavailable(format!("etcd: {e}"))
+}
+
+/// Parses `etcd://H:P[,H:P]` into `http://H:P` endpoints.
+pub fn parse_spec(spec: &str) -> Result<Vec<String>, Error> {
+    let bad = || Error::Unavailable(format!("{spec:?}: expected etcd://HOST:PORT[,HOST:PORT]"));
+    let rest = spec.strip_prefix("etcd://").ok_or_else(bad)?;
+    let eps: Vec<String> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (h, p) = e.rsplit_once(':').ok_or_else(bad)?;
+            if h.is_empty() || p.parse::<u16>().is_err() {
+                return Err(bad());
+            }
+            Ok(format!("http://{e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if eps.is_empty() {
+        return Err(bad());
+    }
+    Ok(eps)
+}
+
+impl Etcd {
+    /// Connects to `etcd://H:P[,H:P]`, keeping keys under `namespace`. Fails (clearly) if no
+    /// endpoint answers within 5 s; the caller decides whether to retry.
+    pub async fn connect(spec: &str, namespace: &str) -> Result<Etcd, Error> {
+        let endpoints = parse_spec(spec)?;
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let client = Client::connect(&endpoints, Some(opts))
+            .await
+            .map_err(|e| Error::Unavailable(format!("etcd {}: {e}", endpoints.join(","))))?;
+        let s = Etcd {
+            client,
+            endpoints,
+            namespace: namespace.to_string(),
+        };
+        // Connecting is lazy: ask once, so that an unreachable cluster is reported now.
+        s.range("\u{0}probe").await?;
+        Ok(s)
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.namespace)
+    }
+
+    fn decode_kv(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, Error> {
+        let key = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| k.strip_prefix(&self.namespace))
+            .ok_or_else(|| {
+                Error::Corrupt(format!("etcd key {:?} outside the namespace", kv.key()))
+            })?;
+        Ok(KeyValue {
+            key: key.to_string(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        })
+    }
+}
+
+fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Revision {
+    h.map_or(0, |h| h.revision())
+}
+
+#[async_trait]
+impl Store for Etcd {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.key(key), None)
+            .await
+            .map_err(unavailable)?;
+        resp.kvs().first().map(|kv| self.decode_kv(kv)).transpose()
+    }
+
+    async fn range(&self, prefix: &str) -> Result<Snapshot, Error> {
+        let resp = self
+            .client
+            .clone()
+            .get(self.key(prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        Ok(Snapshot {
+            kvs: resp
+                .kvs()
+                .iter()
+                .map(|kv| self.decode_kv(kv))
+                .collect::<Result<_, _>>()?,
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn txn(&self, when: &[Compare], then: &[Op]) -> Result<Txn, Error> {
+        let compares: Vec<EtcdCompare> = when
+            .iter()
+            .map(|Compare::ModRevision(k, rev)| {
+                EtcdCompare::mod_revision(self.key(k), CompareOp::Equal, *rev)
+            })
+            .collect();
+        let ops: Vec<TxnOp> = then
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => TxnOp::put(self.key(k), v.clone(), None),
+                Op::Delete(k) => TxnOp::delete(self.key(k), None),
+            })
+            .collect();
+        let resp = self
+            .client
+            .clone()
+            .txn(EtcdTxn::new().when(compares).and_then(ops))
+            .await
+            .map_err(unavailable)?;
+        Ok(Txn {
+            succeeded: resp.succeeded(),
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, Error> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1);
+        let mut stream = self
+            .client
+            .clone()
+            .watch(self.key(prefix), Some(opts))
+            .await
+            .map_err(unavailable)?;
+        let (tx, out) = mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut seen = after;
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) | Err(_) => {
+                        // The stream broke: the reader must start over.
+                        let _ = tx.send(WatchMessage::Resync).await;
+                        return;
+                    }
+                };
+                if resp.compact_revision() > 0 || resp.canceled() {
+                    tracing::warn!(
+                        compacted = resp.compact_revision(),
+                        reason = resp.cancel_reason(),
+                        "etcd cancelled the watch: resync"
+                    );
+                    let _ = tx.send(WatchMessage::Resync).await;
+                    return;
+                }
+                let mut events = Vec::new();
+                for e in resp.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    if kv.mod_revision() <= seen {
+                        continue; // never the past again
+                    }
+                    let kv = match me.decode_kv(kv) {
+                        Ok(kv) => kv,
+                        Err(err) => {
+                            tracing::error!(error = %err, "ignoring an etcd event");
+                            continue;
+                        }
+                    };
+                    events.push(match e.event_type() {
+                        EventType::Put => Event::Put(kv),
+                        EventType::Delete => Event::Delete {
+                            key: kv.key,
+                            mod_revision: kv.mod_revision,
+                        },
+                    });
+                }
+                if let Some(last) = events.last() {
+                    seen = last.revision();
+                    if tx.send(WatchMessage::Events(events)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watch::new(out))
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {}", self.endpoints.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            parse_spec("etcd://10.0.0.1:2379,10.0.0.2:2379").unwrap(),
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert!(parse_spec("http://x:1").is_err());
+        assert!(parse_spec("etcd://").is_err());
+        assert!(parse_spec("etcd://host").is_err());
+        assert!(parse_spec("etcd://:2379").is_err());
+    }
+}
