@@ -77,6 +77,7 @@ pub struct Handle {
     /// The shared state, for in-process tests.
     pub controller: Arc<Controller>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _registration: bulkhead_store::Held,
 }
 
 impl Handle {
@@ -178,6 +179,33 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     if let Some(path) = s.policy.clone() {
         tasks.push(tokio::spawn(follow_policy_file(controller.clone(), path)));
     }
+    // Registered while it runs: tokens and nodes learn every live controller from this. The
+    // embedded store has one controller at a time (its file lock): what an earlier run left
+    // there (after a kill -9) is stale.
+    if s.store.is_none() {
+        let stale = controller.store.range(records::CONTROLLERS).await?;
+        let ops: Vec<bulkhead_store::Op> = stale
+            .kvs
+            .into_iter()
+            .map(|kv| bulkhead_store::Op::Delete(kv.key))
+            .collect();
+        if !ops.is_empty() {
+            controller.store.txn(&[], &ops).await?;
+        }
+    }
+    let key = format!(
+        "{}{}",
+        records::CONTROLLERS,
+        &bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16]
+    );
+    let registration = controller
+        .store
+        .hold(
+            &key,
+            records::encode(&records::ControllerRecord { url: url.clone() }),
+            10,
+        )
+        .await?;
     tracing::info!(%addr, %url, store = %controller.store.describe(), "bulkhead-controller serving");
     Ok(Handle {
         addr,
@@ -185,6 +213,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         admin,
         controller,
         tasks,
+        _registration: registration,
     })
 }
 

@@ -53,6 +53,17 @@ fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> P
 }
 
 impl Controller {
+    /// Every live controller's URL, this one's first.
+    pub fn controller_urls(&self) -> Vec<String> {
+        let mut urls = vec![self.url.clone()];
+        for u in lock(&self.view).controllers.values() {
+            if !urls.contains(u) {
+                urls.push(u.clone());
+            }
+        }
+        urls
+    }
+
     /// Validates and tests `text` against the live addresses; every problem becomes a detail
     /// line of one `invalid_policy` error.
     fn validate(
@@ -245,7 +256,7 @@ impl Controller {
         tracing::info!(identity = %req.identity, expires = rec.expires, "join token created");
         Ok(TokenResponse {
             token: Token {
-                urls: vec![self.url.clone()],
+                urls: self.controller_urls(),
                 ca_fingerprint: self.ca_fingerprint.clone(),
                 secret,
             }
@@ -340,7 +351,7 @@ impl Controller {
             identity: tok.identity,
             certificate: cert,
             ca: self.ca.cert_pem.clone(),
-            controllers: vec![self.url.clone()],
+            controllers: self.controller_urls(),
         })
     }
 
@@ -470,9 +481,11 @@ impl Controller {
     pub fn status(&self) -> StatusView {
         let v = lock(&self.view);
         let rev = v.revision();
+        let controllers = v.controllers.values().cloned().collect();
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             url: self.url.clone(),
+            controllers,
             store: self.store.describe(),
             revision: rev,
             identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),

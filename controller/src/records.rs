@@ -9,6 +9,7 @@
 //! | `nodes/<identity>` | [`NodeRecord`]: an enrolled node |
 //! | `creds/<certificate fingerprint>` | [`CredRecord`]: a credential that may call the API |
 //! | `endpoints/<identity>` | [`EndpointRecord`]: where peers send to it |
+//! | `controllers/<hash of URL>` | [`ControllerRecord`]: a live controller, held under a lease |
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,6 +30,15 @@ pub const NODES: &str = "nodes/";
 pub const CREDS: &str = "creds/";
 /// Reported endpoints, by identity.
 pub const ENDPOINTS: &str = "endpoints/";
+/// Live controllers, each held under a lease while it runs (by a hash of its URL).
+pub const CONTROLLERS: &str = "controllers/";
+
+/// A live controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerRecord {
+    /// Its advertise URL.
+    pub url: String,
+}
 
 /// The CA certificate and key, PEM.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -24,7 +24,8 @@ use bulkhead_store::{Event, KeyValue, Store, WatchMessage};
 use tokio::sync::watch;
 
 use crate::records::{
-    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PolicyRecord,
+    self, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord, NODES,
+    NodeRecord, POLICY, PolicyRecord,
 };
 
 /// WireGuard persistent keepalive pushed to nodes, seconds.
@@ -63,6 +64,8 @@ pub struct View {
     pub creds: HashMap<String, CredRecord>,
     /// Reported endpoints.
     pub endpoints: HashMap<String, SocketAddr>,
+    /// Live controllers' URLs, by store key.
+    pub controllers: BTreeMap<String, String>,
     /// Per-identity presence (this controller's streams and reports).
     pub presence: HashMap<String, Presence>,
     allowlists: HashMap<String, Allowlist>,
@@ -202,6 +205,7 @@ impl View {
         self.nodes.clear();
         self.creds.clear();
         self.endpoints.clear();
+        self.controllers.clear();
         let mut t = Touched::default();
         let had_policy = self.live.is_some();
         let mut policy_seen = false;
@@ -248,6 +252,9 @@ impl View {
                 let rec: EndpointRecord = records::decode(key, &kv.value)?;
                 self.endpoints.insert(id.to_string(), rec.endpoint);
                 t.nodes.insert(id.to_string());
+            } else if key.starts_with(CONTROLLERS) {
+                let rec: ControllerRecord = records::decode(key, &kv.value)?;
+                self.controllers.insert(key.to_string(), rec.url);
             }
             Ok(())
         })();
@@ -268,6 +275,8 @@ impl View {
         } else if let Some(id) = key.strip_prefix(ENDPOINTS) {
             self.endpoints.remove(id);
             t.nodes.insert(id.to_string());
+        } else if key.starts_with(CONTROLLERS) {
+            self.controllers.remove(key);
         }
     }
 

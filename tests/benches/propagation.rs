@@ -63,7 +63,7 @@ fn main() {
             "",
         ),
     );
-    c.start_controller("controller", &open);
+    c.start_controller("controller", &open, &[]);
     for n in NODES {
         let t = c.token(n);
         c.start_daemon(n, "bulkheadd", Some(&t));

@@ -110,7 +110,7 @@ fn the_overlay_end_to_end() {
     let policy2_file = c.files.write("policy2.yaml", &policy_2());
 
     // --- The controller applies --policy at start; nodes enroll with tokens.
-    c.start_controller("controller", &policy_file);
+    c.start_controller("controller", &policy_file, &[]);
     let show = c.cli(&["policy", "show", "-o", "json"]);
     assert_eq!(show.json()["revision"], 1, "{}", show.stderr);
     let mut tokens = BTreeMap::new();
@@ -273,7 +273,7 @@ fn the_overlay_end_to_end() {
     assert!(!c.connect("web-2", "db-1", 5432));
 
     // --- The controller restarts on its state: nothing lost, every node back on revision 2.
-    c.start_controller("controller-2", &policy_file);
+    c.start_controller("controller-2", &policy_file, &[]);
     assert_eq!(
         c.cli(&["policy", "show", "-o", "json"]).json()["revision"],
         2

@@ -64,17 +64,22 @@ impl Cluster {
         self.lab.exec("ctl", &full).into()
     }
 
-    pub fn start_controller(&mut self, label: &str, policy: &str) {
+    /// Starts the controller in `ctl` (with `extra` arguments) and waits until it answers.
+    pub fn start_controller(&mut self, label: &str, policy: &str, extra: &[&str]) {
         let b = bin("bulkhead-controller").display().to_string();
         let state = self.state("ctl");
         let listen = format!("{CTL}:7443");
-        self.lab.spawn(
-            "ctl",
-            label,
-            &[
-                &b, "--listen", &listen, "--state", &state, "--policy", policy,
-            ],
-        );
+        let mut args = vec![
+            b.as_str(),
+            "--listen",
+            &listen,
+            "--state",
+            &state,
+            "--policy",
+            policy,
+        ];
+        args.extend_from_slice(extra);
+        self.lab.spawn("ctl", label, &args);
         self.controller = label.to_string();
         let up = Lab::until(Duration::from_secs(15), || {
             std::path::Path::new(&self.admin()).exists() && self.cli(&["status"]).code == Some(0)

@@ -269,6 +269,7 @@ pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
     emit(fmt, &s, || {
         columns(&[
             vec!["controller".into(), s.url.clone()],
+            vec!["live controllers".into(), s.controllers.join(", ")],
             vec!["version".into(), s.version.clone()],
             vec!["store".into(), s.store.clone()],
             vec!["policy revision".into(), s.revision.to_string()],

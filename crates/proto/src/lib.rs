@@ -267,6 +267,9 @@ pub struct StatusView {
     pub version: String,
     /// The URL it advertises.
     pub url: String,
+    /// Every live controller's URL (several share one etcd).
+    #[serde(default)]
+    pub controllers: Vec<String>,
     /// Where its state lives.
     pub store: String,
     /// The live policy revision.

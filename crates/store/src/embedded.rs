@@ -18,7 +18,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
-    Compare, Error, Event, KeyValue, Op, Revision, Snapshot, Store, Txn, Watch, WatchMessage,
+    Compare, Error, Event, Held, KeyValue, Op, Revision, Snapshot, Store, Txn, Watch, WatchMessage,
 };
 
 /// key → 8 bytes of little-endian `mod_revision`, then the value.
@@ -302,6 +302,23 @@ impl Store for Embedded {
             }
         });
         Ok(Watch::new(out))
+    }
+
+    async fn hold(&self, key: &str, value: Vec<u8>, _ttl: i64) -> Result<Held, Error> {
+        self.txn(&[], &[Op::Put(key.to_string(), value)]).await?;
+        // The key goes when the holder does: a task that waits forever and, when aborted
+        // (the Held dropped), cannot run async code, so a guard deletes synchronously.
+        struct Remove(Arc<Inner>, String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = self.0.txn(&[], &[Op::Delete(self.1.clone())]);
+            }
+        }
+        let guard = Remove(self.inner.clone(), key.to_string());
+        Ok(Held::new(tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        })))
     }
 
     fn describe(&self) -> String {

@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
     Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 
 use crate::{
-    Compare, Error, Event, KeyValue, Op, Revision, Snapshot, Store, Txn, Watch, WatchMessage,
+    Compare, Error, Event, Held, KeyValue, Op, Revision, Snapshot, Store, Txn, Watch, WatchMessage,
 };
 
 /// The default key namespace.
@@ -235,6 +235,59 @@ impl Store for Etcd {
             }
         });
         Ok(Watch::new(out))
+    }
+
+    async fn hold(&self, key: &str, value: Vec<u8>, ttl: i64) -> Result<Held, Error> {
+        let key = self.key(key);
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        client
+            .put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Held::new(tokio::spawn(async move {
+            let mut lease = lease;
+            let every = Duration::from_secs((ttl / 3).max(1) as u64);
+            loop {
+                // Keep the lease alive; if it was lost (etcd unreachable longer than ttl),
+                // take a new one and write the key again.
+                let alive = async {
+                    let (mut keeper, mut stream) =
+                        client.lease_keep_alive(lease).await.map_err(unavailable)?;
+                    loop {
+                        keeper.keep_alive().await.map_err(unavailable)?;
+                        match stream.message().await.map_err(unavailable)? {
+                            Some(r) if r.ttl() > 0 => {}
+                            _ => return Err(Error::Unavailable("lease expired".into())),
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                };
+                let r: Result<(), Error> = alive.await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, key, "lost the etcd lease; taking a new one");
+                }
+                tokio::time::sleep(every).await;
+                if let Ok(g) = client.lease_grant(ttl, None).await {
+                    lease = g.id();
+                    let _ = client
+                        .put(
+                            key.clone(),
+                            value.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await;
+                }
+            }
+        })))
     }
 
     fn describe(&self) -> String {

@@ -167,8 +167,32 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn txn(&self, when: &[Compare], then: &[Op]) -> Result<Txn, Error>;
     /// Changes under `prefix` with a revision above `after`.
     async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, Error>;
+    /// Writes `key` and keeps it only while the returned [`Held`] lives and this process keeps
+    /// talking to the store: with etcd, a lease of `ttl` seconds kept alive in the background,
+    /// so a controller that dies disappears within `ttl`. The embedded store (one controller)
+    /// keeps it until the `Held` is dropped.
+    async fn hold(&self, key: &str, value: Vec<u8>, ttl: i64) -> Result<Held, Error>;
     /// Where the data lives, for logs and `bulkhead status`.
     fn describe(&self) -> String;
+}
+
+/// A key held by [`Store::hold`]; dropping it stops keeping the key alive.
+#[derive(Debug)]
+pub struct Held {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    /// Wraps the task that keeps the key alive (or removes it when aborted).
+    pub fn new(task: tokio::task::JoinHandle<()>) -> Held {
+        Held { task }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Unconditional writes; the revision they committed at.

@@ -20,6 +20,28 @@ pub async fn run_all(store: Arc<dyn Store>, prefix: &str) {
     compare_and_swap(&*store, &format!("{prefix}/cas/")).await;
     one_winner(store.clone(), &format!("{prefix}/race/")).await;
     watch_in_order(&*store, &format!("{prefix}/watch/")).await;
+    held_keys(&*store, &format!("{prefix}/held/")).await;
+}
+
+/// A held key exists while its holder lives (kept alive past its ttl), and goes after.
+pub async fn held_keys(s: &dyn Store, p: &str) {
+    let k = format!("{p}me");
+    let held = s.hold(&k, b"https://a:7443".to_vec(), 2).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.get(&k).await.unwrap().map(|kv| kv.value),
+        Some(b"https://a:7443".to_vec()),
+        "kept alive past its ttl"
+    );
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.get(&k).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a dropped hold must go within its ttl"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every transaction raises the revision; keys remember theirs; ranges are by prefix, in order.

@@ -1,0 +1,167 @@
+//! Two controllers on one real etcd, in namespaces, with real daemons: the daemons fail over
+//! when their controller is killed (`kill -9`), later changes through the other controller still
+//! reach them, and the restarted controller serves the same revision (never an older one).
+
+use std::time::{Duration, Instant};
+
+use bulkhead_e2e::cluster::{CTL, Cluster};
+use bulkhead_e2e::netns::{Lab, etcd};
+use bulkhead_e2e::{Run, bin, netns_ok};
+
+const POLICY: &str = "version: 1
+network: { name: ha, cidr: 10.202.0.0/16 }
+identities:
+  web-1: { labels: { tier: web } }
+  db-1: { labels: { tier: db } }
+segments:
+  web: { match: { tier: web } }
+  db: { match: { tier: db } }
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
+";
+
+const NODES: [&str; 2] = ["web-1", "db-1"];
+
+#[test]
+fn daemons_fail_over_and_changes_still_reach_them() {
+    if !netns_ok() {
+        return;
+    }
+    if let Err(why) = etcd::available() {
+        if std::env::var_os("BULKHEAD_SKIP_ETCD").is_some() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        panic!("etcd tests need etcd: {why} (BULKHEAD_SKIP_ETCD=1 skips them)");
+    }
+    let mut hosts = vec!["ctl2"];
+    hosts.extend(NODES);
+    let mut c = Cluster::new(&hosts);
+    let policy = c.files.write("policy.yaml", POLICY);
+    let closed = c.files.write(
+        "closed.yaml",
+        &POLICY.replace(
+            "  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }\n",
+            "",
+        ),
+    );
+
+    // etcd in the first controller's namespace, on the lab's underlay.
+    let data = c.lab.host("ctl").dir.join("etcd").display().to_string();
+    let client_url = format!("http://{CTL}:2379");
+    c.lab.spawn(
+        "ctl",
+        "etcd",
+        &[
+            "etcd",
+            "--name",
+            "e",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "e=http://127.0.0.1:2380",
+        ],
+    );
+    let spec = format!("etcd://{CTL}:2379");
+    c.start_controller("controller", &policy, &["--store", &spec]);
+
+    // The second controller, in its own namespace, on the same etcd.
+    let ctl2_state = c.state("ctl2");
+    let ctl2_admin = format!("{ctl2_state}/admin.yaml");
+    let controller = bin("bulkhead-controller").display().to_string();
+    c.lab.spawn(
+        "ctl2",
+        "controller",
+        &[
+            &controller,
+            "--listen",
+            "198.18.0.2:7443",
+            "--state",
+            &ctl2_state,
+            "--store",
+            &spec,
+        ],
+    );
+    let cli2 = |c: &Cluster, args: &[&str]| -> Run {
+        let b = bin("bulkhead").display().to_string();
+        let mut full = vec![b.as_str(), "--config", ctl2_admin.as_str()];
+        full.extend_from_slice(args);
+        c.lab.exec("ctl2", &full).into()
+    };
+    let up = Lab::until(Duration::from_secs(20), || {
+        let s = cli2(&c, &["status", "-o", "json"]);
+        s.code == Some(0)
+            && s.json()["controllers"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+    });
+    assert!(up, "second controller: {}", c.lab.log("ctl2", "controller"));
+
+    // Nodes enroll through the first; their tokens name both controllers.
+    for n in NODES {
+        let t = c.token(n);
+        let decoded = bulkhead_proto::Token::decode(&t).expect("token");
+        assert_eq!(decoded.urls.len(), 2, "{:?}", decoded.urls);
+        c.start_daemon(n, "bulkheadd", Some(&t));
+        let probe = bin("bh-probe").display().to_string();
+        c.lab.spawn(n, "listen", &[&probe, "listen", "5432", "120"]);
+    }
+    c.converge(&NODES);
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(!c.connect("db-1", "web-1", 5432));
+
+    // kill -9 the first controller: the daemons reconnect to the second.
+    c.lab.signal("ctl", "controller", "KILL");
+    let killed = Instant::now();
+    let failed_over = Lab::until(Duration::from_secs(20), || {
+        let r = cli2(&c, &["nodes", "-o", "json"]);
+        r.code == Some(0)
+            && r.json().as_array().is_some_and(|a| {
+                NODES
+                    .iter()
+                    .all(|n| a.iter().any(|v| v["identity"] == *n && v["online"] == true))
+            })
+    });
+    assert!(failed_over, "daemons did not fail over:\n{}", c.logs());
+    eprintln!(
+        "failover: both daemons online on the second controller {:?} after kill -9",
+        killed.elapsed()
+    );
+
+    // A change through the second controller still reaches them: the flow is cut.
+    let r = cli2(&c, &["policy", "apply", "--yes", &closed, "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.json()["revision"], 2);
+    let cut = Lab::until(Duration::from_secs(10), || {
+        !c.connect("web-1", "db-1", 5432)
+    });
+    assert!(
+        cut,
+        "the change must reach daemons that failed over\n{}",
+        c.logs()
+    );
+
+    // The first controller restarts: revisions only go forward. Its --policy file holds the old
+    // text, so it applies it again as a new revision, 3, never going back to 1.
+    c.start_controller("controller-2", &policy, &["--store", &spec]);
+    let mut seen = Vec::new();
+    let applied = Lab::until(Duration::from_secs(10), || {
+        let rev = c.cli(&["policy", "show", "-o", "json"]).json()["revision"].as_u64();
+        seen.push(rev);
+        rev == Some(3)
+    });
+    assert!(applied, "{seen:?}\n{}", c.lab.log("ctl", "controller-2"));
+    assert!(seen.iter().all(|r| r.is_some_and(|r| r >= 2)), "{seen:?}");
+    assert!(
+        c.connect_eventually("web-1", "db-1", 5432),
+        "revision 3 opens the flow again"
+    );
+}
