@@ -231,7 +231,11 @@ async fn revoke(State(c): State<Ctl>, axum::Extension(p): Req, Path(id): Path<St
 }
 
 async fn status(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(c.admin(&p).await.map(|_| c.status()))
+    let r = match c.admin(&p).await {
+        Ok(_) => Ok(c.status().await),
+        Err(f) => Err(f),
+    };
+    json(r)
 }
 
 /// Counts a node's open stream while it lives.

@@ -477,8 +477,21 @@ impl Controller {
             .collect()
     }
 
-    /// The controller's own state.
-    pub fn status(&self) -> StatusView {
+    /// The controller's own state, with the store's health.
+    pub async fn status(&self) -> StatusView {
+        let health = self
+            .store
+            .health()
+            .await
+            .into_iter()
+            .map(|(ep, r)| (ep, r.unwrap_or_else(|e| format!("unhealthy: {e}"))))
+            .collect();
+        let mut s = self.status_now();
+        s.store_health = health;
+        s
+    }
+
+    fn status_now(&self) -> StatusView {
         let v = lock(&self.view);
         let rev = v.revision();
         let controllers = v.controllers.values().cloned().collect();
@@ -487,6 +500,7 @@ impl Controller {
             url: self.url.clone(),
             controllers,
             store: self.store.describe(),
+            store_health: Vec::new(),
             revision: rev,
             identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
             enrolled: v.nodes.len(),

@@ -11,7 +11,7 @@ use bulkhead_netlab::etcd::{self, Etcd as Server};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
     ApplyResponse, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView,
-    RevokeResponse, Token, TokenRequest, TokenResponse,
+    RevokeResponse, StatusView, Token, TokenRequest, TokenResponse,
 };
 
 const POLICY: &str = "version: 1
@@ -85,6 +85,16 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     assert_eq!(admin_a.ca, admin_b.ca);
     let mut ca = admin_a.client().unwrap().connect().await.unwrap();
     let mut cb = admin_b.client().unwrap().connect().await.unwrap();
+    // Status: both controllers registered, the etcd member healthy.
+    let st: StatusView = ca.get("/v1/status").await.unwrap();
+    assert_eq!(st.controllers.len(), 2, "{:?}", st.controllers);
+    assert!(st.controllers.contains(&a.url) && st.controllers.contains(&b.url));
+    assert_eq!(st.store_health.len(), 1);
+    assert!(
+        st.store_health[0].1.starts_with("ok, etcd 3."),
+        "{:?}",
+        st.store_health
+    );
 
     // A node enrolled through A streams from B; a policy applied through A reaches it.
     let tok: TokenResponse = ca

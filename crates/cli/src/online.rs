@@ -267,7 +267,7 @@ pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         Err(o) => return Ok(o),
     };
     emit(fmt, &s, || {
-        columns(&[
+        let mut rows = vec![
             vec!["controller".into(), s.url.clone()],
             vec!["live controllers".into(), s.controllers.join(", ")],
             vec!["version".into(), s.version.clone()],
@@ -278,7 +278,11 @@ pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
             vec!["online".into(), s.online.to_string()],
             vec!["in sync".into(), s.in_sync.to_string()],
             vec!["uptime".into(), format!("{} s", s.uptime)],
-        ])
+        ];
+        for (ep, h) in &s.store_health {
+            rows.push(vec![format!("  {ep}"), h.clone()]);
+        }
+        columns(&rows)
     })?;
     Ok(Outcome::Ok)
 }

@@ -272,6 +272,9 @@ pub struct StatusView {
     pub controllers: Vec<String>,
     /// Where its state lives.
     pub store: String,
+    /// Each store endpoint (a file, or each etcd member) and its health: `ok, …` or the error.
+    #[serde(default)]
+    pub store_health: Vec<(String, String)>,
     /// The live policy revision.
     pub revision: u64,
     /// Identities in the policy.

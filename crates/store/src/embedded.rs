@@ -324,4 +324,9 @@ impl Store for Embedded {
     fn describe(&self) -> String {
         format!("embedded {}", self.inner.path)
     }
+
+    async fn health(&self) -> Vec<(String, Result<String, String>)> {
+        let rev = self.inner.log().revision;
+        vec![(self.inner.path.clone(), Ok(format!("ok, revision {rev}")))]
+    }
 }

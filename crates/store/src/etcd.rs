@@ -293,6 +293,29 @@ impl Store for Etcd {
     fn describe(&self) -> String {
         format!("etcd {}", self.endpoints.join(","))
     }
+
+    async fn health(&self) -> Vec<(String, Result<String, String>)> {
+        let mut out = Vec::new();
+        for ep in &self.endpoints {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(Duration::from_secs(2));
+            let r = async {
+                let mut c = Client::connect([ep.as_str()], Some(opts)).await?;
+                let s = c.status().await?;
+                let me = s.header().map_or(0, |h| h.member_id());
+                Ok::<_, etcd_client::Error>(format!(
+                    "ok, etcd {}{}, db {} KiB, raft index {}",
+                    s.version(),
+                    if s.leader() == me { ", leader" } else { "" },
+                    s.db_size() / 1024,
+                    s.raft_index()
+                ))
+            };
+            out.push((ep.clone(), r.await.map_err(|e| e.to_string())));
+        }
+        out
+    }
 }
 
 #[cfg(test)]

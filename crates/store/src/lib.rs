@@ -174,6 +174,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn hold(&self, key: &str, value: Vec<u8>, ttl: i64) -> Result<Held, Error>;
     /// Where the data lives, for logs and `bulkhead status`.
     fn describe(&self) -> String;
+    /// Each place the data lives (a file, or each etcd endpoint) and how it is: `Ok` with a
+    /// short description, or the error. For `bulkhead status`.
+    async fn health(&self) -> Vec<(String, Result<String, String>)>;
 }
 
 /// A key held by [`Store::hold`]; dropping it stops keeping the key alive.
