@@ -237,3 +237,171 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     let _ = std::fs::remove_dir_all(&da);
     let _ = std::fs::remove_dir_all(&db);
 }
+
+/// The etcd leader is killed in the middle of a stream of applies. Every apply that succeeded
+/// is in etcd's history with exactly its text, revisions only go up, and no revision reaches a
+/// node with two different contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_during_applies_loses_nothing() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    if !etcd_ok() {
+        return;
+    }
+    let mut cluster = bulkhead_netlab::etcd::EtcdCluster::start();
+    let d = dir("leader");
+    let (h, admin) = controller(&d, &cluster.spec()).await;
+    let client = admin.client().unwrap();
+    let mut c = client.connect().await.unwrap();
+    let tok: TokenResponse = c
+        .post(
+            "/v1/tokens",
+            &TokenRequest {
+                identity: "web-1".into(),
+                ttl: 600,
+            },
+        )
+        .await
+        .unwrap();
+    let web = node_client(&tok.token, &h.url).await;
+    // What the node is served, per revision: must never be two different contents.
+    let served: Arc<Mutex<BTreeMap<u64, String>>> = Arc::default();
+    let clash: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (served2, clash2) = (served.clone(), clash.clone());
+    let node = tokio::spawn(async move {
+        loop {
+            let Ok(mut conn) = web.connect().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let Ok(mut s) = conn.stream("/v1/node/stream").await else {
+                continue;
+            };
+            while let Ok(Some(m)) = s.next::<NodeMessage>().await {
+                if let NodeMessage::Config(cfg) = m {
+                    let body = serde_json::to_string(&cfg.allowlist).unwrap();
+                    let rev = cfg.allowlist.revision;
+                    let mut seen = served2.lock().unwrap();
+                    if seen.get(&rev).is_some_and(|b| *b != body) {
+                        clash2.lock().unwrap().push(rev);
+                    }
+                    seen.insert(rev, body);
+                }
+            }
+        }
+    });
+
+    let mut applied: Vec<(u64, String)> = Vec::new();
+    let mut failures = 0;
+    for k in 0..30u32 {
+        if k == 10 {
+            // Find the leader and kill it.
+            let mut leader = None;
+            for (i, addr) in cluster.addrs.iter().enumerate() {
+                let mut e = etcd_client::Client::connect([addr.as_str()], None)
+                    .await
+                    .unwrap();
+                let st = e.status().await.unwrap();
+                if st.header().map(|h| h.member_id()) == Some(st.leader()) {
+                    leader = Some(i);
+                }
+            }
+            cluster.kill(leader.expect("a leader"));
+        }
+        let text = POLICY.replace("5432", &(6000 + k).to_string());
+        let req = PolicyRequest {
+            text: text.clone(),
+            source: "p.yaml".into(),
+            base_revision: None,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match c.post::<_, ApplyResponse>("/v1/policy/apply", &req).await {
+                Ok(r) => {
+                    applied.push((r.revision, text));
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "apply {k} never succeeded: {e}\n{}",
+                        cluster.logs()
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(fresh) = client.connect().await {
+                        c = fresh;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("30 applies, {failures} failed attempts retried while etcd elected a new leader");
+    // Revisions only go up, one per change.
+    for w in applied.windows(2) {
+        assert!(w[1].0 > w[0].0, "revisions must go up: {applied:?}");
+    }
+    // Every successful apply is in etcd's history with exactly its text.
+    let live = cluster
+        .addrs
+        .iter()
+        .find_map(|a| std::net::TcpStream::connect(a).ok().map(|_| a.clone()))
+        .unwrap();
+    let mut raw = etcd_client::Client::connect([live.as_str()], None)
+        .await
+        .unwrap();
+    let now = raw
+        .get("/bulkhead/policy", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let mut history: BTreeMap<u64, String> = BTreeMap::new();
+    let mut rev = now;
+    while rev > 0 {
+        let r = raw
+            .get(
+                "/bulkhead/policy",
+                Some(etcd_client::GetOptions::new().with_revision(rev)),
+            )
+            .await
+            .unwrap();
+        let Some(kv) = r.kvs().first() else { break };
+        let rec: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+        let prev = history.insert(
+            rec["revision"].as_u64().unwrap(),
+            rec["text"].as_str().unwrap().to_string(),
+        );
+        if let Some(p) = prev {
+            assert_eq!(p, rec["text"].as_str().unwrap(), "one revision, two texts");
+        }
+        rev = kv.mod_revision() - 1;
+    }
+    for (r, text) in &applied {
+        assert_eq!(
+            history.get(r),
+            Some(text),
+            "applied revision {r} lost or different"
+        );
+    }
+    // The node caught up with the last one, and never saw a revision twice differently.
+    let last = applied.last().unwrap().0;
+    let ok = async {
+        while !served.lock().unwrap().contains_key(&last) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), ok)
+        .await
+        .expect("the node got the last revision");
+    assert!(
+        clash.lock().unwrap().is_empty(),
+        "{:?}",
+        clash.lock().unwrap()
+    );
+    node.abort();
+    h.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -32,36 +32,136 @@ pub struct Etcd {
     dir: TempDir,
 }
 
+/// One member: its name, client address, peer URL.
+struct Member {
+    name: String,
+    addr: String,
+    peer: String,
+}
+
+fn spawn_member(dir: &std::path::Path, m: &Member, cluster: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{}.log", m.name))).expect("log");
+    Command::new("etcd")
+        .args([
+            "--name",
+            &m.name,
+            "--data-dir",
+            &dir.join(&m.name).display().to_string(),
+            "--listen-client-urls",
+            &format!("http://{}", m.addr),
+            "--advertise-client-urls",
+            &format!("http://{}", m.addr),
+            "--listen-peer-urls",
+            &m.peer,
+            "--initial-advertise-peer-urls",
+            &m.peer,
+            "--initial-cluster",
+            cluster,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start etcd")
+}
+
+fn member(name: &str) -> Member {
+    Member {
+        name: name.to_string(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        peer: format!("http://127.0.0.1:{}", free_port()),
+    }
+}
+
+/// A three-member etcd cluster on loopback (fast elections: 50 ms heartbeat, 500 ms timeout).
+#[derive(Debug)]
+pub struct EtcdCluster {
+    children: Vec<Option<Child>>,
+    /// Each member's client address, `127.0.0.1:PORT`.
+    pub addrs: Vec<String>,
+    dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts three members and waits until each accepts connections (at most 20 s).
+    pub fn start() -> EtcdCluster {
+        let dir = TempDir::new("etcd3");
+        let members: Vec<Member> = (1..=3).map(|i| member(&format!("m{i}"))).collect();
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let children = members
+            .iter()
+            .map(|m| Some(spawn_member(dir.path(), m, &cluster)))
+            .collect();
+        let c = EtcdCluster {
+            children,
+            addrs: members.iter().map(|m| m.addr.clone()).collect(),
+            dir,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if c.addrs
+                .iter()
+                .all(|a| std::net::TcpStream::connect(a).is_ok())
+            {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd cluster did not start");
+    }
+
+    /// `etcd://A,B,C`.
+    pub fn spec(&self) -> String {
+        format!("etcd://{}", self.addrs.join(","))
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The logs of every member.
+    pub fn logs(&self) -> String {
+        (1..=3)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("m{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
 impl Etcd {
     /// Starts etcd and waits until it answers (at most 20 s).
     pub fn start() -> Etcd {
         let dir = TempDir::new("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let addr = format!("127.0.0.1:{client}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-        let child = Command::new("etcd")
-            .args([
-                "--name",
-                "t",
-                "--data-dir",
-                &dir.path().join("data").display().to_string(),
-                "--listen-client-urls",
-                &format!("http://{addr}"),
-                "--advertise-client-urls",
-                &format!("http://{addr}"),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster",
-                &format!("t=http://127.0.0.1:{peer}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd");
-        let e = Etcd { child, addr, dir };
+        let m = member("t");
+        let child = spawn_member(dir.path(), &m, &format!("t={}", m.peer));
+        let e = Etcd {
+            child,
+            addr: m.addr,
+            dir,
+        };
         let end = Instant::now() + Duration::from_secs(20);
         while Instant::now() < end {
             let health = Command::new("etcdctl")
@@ -87,12 +187,12 @@ impl Etcd {
 
     /// Its log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("t.log")).unwrap_or_default()
     }
 
     /// Its data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.dir.path().join("t")
     }
 }
 
