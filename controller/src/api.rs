@@ -188,7 +188,9 @@ async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Resp
         let id = c.node(&p).await?;
         let rep: Report = body(&b)?;
         c.report(&id, p.addr, rep).await?;
-        Ok(serde_json::json!({}))
+        Ok(bulkhead_proto::ReportAck {
+            controllers: c.controller_urls(),
+        })
     };
     json(r.await)
 }

@@ -295,6 +295,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             let (tx, rx) = mpsc::channel(4);
             tokio::spawn(link::run(
                 (**e).clone(),
+                state.clone(),
                 s.listen_port,
                 s.endpoint,
                 tx,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulkhead_dataplane::Config;
 use bulkhead_proto::tls::{Identity, Trust};
-use bulkhead_proto::{ApiError, Client, NodeMessage, Report, Token};
+use bulkhead_proto::{ApiError, Client, NodeMessage, Report, ReportAck, Token};
 use tokio::sync::{mpsc, watch};
 
 use crate::state::{Enrollment, StateDir, load_or_create_key};
@@ -72,30 +72,40 @@ const REVOKED_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs the link until the daemon stops.
 pub async fn run(
-    enrollment: Enrollment,
+    mut enrollment: Enrollment,
+    state: StateDir,
     listen_port: u16,
     endpoint: Option<SocketAddr>,
     updates: mpsc::Sender<Update>,
     mut applied: watch::Receiver<Applied>,
 ) {
-    let client = match Client::new(
-        &enrollment.controllers,
-        &Trust::Ca(enrollment.ca.clone()),
-        Some(&Identity {
-            cert_pem: enrollment.certificate.clone(),
-            key_pem: enrollment.key.clone(),
-        }),
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "enrollment unusable; nothing passes");
-            let _ = updates.send(Update::Revoked).await;
-            return;
-        }
-    };
     let mut backoff = BACKOFF_MIN;
     loop {
-        let wait = match session(&client, listen_port, endpoint, &updates, &mut applied).await {
+        // Rebuilt on every connect: the controller list may have grown since.
+        let client = match Client::new(
+            &enrollment.controllers,
+            &Trust::Ca(enrollment.ca.clone()),
+            Some(&Identity {
+                cert_pem: enrollment.certificate.clone(),
+                key_pem: enrollment.key.clone(),
+            }),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment unusable; nothing passes");
+                let _ = updates.send(Update::Revoked).await;
+                return;
+            }
+        };
+        let link = Session {
+            listen_port,
+            endpoint,
+            updates: &updates,
+        };
+        let r = link
+            .run(&client, &mut applied, &mut enrollment, &state)
+            .await;
+        let wait = match r {
             Ok(()) => {
                 tracing::warn!("controller ended the stream; reconnecting");
                 backoff = BACKOFF_MIN;
@@ -110,6 +120,9 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "controller unreachable; enforcing the last allowlist");
+                // Start the next attempt at the next controller: a dead one that does not even
+                // refuse would otherwise cost its connect timeout before the others are tried.
+                enrollment.controllers.rotate_left(1);
                 let w = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 w
@@ -130,49 +143,74 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 - f64::from(nanos % 1000) / 4000.0)
 }
 
-/// One connection: the stream, and reports on it. Returns when the stream ends.
-async fn session(
-    client: &Client,
+/// What a session needs besides the client.
+struct Session<'a> {
     listen_port: u16,
     endpoint: Option<SocketAddr>,
-    updates: &mpsc::Sender<Update>,
-    applied: &mut watch::Receiver<Applied>,
-) -> Result<(), ApiError> {
-    let mut conn = client.connect().await?;
-    let mut lines = conn.stream("/v1/node/stream").await?;
-    tracing::info!(controller = conn.url(), "connected to the controller");
-    let report = |a: &Applied| Report {
-        endpoint,
-        listen_port,
-        revision: a.revision,
-        status: "ok".into(),
-        peers: a.peers,
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let mut tick = tokio::time::interval(REPORT_EVERY);
-    loop {
-        tokio::select! {
-            m = lines.next::<NodeMessage>() => {
-                let u = match m? {
-                    None => return Ok(()),
-                    Some(NodeMessage::Config(c)) => Update::Config(Box::new(c)),
-                    Some(NodeMessage::NoPolicy { .. }) => Update::NoPolicy,
-                };
-                if updates.send(u).await.is_err() {
-                    return Ok(());
+    updates: &'a mpsc::Sender<Update>,
+}
+
+impl Session<'_> {
+    /// One connection: the stream, and reports on it. Returns when the stream ends. Each
+    /// report's answer lists the live controllers; new ones are saved in the enrollment, so the
+    /// node can fail over to controllers added after it joined.
+    async fn run(
+        &self,
+        client: &Client,
+        applied: &mut watch::Receiver<Applied>,
+        enrollment: &mut Enrollment,
+        state: &StateDir,
+    ) -> Result<(), ApiError> {
+        let mut conn = client.connect().await?;
+        let mut lines = conn.stream("/v1/node/stream").await?;
+        tracing::info!(controller = conn.url(), "connected to the controller");
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        loop {
+            let report = tokio::select! {
+                m = lines.next::<NodeMessage>() => {
+                    let u = match m? {
+                        None => return Ok(()),
+                        Some(NodeMessage::Config(c)) => Update::Config(Box::new(c)),
+                        Some(NodeMessage::NoPolicy { .. }) => Update::NoPolicy,
+                    };
+                    if self.updates.send(u).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                r = applied.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    self.report(&applied.borrow_and_update().clone())
+                }
+                _ = tick.tick() => self.report(&applied.borrow().clone()),
+            };
+            let ack: ReportAck = conn.post("/v1/node/report", &report).await?;
+            let mut known = enrollment.controllers.clone();
+            for u in ack.controllers {
+                if !known.contains(&u) {
+                    known.push(u);
                 }
             }
-            r = applied.changed() => {
-                if r.is_err() {
-                    return Ok(());
+            if known != enrollment.controllers {
+                tracing::info!(controllers = ?known, "learned new controllers");
+                enrollment.controllers = known;
+                if let Err(e) = state.save_enrollment(enrollment) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot save the controller list");
                 }
-                let rep = report(&applied.borrow_and_update().clone());
-                let _: serde_json::Value = conn.post("/v1/node/report", &rep).await?;
             }
-            _ = tick.tick() => {
-                let rep = report(&applied.borrow().clone());
-                let _: serde_json::Value = conn.post("/v1/node/report", &rep).await?;
-            }
+        }
+    }
+
+    fn report(&self, a: &Applied) -> Report {
+        Report {
+            endpoint: self.endpoint,
+            listen_port: self.listen_port,
+            revision: a.revision,
+            status: "ok".into(),
+            peers: a.peers,
+            version: env!("CARGO_PKG_VERSION").into(),
         }
     }
 }

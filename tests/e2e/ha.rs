@@ -1,6 +1,7 @@
-//! Two controllers on one real etcd, in namespaces, with real daemons: the daemons fail over
-//! when their controller is killed (`kill -9`), later changes through the other controller still
-//! reach them, and the restarted controller serves the same revision (never an older one).
+//! Two controllers on one real etcd, in namespaces, with real daemons: the daemons learn of a
+//! controller started after they joined, fail over to it when theirs is killed (`kill -9`),
+//! later changes through it still reach them, and the restarted controller only moves the
+//! revision forward.
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,19 @@ fn daemons_fail_over_and_changes_still_reach_them() {
     let spec = format!("etcd://{CTL}:2379");
     c.start_controller("controller", &policy, &["--store", &spec]);
 
+    // Nodes enroll through the first, while it is the only controller.
+    for n in NODES {
+        let t = c.token(n);
+        let decoded = bulkhead_proto::Token::decode(&t).expect("token");
+        assert_eq!(decoded.urls.len(), 1, "{:?}", decoded.urls);
+        c.start_daemon(n, "bulkheadd", Some(&t));
+        let probe = bin("bh-probe").display().to_string();
+        c.lab.spawn(n, "listen", &[&probe, "listen", "5432", "120"]);
+    }
+    c.converge(&NODES);
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(!c.connect("db-1", "web-1", 5432));
+
     // The second controller, in its own namespace, on the same etcd.
     let ctl2_state = c.state("ctl2");
     let ctl2_admin = format!("{ctl2_state}/admin.yaml");
@@ -105,18 +119,18 @@ fn daemons_fail_over_and_changes_still_reach_them() {
     });
     assert!(up, "second controller: {}", c.lab.log("ctl2", "controller"));
 
-    // Nodes enroll through the first; their tokens name both controllers.
-    for n in NODES {
-        let t = c.token(n);
-        let decoded = bulkhead_proto::Token::decode(&t).expect("token");
-        assert_eq!(decoded.urls.len(), 2, "{:?}", decoded.urls);
-        c.start_daemon(n, "bulkheadd", Some(&t));
-        let probe = bin("bh-probe").display().to_string();
-        c.lab.spawn(n, "listen", &[&probe, "listen", "5432", "120"]);
-    }
-    c.converge(&NODES);
-    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
-    assert!(!c.connect("db-1", "web-1", 5432));
+    // The nodes learn the second controller from their reports' answers (every 10 s).
+    let learned = Lab::until(Duration::from_secs(25), || {
+        NODES.iter().all(|n| {
+            std::fs::read_to_string(format!("{}/enrollment.json", c.state(n)))
+                .is_ok_and(|e| e.contains("198.18.0.2:7443"))
+        })
+    });
+    assert!(
+        learned,
+        "nodes did not learn the second controller:\n{}",
+        c.logs()
+    );
 
     // kill -9 the first controller: the daemons reconnect to the second.
     c.lab.signal("ctl", "controller", "KILL");

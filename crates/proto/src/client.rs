@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use crate::ErrorBody;
 use crate::tls::{Identity, TlsError, Trust, client_config};
 
-/// How long a TCP connect plus TLS handshake may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connect plus TLS handshake to one controller may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one request may take (streams excepted).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `POST /v1/join` | token holder | [`JoinRequest`] → [`JoinResponse`] |
 //! | `GET /v1/node/stream` | node | → newline-delimited [`NodeMessage`]s, for as long as it stays open |
-//! | `POST /v1/node/report` | node | [`Report`] → `{}` |
+//! | `POST /v1/node/report` | node | [`Report`] → [`ReportAck`] |
 //! | `GET /v1/policy` | admin | → [`PolicyView`] |
 //! | `POST /v1/policy/plan` | admin | [`PolicyRequest`] → [`PlanResponse`] |
 //! | `POST /v1/policy/apply` | admin | [`PolicyRequest`] → [`ApplyResponse`] |
@@ -106,6 +106,14 @@ pub struct Report {
     /// The daemon's version.
     #[serde(default)]
     pub version: String,
+}
+
+/// The answer to a report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// Every live controller's URL: the node adds new ones to those it knows.
+    #[serde(default)]
+    pub controllers: Vec<String>,
 }
 
 /// `GET /v1/policy`.
