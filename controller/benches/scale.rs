@@ -8,6 +8,7 @@
 //!
 //! ```sh
 //! cargo bench -p bulkhead-controller --bench scale                  # 1,000 nodes, 10 applies
+//! BH_SCALE_ETCD=1 cargo bench -p bulkhead-controller --bench scale  # two controllers on etcd
 //! BH_SCALE_NODES=2000 BH_SCALE_APPLIES=5 cargo bench -p bulkhead-controller --bench scale
 //! ```
 
@@ -67,7 +68,7 @@ fn controller_process() {
         let h = bulkhead_controller::start(bulkhead_controller::Settings {
             listen: "127.0.0.1:0".parse().unwrap(),
             state: dir.into(),
-            store: None,
+            store: std::env::var("BH_SCALE_STORE").ok(),
             policy: None,
             advertise_url: None,
         })
@@ -111,6 +112,7 @@ type Acks = Arc<Mutex<HashMap<usize, Vec<(u64, Instant)>>>>;
 async fn fake_daemon(
     i: usize,
     token: String,
+    url: String,
     acks: Acks,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -119,7 +121,7 @@ async fn fake_daemon(
     let en = bulkhead_proto::join(&t, wg).await.unwrap();
     let (j, key) = (en.response, en.credential);
     let client = Client::new(
-        &t.urls,
+        &[url],
         &Trust::Ca(j.ca),
         Some(&Identity {
             cert_pem: j.certificate,
@@ -177,27 +179,59 @@ fn main() {
     }
     let n = env("BH_SCALE_NODES", 1000);
     let applies = env("BH_SCALE_APPLIES", 10);
-    let dir = std::env::temp_dir().join(format!("bh-scale-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("BH_SCALE_CONTROLLER_DIR", &dir)
-        .env("BULKHEAD_LOG", "warn")
-        .stderr(
-            std::fs::File::create(std::env::temp_dir().join("bh-scale-controller.log")).unwrap(),
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let admin_path = line
-        .trim()
-        .strip_prefix("ready ")
-        .expect("controller did not start")
-        .to_string();
-    let pid = child.id();
+    // BH_SCALE_ETCD=1: two controllers sharing a real etcd, the nodes split between them.
+    let etcd = (std::env::var("BH_SCALE_ETCD").as_deref() == Ok("1"))
+        .then(bulkhead_netlab::etcd::Etcd::start);
+    let store = etcd.as_ref().map(|e| e.spec());
+    let count = if etcd.is_some() { 2 } else { 1 };
+    let mut children = Vec::new();
+    let mut dirs = Vec::new();
+    let mut admins = Vec::new();
+    for k in 0..count {
+        let dir = std::env::temp_dir().join(format!("bh-scale-{}-{k}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.env("BH_SCALE_CONTROLLER_DIR", &dir)
+            .env("BULKHEAD_LOG", "warn")
+            .stderr(
+                std::fs::File::create(
+                    std::env::temp_dir().join(format!("bh-scale-controller-{k}.log")),
+                )
+                .unwrap(),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(spec) = &store {
+            cmd.env("BH_SCALE_STORE", spec);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        admins.push(
+            line.trim()
+                .strip_prefix("ready ")
+                .expect("controller did not start")
+                .to_string(),
+        );
+        children.push(child);
+        dirs.push(dir);
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let memory_all = move || {
+        pids.iter()
+            .map(|&p| {
+                let (rss, hwm) = memory(p);
+                format!("VmRSS {} MiB, VmHWM {} MiB", rss / 1024, hwm / 1024)
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let admin_path = admins[0].clone();
+    let urls: Vec<String> = admins
+        .iter()
+        .map(|a| CliConfig::load(std::path::Path::new(a)).unwrap().url)
+        .collect();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -223,15 +257,16 @@ fn main() {
                 .await
                 .unwrap();
             let (acks, permit) = (acks.clone(), sem.clone().acquire_owned().await.unwrap());
-            tokio::spawn(fake_daemon(i, t.token, acks, permit));
+            let url = urls[i % urls.len()].clone();
+            tokio::spawn(fake_daemon(i, t.token, url, acks, permit));
         }
         assert!(wait_all(&acks, n, 1, Duration::from_secs(300)).await, "enrollment did not finish");
-        let (rss, hwm) = memory(pid);
         println!(
-            "{n} nodes enrolled and acknowledged revision 1 in {:.1} s; controller VmRSS {} MiB, VmHWM {} MiB",
+            "{n} nodes on {} controller(s) ({}) enrolled and acknowledged revision 1 in {:.1} s; controller memory: {}",
+            urls.len(),
+            if urls.len() > 1 { "etcd" } else { "embedded store" },
             start.elapsed().as_secs_f64(),
-            rss / 1024,
-            hwm / 1024
+            memory_all()
         );
 
         let mut all = Vec::new();
@@ -257,7 +292,6 @@ fn main() {
         full.sort();
         calls.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let (rss, hwm) = memory(pid);
         println!(
             "apply -> acknowledged, {} acks over {applies} applies: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             all.len(),
@@ -274,9 +308,14 @@ fn main() {
             "the apply call itself (validate, test, plan, commit): median {:.0} ms",
             ms(percentile(&calls, 0.5))
         );
-        println!("controller VmRSS {} MiB, VmHWM {} MiB", rss / 1024, hwm / 1024);
+        println!("controller memory: {}", memory_all());
     });
-    drop(child.stdin.take());
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    for mut child in children {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    drop(etcd);
 }
