@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bulkhead_controller::{Handle, Settings, start};
-use bulkhead_netlab::etcd::{self, Etcd as Server};
+use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
     ApplyResponse, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView,
@@ -25,17 +25,6 @@ segments:
 rules:
   - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
 ";
-
-fn etcd_ok() -> bool {
-    match etcd::available() {
-        Ok(()) => true,
-        Err(why) if std::env::var_os("BULKHEAD_SKIP_ETCD").is_some() => {
-            eprintln!("skipping: {why}");
-            false
-        }
-        Err(why) => panic!("etcd tests need etcd: {why} (BULKHEAD_SKIP_ETCD=1 skips them)"),
-    }
-}
 
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("bh-ha-{name}-{}", std::process::id()));

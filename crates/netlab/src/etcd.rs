@@ -16,6 +16,19 @@ pub fn available() -> Result<(), String> {
     }
 }
 
+/// Whether etcd tests can run here. They must, unless BULKHEAD_SKIP_ETCD says otherwise: a test
+/// that quietly does nothing would hide a broken setup.
+pub fn etcd_ok() -> bool {
+    match available() {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("BULKHEAD_SKIP_ETCD").is_some() => {
+            eprintln!("skipping: {why}");
+            false
+        }
+        Err(why) => panic!("etcd tests need etcd: {why} (BULKHEAD_SKIP_ETCD=1 skips them)"),
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

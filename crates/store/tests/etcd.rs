@@ -7,20 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_netlab::etcd::{self, Etcd as Server};
+use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok};
 use bulkhead_store::{Etcd, Op, Store, WatchMessage, suite};
-
-/// Whether etcd tests can run. They must, unless BULKHEAD_SKIP_ETCD says otherwise.
-fn etcd_ok() -> bool {
-    match etcd::available() {
-        Ok(()) => true,
-        Err(why) if std::env::var_os("BULKHEAD_SKIP_ETCD").is_some() => {
-            eprintln!("skipping: {why}");
-            false
-        }
-        Err(why) => panic!("etcd tests need etcd: {why} (BULKHEAD_SKIP_ETCD=1 skips them)"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suite_passes_and_etcd_specifics_hold() {
