@@ -179,20 +179,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     if let Some(path) = s.policy.clone() {
         tasks.push(tokio::spawn(follow_policy_file(controller.clone(), path)));
     }
-    // Registered while it runs: tokens and nodes learn every live controller from this. The
-    // embedded store has one controller at a time (its file lock): what an earlier run left
-    // there (after a kill -9) is stale.
-    if s.store.is_none() {
-        let stale = controller.store.range(records::CONTROLLERS).await?;
-        let ops: Vec<bulkhead_store::Op> = stale
-            .kvs
-            .into_iter()
-            .map(|kv| bulkhead_store::Op::Delete(kv.key))
-            .collect();
-        if !ops.is_empty() {
-            controller.store.txn(&[], &ops).await?;
-        }
-    }
+    // Registered while it runs: tokens and nodes learn every live controller from this.
     let key = format!(
         "{}{}",
         records::CONTROLLERS,

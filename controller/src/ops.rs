@@ -8,8 +8,8 @@ use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
 use bulkhead_proto::{
     ApplyResponse, JoinRequest, JoinResponse, NodeView, PairChange, Plan, PlanResponse,
-    PolicyRequest, PolicyView, Report, RevokeResponse, StatusView, Token, TokenRequest,
-    TokenResponse,
+    PlanSummary, PolicyRequest, PolicyView, Report, RevokeResponse, StatusView, Token,
+    TokenRequest, TokenResponse,
 };
 use bulkhead_store::{Compare, Op};
 
@@ -99,29 +99,19 @@ impl Controller {
 
     /// The plan for `req` against the live policy.
     pub fn plan(&self, req: &PolicyRequest) -> Result<PlanResponse, Fail> {
-        let (base, prior) = {
-            let v = lock(&self.view);
-            (
-                v.revision(),
-                v.live
-                    .as_ref()
-                    .map(|l| l.record.addresses.clone())
-                    .unwrap_or_default(),
-            )
-        };
+        // A snapshot of the live policy: the plan is computed without holding the view's lock.
+        let live = lock(&self.view).live.clone();
+        let prior = live
+            .as_ref()
+            .map(|l| l.record.addresses.clone())
+            .unwrap_or_default();
         let cand = self.validate(&req.text, &req.source, &prior)?;
-        let v = lock(&self.view);
-        if v.revision() != base {
-            return Err(Fail::new(
-                409,
-                "conflict",
-                "the live policy changed meanwhile; plan again",
-            ));
-        }
-        let old = v.live.as_ref().map(|l| (&l.model, &l.compiled));
         Ok(PlanResponse {
-            base_revision: base,
-            plan: plan_between(old, (&cand.model, &cand.compiled)),
+            base_revision: live.as_ref().map_or(0, |l| l.record.revision),
+            plan: plan_between(
+                live.as_deref().map(|l| (&l.model, &l.compiled)),
+                (&cand.model, &cand.compiled),
+            ),
         })
     }
 
@@ -150,22 +140,23 @@ impl Controller {
             .map(|l| l.addresses.clone())
             .unwrap_or_default();
         let cand = self.validate(&req.text, &req.source, &prior)?;
-        let plan = {
-            let v = lock(&self.view);
-            let old = v
-                .live
-                .as_ref()
-                .filter(|l| l.record.revision == live_rev)
-                .map(|l| (&l.model, &l.compiled));
-            plan_between(old, (&cand.model, &cand.compiled))
-        };
         if live.as_ref().is_some_and(|l| l.text == req.text) {
             return Ok(ApplyResponse {
                 revision: live_rev,
                 changed: false,
-                summary: plan.summary(),
+                summary: PlanSummary::default(),
             });
         }
+        // Against the view's compiled policy if it is the stored one (it lags only an instant);
+        // the lock is held only to take the snapshot.
+        let old = lock(&self.view)
+            .live
+            .clone()
+            .filter(|l| l.record.revision == live_rev);
+        let plan = plan_between(
+            old.as_deref().map(|l| (&l.model, &l.compiled)),
+            (&cand.model, &cand.compiled),
+        );
         let rec = PolicyRecord {
             revision: live_rev + 1,
             text: req.text.clone(),
@@ -468,8 +459,7 @@ impl Controller {
                     online: p.is_some_and(|p| p.streams > 0),
                     last_seen: p.and_then(|p| p.last_seen),
                     revision: report.and_then(|r| r.revision),
-                    in_sync: v.nodes.contains_key(&n)
-                        && report.and_then(|r| r.revision) == v.expected_revision(&n),
+                    in_sync: v.in_sync(&n),
                     status: report.map(|r| r.status.clone()),
                     identity: n,
                 }
@@ -479,42 +469,26 @@ impl Controller {
 
     /// The controller's own state, with the store's health.
     pub async fn status(&self) -> StatusView {
-        let health = self
+        // The store is asked first: the view's lock is never held across I/O.
+        let store_health = self
             .store
             .health()
             .await
             .into_iter()
             .map(|(ep, r)| (ep, r.unwrap_or_else(|e| format!("unhealthy: {e}"))))
             .collect();
-        let mut s = self.status_now();
-        s.store_health = health;
-        s
-    }
-
-    fn status_now(&self) -> StatusView {
         let v = lock(&self.view);
-        let rev = v.revision();
-        let controllers = v.controllers.values().cloned().collect();
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             url: self.url.clone(),
-            controllers,
+            controllers: v.controllers.values().cloned().collect(),
             store: self.store.describe(),
-            store_health: Vec::new(),
-            revision: rev,
+            store_health,
+            revision: v.revision(),
             identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
             enrolled: v.nodes.len(),
             online: v.presence.values().filter(|p| p.streams > 0).count(),
-            in_sync: v
-                .nodes
-                .keys()
-                .filter(|n| {
-                    v.presence
-                        .get(*n)
-                        .and_then(|p| p.report.as_ref())
-                        .is_some_and(|r| r.revision == v.expected_revision(n))
-                })
-                .count(),
+            in_sync: v.nodes.keys().filter(|n| v.in_sync(n)).count(),
             uptime: self.started.elapsed().as_secs(),
         }
     }

@@ -57,7 +57,7 @@ pub struct Presence {
 #[derive(Debug, Default)]
 pub struct View {
     /// The live policy, if any.
-    pub live: Option<Live>,
+    pub live: Option<Arc<Live>>,
     /// Enrolled nodes.
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Valid credentials.
@@ -96,9 +96,15 @@ impl View {
         self.live.as_ref().map_or(0, |l| l.record.revision)
     }
 
-    /// The revision of the allowlist an identity should enforce, if it has one.
-    pub fn expected_revision(&self, identity: &str) -> Option<u64> {
-        self.allowlists.get(identity).map(|l| l.revision)
+    /// Whether an enrolled node reports enforcing the allowlist the live policy gives it.
+    pub fn in_sync(&self, identity: &str) -> bool {
+        let reported = self
+            .presence
+            .get(identity)
+            .and_then(|p| p.report.as_ref())
+            .and_then(|r| r.revision);
+        self.nodes.contains_key(identity)
+            && reported == self.allowlists.get(identity).map(|l| l.revision)
     }
 
     /// The message an identity's node should have now.
@@ -148,7 +154,7 @@ impl View {
             };
             let msg = self.message_for(id);
             tx.send_if_modified(|cur| {
-                if messages_equal(cur, &msg) {
+                if **cur == msg {
                     false
                 } else {
                     *cur = Arc::new(msg);
@@ -193,11 +199,11 @@ impl View {
                 (l.identity.clone(), l)
             })
             .collect();
-        self.live = Some(Live {
+        self.live = Some(Arc::new(Live {
             record,
             model,
             compiled,
-        });
+        }));
     }
 
     /// Replaces the whole view with a snapshot.
@@ -315,15 +321,6 @@ impl View {
             .cloned()
             .collect();
         self.push(affected.iter())
-    }
-}
-
-/// Configurations compare by content; the Arc is new every time.
-fn messages_equal(a: &NodeMessage, b: &NodeMessage) -> bool {
-    match (a, b) {
-        (NodeMessage::Config(x), NodeMessage::Config(y)) => x == y,
-        (NodeMessage::NoPolicy { revision: x }, NodeMessage::NoPolicy { revision: y }) => x == y,
-        _ => false,
     }
 }
 

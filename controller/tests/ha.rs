@@ -46,6 +46,20 @@ async fn controller(state: &std::path::Path, spec: &str) -> (Handle, CliConfig) 
     (h, admin)
 }
 
+async fn token(c: &mut bulkhead_proto::Connection, identity: &str) -> String {
+    let t: TokenResponse = c
+        .post(
+            "/v1/tokens",
+            &TokenRequest {
+                identity: identity.into(),
+                ttl: 600,
+            },
+        )
+        .await
+        .unwrap();
+    t.token
+}
+
 async fn node_client(token: &str, url: &str) -> Client {
     let t = Token::decode(token).unwrap();
     let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
@@ -86,17 +100,8 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     );
 
     // A node enrolled through A streams from B; a policy applied through A reaches it.
-    let tok: TokenResponse = ca
-        .post(
-            "/v1/tokens",
-            &TokenRequest {
-                identity: "web-1".into(),
-                ttl: 600,
-            },
-        )
-        .await
-        .unwrap();
-    let web = node_client(&tok.token, &b.url).await;
+    let tok = token(&mut ca, "web-1").await;
+    let web = node_client(&tok, &b.url).await;
     let mut wconn = web.connect().await.unwrap();
     let mut s = wconn.stream("/v1/node/stream").await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(10), s.next::<NodeMessage>())
@@ -139,17 +144,8 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     assert_eq!(p.revision, 1, "B serves the policy A applied");
 
     // 100 concurrent joins with one token, spread over both controllers: exactly one wins.
-    let tok: TokenResponse = cb
-        .post(
-            "/v1/tokens",
-            &TokenRequest {
-                identity: "db-1".into(),
-                ttl: 600,
-            },
-        )
-        .await
-        .unwrap();
-    let t = Token::decode(&tok.token).unwrap();
+    let tok = token(&mut cb, "db-1").await;
+    let t = Token::decode(&tok).unwrap();
     let mut tasks = Vec::new();
     for i in 0..100 {
         let mut t = t.clone();
@@ -243,17 +239,8 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
     let (h, admin) = controller(&d, &cluster.spec()).await;
     let client = admin.client().unwrap();
     let mut c = client.connect().await.unwrap();
-    let tok: TokenResponse = c
-        .post(
-            "/v1/tokens",
-            &TokenRequest {
-                identity: "web-1".into(),
-                ttl: 600,
-            },
-        )
-        .await
-        .unwrap();
-    let web = node_client(&tok.token, &h.url).await;
+    let tok = token(&mut c, "web-1").await;
+    let web = node_client(&tok, &h.url).await;
     // What the node is served, per revision: must never be two different contents.
     let served: Arc<Mutex<BTreeMap<u64, String>>> = Arc::default();
     let clash: Arc<Mutex<Vec<u64>>> = Arc::default();

@@ -2,7 +2,6 @@
 //! and free ports, stopped and removed when dropped.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -201,11 +200,6 @@ impl Etcd {
     /// Its log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("t.log")).unwrap_or_default()
-    }
-
-    /// Its data directory.
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("t")
     }
 }
 

@@ -233,13 +233,7 @@ impl Connection {
         let fut = async {
             let resp = self.send(method, path, body.into()).await?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(transport)?
-                .to_bytes();
-            Ok((status, bytes))
+            Ok((status, body_bytes(resp).await?))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
@@ -279,19 +273,22 @@ impl Connection {
                 .map_err(|_| ApiError::Transport(format!("{}: request timed out", self.url)))??;
         let status = resp.status();
         if !status.is_success() {
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(transport)?
-                .to_bytes();
-            return Err(error_answer(status, &bytes));
+            return Err(error_answer(status, &body_bytes(resp).await?));
         }
         Ok(Lines {
             body: resp.into_body(),
             buf: Vec::new(),
         })
     }
+}
+
+async fn body_bytes(resp: http::Response<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(transport)?
+        .to_bytes())
 }
 
 fn error_answer(status: StatusCode, bytes: &[u8]) -> ApiError {

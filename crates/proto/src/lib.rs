@@ -74,7 +74,7 @@ pub struct JoinResponse {
 }
 
 /// What the controller pushes on a node's stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeMessage {
     /// The node's whole configuration: its own allowlist and its peers' keys and endpoints.

@@ -63,15 +63,15 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// `n` random bytes from the system's CSPRNG, as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
+    // ring's SystemRandom fails only without the kernel's getrandom: nothing secure can follow.
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-        .unwrap_or_else(|_| unreachable_rng());
+        .expect("the system random number generator failed");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[cold]
-fn unreachable_rng() {
-    // ring's SystemRandom only fails if the kernel has no getrandom; nothing secure can follow.
-    panic!("the system random number generator failed")
+/// A random certificate serial number (16 ASCII hex digits: positive, as X.509 wants).
+fn serial() -> rcgen::SerialNumber {
+    random_hex(8).into_bytes().into()
 }
 
 /// The first certificate in a PEM text, as DER.
@@ -137,7 +137,7 @@ impl Ca {
         p.distinguished_name
             .push(DnType::CommonName, "bulkhead-controller");
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.serial_number = Some(random_hex(16).as_bytes()[..16].to_vec().into());
+        p.serial_number = Some(serial());
         let cert = p
             .signed_by(&key, &self.issuer)
             .map_err(err("server cert"))?;
@@ -154,7 +154,7 @@ impl Ca {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err("client params"))?;
         p.distinguished_name.push(DnType::CommonName, name);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.serial_number = Some(random_hex(16).as_bytes()[..16].to_vec().into());
+        p.serial_number = Some(serial());
         let cert = p
             .signed_by(public_key, &self.issuer)
             .map_err(err("client cert"))?;

@@ -25,6 +25,9 @@ use crate::{
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// "revision" → the store revision.
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+/// Keys written by `hold`: they live with their holder, so a process that died without
+/// dropping them (`kill -9`) leaves them here, and the next `open` removes them.
+const HELD: TableDefinition<&str, ()> = TableDefinition::new("held");
 /// Transactions kept in memory for watches that start in the past.
 const HISTORY: usize = 1024;
 
@@ -85,11 +88,29 @@ impl Embedded {
         let revision = {
             let w = db.begin_write().map_err(unavailable)?;
             let rev = {
-                w.open_table(KV).map_err(unavailable)?;
-                let meta = w.open_table(META).map_err(unavailable)?;
-                meta.get("revision")
+                let mut kv = w.open_table(KV).map_err(unavailable)?;
+                let mut meta = w.open_table(META).map_err(unavailable)?;
+                let mut held = w.open_table(HELD).map_err(unavailable)?;
+                let mut rev = meta
+                    .get("revision")
                     .map_err(unavailable)?
-                    .map_or(0, |g| g.value())
+                    .map_or(0, |g| g.value());
+                // Whoever held these is gone: remove them, as one more revision.
+                let orphans: Vec<String> = held
+                    .iter()
+                    .map_err(unavailable)?
+                    .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+                    .collect();
+                let mut removed = false;
+                for k in &orphans {
+                    removed |= kv.remove(k.as_str()).map_err(unavailable)?.is_some();
+                    held.remove(k.as_str()).map_err(unavailable)?;
+                }
+                if removed {
+                    rev += 1;
+                    meta.insert("revision", rev).map_err(unavailable)?;
+                }
+                rev
             };
             w.commit().map_err(unavailable)?;
             rev
@@ -110,6 +131,19 @@ impl Embedded {
 }
 
 impl Inner {
+    fn mark_held(&self, key: &str, on: bool) -> Result<(), Error> {
+        let w = self.db.begin_write().map_err(unavailable)?;
+        {
+            let mut held = w.open_table(HELD).map_err(unavailable)?;
+            if on {
+                held.insert(key, ()).map_err(unavailable)?;
+            } else {
+                held.remove(key).map_err(unavailable)?;
+            }
+        }
+        w.commit().map_err(unavailable)
+    }
+
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -305,6 +339,9 @@ impl Store for Embedded {
     }
 
     async fn hold(&self, key: &str, value: Vec<u8>, _ttl: i64) -> Result<Held, Error> {
+        // Marked as held first, so that a crash right after the put still cleans it up.
+        let (i, k) = (self.inner.clone(), key.to_string());
+        blocking(move || i.mark_held(&k, true)).await?;
         self.txn(&[], &[Op::Put(key.to_string(), value)]).await?;
         // The key goes when the holder does: a task that waits forever and, when aborted
         // (the Held dropped), cannot run async code, so a guard deletes synchronously.
@@ -312,6 +349,7 @@ impl Store for Embedded {
         impl Drop for Remove {
             fn drop(&mut self) {
                 let _ = self.0.txn(&[], &[Op::Delete(self.1.clone())]);
+                let _ = self.0.mark_held(&self.1, false);
             }
         }
         let guard = Remove(self.inner.clone(), key.to_string());

@@ -170,7 +170,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Writes `key` and keeps it only while the returned [`Held`] lives and this process keeps
     /// talking to the store: with etcd, a lease of `ttl` seconds kept alive in the background,
     /// so a controller that dies disappears within `ttl`. The embedded store (one controller)
-    /// keeps it until the `Held` is dropped.
+    /// keeps it until the `Held` is dropped, or until the next `open` if the process died.
     async fn hold(&self, key: &str, value: Vec<u8>, ttl: i64) -> Result<Held, Error>;
     /// Where the data lives, for logs and `bulkhead status`.
     fn describe(&self) -> String;
