@@ -248,23 +248,14 @@ struct Online {
 
 impl Online {
     fn new(c: Ctl, identity: String) -> Online {
-        {
-            let mut v = lock(&c.view);
-            let p = v.presence.entry(identity.clone()).or_default();
-            p.streams += 1;
-            p.last_seen = Some(crate::ops::unix_now());
-        }
+        c.presence.connected(&identity);
         Online { c, identity }
     }
 }
 
 impl Drop for Online {
     fn drop(&mut self) {
-        let mut v = lock(&self.c.view);
-        if let Some(p) = v.presence.get_mut(&self.identity) {
-            p.streams = p.streams.saturating_sub(1);
-            p.last_seen = Some(crate::ops::unix_now());
-        }
+        self.c.presence.disconnected(&self.identity);
     }
 }
 

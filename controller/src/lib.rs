@@ -5,6 +5,7 @@
 //! - [`view`]: the in-memory view that follows the store, and distribution to nodes.
 //! - [`ops`]: what each API call does.
 //! - [`api`]: TLS, authentication, HTTP routes.
+//! - [`presence`]: which nodes are connected where, shared through the store.
 //! - [`pki`]: the CA and the administrator's credential, at first start.
 //!
 //! [`start`] runs a controller inside the current tokio runtime (the binary, and in-process
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod ops;
 pub mod pki;
+pub mod presence;
 pub mod records;
 pub mod view;
 
@@ -52,6 +54,8 @@ pub struct Controller {
     pub(crate) url: String,
     pub(crate) started: Instant,
     pub(crate) cred_changes: watch::Sender<u64>,
+    /// The nodes whose streams this controller holds.
+    pub(crate) presence: presence::Tracker,
     /// The store revision the view has caught up with.
     pub(crate) applied: watch::Receiver<bulkhead_store::Revision>,
 }
@@ -166,11 +170,13 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         url: url.clone(),
         started: Instant::now(),
         cred_changes: cred_tx.clone(),
+        presence: presence::Tracker::new(&url),
         applied: applied.clone(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
     // Serve only once the view holds the store's state: never answer from an empty view.
     applied.wait_for(|r| *r >= 0).await?;
+    tasks.push(tokio::spawn(presence::run(controller.clone())));
     tasks.push(tokio::spawn(api::serve(
         listener,
         tls,

@@ -16,8 +16,8 @@ use bulkhead_store::{Compare, Op};
 use crate::Controller;
 use crate::api::Fail;
 use crate::records::{
-    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PolicyRecord,
-    TOKENS, TokenRecord,
+    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE,
+    PolicyRecord, TOKENS, TokenRecord,
 };
 use crate::view::{Live, lock};
 
@@ -355,6 +355,7 @@ impl Controller {
         let mut ops = vec![
             Op::Delete(node_key.clone()),
             Op::Delete(format!("{ENDPOINTS}{identity}")),
+            Op::Delete(format!("{PRESENCE}{identity}")),
         ];
         for kv in &tokens.kvs {
             if records::decode::<TokenRecord>(&kv.key, &kv.value)
@@ -372,7 +373,7 @@ impl Controller {
             }
             None => false,
         };
-        if !was_enrolled && ops.len() == 2 {
+        if !was_enrolled && ops.len() == 3 {
             return Err(Fail::new(
                 404,
                 "not_found",
@@ -410,13 +411,8 @@ impl Controller {
         let endpoint = r
             .endpoint
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
-        let moved = {
-            let mut v = lock(&self.view);
-            let p = v.presence.entry(identity.to_string()).or_default();
-            p.last_seen = Some(unix_now());
-            p.report = Some(r);
-            v.endpoints.get(identity) != Some(&endpoint)
-        };
+        self.presence.reported(identity, &r);
+        let moved = lock(&self.view).endpoints.get(identity) != Some(&endpoint);
         if moved {
             bulkhead_store::put(
                 &*self.store,
@@ -449,18 +445,17 @@ impl Controller {
             .map(|n| {
                 let model = v.live.as_ref().map(|l| &l.model);
                 let id = model.and_then(|m| m.identity(&n));
-                let p = v.presence.get(&n);
-                let report = p.and_then(|p| p.report.as_ref());
+                let p = v.presence.get(&n).map(|p| &p.0);
                 NodeView {
                     address: model.zip(id).map(|(m, i)| m.address(i)),
                     in_policy: id.is_some(),
                     enrolled: v.nodes.contains_key(&n),
                     endpoint: v.endpoints.get(&n).copied(),
-                    online: p.is_some_and(|p| p.streams > 0),
-                    last_seen: p.and_then(|p| p.last_seen),
-                    revision: report.and_then(|r| r.revision),
+                    online: v.online(&n),
+                    last_seen: p.map(|p| p.last_seen),
+                    revision: p.and_then(|p| p.revision),
                     in_sync: v.in_sync(&n),
-                    status: report.map(|r| r.status.clone()),
+                    status: p.and_then(|p| p.status.clone()),
                     identity: n,
                 }
             })
@@ -487,7 +482,7 @@ impl Controller {
             revision: v.revision(),
             identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
             enrolled: v.nodes.len(),
-            online: v.presence.values().filter(|p| p.streams > 0).count(),
+            online: v.presence.keys().filter(|n| v.online(n)).count(),
             in_sync: v.nodes.keys().filter(|n| v.in_sync(n)).count(),
             uptime: self.started.elapsed().as_secs(),
         }

@@ -10,6 +10,7 @@
 //! | `creds/<certificate fingerprint>` | [`CredRecord`]: a credential that may call the API |
 //! | `endpoints/<identity>` | [`EndpointRecord`]: where peers send to it |
 //! | `controllers/<hash of URL>` | [`ControllerRecord`]: a live controller, held under a lease |
+//! | `presence/<identity>` | [`PresenceRecord`]: which controller has its stream, what it reported |
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,6 +33,34 @@ pub const CREDS: &str = "creds/";
 pub const ENDPOINTS: &str = "endpoints/";
 /// Live controllers, each held under a lease while it runs (by a hash of its URL).
 pub const CONTROLLERS: &str = "controllers/";
+
+/// Node presence, by identity.
+pub const PRESENCE: &str = "presence/";
+
+/// Where a node is connected and what it last reported, written by the controller holding its
+/// stream (see `crate::presence`), so that every controller shows the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// The advertise URL of the controller that has (or last had) its stream.
+    pub controller: String,
+    /// Whether that controller has its stream open. Shown as online only while that controller
+    /// is live too: a controller that dies leaves this `true` behind.
+    pub online: bool,
+    /// Unix seconds: when the stream opened.
+    pub since: i64,
+    /// Unix seconds: the last report or stream event, refreshed at least every
+    /// `presence::HEARTBEAT` while online.
+    pub last_seen: i64,
+    /// The revision of the allowlist it enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// `ok`, or what is wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The daemon's version.
+    #[serde(default)]
+    pub version: String,
+}
 
 /// A live controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

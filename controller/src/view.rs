@@ -19,13 +19,13 @@ use std::time::Duration;
 use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::{Config, PeerInfo};
 use bulkhead_policy::{Compiled, Conditions, Model};
-use bulkhead_proto::{NodeMessage, Report};
-use bulkhead_store::{Event, KeyValue, Store, WatchMessage};
+use bulkhead_proto::NodeMessage;
+use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
 use crate::records::{
     self, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord, NODES,
-    NodeRecord, POLICY, PolicyRecord,
+    NodeRecord, POLICY, PRESENCE, PolicyRecord, PresenceRecord,
 };
 
 /// WireGuard persistent keepalive pushed to nodes, seconds.
@@ -42,17 +42,6 @@ pub struct Live {
     pub compiled: Compiled,
 }
 
-/// What a node has told this controller.
-#[derive(Debug, Clone, Default)]
-pub struct Presence {
-    /// Open streams.
-    pub streams: usize,
-    /// Unix seconds of the last report or stream start.
-    pub last_seen: Option<i64>,
-    /// The last report.
-    pub report: Option<Report>,
-}
-
 /// The view.
 #[derive(Debug, Default)]
 pub struct View {
@@ -66,8 +55,8 @@ pub struct View {
     pub endpoints: HashMap<String, SocketAddr>,
     /// Live controllers' URLs, by store key.
     pub controllers: BTreeMap<String, String>,
-    /// Per-identity presence (this controller's streams and reports).
-    pub presence: HashMap<String, Presence>,
+    /// Per-identity presence as stored, with the record's revision.
+    pub presence: HashMap<String, (PresenceRecord, Revision)>,
     allowlists: HashMap<String, Allowlist>,
     channels: HashMap<String, watch::Sender<Arc<NodeMessage>>>,
     /// Raised whenever credentials change, so that open streams re-check theirs.
@@ -98,13 +87,16 @@ impl View {
 
     /// Whether an enrolled node reports enforcing the allowlist the live policy gives it.
     pub fn in_sync(&self, identity: &str) -> bool {
-        let reported = self
-            .presence
-            .get(identity)
-            .and_then(|p| p.report.as_ref())
-            .and_then(|r| r.revision);
+        let reported = self.presence.get(identity).and_then(|p| p.0.revision);
         self.nodes.contains_key(identity)
             && reported == self.allowlists.get(identity).map(|l| l.revision)
+    }
+
+    /// Whether a node's stream is open at a live controller.
+    pub fn online(&self, identity: &str) -> bool {
+        self.presence
+            .get(identity)
+            .is_some_and(|(p, _)| p.online && self.controllers.values().any(|u| *u == p.controller))
     }
 
     /// The message an identity's node should have now.
@@ -212,6 +204,7 @@ impl View {
         self.creds.clear();
         self.endpoints.clear();
         self.controllers.clear();
+        self.presence.clear();
         let mut t = Touched::default();
         let had_policy = self.live.is_some();
         let mut policy_seen = false;
@@ -261,6 +254,9 @@ impl View {
             } else if key.starts_with(CONTROLLERS) {
                 let rec: ControllerRecord = records::decode(key, &kv.value)?;
                 self.controllers.insert(key.to_string(), rec.url);
+            } else if let Some(id) = key.strip_prefix(PRESENCE) {
+                let rec: PresenceRecord = records::decode(key, &kv.value)?;
+                self.presence.insert(id.to_string(), (rec, kv.mod_revision));
             }
             Ok(())
         })();
@@ -283,6 +279,8 @@ impl View {
             t.nodes.insert(id.to_string());
         } else if key.starts_with(CONTROLLERS) {
             self.controllers.remove(key);
+        } else if let Some(id) = key.strip_prefix(PRESENCE) {
+            self.presence.remove(id);
         }
     }
 
@@ -300,7 +298,6 @@ impl View {
             .collect();
         for id in &gone {
             self.channels.remove(id);
-            self.presence.remove(id);
         }
         if t.policy {
             let all: Vec<String> = self.channels.keys().cloned().collect();

@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use bulkhead_controller::{Handle, Settings, start};
-use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok};
+use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok, free_port};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
-    ApplyResponse, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView,
+    ApplyResponse, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView, Report,
     RevokeResponse, StatusView, Token, TokenRequest, TokenResponse,
 };
 
@@ -58,6 +58,24 @@ async fn token(c: &mut bulkhead_proto::Connection, identity: &str) -> String {
         .await
         .unwrap();
     t.token
+}
+
+/// Polls `/v1/nodes` (up to 5 s) until `identity` satisfies `ok`.
+async fn wait_node(
+    c: &mut bulkhead_proto::Connection,
+    identity: &str,
+    ok: impl Fn(&NodeView) -> bool,
+) -> NodeView {
+    let mut last = None;
+    for _ in 0..50 {
+        let nodes: Vec<NodeView> = c.get("/v1/nodes").await.unwrap();
+        last = nodes.into_iter().find(|n| n.identity == identity);
+        if last.as_ref().is_some_and(&ok) {
+            return last.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{identity} never got there: {last:?}");
 }
 
 async fn node_client(token: &str, url: &str) -> Client {
@@ -143,6 +161,21 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     let p: PolicyView = cb.get("/v1/policy").await.unwrap();
     assert_eq!(p.revision, 1, "B serves the policy A applied");
 
+    // Presence is shared: the node streams from B and reports there; A shows it online, with
+    // the revision it enforces.
+    let report = Report {
+        endpoint: None,
+        listen_port: 51820,
+        revision: Some(1),
+        status: "ok".into(),
+        peers: 0,
+        version: "test".into(),
+    };
+    let _: serde_json::Value = wconn.post("/v1/node/report", &report).await.unwrap();
+    let seen_on_a = wait_node(&mut ca, "web-1", |n| n.online && n.in_sync).await;
+    assert_eq!(seen_on_a.revision, Some(1), "{seen_on_a:?}");
+    assert!(seen_on_a.status.as_deref() == Some("ok"), "{seen_on_a:?}");
+
     // 100 concurrent joins with one token, spread over both controllers: exactly one wins.
     let tok = token(&mut cb, "db-1").await;
     let t = Token::decode(&tok).unwrap();
@@ -156,17 +189,41 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         }];
         tasks.push(tokio::spawn(async move {
             let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
-            bulkhead_proto::join(&t, wg).await.map(|_| ())
+            bulkhead_proto::join(&t, wg).await
         }));
     }
-    let mut ok = 0;
+    let mut winners = Vec::new();
     for task in tasks {
         match task.await.unwrap() {
-            Ok(()) => ok += 1,
+            Ok(en) => winners.push(en),
             Err(e) => assert_eq!(e.code(), Some("token_invalid"), "{e}"),
         }
     }
-    assert_eq!(ok, 1, "one token, one enrollment, across controllers");
+    assert_eq!(
+        winners.len(),
+        1,
+        "one token, one enrollment, across controllers"
+    );
+
+    // db-1 streams from A, then goes away: B shows it online, then offline.
+    let en = winners.pop().unwrap();
+    let db_client = Client::new(
+        std::slice::from_ref(&a.url),
+        &Trust::Ca(en.response.ca.clone()),
+        Some(&Identity {
+            cert_pem: en.response.certificate,
+            key_pem: en.credential.pem(),
+        }),
+    )
+    .unwrap();
+    let mut dconn = db_client.connect().await.unwrap();
+    let mut ds = dconn.stream("/v1/node/stream").await.unwrap();
+    let _ = ds.next::<NodeMessage>().await.unwrap();
+    wait_node(&mut cb, "db-1", |n| n.online).await;
+    drop(ds);
+    drop(dconn);
+    let gone = wait_node(&mut cb, "db-1", |n| !n.online).await;
+    assert!(gone.last_seen.is_some(), "{gone:?}");
 
     // web-1 is sent db-1's key (the race's winner): take what is pending.
     while tokio::time::timeout(Duration::from_millis(500), s.next::<NodeMessage>())
@@ -379,5 +436,83 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
     );
     node.abort();
     h.stop();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Kills the process when dropped, so a failing test leaves nothing running.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The controller binary started before its etcd: it says so and retries, and serves once etcd
+/// comes up.
+#[test]
+fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
+    if !etcd_ok() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = dir("late");
+    std::fs::create_dir_all(&d).unwrap();
+    let log = d.join("controller.log");
+    let mut ctl = Reap(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-controller"))
+            .args(["--listen", "127.0.0.1:0", "--store"])
+            .arg(format!("etcd://{addr}"))
+            .arg("--state")
+            .arg(d.join("state"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let retries = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("cannot reach etcd; retrying")
+            .count()
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while retries() < 2 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        retries() >= 2,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(ctl.0.try_wait().unwrap().is_none(), "it must not exit");
+    let admin = d.join("state/admin.yaml");
+    assert!(!admin.exists(), "nothing is served without the store");
+
+    let server = Server::start_on(&addr);
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while !admin.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let st: StatusView = rt.block_on(async {
+        // admin.yaml is written just before the API starts serving.
+        for _ in 0..50 {
+            if let Ok(cfg) = CliConfig::load(&admin)
+                && let Ok(mut c) = cfg.client().unwrap().connect().await
+                && let Ok(st) = c.get("/v1/status").await
+            {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    });
+    assert!(st.store.contains(&addr), "{st:?}");
+    assert!(st.store_health[0].1.starts_with("ok"), "{st:?}");
+    drop(ctl);
+    drop(server);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -28,7 +28,8 @@ pub fn etcd_ok() -> bool {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -164,10 +165,19 @@ impl Drop for EtcdCluster {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers (at most 20 s).
+    /// Starts etcd on a free port and waits until it answers (at most 20 s).
     pub fn start() -> Etcd {
+        Etcd::start_on(&format!("127.0.0.1:{}", free_port()))
+    }
+
+    /// Starts etcd with its client API on `addr` (`127.0.0.1:PORT`) and waits until it
+    /// answers (at most 20 s).
+    pub fn start_on(addr: &str) -> Etcd {
         let dir = TempDir::new("etcd");
-        let m = member("t");
+        let m = Member {
+            addr: addr.to_string(),
+            ..member("t")
+        };
         let child = spawn_member(dir.path(), &m, &format!("t={}", m.peer));
         let e = Etcd {
             child,
