@@ -16,8 +16,8 @@ use bulkhead_store::{Compare, Op};
 use crate::Controller;
 use crate::api::Fail;
 use crate::records::{
-    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE,
-    PolicyRecord, TOKENS, TokenRecord,
+    self, BLOBS, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE,
+    PolicyHead, PolicyRecord, TOKENS, TokenRecord,
 };
 use crate::view::{Live, lock};
 
@@ -118,14 +118,15 @@ impl Controller {
     /// Validates, tests and applies a policy; the one path for the CLI and `--policy`.
     pub async fn apply(&self, req: &PolicyRequest, by: &str) -> Result<ApplyResponse, Fail> {
         let current = self.store.get(POLICY).await.map_err(Fail::store)?;
-        let (mod_rev, live) = match &current {
+        let (mod_rev, live_rev) = match &current {
             Some(kv) => (
                 kv.mod_revision,
-                Some(records::decode::<PolicyRecord>(POLICY, &kv.value).map_err(Fail::internal)?),
+                records::decode::<PolicyHead>(POLICY, &kv.value)
+                    .map_err(Fail::internal)?
+                    .revision,
             ),
-            None => (0, None),
+            None => (0, 0),
         };
-        let live_rev = live.as_ref().map_or(0, |l| l.revision);
         if let Some(base) = req.base_revision
             && base != live_rev
         {
@@ -135,24 +136,32 @@ impl Controller {
                 format!("the live policy is revision {live_rev}, not {base}: plan again"),
             ));
         }
-        let prior = live
+        // The live policy whole, from the view once it has caught up with that head.
+        self.caught_up(mod_rev).await;
+        let old = lock(&self.view).live.clone();
+        let old = match old {
+            Some(l) if l.record.revision == live_rev => Some(l),
+            None if live_rev == 0 => None,
+            _ => {
+                return Err(Fail::new(
+                    503,
+                    "unavailable",
+                    format!("the stored policy revision {live_rev} is not readable yet; try again"),
+                ));
+            }
+        };
+        let prior = old
             .as_ref()
-            .map(|l| l.addresses.clone())
+            .map(|l| l.record.addresses.clone())
             .unwrap_or_default();
         let cand = self.validate(&req.text, &req.source, &prior)?;
-        if live.as_ref().is_some_and(|l| l.text == req.text) {
+        if old.as_ref().is_some_and(|l| l.record.text == req.text) {
             return Ok(ApplyResponse {
                 revision: live_rev,
                 changed: false,
                 summary: PlanSummary::default(),
             });
         }
-        // Against the view's compiled policy if it is the stored one (it lags only an instant);
-        // the lock is held only to take the snapshot.
-        let old = lock(&self.view)
-            .live
-            .clone()
-            .filter(|l| l.record.revision == live_rev);
         let plan = plan_between(
             old.as_deref().map(|l| (&l.model, &l.compiled)),
             (&cand.model, &cand.compiled),
@@ -166,7 +175,26 @@ impl Controller {
             addresses: cand.model.addresses(),
         };
         let revision = rec.revision;
-        let body = records::encode(&rec);
+        let (head, chunks) = rec.split();
+        // The body first, a few chunks per transaction; then the head, only if the policy has
+        // not moved and every chunk is still exactly as written (a concurrent apply's cleanup
+        // may have removed it).
+        let mut when = vec![Compare::ModRevision(POLICY.into(), mod_rev)];
+        for group in chunks.chunks(8) {
+            let ops: Vec<Op> = group
+                .iter()
+                .map(|(k, v)| Op::Put(k.clone(), v.clone()))
+                .collect();
+            let r = bulkhead_store::put(&*self.store, &ops)
+                .await
+                .map_err(Fail::store)?;
+            when.extend(
+                group
+                    .iter()
+                    .map(|(k, _)| Compare::ModRevision(k.clone(), r)),
+            );
+        }
+        let sha = head.body.clone();
         lock(&self.view).prepared = Some(Live {
             record: rec,
             model: cand.model,
@@ -174,10 +202,7 @@ impl Controller {
         });
         let t = self
             .store
-            .txn(
-                &[Compare::ModRevision(POLICY.into(), mod_rev)],
-                &[Op::Put(POLICY.into(), body)],
-            )
+            .txn(&when, &[Op::Put(POLICY.into(), records::encode(&head))])
             .await;
         let t = match t {
             Ok(t) if t.succeeded => t,
@@ -191,6 +216,7 @@ impl Controller {
                 ));
             }
         };
+        self.drop_old_blobs(&sha, t.revision).await;
         self.caught_up(t.revision).await;
         tracing::info!(revision, by, source = %req.source, changes = plan.changes.len(), "policy applied");
         Ok(ApplyResponse {
@@ -425,6 +451,28 @@ impl Controller {
             .map_err(Fail::store)?;
         }
         Ok(())
+    }
+
+    /// Removes every blob but the live policy's, if the policy is still the one committed at
+    /// `committed` (otherwise a later apply does it). Best effort: leftovers go next time.
+    async fn drop_old_blobs(&self, keep: &str, committed: bulkhead_store::Revision) {
+        let Ok(all) = self.store.range(BLOBS).await else {
+            return;
+        };
+        let keep = format!("{BLOBS}{keep}/");
+        let old: Vec<Op> = all
+            .kvs
+            .into_iter()
+            .filter(|kv| !kv.key.starts_with(&keep))
+            .map(|kv| Op::Delete(kv.key))
+            .collect();
+        for group in old.chunks(100) {
+            let fenced = [Compare::ModRevision(POLICY.into(), committed)];
+            match self.store.txn(&fenced, group).await {
+                Ok(t) if t.succeeded => {}
+                _ => return,
+            }
+        }
     }
 
     /// Every identity in the policy or enrolled.

@@ -4,7 +4,8 @@
 //! | key | record |
 //! |---|---|
 //! | `ca` | [`CaRecord`]: the CA certificate and key |
-//! | `policy` | [`PolicyRecord`]: the live policy, its revision and its addresses |
+//! | `policy` | [`PolicyHead`]: the live policy's revision, who applied it, and which blob holds its text and addresses |
+//! | `blobs/<sha256>/<n>` | 64 KiB chunks of a [`PolicyRecord`]'s body, written before the head that names them |
 //! | `tokens/<sha256 of the secret>` | [`TokenRecord`] |
 //! | `nodes/<identity>` | [`NodeRecord`]: an enrolled node |
 //! | `creds/<certificate fingerprint>` | [`CredRecord`]: a credential that may call the API |
@@ -78,7 +79,100 @@ pub struct CaRecord {
     pub key: String,
 }
 
-/// The live policy.
+/// Chunks of large values, by the SHA-256 of the whole.
+pub const BLOBS: &str = "blobs/";
+/// The largest chunk: etcd wants values of a few KB, and refuses requests over 1.5 MiB.
+pub const CHUNK: usize = 64 * 1024;
+
+/// The key of chunk `i` of the blob with hash `sha`.
+pub fn blob_key(sha: &str, i: usize) -> String {
+    format!("{BLOBS}{sha}/{i:05}")
+}
+
+/// What the `policy` key holds: small, so that the compare-and-swap that makes a revision is
+/// small too; the text and addresses are in `blobs/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyHead {
+    /// See [`PolicyRecord::revision`].
+    pub revision: u64,
+    /// Its file name.
+    pub source: String,
+    /// Unix seconds.
+    pub applied_at: i64,
+    /// `admin` or `file:PATH`.
+    pub applied_by: String,
+    /// SHA-256 (hex) of the body.
+    pub body: String,
+    /// How many chunks the body has.
+    pub chunks: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PolicyBody {
+    text: String,
+    addresses: BTreeMap<String, Ipv4Addr>,
+}
+
+impl PolicyRecord {
+    /// The head and the chunks (key, value) to store it as.
+    pub fn split(&self) -> (PolicyHead, Vec<(String, Vec<u8>)>) {
+        let body = encode(&PolicyBody {
+            text: self.text.clone(),
+            addresses: self.addresses.clone(),
+        });
+        let sha = bulkhead_proto::tls::sha256_hex(&body);
+        let chunks: Vec<(String, Vec<u8>)> = body
+            .chunks(CHUNK)
+            .enumerate()
+            .map(|(i, c)| (blob_key(&sha, i), c.to_vec()))
+            .collect();
+        let head = PolicyHead {
+            revision: self.revision,
+            source: self.source.clone(),
+            applied_at: self.applied_at,
+            applied_by: self.applied_by.clone(),
+            body: sha,
+            chunks: chunks.len(),
+        };
+        (head, chunks)
+    }
+
+    /// Puts a record back together from its head and its chunks; a missing chunk or one that
+    /// does not match the head's hash is an error.
+    pub fn join<'a>(
+        head: PolicyHead,
+        chunk: impl Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<PolicyRecord, String> {
+        let mut body = Vec::new();
+        for i in 0..head.chunks {
+            let key = blob_key(&head.body, i);
+            let c = chunk(&key).ok_or_else(|| {
+                format!(
+                    "policy revision {}: store key {key:?} is missing",
+                    head.revision
+                )
+            })?;
+            body.extend_from_slice(c);
+        }
+        if bulkhead_proto::tls::sha256_hex(&body) != head.body {
+            return Err(format!(
+                "policy revision {}: its text does not match its hash",
+                head.revision
+            ));
+        }
+        let b: PolicyBody = decode(&format!("{BLOBS}{}", head.body), &body)?;
+        Ok(PolicyRecord {
+            revision: head.revision,
+            text: b.text,
+            source: head.source,
+            applied_at: head.applied_at,
+            applied_by: head.applied_by,
+            addresses: b.addresses,
+        })
+    }
+}
+
+/// The live policy, whole (in memory; stored as a [`PolicyHead`] and chunks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
     /// Starts at 1 and only ever goes up by one per apply.
@@ -165,5 +259,33 @@ mod tests {
             identity: "web-1".into(),
         };
         assert_eq!(decode::<CredRecord>("k", &encode(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn a_policy_splits_into_chunks_and_joins_back() {
+        let rec = PolicyRecord {
+            revision: 3,
+            text: "x".repeat(3 * CHUNK),
+            source: "p.yaml".into(),
+            applied_at: 1,
+            applied_by: "admin".into(),
+            addresses: BTreeMap::from([("a".to_string(), Ipv4Addr::new(10, 0, 0, 1))]),
+        };
+        let (head, chunks) = rec.split();
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|(_, v)| v.len() <= CHUNK));
+        let map: std::collections::HashMap<String, Vec<u8>> = chunks.into_iter().collect();
+        let back = PolicyRecord::join(head.clone(), |k| map.get(k).map(Vec::as_slice)).unwrap();
+        assert_eq!(back, rec);
+        // A chunk missing, or altered: refused, never half a policy.
+        let e = PolicyRecord::join(head.clone(), |k| {
+            (!k.ends_with("00002")).then(|| map[k].as_slice())
+        })
+        .unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+        let mut bad = map.clone();
+        bad.get_mut(&blob_key(&head.body, 0)).unwrap()[0] ^= 1;
+        let e = PolicyRecord::join(head, |k| bad.get(k).map(Vec::as_slice)).unwrap_err();
+        assert!(e.contains("hash"), "{e}");
     }
 }

@@ -24,8 +24,8 @@ use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
 use crate::records::{
-    self, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord, NODES,
-    NodeRecord, POLICY, PRESENCE, PolicyRecord, PresenceRecord,
+    self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord,
+    NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PolicyRecord, PresenceRecord,
 };
 
 /// WireGuard persistent keepalive pushed to nodes, seconds.
@@ -58,6 +58,8 @@ pub struct View {
     /// Per-identity presence as stored, with the record's revision.
     pub presence: HashMap<String, (PresenceRecord, Revision)>,
     allowlists: HashMap<String, Allowlist>,
+    /// Chunks of policy bodies, by key (kept until the store deletes them).
+    blobs: HashMap<String, Vec<u8>>,
     channels: HashMap<String, watch::Sender<Arc<NodeMessage>>>,
     /// Raised whenever credentials change, so that open streams re-check theirs.
     pub cred_generation: u64,
@@ -205,6 +207,7 @@ impl View {
         self.endpoints.clear();
         self.controllers.clear();
         self.presence.clear();
+        self.blobs.clear();
         let mut t = Touched::default();
         let had_policy = self.live.is_some();
         let mut policy_seen = false;
@@ -225,8 +228,16 @@ impl View {
     fn put(&mut self, kv: &KeyValue, t: &mut Touched) {
         let key = kv.key.as_str();
         let r: Result<(), String> = (|| {
-            if key == POLICY {
-                let rec: PolicyRecord = records::decode(key, &kv.value)?;
+            if key.starts_with(BLOBS) {
+                self.blobs.insert(key.to_string(), kv.value.clone());
+            } else if key == POLICY {
+                let head: PolicyHead = records::decode(key, &kv.value)?;
+                if self.live.as_ref().is_some_and(|l| {
+                    l.record.revision == head.revision && l.record.applied_at == head.applied_at
+                }) {
+                    return Ok(());
+                }
+                let rec = PolicyRecord::join(head, |k| self.blobs.get(k).map(Vec::as_slice))?;
                 if self.live.as_ref().is_some_and(|l| l.record == rec) {
                     return Ok(());
                 }
@@ -266,7 +277,9 @@ impl View {
     }
 
     fn delete(&mut self, key: &str, t: &mut Touched) {
-        if key == POLICY {
+        if key.starts_with(BLOBS) {
+            self.blobs.remove(key);
+        } else if key == POLICY {
             tracing::error!("the stored policy was deleted; keeping the live one");
         } else if let Some(id) = key.strip_prefix(NODES) {
             self.nodes.remove(id);
@@ -461,12 +474,20 @@ rules:
             applied_by: "admin".into(),
             addresses: BTreeMap::new(),
         };
-        let t = v.reset(&[
-            kv(POLICY, encode(&rec), 1),
-            kv("nodes/a", encode(&node("a", 1)), 2),
-            kv("nodes/b", encode(&node("b", 2)), 3),
-            kv("nodes/c", encode(&node("c", 3)), 4),
-        ]);
+        let (head, chunks) = rec.split();
+        let mut kvs: Vec<KeyValue> = chunks.into_iter().map(|(k, b)| kv(&k, b, 1)).collect();
+        kvs.push(kv(POLICY, encode(&head), 1));
+        let t = v.reset(
+            &[
+                kvs,
+                vec![
+                    kv("nodes/a", encode(&node("a", 1)), 2),
+                    kv("nodes/b", encode(&node("b", 2)), 3),
+                    kv("nodes/c", encode(&node("c", 3)), 4),
+                ],
+            ]
+            .concat(),
+        );
         v.distribute(t);
         let (mut ra, mut rb, mut rc) = (v.subscribe("a"), v.subscribe("b"), v.subscribe("c"));
         ra.borrow_and_update();
@@ -520,8 +541,18 @@ rules:
         let mut old = rec.clone();
         old.revision = 0;
         old.text = "identities: {}\n".into();
+        let (head, chunks) = old.split();
         let mut t = Touched::default();
-        v.put(&kv(POLICY, encode(&old), 8), &mut t);
+        for (k, b) in chunks {
+            v.put(&kv(&k, b, 8), &mut t);
+        }
+        v.put(&kv(POLICY, encode(&head), 8), &mut t);
+        assert_eq!(v.revision(), 1);
+        // A head whose chunks are not there is refused.
+        let mut newer = rec.clone();
+        newer.revision = 2;
+        newer.text.push_str("# more\n");
+        v.put(&kv(POLICY, encode(&newer.split().0), 9), &mut t);
         assert_eq!(v.revision(), 1);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use bulkhead_controller::records::{BLOBS, PolicyHead, PolicyRecord};
 use bulkhead_controller::{Handle, Settings, start};
 use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok, free_port};
 use bulkhead_proto::tls::{Identity, Trust};
@@ -402,13 +403,31 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
             .await
             .unwrap();
         let Some(kv) = r.kvs().first() else { break };
-        let rec: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
-        let prev = history.insert(
-            rec["revision"].as_u64().unwrap(),
-            rec["text"].as_str().unwrap().to_string(),
-        );
+        // The head names its body's chunks, as they were at that revision.
+        let head: PolicyHead = serde_json::from_slice(kv.value()).unwrap();
+        let blobs = raw
+            .get(
+                format!("/bulkhead/{BLOBS}{}/", head.body),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_revision(kv.mod_revision()),
+                ),
+            )
+            .await
+            .unwrap();
+        let chunks: BTreeMap<String, Vec<u8>> = blobs
+            .kvs()
+            .iter()
+            .map(|c| {
+                let k = String::from_utf8_lossy(c.key()).to_string();
+                (k["/bulkhead/".len()..].to_string(), c.value().to_vec())
+            })
+            .collect();
+        let rec = PolicyRecord::join(head, |k| chunks.get(k).map(Vec::as_slice)).unwrap();
+        let prev = history.insert(rec.revision, rec.text.clone());
         if let Some(p) = prev {
-            assert_eq!(p, rec["text"].as_str().unwrap(), "one revision, two texts");
+            assert_eq!(p, rec.text, "one revision, two texts");
         }
         rev = kv.mod_revision() - 1;
     }
@@ -515,4 +534,77 @@ fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
     drop(ctl);
     drop(server);
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A policy larger than etcd's 1.5 MiB request limit is stored as chunks of 64 KiB; a
+/// controller started afterwards reads it whole; the previous revision's chunks are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
+    if !etcd_ok() {
+        return;
+    }
+    let server = Server::start();
+    let (da, db) = (dir("big-a"), dir("big-b"));
+    let (a, admin_a) = controller(&da, &server.spec()).await;
+    let mut ca = admin_a.client().unwrap().connect().await.unwrap();
+    let big = |port: u32| {
+        let mut t = POLICY.replace("5432", &port.to_string());
+        for i in 0..48_000 {
+            t.push_str(&format!("# padding line {i:06} to make the policy large\n"));
+        }
+        t
+    };
+    let text = big(7000);
+    assert!(text.len() > 2 << 20, "{}", text.len());
+    let req = |text: &str| PolicyRequest {
+        text: text.to_string(),
+        source: "big.yaml".into(),
+        base_revision: None,
+    };
+    let r: ApplyResponse = ca.post("/v1/policy/apply", &req(&text)).await.unwrap();
+    assert_eq!(r.revision, 1);
+
+    let (b, admin_b) = controller(&db, &server.spec()).await;
+    let mut cb = admin_b.client().unwrap().connect().await.unwrap();
+    let p: PolicyView = cb.get("/v1/policy").await.unwrap();
+    assert_eq!((p.revision, p.text == text), (1, true));
+
+    let mut raw = etcd_client::Client::connect([server.addr.as_str()], None)
+        .await
+        .unwrap();
+    let blobs = |raw: &mut etcd_client::Client| {
+        let mut raw = raw.clone();
+        async move {
+            raw.get(
+                format!("/bulkhead/{BLOBS}"),
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap()
+            .kvs()
+            .len()
+        }
+    };
+    let first = blobs(&mut raw).await;
+    assert!(first >= 32, "{first} chunks");
+    // A second large apply through B: A serves it, and only its chunks remain.
+    let text2 = big(7001);
+    let r: ApplyResponse = cb.post("/v1/policy/apply", &req(&text2)).await.unwrap();
+    assert_eq!(r.revision, 2);
+    let p: PolicyView = ca.get("/v1/policy").await.unwrap();
+    assert_eq!((p.revision, p.text == text2), (2, true));
+    assert_eq!(
+        blobs(&mut raw).await,
+        first,
+        "the old revision's chunks are gone"
+    );
+    a.stop();
+    b.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
 }

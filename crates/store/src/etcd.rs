@@ -30,10 +30,17 @@ use crate::{
 /// The default key namespace.
 pub const NAMESPACE: &str = "/bulkhead/";
 
+/// Largest response the client accepts.
+const MAX_MESSAGE: usize = 1 << 30;
+
 /// A store in an etcd cluster.
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
+    /// For reads: with a decoding limit above tonic's 4 MiB default, so that a full read of a
+    /// large state (or a large watch batch) is not refused by the client.
+    kv: etcd_client::KvClient,
+    watcher: etcd_client::WatchClient,
     endpoints: Vec<String>,
     namespace: String,
 }
@@ -86,6 +93,8 @@ impl Etcd {
             .await
             .map_err(|e| Error::Unavailable(format!("etcd {}: {e}", endpoints.join(","))))?;
         let s = Etcd {
+            kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+            watcher: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
             client,
             endpoints,
             namespace: namespace.to_string(),
@@ -132,7 +141,7 @@ impl Store for Etcd {
 
     async fn range(&self, prefix: &str) -> Result<Snapshot, Error> {
         let resp = self
-            .client
+            .kv
             .clone()
             .get(self.key(prefix), Some(GetOptions::new().with_prefix()))
             .await
@@ -178,7 +187,7 @@ impl Store for Etcd {
             .with_prefix()
             .with_start_revision(after + 1);
         let mut stream = self
-            .client
+            .watcher
             .clone()
             .watch(self.key(prefix), Some(opts))
             .await
