@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
 use bulkhead_proto::{
-    ApplyResponse, JoinRequest, JoinResponse, NodeView, PairChange, Plan, PlanResponse,
+    ApplyResponse, CheckView, JoinRequest, JoinResponse, NodeView, PairChange, Plan, PlanResponse,
     PlanSummary, PolicyRequest, PolicyView, Report, RevokeResponse, StatusView, Token,
     TokenRequest, TokenResponse,
 };
@@ -477,6 +477,7 @@ impl Controller {
 
     /// Every identity in the policy or enrolled.
     pub fn nodes(&self) -> Vec<NodeView> {
+        let now = unix_now();
         let v = lock(&self.view);
         let mut names: Vec<String> = v.nodes.keys().cloned().collect();
         if let Some(l) = &v.live {
@@ -494,6 +495,27 @@ impl Controller {
                 let model = v.live.as_ref().map(|l| &l.model);
                 let id = model.and_then(|m| m.identity(&n));
                 let p = v.presence.get(&n).map(|p| &p.0);
+                let posture = model
+                    .zip(id)
+                    .map(|(m, i)| {
+                        // The checks of the rules it initiates.
+                        let needed: std::collections::BTreeSet<&str> = m
+                            .rules()
+                            .iter()
+                            .filter(|r| m.on_side(&r.from, i, false))
+                            .flat_map(|r| r.posture.iter().map(|c| m.check_name(*c)))
+                            .collect();
+                        v.posture(m, &n, now)
+                            .into_iter()
+                            .filter(|(c, _)| needed.contains(c.as_str()))
+                            .map(|(check, r)| CheckView {
+                                check,
+                                pass: r.is_ok(),
+                                reason: r.err(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 NodeView {
                     address: model.zip(id).map(|(m, i)| m.address(i)),
                     in_policy: id.is_some(),
@@ -504,6 +526,7 @@ impl Controller {
                     revision: p.and_then(|p| p.revision),
                     in_sync: v.in_sync(&n),
                     status: p.and_then(|p| p.status.clone()),
+                    posture,
                     identity: n,
                 }
             })

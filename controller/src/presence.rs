@@ -71,16 +71,27 @@ impl Tracker {
                 revision: None,
                 status: None,
                 version: String::new(),
+                facts: Default::default(),
             },
             written: None,
             dirty: false,
         });
         let before = l.record.clone();
         f(l, now);
+        // Facts count as failing three intervals after the last report seen in the store: a
+        // node with short-interval checks is refreshed more often than the heartbeat.
+        let every = l
+            .record
+            .facts
+            .values()
+            .map(|f| i64::try_from(f.interval).unwrap_or(i64::MAX).max(1))
+            .min()
+            .unwrap_or(HEARTBEAT)
+            .min(HEARTBEAT);
         let stale = l
             .written
             .as_ref()
-            .is_none_or(|(w, _)| now - w.last_seen >= HEARTBEAT);
+            .is_none_or(|(w, _)| now - w.last_seen >= every);
         if l.record != before && (stale || !same_but_time(&l.record, &before)) {
             l.dirty = true;
             drop(m);
@@ -116,6 +127,7 @@ impl Tracker {
             l.record.revision = r.revision;
             l.record.status = Some(r.status.clone());
             l.record.version.clone_from(&r.version);
+            l.record.facts.clone_from(&r.facts);
         });
     }
 
@@ -157,6 +169,7 @@ fn same_but_time(a: &PresenceRecord, b: &PresenceRecord) -> bool {
         && a.revision == b.revision
         && a.status == b.status
         && a.version == b.version
+        && a.facts == b.facts
 }
 
 /// Writes presence forever. First marks offline what a previous run of this controller left
@@ -268,6 +281,7 @@ mod tests {
             status: "ok".into(),
             peers: 0,
             version: "1".into(),
+            facts: Default::default(),
         }
     }
 

@@ -61,6 +61,9 @@ pub struct PresenceRecord {
     /// The daemon's version.
     #[serde(default)]
     pub version: String,
+    /// Posture facts, as last reported.
+    #[serde(default, skip_serializing_if = "bulkhead_proto::Facts::is_empty")]
+    pub facts: bulkhead_proto::Facts,
 }
 
 /// A live controller.

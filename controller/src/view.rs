@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::{Config, PeerInfo};
+use bulkhead_policy::posture::Facts as PostureFacts;
 use bulkhead_policy::{Compiled, Conditions, Model};
 use bulkhead_proto::NodeMessage;
 use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
@@ -72,6 +73,8 @@ pub struct View {
 #[derive(Debug, Default)]
 struct Touched {
     policy: bool,
+    /// Something conditions depend on (facts) changed.
+    conditions: bool,
     creds: bool,
     /// Nodes whose enrollment or endpoint changed.
     nodes: HashSet<String>,
@@ -161,11 +164,12 @@ impl View {
     }
 
     fn recompile(&mut self, record: PolicyRecord) {
+        let now = unix_now();
         let (model, compiled) = match self.prepared.take() {
             // This controller just validated and compiled exactly this record: reuse it.
             Some(p) if p.record == record => (p.model, p.compiled),
             _ => {
-                let loaded = bulkhead_policy::load(&record.text, unix_now(), &record.addresses);
+                let loaded = bulkhead_policy::load(&record.text, now, &record.addresses);
                 let Some(model) = loaded.model else {
                     // Validated when applied; unreadable now means the record was tampered with.
                     tracing::error!(
@@ -174,12 +178,18 @@ impl View {
                     );
                     return;
                 };
-                let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
+                let compiled = Compiled::new(&model, model.state(&self.conditions(&model, now)));
                 (model, compiled)
             }
         };
-        // An allowlist's revision is the policy revision that last changed it: an apply that
-        // does not touch a node sends it nothing.
+        self.install(record, model, compiled);
+        // A prepared policy was compiled without the nodes' posture: bring it up to date.
+        self.refresh(now);
+    }
+
+    /// Makes a compiled policy live. An allowlist's revision is the policy revision that last
+    /// changed it: an apply that does not touch a node sends it nothing.
+    fn install(&mut self, record: PolicyRecord, model: Model, compiled: Compiled) {
         let old = std::mem::take(&mut self.allowlists);
         self.allowlists = compiled
             .allowlists(&model, record.revision)
@@ -198,6 +208,116 @@ impl View {
             model,
             compiled,
         }));
+    }
+
+    /// The facts `identity` reported that are still fresh at `now` (reported within three of
+    /// their intervals), and whether any went stale.
+    fn fresh_facts(&self, identity: &str, now: i64) -> (PostureFacts, bool) {
+        let mut out = PostureFacts::new();
+        let mut stale = false;
+        if let Some((p, _)) = self.presence.get(identity) {
+            for (name, f) in &p.facts {
+                let life = i64::try_from(f.interval.saturating_mul(3)).unwrap_or(i64::MAX);
+                if now.saturating_sub(p.last_seen) <= life {
+                    out.insert(name.clone(), f.value.clone());
+                } else {
+                    stale = true;
+                }
+            }
+        }
+        (out, stale)
+    }
+
+    /// Every check of the policy for `identity` at `now`: passing, or why not.
+    pub fn posture(
+        &self,
+        model: &Model,
+        identity: &str,
+        now: i64,
+    ) -> Vec<(String, Result<(), String>)> {
+        let (facts, stale) = self.fresh_facts(identity, now);
+        model
+            .policy()
+            .posture
+            .iter()
+            .map(|check| {
+                let r = bulkhead_policy::posture::evaluate(check, &facts).map_err(|e| {
+                    if stale {
+                        format!("{e} (facts stale: no report for three intervals)")
+                    } else {
+                        e
+                    }
+                });
+                (check.name.clone(), r)
+            })
+            .collect()
+    }
+
+    /// The conditions at `now`: checks failing on stored facts. (Quarantines: issue 6, next.)
+    fn conditions(&self, model: &Model, now: i64) -> Conditions {
+        let mut c = Conditions::at(now);
+        if model.policy().posture.is_empty() {
+            return c;
+        }
+        for id in model.identity_ids() {
+            let name = model.identity_name(id);
+            for (check, r) in self.posture(model, name, now) {
+                if r.is_err() {
+                    c.failing.insert((name.to_string(), check));
+                }
+            }
+        }
+        c
+    }
+
+    /// Recompiles the live policy if the conditions changed since it was compiled: a check
+    /// started or stopped failing, or a rule's window opened or closed. Returns whether it did.
+    pub fn refresh(&mut self, now: i64) -> bool {
+        let Some(live) = self.live.clone() else {
+            return false;
+        };
+        let state = live.model.state(&self.conditions(&live.model, now));
+        let old = live.compiled.state();
+        let crossed = live
+            .model
+            .rules()
+            .iter()
+            .any(|r| r.window.next_boundary(old.now).is_some_and(|b| b <= now));
+        if !crossed && state.failing == old.failing && state.quarantined == old.quarantined {
+            return false;
+        }
+        let compiled = Compiled::new(&live.model, state);
+        self.install(live.record.clone(), live.model.clone(), compiled);
+        true
+    }
+
+    /// When conditions may next change with no store event: a rule's window opens or closes, or
+    /// a node's facts go stale.
+    pub fn next_event(&self, now: i64) -> Option<i64> {
+        let live = self.live.as_ref()?;
+        let windows = live
+            .model
+            .rules()
+            .iter()
+            .filter_map(|r| r.window.next_boundary(now));
+        let stale = if live.model.policy().posture.is_empty() {
+            None
+        } else {
+            self.presence
+                .values()
+                .flat_map(|(p, _)| {
+                    p.facts.values().map(|f| {
+                        p.last_seen
+                            .saturating_add(
+                                i64::try_from(f.interval.saturating_mul(3)).unwrap_or(i64::MAX),
+                            )
+                            .saturating_add(1)
+                    })
+                })
+                .filter(|&t| t > now)
+                .min()
+        };
+        windows.chain(stale).min()
     }
 
     /// Replaces the whole view with a snapshot.
@@ -267,7 +387,10 @@ impl View {
                 self.controllers.insert(key.to_string(), rec.url);
             } else if let Some(id) = key.strip_prefix(PRESENCE) {
                 let rec: PresenceRecord = records::decode(key, &kv.value)?;
-                self.presence.insert(id.to_string(), (rec, kv.mod_revision));
+                let old = self.presence.insert(id.to_string(), (rec, kv.mod_revision));
+                let new = &self.presence[id].0;
+                t.conditions |=
+                    old.is_none_or(|(o, _)| o.facts != new.facts || o.last_seen != new.last_seen);
             }
             Ok(())
         })();
@@ -294,11 +417,15 @@ impl View {
             self.controllers.remove(key);
         } else if let Some(id) = key.strip_prefix(PRESENCE) {
             self.presence.remove(id);
+            t.conditions = true;
         }
     }
 
     /// Sends what changed to the nodes it concerns.
-    fn distribute(&mut self, t: Touched) -> usize {
+    fn distribute(&mut self, mut t: Touched) -> usize {
+        if t.conditions && !t.policy {
+            t.policy = self.refresh(unix_now());
+        }
         if t.creds {
             self.cred_generation += 1;
         }
@@ -385,7 +512,32 @@ pub async fn sync(
         };
         let mut seen = snap.revision;
         loop {
-            match w.next().await {
+            let wake = lock(&view).next_event(unix_now());
+            let timer = async {
+                match wake {
+                    Some(t) => {
+                        // Just past the second the boundary falls on.
+                        let now_ms = jiff::Timestamp::now().as_millisecond();
+                        let ms = (t * 1000 - now_ms).max(0).unsigned_abs();
+                        tokio::time::sleep(Duration::from_millis(ms + 5)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let msg = tokio::select! {
+                m = w.next() => m,
+                () = timer => {
+                    let mut v = lock(&view);
+                    let now = unix_now();
+                    if v.refresh(now) {
+                        let all: Vec<String> = v.channels.keys().cloned().collect();
+                        let sent = v.push(all.iter());
+                        tracing::info!(nodes = sent, "conditions changed (time): pushed");
+                    }
+                    continue;
+                }
+            };
+            match msg {
                 Some(WatchMessage::Events(events)) => {
                     let mut v = lock(&view);
                     let mut t = Touched::default();
@@ -554,5 +706,83 @@ rules:
         newer.text.push_str("# more\n");
         v.put(&kv(POLICY, encode(&newer.split().0), 9), &mut t);
         assert_eq!(v.revision(), 1);
+    }
+
+    #[test]
+    fn posture_facts_switch_a_rule_on_and_off() {
+        const TEXT: &str = "version: 1
+network: {name: t, cidr: 10.9.0.0/16}
+identities:
+  a: {labels: {r: a}}
+  b: {labels: {r: b}}
+segments:
+  sa: {match: {r: a}}
+  sb: {match: {r: b}}
+posture:
+  edr: {check.edr: true}
+rules:
+  - {name: ab, from: [sa], to: [sb], ports: [tcp/80], posture: [edr]}
+  - {name: ba, from: [sb], to: [sa], ports: [tcp/22]}
+";
+        let mut v = View::default();
+        let rec = PolicyRecord {
+            revision: 1,
+            text: TEXT.into(),
+            source: "p.yaml".into(),
+            applied_at: 0,
+            applied_by: "admin".into(),
+            addresses: BTreeMap::new(),
+        };
+        let (head, chunks) = rec.split();
+        let mut kvs: Vec<KeyValue> = chunks.into_iter().map(|(k, b)| kv(&k, b, 1)).collect();
+        kvs.push(kv(POLICY, encode(&head), 1));
+        kvs.push(kv("nodes/a", encode(&node("a", 1)), 2));
+        kvs.push(kv("nodes/b", encode(&node("b", 2)), 3));
+        let t = v.reset(&kvs);
+        v.distribute(t);
+        let mut ra = v.subscribe("a");
+        let rules = |rx: &mut watch::Receiver<Arc<NodeMessage>>| match &**rx.borrow_and_update() {
+            NodeMessage::Config(c) => c
+                .allowlist
+                .rules
+                .iter()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>(),
+            m => panic!("{m:?}"),
+        };
+        assert_eq!(rules(&mut ra), ["ba"], "no facts: the check fails");
+        let presence = |edr: &str| PresenceRecord {
+            controller: "https://c:1".into(),
+            online: true,
+            since: unix_now(),
+            last_seen: unix_now(),
+            revision: Some(1),
+            status: None,
+            version: String::new(),
+            facts: [(
+                "check.edr".to_string(),
+                bulkhead_proto::Fact {
+                    value: edr.into(),
+                    interval: 30,
+                },
+            )]
+            .into(),
+        };
+        let mut t = Touched::default();
+        v.put(&kv("presence/a", encode(&presence("true")), 4), &mut t);
+        v.distribute(t);
+        assert_eq!(rules(&mut ra), ["ab", "ba"], "the check passes");
+        let mut t = Touched::default();
+        v.put(&kv("presence/a", encode(&presence("false")), 5), &mut t);
+        v.distribute(t);
+        assert_eq!(rules(&mut ra), ["ba"], "the check fails again");
+        // Stale facts fail: three intervals without a report.
+        let mut p = presence("true");
+        p.last_seen -= 91;
+        let mut t = Touched::default();
+        v.put(&kv("presence/a", encode(&p), 6), &mut t);
+        v.distribute(t);
+        assert_eq!(rules(&mut ra), ["ba"], "stale facts count as failing");
+        assert!(v.next_event(unix_now()).is_none());
     }
 }

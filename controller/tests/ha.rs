@@ -171,6 +171,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         status: "ok".into(),
         peers: 0,
         version: "test".into(),
+        facts: Default::default(),
     };
     let _: serde_json::Value = wconn.post("/v1/node/report", &report).await.unwrap();
     let seen_on_a = wait_node(&mut ca, "web-1", |n| n.online && n.in_sync).await;

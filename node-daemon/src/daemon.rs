@@ -31,6 +31,8 @@ pub struct Settings {
     pub allowlist: Option<PathBuf>,
     /// Most flows tracked at once.
     pub flow_capacity: usize,
+    /// `--config`: posture checks.
+    pub config: crate::posture::DaemonConfig,
 }
 
 fn now() -> Now {
@@ -293,6 +295,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Source::Controller(e) => {
             tracing::info!(identity = %e.identity, controllers = ?e.controllers, "enrolled");
             let (tx, rx) = mpsc::channel(4);
+            let (facts_tx, facts_rx) = tokio::sync::watch::channel(crate::posture::host_facts());
+            tokio::spawn(crate::posture::run(s.config.clone(), facts_tx));
             tokio::spawn(link::run(
                 (**e).clone(),
                 state.clone(),
@@ -300,6 +304,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 s.endpoint,
                 tx,
                 applied_rx,
+                facts_rx,
             ));
             Some(rx)
         }

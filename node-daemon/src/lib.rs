@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod link;
+pub mod posture;
 pub mod state;
 pub mod tun;
 pub mod uapi;
@@ -56,6 +57,9 @@ enum Command {
         /// Most connections tracked at once; new ones are refused beyond it.
         #[arg(long, default_value_t = 65536)]
         flow_capacity: usize,
+        /// Daemon configuration (YAML): `posture_checks: {NAME: {command: [...], interval: 30s}}`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
     /// handshakes and transfer.
@@ -110,7 +114,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             endpoint,
             allowlist,
             flow_capacity,
+            config,
         } => rt.block_on(async {
+            // A bad configuration stops the start, before anything is created.
+            let config = match &config {
+                Some(p) => posture::DaemonConfig::load(p)?,
+                None => posture::DaemonConfig::default(),
+            };
             let dir = state::StateDir(state.clone());
             if let Some(t) = token
                 && allowlist.is_none()
@@ -126,6 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 endpoint,
                 allowlist,
                 flow_capacity,
+                config,
             })
             .await
         }),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulkhead_dataplane::Config;
 use bulkhead_proto::tls::{Identity, Trust};
-use bulkhead_proto::{ApiError, Client, NodeMessage, Report, ReportAck, Token};
+use bulkhead_proto::{ApiError, Client, Facts, NodeMessage, Report, ReportAck, Token};
 use tokio::sync::{mpsc, watch};
 
 use crate::state::{Enrollment, StateDir, load_or_create_key};
@@ -78,6 +78,7 @@ pub async fn run(
     endpoint: Option<SocketAddr>,
     updates: mpsc::Sender<Update>,
     mut applied: watch::Receiver<Applied>,
+    mut facts: watch::Receiver<Facts>,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -103,7 +104,7 @@ pub async fn run(
             updates: &updates,
         };
         let r = link
-            .run(&client, &mut applied, &mut enrollment, &state)
+            .run(&client, &mut applied, &mut facts, &mut enrollment, &state)
             .await;
         let wait = match r {
             Ok(()) => {
@@ -158,13 +159,23 @@ impl Session<'_> {
         &self,
         client: &Client,
         applied: &mut watch::Receiver<Applied>,
+        facts: &mut watch::Receiver<Facts>,
         enrollment: &mut Enrollment,
         state: &StateDir,
     ) -> Result<(), ApiError> {
         let mut conn = client.connect().await?;
         let mut lines = conn.stream("/v1/node/stream").await?;
         tracing::info!(controller = conn.url(), "connected to the controller");
-        let mut tick = tokio::time::interval(REPORT_EVERY);
+        // At least once per shortest fact interval: the controller counts facts as failing
+        // three intervals after the last report.
+        let every = facts
+            .borrow()
+            .values()
+            .map(|f| Duration::from_secs(f.interval.max(1)))
+            .min()
+            .unwrap_or(REPORT_EVERY)
+            .min(REPORT_EVERY);
+        let mut tick = tokio::time::interval(every);
         loop {
             let report = tokio::select! {
                 m = lines.next::<NodeMessage>() => {
@@ -182,9 +193,16 @@ impl Session<'_> {
                     if r.is_err() {
                         return Ok(());
                     }
-                    self.report(&applied.borrow_and_update().clone())
+                    self.report(&applied.borrow_and_update().clone(), &facts.borrow())
                 }
-                _ = tick.tick() => self.report(&applied.borrow().clone()),
+                // A posture fact changed: tell the controller now, not at the next tick.
+                r = facts.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    self.report(&applied.borrow().clone(), &facts.borrow_and_update())
+                }
+                _ = tick.tick() => self.report(&applied.borrow().clone(), &facts.borrow()),
             };
             let ack: ReportAck = conn.post("/v1/node/report", &report).await?;
             let mut known = enrollment.controllers.clone();
@@ -203,7 +221,7 @@ impl Session<'_> {
         }
     }
 
-    fn report(&self, a: &Applied) -> Report {
+    fn report(&self, a: &Applied, facts: &Facts) -> Report {
         Report {
             endpoint: self.endpoint,
             listen_port: self.listen_port,
@@ -211,6 +229,7 @@ impl Session<'_> {
             status: "ok".into(),
             peers: a.peers,
             version: env!("CARGO_PKG_VERSION").into(),
+            facts: facts.clone(),
         }
     }
 }

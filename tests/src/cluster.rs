@@ -92,6 +92,17 @@ impl Cluster {
     }
 
     pub fn start_daemon(&mut self, name: &str, label: &str, token: Option<&str>) {
+        self.start_daemon_with(name, label, token, &[]);
+    }
+
+    /// Starts a daemon with `extra` arguments (such as `--config FILE`).
+    pub fn start_daemon_with(
+        &mut self,
+        name: &str,
+        label: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) {
         let b = bin("bulkheadd").display().to_string();
         let state = self.state(name);
         let iface = self.lab.host(name).interface.clone();
@@ -108,6 +119,7 @@ impl Cluster {
         if let Some(t) = token {
             args.extend(["--token", t]);
         }
+        args.extend_from_slice(extra);
         self.lab.spawn(name, label, &args);
         self.daemons.insert(name.to_string(), label.to_string());
     }

@@ -205,6 +205,7 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 "LAST SEEN",
                 "REVISION",
                 "STATUS",
+                "POSTURE",
             ]
             .map(String::from)
             .to_vec(),
@@ -230,11 +231,30 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 n.last_seen.map_or_else(dash, time),
                 n.revision.map_or_else(dash, |r| r.to_string()),
                 n.status.clone().unwrap_or_else(dash),
+                posture(n),
             ]);
         }
         columns(&rows)
     })?;
     Ok(Outcome::Ok)
+}
+
+/// `pass`, or each failing check with its reason; `-` when no rule it initiates needs one.
+fn posture(n: &NodeView) -> String {
+    if n.posture.is_empty() {
+        return "-".into();
+    }
+    let failing: Vec<String> = n
+        .posture
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| format!("{}: {}", c.check, c.reason.as_deref().unwrap_or("failing")))
+        .collect();
+    if failing.is_empty() {
+        "pass".into()
+    } else {
+        failing.join("; ")
+    }
 }
 
 /// `bulkhead revoke IDENTITY`.

@@ -27,6 +27,7 @@ pub mod logging;
 pub mod tls;
 pub mod token;
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bulkhead_dataplane::{Config, Key};
@@ -106,6 +107,34 @@ pub struct Report {
     /// The daemon's version.
     #[serde(default)]
     pub version: String,
+    /// Posture facts about its host and the results of its node-local checks.
+    #[serde(default, skip_serializing_if = "Facts::is_empty")]
+    pub facts: Facts,
+}
+
+/// One posture fact as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fact {
+    /// The value: a word, a version, or `true`/`false`.
+    pub value: String,
+    /// How often the node measures it, in seconds; it counts as failing once three intervals
+    /// pass without a report.
+    pub interval: u64,
+}
+
+/// Facts by name (`os.id`, `check.NAME`, …).
+pub type Facts = BTreeMap<String, Fact>;
+
+/// One posture check's result for one identity, as `bulkhead nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckView {
+    /// The check's name.
+    pub check: String,
+    /// Whether it passes.
+    pub pass: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The answer to a report.
@@ -257,6 +286,9 @@ pub struct NodeView {
     pub in_sync: bool,
     /// Its reported status.
     pub status: Option<String>,
+    /// Each posture check the policy's rules name for it, passing or not.
+    #[serde(default)]
+    pub posture: Vec<CheckView>,
 }
 
 /// The answer to a revocation.

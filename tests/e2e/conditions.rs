@@ -1,0 +1,144 @@
+//! Zero-trust conditions with real binaries in namespaces: a node-local posture check that
+//! flips when its marker file goes away and comes back, and the rule that needs it stopping and
+//! restarting; `bulkhead nodes` saying which check failed and why.
+//!
+//! The times it prints (marker removed → flow cut, marker back → connect passes) are for the
+//! notes; it asserts a generous bound (twice the guarantee of one check interval plus 1 s), so
+//! that a noisy machine does not fail it, and benchmarks measure speed.
+
+use std::thread;
+use std::time::Duration;
+
+use bulkhead_e2e::cluster::{Cluster, unix_ms};
+use bulkhead_e2e::netns::Lab;
+use bulkhead_e2e::{bin, netns_ok};
+
+const POLICY: &str = "version: 1
+network: { name: cond, cidr: 10.201.0.0/16 }
+identities:
+  web-1: { labels: { tier: web } }
+  db-1: { labels: { tier: db } }
+segments:
+  web: { match: { tier: web } }
+  db: { match: { tier: db } }
+posture:
+  edr:
+    check.edr-running: true
+  modern:
+    kernel.release: '>= 3.0'
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432], posture: [edr, modern] }
+  - { name: db-to-web, from: [db], to: [web], ports: [tcp/8080] }
+";
+
+/// The check's interval, in seconds.
+const INTERVAL: u64 = 2;
+
+fn posture_of(c: &Cluster, identity: &str) -> serde_json::Value {
+    c.nodes()
+        .into_iter()
+        .find(|n| n["identity"] == identity)
+        .map(|n| n["posture"].clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_posture_check_flipping_stops_and_restarts_the_rule() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1"]);
+    let policy = c.files.write("policy.yaml", POLICY);
+    let marker = c.files.write("edr-running", "");
+    let config = c.files.write(
+        "bulkheadd.yaml",
+        &format!(
+            "posture_checks:\n  edr-running: {{ command: [test, -e, {marker}], interval: {INTERVAL}s }}\n"
+        ),
+    );
+    c.start_controller("controller", &policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    c.start_daemon_with("web-1", "bulkheadd", Some(&tw), &["--config", &config]);
+    c.start_daemon("db-1", "bulkheadd", Some(&td));
+    c.converge(&["web-1", "db-1"]);
+    let probe = bin("bh-probe").display().to_string();
+    c.lab
+        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
+    c.lab
+        .spawn("web-1", "listen", &[&probe, "listen", "8080", "120"]);
+    thread::sleep(Duration::from_millis(300));
+
+    // Passing: the rule holds, and `nodes` says both checks pass.
+    assert!(
+        Lab::until(Duration::from_secs(10), || c.connect("web-1", "db-1", 5432)),
+        "web-1 -> db-1:5432 must pass while web-1 passes its checks\n{:#?}\n{}\n{}\n{}",
+        posture_of(&c, "web-1"),
+        std::fs::read_to_string(format!("{}/config.json", c.state("web-1"))).unwrap_or_default(),
+        std::fs::read_to_string(format!("{}/config.json", c.state("db-1"))).unwrap_or_default(),
+        c.logs()
+    );
+    let p = posture_of(&c, "web-1");
+    assert_eq!(
+        p,
+        serde_json::json!([{"check": "edr", "pass": true}, {"check": "modern", "pass": true}]),
+        "{p}"
+    );
+    // db-1 initiates no rule with posture: it is shown no checks.
+    assert_eq!(posture_of(&c, "db-1"), serde_json::json!([]));
+
+    // The marker goes: the held flow is cut, new connections fail, db-1's rule is untouched.
+    c.hold("web-1", "db-1", 5432, 12, "hold-edr");
+    thread::sleep(Duration::from_millis(1000));
+    let t0 = unix_ms();
+    std::fs::remove_file(&marker).unwrap();
+    let broke = c
+        .held("web-1", "hold-edr")
+        .expect_err("the flow that needs the check must be cut");
+    let cut = broke.saturating_sub(t0);
+    eprintln!("check fails -> flow cut: {cut} ms (interval {INTERVAL} s)");
+    assert!(
+        cut <= u128::from(2 * (INTERVAL * 1000 + 1000)),
+        "cut after {cut} ms\n{}",
+        c.logs()
+    );
+    assert!(!c.connect("web-1", "db-1", 5432));
+    assert!(
+        c.connect_eventually("db-1", "web-1", 8080),
+        "a rule without posture stays"
+    );
+    let p = posture_of(&c, "web-1");
+    assert_eq!(p[0]["check"], "edr");
+    assert_eq!(p[0]["pass"], false);
+    assert_eq!(
+        p[0]["reason"], "check.edr-running is false",
+        "the reason names the fact: {p}"
+    );
+    assert_eq!(p[1]["pass"], true, "{p}");
+    let table = c.cli(&["nodes"]);
+    assert!(
+        table.stdout.contains("check.edr-running is false"),
+        "{}",
+        table.stdout
+    );
+
+    // The marker returns: the rule is back.
+    std::fs::write(&marker, "").unwrap();
+    let t1 = unix_ms();
+    assert!(
+        Lab::until(Duration::from_secs(10), || c.connect("web-1", "db-1", 5432)),
+        "the rule must come back with the check\n{}",
+        c.logs()
+    );
+    eprintln!(
+        "check passes again -> connect passes: {} ms",
+        unix_ms().saturating_sub(t1)
+    );
+    // Passing facts stay fresh: a flow held for more than three check intervals is not cut.
+    c.hold("web-1", "db-1", 5432, 4 * INTERVAL, "hold-steady");
+    assert_eq!(
+        c.held("web-1", "hold-steady"),
+        Ok(()),
+        "facts reported in time never go stale\n{}",
+        c.logs()
+    );
+}
