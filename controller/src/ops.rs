@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
 use bulkhead_proto::{
-    ApplyResponse, CheckView, JoinRequest, JoinResponse, NodeView, PairChange, Plan, PlanResponse,
-    PlanSummary, PolicyRequest, PolicyView, Report, RevokeResponse, StatusView, Token,
-    TokenRequest, TokenResponse,
+    ApplyResponse, Boundary, CheckView, JoinRequest, JoinResponse, NodeView, PairChange, Plan,
+    PlanResponse, PlanSummary, PolicyRequest, PolicyView, Report, RevokeResponse, StatusView,
+    Token, TokenRequest, TokenResponse,
 };
 use bulkhead_store::{Compare, Op};
 
@@ -50,6 +50,35 @@ fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> P
             })
             .collect(),
     }
+}
+
+/// The windows of the rules `keep` selects that open or close after `now`, soonest first.
+fn upcoming(
+    model: &Model,
+    now: i64,
+    keep: impl Fn(&bulkhead_policy::Rule) -> bool,
+) -> Vec<Boundary> {
+    let mut out: Vec<Boundary> = model
+        .rules()
+        .iter()
+        .filter(|r| keep(r))
+        .flat_map(|r| {
+            [
+                ("opens", r.window.not_before),
+                ("expires", r.window.expires),
+            ]
+            .into_iter()
+            .filter_map(|(event, t)| {
+                t.filter(|&t| t > now).map(|at| Boundary {
+                    rule: r.name.clone(),
+                    event: event.to_string(),
+                    at,
+                })
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (a.at, &a.rule).cmp(&(b.at, &b.rule)));
+    out
 }
 
 impl Controller {
@@ -239,6 +268,7 @@ impl Controller {
             source: l.record.source.clone(),
             applied_at: l.record.applied_at,
             applied_by: l.record.applied_by.clone(),
+            upcoming: upcoming(&l.model, unix_now(), |_| true),
         })
     }
 
@@ -527,6 +557,14 @@ impl Controller {
                     in_sync: v.in_sync(&n),
                     status: p.and_then(|p| p.status.clone()),
                     posture,
+                    upcoming: model
+                        .zip(id)
+                        .map(|(m, i)| {
+                            upcoming(m, now, |r| {
+                                m.on_side(&r.from, i, false) || m.on_side(&r.to, i, false)
+                            })
+                        })
+                        .unwrap_or_default(),
                     identity: n,
                 }
             })

@@ -142,3 +142,115 @@ fn a_posture_check_flipping_stops_and_restarts_the_rule() {
         c.logs()
     );
 }
+
+/// RFC 3339 UTC for a Unix time in seconds.
+fn rfc3339(unix: u64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{unix}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn expiring_policy(expires: u64) -> String {
+    format!(
+        "version: 1
+network: {{ name: exp, cidr: 10.202.0.0/16 }}
+identities:
+  web-1: {{ labels: {{ tier: web }} }}
+  db-1: {{ labels: {{ tier: db }} }}
+segments:
+  web: {{ match: {{ tier: web }} }}
+  db: {{ match: {{ tier: db }} }}
+rules:
+  - {{ name: temp-access, from: [web], to: [db], ports: [tcp/5432], expires: {} }}
+  - {{ name: db-to-web, from: [db], to: [web], ports: [tcp/8080] }}
+",
+        rfc3339(expires)
+    )
+}
+
+/// Holds web-1 → db-1:5432 across `expires` and returns how long after it the flow broke (ms).
+fn cut_after_expiry(c: &mut Cluster, expires: u64, label: &str) -> i128 {
+    let secs = expires.saturating_sub(unix_ms() as u64 / 1000) + 4;
+    c.hold("web-1", "db-1", 5432, secs, label);
+    let broke = c
+        .held("web-1", label)
+        .expect_err("an expired rule's flow must be cut");
+    broke as i128 - i128::from(expires) * 1000
+}
+
+#[test]
+fn an_expiring_rule_is_cut_on_time_with_or_without_the_controller() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1"]);
+    let now = || unix_ms() as u64 / 1000;
+    let first = now() + 10;
+    let policy = c.files.write("policy.yaml", &expiring_policy(first));
+    c.start_controller("controller", &policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    c.start_daemon("web-1", "bulkheadd", Some(&tw));
+    c.start_daemon("db-1", "bulkheadd", Some(&td));
+    c.converge(&["web-1", "db-1"]);
+    let probe = bin("bh-probe").display().to_string();
+    c.lab
+        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
+    c.lab
+        .spawn("web-1", "listen", &[&probe, "listen", "8080", "120"]);
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        Lab::until(Duration::from_secs(5), || c.connect("web-1", "db-1", 5432)),
+        "the rule holds before it expires\n{}",
+        c.logs()
+    );
+
+    // Upcoming expiries are shown: the policy's, and each node's.
+    let show = c.cli(&["policy", "show", "-o", "json"]);
+    assert_eq!(
+        show.json()["upcoming"],
+        serde_json::json!([{"rule": "temp-access", "event": "expires", "at": first}]),
+        "{}",
+        show.stdout
+    );
+    let text = c.cli(&["policy", "show"]).stdout;
+    assert!(
+        text.contains("# upcoming: rule temp-access expires at"),
+        "{text}"
+    );
+    for n in c.nodes() {
+        assert_eq!(n["upcoming"][0]["rule"], "temp-access", "{n}");
+    }
+
+    // With the controller running.
+    let late = cut_after_expiry(&mut c, first, "hold-1");
+    eprintln!("expiry -> cut, controller up: {late} ms");
+    assert!(late <= 1000, "cut {late} ms after the expiry\n{}", c.logs());
+    assert!(!c.connect("web-1", "db-1", 5432));
+    assert!(
+        c.connect_eventually("db-1", "web-1", 8080),
+        "other rules stay"
+    );
+    let show = c.cli(&["nodes", "-o", "json"]);
+    assert_eq!(show.code, Some(0), "{}", show.stderr);
+
+    // A new window, then the controller is stopped before it closes: the nodes cut on their own.
+    let second = now() + 10;
+    std::fs::write(&policy, expiring_policy(second)).unwrap();
+    assert!(
+        Lab::until(Duration::from_secs(8), || c.connect("web-1", "db-1", 5432)),
+        "the renewed rule holds\n{}",
+        c.logs()
+    );
+    c.lab.signal("ctl", "controller", "KILL");
+    assert!(
+        c.lab
+            .wait("ctl", "controller", Duration::from_secs(5))
+            .is_some()
+    );
+    let late = cut_after_expiry(&mut c, second, "hold-2");
+    eprintln!("expiry -> cut, controller down: {late} ms");
+    assert!(late <= 1000, "cut {late} ms after the expiry\n{}", c.logs());
+    assert!(!c.connect("web-1", "db-1", 5432));
+}

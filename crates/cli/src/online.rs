@@ -158,14 +158,22 @@ pub fn show(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         Err(o) => return Ok(o),
     };
     emit(fmt, &p, || {
-        format!(
-            "# revision {}, applied {} by {} from {}\n{}",
+        let mut out = format!(
+            "# revision {}, applied {} by {} from {}\n",
             p.revision,
             time(p.applied_at),
             p.applied_by,
             p.source,
-            p.text
-        )
+        );
+        for b in &p.upcoming {
+            out += &format!(
+                "# upcoming: rule {} {} at {}\n",
+                b.rule,
+                b.event,
+                time(b.at)
+            );
+        }
+        out + &p.text
     })?;
     Ok(Outcome::Ok)
 }
@@ -206,6 +214,7 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 "REVISION",
                 "STATUS",
                 "POSTURE",
+                "NEXT WINDOW CHANGE",
             ]
             .map(String::from)
             .to_vec(),
@@ -232,6 +241,9 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 n.revision.map_or_else(dash, |r| r.to_string()),
                 n.status.clone().unwrap_or_else(dash),
                 posture(n),
+                n.upcoming
+                    .first()
+                    .map_or_else(dash, |b| format!("{} {} {}", b.rule, b.event, time(b.at))),
             ]);
         }
         columns(&rows)

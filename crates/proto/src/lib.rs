@@ -158,6 +158,20 @@ pub struct PolicyView {
     pub applied_at: i64,
     /// Who applied it: `admin`, or `file` for `--policy`.
     pub applied_by: String,
+    /// Rules' windows opening or closing from now on, soonest first.
+    #[serde(default)]
+    pub upcoming: Vec<Boundary>,
+}
+
+/// A rule's window opening or closing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Boundary {
+    /// The rule.
+    pub rule: String,
+    /// `opens` (its `not_before`) or `expires`.
+    pub event: String,
+    /// When, Unix seconds.
+    pub at: i64,
 }
 
 /// `POST /v1/policy/plan` and `/apply`.
@@ -289,6 +303,9 @@ pub struct NodeView {
     /// Each posture check the policy's rules name for it, passing or not.
     #[serde(default)]
     pub posture: Vec<CheckView>,
+    /// Windows of the rules it is on either side of, opening or closing from now on.
+    #[serde(default)]
+    pub upcoming: Vec<Boundary>,
 }
 
 /// The answer to a revocation.
