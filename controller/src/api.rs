@@ -167,6 +167,9 @@ pub fn router(c: Ctl) -> Router {
         .route("/v1/tokens", post(token))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{identity}/revoke", post(revoke))
+        .route("/v1/nodes/{identity}/quarantine", post(quarantine))
+        .route("/v1/nodes/{identity}/release", post(release))
+        .route("/v1/audit", get(audit))
         .route("/v1/status", get(status))
         .fallback(|| async { Fail::new(404, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -226,8 +229,42 @@ async fn nodes(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
 
 async fn revoke(State(c): State<Ctl>, axum::Extension(p): Req, Path(id): Path<String>) -> Response {
     let r = async {
+        let who = c.admin(&p).await?;
+        c.revoke(&id, &who).await
+    };
+    json(r.await)
+}
+
+async fn quarantine(
+    State(c): State<Ctl>,
+    axum::Extension(p): Req,
+    Path(id): Path<String>,
+    b: Bytes,
+) -> Response {
+    let r = async {
+        let who = c.admin(&p).await?;
+        let req: bulkhead_proto::QuarantineRequest = body(&b)?;
+        c.quarantine(&id, &req, &who, "by hand").await
+    };
+    json(r.await)
+}
+
+async fn release(
+    State(c): State<Ctl>,
+    axum::Extension(p): Req,
+    Path(id): Path<String>,
+) -> Response {
+    let r = async {
+        let who = c.admin(&p).await?;
+        c.release(&id, &who, None).await
+    };
+    json(r.await)
+}
+
+async fn audit(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
+    let r = async {
         c.admin(&p).await?;
-        c.revoke(&id).await
+        c.audit_log().await
     };
     json(r.await)
 }

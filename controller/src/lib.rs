@@ -177,6 +177,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     // Serve only once the view holds the store's state: never answer from an empty view.
     applied.wait_for(|r| *r >= 0).await?;
     tasks.push(tokio::spawn(presence::run(controller.clone())));
+    tasks.push(tokio::spawn(end_quarantines(controller.clone())));
     tasks.push(tokio::spawn(api::serve(
         listener,
         tls,
@@ -208,6 +209,30 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         tasks,
         _registration: registration,
     })
+}
+
+/// Removes quarantines whose time is up, each with its audit entry. Every controller runs this;
+/// the removal is fenced on the record's revision, so exactly one of them commits it. Access
+/// does not wait for it: the view stops counting a quarantine at its `until`.
+async fn end_quarantines(c: Arc<Controller>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = ops::unix_now();
+        let due: Vec<(String, bulkhead_store::Revision)> = view::lock(&c.view)
+            .quarantines
+            .iter()
+            .filter(|(_, (q, _))| q.until.is_some_and(|u| u <= now))
+            .map(|(id, (_, rev))| (id.clone(), *rev))
+            .collect();
+        for (id, rev) in due {
+            match c.release(&id, "controller", Some(rev)).await {
+                Ok(_) => {}
+                Err(f) if f.code() == "conflict" || f.code() == "not_found" => {}
+                Err(f) => tracing::warn!(identity = %id, "cannot end the quarantine: {f}"),
+            }
+        }
+    }
 }
 
 /// `--policy FILE`: applies the file at start and whenever its contents change (checked every

@@ -7,17 +7,18 @@ use std::net::SocketAddr;
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
 use bulkhead_proto::{
-    ApplyResponse, Boundary, CheckView, JoinRequest, JoinResponse, NodeView, PairChange, Plan,
-    PlanResponse, PlanSummary, PolicyRequest, PolicyView, Report, RevokeResponse, StatusView,
-    Token, TokenRequest, TokenResponse,
+    ApplyResponse, AuditEntry, Boundary, CheckView, JoinRequest, JoinResponse, NodeView,
+    PairChange, Plan, PlanResponse, PlanSummary, PolicyRequest, PolicyView, Quarantine,
+    QuarantineRequest, QuarantineResponse, Report, RevokeResponse, StatusView, Token, TokenRequest,
+    TokenResponse,
 };
 use bulkhead_store::{Compare, Op};
 
 use crate::Controller;
 use crate::api::Fail;
 use crate::records::{
-    self, BLOBS, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE,
-    PolicyHead, PolicyRecord, TOKENS, TokenRecord,
+    self, AUDIT, BLOBS, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY,
+    PRESENCE, PolicyHead, PolicyRecord, QUARANTINE, TOKENS, TokenRecord,
 };
 use crate::view::{Live, lock};
 
@@ -26,6 +27,10 @@ pub const MAX_TTL: u64 = 7 * 24 * 3600;
 
 pub(crate) fn unix_now() -> i64 {
     jiff::Timestamp::now().as_second()
+}
+
+pub(crate) fn unix_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
 }
 
 /// A validated policy, ready to apply.
@@ -229,9 +234,27 @@ impl Controller {
             model: cand.model,
             compiled: cand.compiled,
         });
+        let summary = plan.summary();
+        let (c, a) = records::audit(&AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: "policy.apply".into(),
+            identity: None,
+            revision: Some(revision),
+            detail: format!(
+                "{} from {}: {} pairs gained access, {} lost, {} identities added, {} removed",
+                req.source,
+                by,
+                summary.pairs_gaining,
+                summary.pairs_losing,
+                summary.identities_added,
+                summary.identities_removed
+            ),
+        });
+        when.push(c);
         let t = self
             .store
-            .txn(&when, &[Op::Put(POLICY.into(), records::encode(&head))])
+            .txn(&when, &[Op::Put(POLICY.into(), records::encode(&head)), a])
             .await;
         let t = match t {
             Ok(t) if t.succeeded => t,
@@ -251,7 +274,7 @@ impl Controller {
         Ok(ApplyResponse {
             revision,
             changed: true,
-            summary: plan.summary(),
+            summary,
         })
     }
 
@@ -378,12 +401,30 @@ impl Controller {
         {
             ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
         }
+        let (audit_if, audit) = records::audit(&AuditEntry {
+            at: unix_ms(),
+            who: "node".into(),
+            action: "node.enroll".into(),
+            identity: Some(tok.identity.clone()),
+            revision: None,
+            detail: format!(
+                "credential {}{}",
+                &fp[..16],
+                if previous.is_some() {
+                    ", replacing the previous node"
+                } else {
+                    ""
+                }
+            ),
+        });
+        ops.push(audit);
         let t = self
             .store
             .txn(
                 &[
                     Compare::ModRevision(key, kv.mod_revision),
                     Compare::ModRevision(node_key, previous.as_ref().map_or(0, |p| p.mod_revision)),
+                    audit_if,
                 ],
                 &ops,
             )
@@ -404,7 +445,7 @@ impl Controller {
 
     /// Revokes an identity's node: its record, its credential, its endpoint and any unused
     /// token for it go, in one transaction.
-    pub async fn revoke(&self, identity: &str) -> Result<RevokeResponse, Fail> {
+    pub async fn revoke(&self, identity: &str, by: &str) -> Result<RevokeResponse, Fail> {
         let node_key = format!("{NODES}{identity}");
         let node = self.store.get(&node_key).await.map_err(Fail::store)?;
         let tokens = self.store.range(TOKENS).await.map_err(Fail::store)?;
@@ -436,13 +477,26 @@ impl Controller {
                 format!("no node is enrolled as {identity:?}"),
             ));
         }
+        let (audit_if, audit) = records::audit(&AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: "node.revoke".into(),
+            identity: Some(identity.to_string()),
+            revision: None,
+            detail: if was_enrolled {
+                "credential revoked, tunnels dropped".into()
+            } else {
+                "unused tokens voided".into()
+            },
+        });
+        ops.push(audit);
         let t = self
             .store
             .txn(
-                &[Compare::ModRevision(
-                    node_key,
-                    node.as_ref().map_or(0, |n| n.mod_revision),
-                )],
+                &[
+                    Compare::ModRevision(node_key, node.as_ref().map_or(0, |n| n.mod_revision)),
+                    audit_if,
+                ],
                 &ops,
             )
             .await
@@ -505,6 +559,157 @@ impl Controller {
         }
     }
 
+    /// Puts an identity in quarantine (or changes its end): it loses every rule but those
+    /// naming `quarantined`, on every node, until `duration` passes or it is released.
+    pub async fn quarantine(
+        &self,
+        identity: &str,
+        req: &QuarantineRequest,
+        by: &str,
+        reason: &str,
+    ) -> Result<QuarantineResponse, Fail> {
+        let now = unix_now();
+        let duration = {
+            let v = lock(&self.view);
+            let live = v.live.as_ref();
+            let known = live.is_some_and(|l| l.model.identity(identity).is_some())
+                || v.nodes.contains_key(identity);
+            if !known {
+                return Err(Fail::new(
+                    404,
+                    "not_found",
+                    format!("no identity {identity:?} in the policy or enrolled"),
+                ));
+            }
+            req.duration
+                .map(|d| i64::try_from(d).unwrap_or(i64::MAX))
+                .or_else(|| live.and_then(|l| l.model.policy().quarantine.map(|q| q.duration_secs)))
+        };
+        let key = format!("{QUARANTINE}{identity}");
+        let current = self.store.get(&key).await.map_err(Fail::store)?;
+        let q = Quarantine {
+            since: now,
+            until: duration.map(|d| now.saturating_add(d)),
+            reason: reason.to_string(),
+            by: by.to_string(),
+        };
+        let (audit_if, audit) = records::audit(&AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: "quarantine".into(),
+            identity: Some(identity.to_string()),
+            revision: None,
+            detail: format!(
+                "{reason}; {}",
+                q.until.map_or("until released".to_string(), |u| format!(
+                    "until {u} (Unix time)"
+                ))
+            ),
+        });
+        let t = self
+            .store
+            .txn(
+                &[
+                    Compare::ModRevision(key.clone(), current.map_or(0, |c| c.mod_revision)),
+                    audit_if,
+                ],
+                &[Op::Put(key, records::encode(&q)), audit],
+            )
+            .await
+            .map_err(Fail::store)?;
+        if !t.succeeded {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "the quarantine changed meanwhile; try again",
+            ));
+        }
+        self.caught_up(t.revision).await;
+        tracing::warn!(identity, by, reason, until = ?q.until, "quarantined");
+        Ok(QuarantineResponse {
+            identity: identity.to_string(),
+            quarantine: Some(q),
+        })
+    }
+
+    /// Ends a quarantine: by hand (`by` an administrator), or because its time is up (`by`
+    /// `controller`, only if the record is still the one seen at `expected`). Exactly one
+    /// caller's transaction commits: the record's revision fences it, and the audit entry is
+    /// in the same transaction.
+    pub async fn release(
+        &self,
+        identity: &str,
+        by: &str,
+        expected: Option<bulkhead_store::Revision>,
+    ) -> Result<QuarantineResponse, Fail> {
+        let key = format!("{QUARANTINE}{identity}");
+        let Some(kv) = self.store.get(&key).await.map_err(Fail::store)? else {
+            return Err(Fail::new(
+                404,
+                "not_found",
+                format!("{identity} is not in quarantine"),
+            ));
+        };
+        if expected.is_some_and(|r| r != kv.mod_revision) {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "the quarantine changed meanwhile",
+            ));
+        }
+        let (audit_if, audit) = records::audit(&AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: "release".into(),
+            identity: Some(identity.to_string()),
+            revision: None,
+            detail: if expected.is_some() {
+                "its time was up".into()
+            } else {
+                "released by hand".into()
+            },
+        });
+        let t = self
+            .store
+            .txn(
+                &[Compare::ModRevision(key.clone(), kv.mod_revision), audit_if],
+                &[Op::Delete(key), audit],
+            )
+            .await
+            .map_err(Fail::store)?;
+        if !t.succeeded {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                "the quarantine changed meanwhile; try again",
+            ));
+        }
+        self.caught_up(t.revision).await;
+        tracing::warn!(identity, by, "released from quarantine");
+        Ok(QuarantineResponse {
+            identity: identity.to_string(),
+            quarantine: None,
+        })
+    }
+
+    /// The audit log, oldest first.
+    pub async fn audit_log(&self) -> Result<Vec<AuditEntry>, Fail> {
+        let snap = self.store.range(AUDIT).await.map_err(Fail::store)?;
+        Ok(snap
+            .kvs
+            .iter()
+            .filter_map(
+                |kv| match records::decode::<AuditEntry>(&kv.key, &kv.value) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        None
+                    }
+                },
+            )
+            .collect())
+    }
+
     /// Every identity in the policy or enrolled.
     pub fn nodes(&self) -> Vec<NodeView> {
         let now = unix_now();
@@ -557,6 +762,7 @@ impl Controller {
                     in_sync: v.in_sync(&n),
                     status: p.and_then(|p| p.status.clone()),
                     posture,
+                    quarantine: v.quarantines.get(&n).map(|q| q.0.clone()),
                     upcoming: model
                         .zip(id)
                         .map(|(m, i)| {

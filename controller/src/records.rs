@@ -11,12 +11,15 @@
 //! | `creds/<certificate fingerprint>` | [`CredRecord`]: a credential that may call the API |
 //! | `endpoints/<identity>` | [`EndpointRecord`]: where peers send to it |
 //! | `controllers/<hash of URL>` | [`ControllerRecord`]: a live controller, held under a lease |
+//! | `quarantine/<identity>` | [`bulkhead_proto::Quarantine`]: an identity in quarantine |
+//! | `audit/<unix ms>-<random>` | [`bulkhead_proto::AuditEntry`]: created once, never changed |
 //! | `presence/<identity>` | [`PresenceRecord`]: which controller has its stream, what it reported |
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use bulkhead_dataplane::Key;
+use bulkhead_store::{Compare, Op};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,25 @@ pub const CREDS: &str = "creds/";
 pub const ENDPOINTS: &str = "endpoints/";
 /// Live controllers, each held under a lease while it runs (by a hash of its URL).
 pub const CONTROLLERS: &str = "controllers/";
+
+/// Quarantines, by identity.
+pub const QUARANTINE: &str = "quarantine/";
+/// The audit log, in time order.
+pub const AUDIT: &str = "audit/";
+
+/// The writes that append `e` to the audit log, for the transaction doing what it records: the
+/// key is new (time and randomness), and the compare makes sure it was.
+pub fn audit(e: &bulkhead_proto::AuditEntry) -> (Compare, Op) {
+    let key = format!(
+        "{AUDIT}{:016}-{}",
+        e.at,
+        &bulkhead_proto::tls::random_hex(8)[..8]
+    );
+    (
+        Compare::ModRevision(key.clone(), 0),
+        Op::Put(key, encode(e)),
+    )
+}
 
 /// Node presence, by identity.
 pub const PRESENCE: &str = "presence/";

@@ -20,13 +20,13 @@ use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::{Config, PeerInfo};
 use bulkhead_policy::posture::Facts as PostureFacts;
 use bulkhead_policy::{Compiled, Conditions, Model};
-use bulkhead_proto::NodeMessage;
+use bulkhead_proto::{NodeMessage, Quarantine};
 use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
 use crate::records::{
     self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord,
-    NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PolicyRecord, PresenceRecord,
+    NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PolicyRecord, PresenceRecord, QUARANTINE,
 };
 
 /// WireGuard persistent keepalive pushed to nodes, seconds.
@@ -56,6 +56,9 @@ pub struct View {
     pub endpoints: HashMap<String, SocketAddr>,
     /// Live controllers' URLs, by store key.
     pub controllers: BTreeMap<String, String>,
+    /// Quarantines as stored, with the record's revision (one whose `until` passed still counts
+    /// as over, before the record is removed).
+    pub quarantines: HashMap<String, (Quarantine, Revision)>,
     /// Per-identity presence as stored, with the record's revision.
     pub presence: HashMap<String, (PresenceRecord, Revision)>,
     allowlists: HashMap<String, Allowlist>,
@@ -253,9 +256,18 @@ impl View {
             .collect()
     }
 
-    /// The conditions at `now`: checks failing on stored facts. (Quarantines: issue 6, next.)
+    /// Quarantines in force at `now`, with their records' revisions.
+    pub fn quarantined(&self, now: i64) -> impl Iterator<Item = (&String, &Quarantine)> {
+        self.quarantines
+            .iter()
+            .filter(move |(_, (q, _))| q.until.is_none_or(|u| now < u))
+            .map(|(id, (q, _))| (id, q))
+    }
+
+    /// The conditions at `now`: checks failing on stored facts, quarantines in force.
     fn conditions(&self, model: &Model, now: i64) -> Conditions {
         let mut c = Conditions::at(now);
+        c.quarantined = self.quarantined(now).map(|(id, _)| id.clone()).collect();
         if model.policy().posture.is_empty() {
             return c;
         }
@@ -317,7 +329,12 @@ impl View {
                 .filter(|&t| t > now)
                 .min()
         };
-        windows.chain(stale).min()
+        let ends = self
+            .quarantines
+            .values()
+            .filter_map(|(q, _)| q.until)
+            .filter(|&t| t > now);
+        windows.chain(stale).chain(ends).min()
     }
 
     /// Replaces the whole view with a snapshot.
@@ -327,6 +344,7 @@ impl View {
         self.endpoints.clear();
         self.controllers.clear();
         self.presence.clear();
+        self.quarantines.clear();
         self.blobs.clear();
         let mut t = Touched::default();
         let had_policy = self.live.is_some();
@@ -385,6 +403,11 @@ impl View {
             } else if key.starts_with(CONTROLLERS) {
                 let rec: ControllerRecord = records::decode(key, &kv.value)?;
                 self.controllers.insert(key.to_string(), rec.url);
+            } else if let Some(id) = key.strip_prefix(QUARANTINE) {
+                let q: Quarantine = records::decode(key, &kv.value)?;
+                self.quarantines
+                    .insert(id.to_string(), (q, kv.mod_revision));
+                t.conditions = true;
             } else if let Some(id) = key.strip_prefix(PRESENCE) {
                 let rec: PresenceRecord = records::decode(key, &kv.value)?;
                 let old = self.presence.insert(id.to_string(), (rec, kv.mod_revision));
@@ -417,6 +440,9 @@ impl View {
             self.controllers.remove(key);
         } else if let Some(id) = key.strip_prefix(PRESENCE) {
             self.presence.remove(id);
+            t.conditions = true;
+        } else if let Some(id) = key.strip_prefix(QUARANTINE) {
+            self.quarantines.remove(id);
             t.conditions = true;
         }
     }

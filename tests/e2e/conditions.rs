@@ -254,3 +254,129 @@ fn an_expiring_rule_is_cut_on_time_with_or_without_the_controller() {
     assert!(late <= 1000, "cut {late} ms after the expiry\n{}", c.logs());
     assert!(!c.connect("web-1", "db-1", 5432));
 }
+
+const QUARANTINE_POLICY: &str = "version: 1
+network: { name: q, cidr: 10.203.0.0/16 }
+identities:
+  web-1: { labels: { tier: web } }
+  db-1: { labels: { tier: db } }
+segments:
+  web: { match: { tier: web } }
+  db: { match: { tier: db } }
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
+  - { name: forensics, from: [db], to: [quarantined], ports: [tcp/22] }
+quarantine: { denied_per_minute: 100, duration: 15m }
+";
+
+#[test]
+fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1"]);
+    let policy = c.files.write("policy.yaml", QUARANTINE_POLICY);
+    c.start_controller("controller", &policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    c.start_daemon("web-1", "bulkheadd", Some(&tw));
+    c.start_daemon("db-1", "bulkheadd", Some(&td));
+    c.converge(&["web-1", "db-1"]);
+    let probe = bin("bh-probe").display().to_string();
+    c.lab
+        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
+    c.lab
+        .spawn("web-1", "listen", &[&probe, "listen", "22", "120"]);
+    thread::sleep(Duration::from_millis(300));
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(
+        !c.connect("db-1", "web-1", 22),
+        "forensics only reaches the quarantined"
+    );
+
+    // By hand: the held flow is cut, only the `quarantined` rule is left.
+    c.hold("web-1", "db-1", 5432, 10, "hold-q");
+    thread::sleep(Duration::from_millis(800));
+    let t0 = unix_ms();
+    let r = c.cli(&["quarantine", "web-1"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("quarantined web-1 until"), "{}", r.stdout);
+    let broke = c
+        .held("web-1", "hold-q")
+        .expect_err("quarantine cuts the flow");
+    eprintln!("quarantine -> flow cut: {} ms", broke.saturating_sub(t0));
+    assert!(!c.connect("web-1", "db-1", 5432));
+    assert!(
+        c.connect_eventually("db-1", "web-1", 22),
+        "the quarantined rule works\n{}",
+        c.logs()
+    );
+    let web = c
+        .nodes()
+        .into_iter()
+        .find(|n| n["identity"] == "web-1")
+        .unwrap();
+    assert_eq!(web["quarantine"]["by"], "admin", "{web}");
+    assert!(
+        web["quarantine"]["until"].as_i64().is_some(),
+        "the policy's duration: {web}"
+    );
+    assert!(c.cli(&["nodes"]).stdout.contains("QUARANTINED"));
+
+    // Release: back as before.
+    let r = c.cli(&["release", "web-1"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(Lab::until(Duration::from_secs(5), || c.connect("web-1", "db-1", 5432)));
+    assert!(!c.connect("db-1", "web-1", 22));
+    let r = c.cli(&["release", "web-1"]);
+    assert_eq!(r.code, Some(1), "not in quarantine: {}", r.stderr);
+    let r = c.cli(&["quarantine", "nobody"]);
+    assert_eq!(r.code, Some(1), "unknown identity: {}", r.stderr);
+
+    // A short quarantine ends by itself, once.
+    let r = c.cli(&["quarantine", "web-1", "--duration", "3s"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(!c.connect("web-1", "db-1", 5432));
+    assert!(
+        Lab::until(Duration::from_secs(8), || c.connect("web-1", "db-1", 5432)),
+        "the quarantine ends at its time\n{}",
+        c.logs()
+    );
+
+    // The audit log has all of it, in order, each once.
+    let log = c.cli(&["audit", "-o", "json"]).json();
+    let entries: Vec<(String, String, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().to_string(),
+                e["identity"].as_str().unwrap_or_default().to_string(),
+                e["who"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(entries[0].0, "policy.apply", "{entries:?}");
+    let q: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e.0 == "quarantine" || e.0 == "release")
+        .map(|e| (e.0.as_str(), e.2.as_str()))
+        .collect();
+    assert_eq!(
+        q,
+        [
+            ("quarantine", "admin"),
+            ("release", "admin"),
+            ("quarantine", "admin"),
+            ("release", "controller")
+        ],
+        "{entries:?}"
+    );
+    assert_eq!(
+        entries.iter().filter(|e| e.0 == "node.enroll").count(),
+        2,
+        "{entries:?}"
+    );
+    let table = c.cli(&["audit"]).stdout;
+    assert!(table.contains("its time was up"), "{table}");
+}

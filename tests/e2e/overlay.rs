@@ -288,6 +288,17 @@ fn the_overlay_end_to_end() {
     let revoked_at = unix_ms();
     let r = c.cli(&["revoke", "api-1"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let audit = c.cli(&["audit", "-o", "json"]).json();
+    let last = audit
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&last["action"], &last["identity"], &last["who"]),
+        (&"node.revoke".into(), &"api-1".into(), &"admin".into()),
+        "the revocation is audited: {last}"
+    );
     let cut = c
         .held("web-1", "hold-revoke")
         .expect_err("the revoked node's flows must be cut");

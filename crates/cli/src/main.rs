@@ -51,6 +51,23 @@ enum Command {
         /// The identity.
         identity: String,
     },
+    /// Quarantine an identity: it loses every rule except those naming the segment
+    /// `quarantined`, on every node, until the duration passes or `release`.
+    Quarantine {
+        /// The identity.
+        identity: String,
+        /// How long, like `15m` (default: the policy's `quarantine.duration`, else until
+        /// released).
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// End an identity's quarantine.
+    Release {
+        /// The identity.
+        identity: String,
+    },
+    /// The audit log: policy applies, enrollments, revocations, quarantines and releases.
+    Audit,
     /// The controller's state.
     Status,
     /// Run the whole overlay on this machine (as root): a controller and a daemon per identity,
@@ -200,6 +217,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Nodes => online::nodes(&mut remote()?, fmt),
         Command::Revoke { identity } => online::revoke(&mut remote()?, &identity, fmt),
+        Command::Quarantine { identity, duration } => {
+            online::quarantine(&mut remote()?, &identity, duration.as_deref(), fmt)
+        }
+        Command::Release { identity } => online::release(&mut remote()?, &identity, fmt),
+        Command::Audit => online::audit(&mut remote()?, fmt),
         Command::Status => online::status(&mut remote()?, fmt),
         Command::Demo { check, policy } => demo::demo(check, policy.as_deref(), fmt),
         Command::Probe { args } => Ok(match bulkhead_netlab::probe::run(&args) {

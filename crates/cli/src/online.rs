@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
 use bulkhead_proto::{
-    ApiError, ApplyResponse, CliConfig, Connection, NodeView, PlanResponse, PolicyRequest,
-    PolicyView, RevokeResponse, StatusView, TokenRequest, TokenResponse,
+    ApiError, ApplyResponse, AuditEntry, CliConfig, Connection, NodeView, PlanResponse,
+    PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, RevokeResponse, StatusView,
+    TokenRequest, TokenResponse,
 };
 
 use crate::output::{Format, Outcome, columns, emit, time};
@@ -227,11 +228,14 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 (true, false, _) => "not enrolled",
                 (false, false, _) => "-",
             };
-            let state = if n.enrolled && !n.in_policy {
+            let mut state = if n.enrolled && !n.in_policy {
                 format!("{state} (not in policy)")
             } else {
                 state.to_string()
             };
+            if n.quarantine.is_some() {
+                state += ", QUARANTINED";
+            }
             rows.push(vec![
                 n.identity.clone(),
                 n.address.map_or_else(dash, |a| a.to_string()),
@@ -288,6 +292,78 @@ pub fn revoke(r: &mut Remote, identity: &str, fmt: Format) -> anyhow::Result<Out
                 v.identity
             )
         }
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead quarantine IDENTITY [--duration D]`.
+pub fn quarantine(
+    r: &mut Remote,
+    identity: &str,
+    duration: Option<&str>,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let duration = duration
+        .map(|d| {
+            bulkhead_policy::parse_duration(d)
+                .map_err(|e| anyhow!("--duration: {e}"))
+                .map(|s| u64::try_from(s).unwrap_or(0))
+        })
+        .transpose()?;
+    let path = format!("/v1/nodes/{identity}/quarantine");
+    let v: QuarantineResponse = match refused(r.post(&path, &QuarantineRequest { duration }))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &v, || match &v.quarantine {
+        Some(q) => format!(
+            "quarantined {} {}\n",
+            v.identity,
+            q.until.map_or("until released".to_string(), |u| format!(
+                "until {}",
+                time(u)
+            ))
+        ),
+        None => format!("{} is not in quarantine\n", v.identity),
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead release IDENTITY`.
+pub fn release(r: &mut Remote, identity: &str, fmt: Format) -> anyhow::Result<Outcome> {
+    let path = format!("/v1/nodes/{identity}/release");
+    let v: QuarantineResponse = match refused(r.post(&path, &()))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &v, || format!("released {}\n", v.identity))?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead audit`.
+pub fn audit(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let log: Vec<AuditEntry> = match refused(r.get("/v1/audit"))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &log, || {
+        let dash = || "-".to_string();
+        let mut rows = vec![
+            ["TIME", "WHO", "ACTION", "IDENTITY", "REVISION", "DETAIL"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for e in &log {
+            rows.push(vec![
+                time(e.at / 1000),
+                e.who.clone(),
+                e.action.clone(),
+                e.identity.clone().unwrap_or_else(dash),
+                e.revision.map_or_else(dash, |r| r.to_string()),
+                e.detail.clone(),
+            ]);
+        }
+        columns(&rows)
     })?;
     Ok(Outcome::Ok)
 }

@@ -163,6 +163,58 @@ pub struct PolicyView {
     pub upcoming: Vec<Boundary>,
 }
 
+/// One entry of the audit log: who did what, when. Append-only in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Unix milliseconds.
+    pub at: i64,
+    /// The administrator, `file:PATH` for `--policy`, `node` for an enrollment, or `controller`
+    /// for what it does by itself (an automatic quarantine, one that ends).
+    pub who: String,
+    /// `policy.apply`, `node.enroll`, `node.revoke`, `quarantine`, `release`.
+    pub action: String,
+    /// The identity concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The policy revision, for an apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// What else there is to say: the plan's summary, a quarantine's reason and end.
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// An identity's quarantine, as stored and shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// Unix seconds.
+    pub since: i64,
+    /// Unix seconds; `None` until released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// Why: `by hand`, or the denied flows counted.
+    pub reason: String,
+    /// Who: an administrator, or `controller`.
+    pub by: String,
+}
+
+/// `POST /v1/nodes/{identity}/quarantine`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuarantineRequest {
+    /// Seconds; else the policy's `quarantine.duration`, else until released.
+    #[serde(default)]
+    pub duration: Option<u64>,
+}
+
+/// The answer to a quarantine or a release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuarantineResponse {
+    /// The identity.
+    pub identity: String,
+    /// Its quarantine now, if any.
+    pub quarantine: Option<Quarantine>,
+}
+
 /// A rule's window opening or closing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Boundary {
@@ -306,6 +358,9 @@ pub struct NodeView {
     /// Windows of the rules it is on either side of, opening or closing from now on.
     #[serde(default)]
     pub upcoming: Vec<Boundary>,
+    /// Its quarantine, if it is in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
 }
 
 /// The answer to a revocation.
