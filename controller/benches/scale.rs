@@ -71,6 +71,7 @@ fn controller_process() {
             store: std::env::var("BH_SCALE_STORE").ok(),
             policy: None,
             advertise_url: None,
+            flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
         })
         .await
         .unwrap();

@@ -14,10 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bulkhead_proto::tls::fingerprint;
 use bulkhead_proto::{ErrorBody, JoinRequest, NodeMessage, PolicyRequest, Report, TokenRequest};
+use futures_util::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 use tower::ServiceExt;
 
 use crate::Controller;
@@ -161,6 +163,8 @@ pub fn router(c: Ctl) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/node/stream", get(stream))
         .route("/v1/node/report", post(report))
+        .route("/v1/node/flows", post(node_flows))
+        .route("/v1/flows", get(flows))
         .route("/v1/policy", get(policy))
         .route("/v1/policy/plan", post(plan))
         .route("/v1/policy/apply", post(apply))
@@ -196,6 +200,83 @@ async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Resp
         })
     };
     json(r.await)
+}
+
+async fn node_flows(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
+    let r = async {
+        let id = c.node(&p).await?;
+        let batch: bulkhead_proto::FlowBatch = body(&b)?;
+        c.flows_from(&id, batch).await;
+        Ok(serde_json::json!({}))
+    };
+    json(r.await)
+}
+
+/// `GET /v1/flows?denied=1&identity=X&limit=N&follow=1`: the last flows (default 1,000),
+/// oldest first, as NDJSON; with `follow`, then every new one as it comes.
+async fn flows(
+    State(c): State<Ctl>,
+    axum::Extension(p): Req,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    if let Err(f) = c.admin(&p).await {
+        return f.into_response();
+    }
+    let (mut denied, mut identity, mut limit, mut follow) = (false, None, 1000usize, false);
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "denied" => denied = v != "0",
+            "follow" => follow = v != "0",
+            "identity" => identity = Some(v.to_string()),
+            "limit" => match v.parse() {
+                Ok(n) => limit = n,
+                Err(_) => return Fail::bad_request("limit: a number").into_response(),
+            },
+            _ => return Fail::bad_request(format!("unknown parameter {k:?}")).into_response(),
+        }
+    }
+    let keep = move |f: &bulkhead_proto::FlowView| {
+        (!denied || f.verdict == "deny")
+            && identity
+                .as_ref()
+                .is_none_or(|i| f.src == *i || f.dst == *i || f.node == *i)
+    };
+    // Subscribed before the history is read: nothing falls between the two.
+    let rx = c.flows.live.subscribe();
+    let past = c.flows.recent(limit, &keep);
+    let head = futures_util::stream::iter(past.into_iter().map(|f| {
+        let mut v = serde_json::to_vec(&f).unwrap_or_default();
+        v.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(v))
+    }));
+    let body = if follow {
+        let tail = futures_util::stream::unfold((rx, keep), |(mut rx, keep)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(f) if keep(&f) => {
+                        let mut v = serde_json::to_vec(&f).unwrap_or_default();
+                        v.push(b'\n');
+                        return Some((Ok(Bytes::from(v)), (rx, keep)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Body::from_stream(head.chain(tail))
+    } else {
+        Body::from_stream(head)
+    };
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .unwrap_or_else(|_| Fail::internal("flows").into_response())
 }
 
 async fn policy(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {

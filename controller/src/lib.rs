@@ -5,6 +5,7 @@
 //! - [`view`]: the in-memory view that follows the store, and distribution to nodes.
 //! - [`ops`]: what each API call does.
 //! - [`api`]: TLS, authentication, HTTP routes.
+//! - [`flows`]: the flow log and automatic quarantine.
 //! - [`presence`]: which nodes are connected where, shared through the store.
 //! - [`pki`]: the CA and the administrator's credential, at first start.
 //!
@@ -12,6 +13,7 @@
 //! tests on port 0).
 
 pub mod api;
+pub mod flows;
 pub mod ops;
 pub mod pki;
 pub mod presence;
@@ -42,6 +44,8 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     /// The URL tokens and `admin.yaml` carry.
     pub advertise_url: Option<String>,
+    /// Flows kept in memory for `bulkhead flows`.
+    pub flow_history: usize,
 }
 
 /// A running controller's shared state.
@@ -54,6 +58,8 @@ pub struct Controller {
     pub(crate) url: String,
     pub(crate) started: Instant,
     pub(crate) cred_changes: watch::Sender<u64>,
+    /// The flow log.
+    pub(crate) flows: flows::Flows,
     /// The nodes whose streams this controller holds.
     pub(crate) presence: presence::Tracker,
     /// The store revision the view has caught up with.
@@ -171,6 +177,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         started: Instant::now(),
         cred_changes: cred_tx.clone(),
         presence: presence::Tracker::new(&url),
+        flows: flows::Flows::new(s.flow_history),
         applied: applied.clone(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];

@@ -25,6 +25,9 @@ struct Cli {
     /// The URL that tokens and credentials carry (default: https://LISTEN-ADDRESS:PORT).
     #[arg(long, value_name = "URL")]
     advertise_url: Option<String>,
+    /// Flows kept in memory for `bulkhead flows` (the oldest go first).
+    #[arg(long, default_value_t = bulkhead_controller::flows::DEFAULT_HISTORY, value_name = "N")]
+    flow_history: usize,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             store: cli.store,
             policy: cli.policy,
             advertise_url: cli.advertise_url,
+            flow_history: cli.flow_history,
         })
         .await?;
         eprintln!(

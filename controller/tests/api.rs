@@ -33,6 +33,7 @@ fn settings(dir: &std::path::Path) -> Settings {
         store: None,
         policy: None,
         advertise_url: None,
+        flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
     }
 }
 

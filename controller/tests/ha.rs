@@ -40,6 +40,7 @@ async fn controller(state: &std::path::Path, spec: &str) -> (Handle, CliConfig) 
         store: Some(spec.to_string()),
         policy: None,
         advertise_url: None,
+        flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
     })
     .await
     .unwrap();

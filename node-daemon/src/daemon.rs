@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -11,6 +12,7 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::flowlog::FlowLog;
 use crate::link::{self, Applied, Update};
 use crate::state::{Enrollment, StateDir};
 use crate::tun::Interface;
@@ -55,6 +57,8 @@ struct Out {
     tun_len: usize,
     gro: tun_rs::GROTable,
     gso: Vec<u8>,
+    /// Flow starts and denials, until the link ships them.
+    flows: Arc<Mutex<FlowLog>>,
 }
 
 /// The UDP socket, with quinn-udp's GSO (one send, many datagrams) and GRO (one receive, many
@@ -176,6 +180,25 @@ impl Sink for Out {
     }
 
     fn event(&mut self, e: Event<'_>) {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut log = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        match &e {
+            Event::FlowStarted {
+                initiator,
+                key,
+                peer,
+                rule,
+            } => log.started(now_ms, *initiator, *key, peer, rule),
+            Event::Dropped {
+                egress,
+                reason,
+                key,
+                peer,
+            } => log.dropped(now_ms, *egress, reason, *key, *peer),
+        }
+        drop(log);
         match e {
             Event::FlowStarted {
                 initiator,
@@ -280,6 +303,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let _cleanup = RemoveOnDrop(socket);
 
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(Applied::default());
+    let flows = Arc::new(Mutex::new(FlowLog::default()));
     if let Some(cfg) = first {
         if matches!(source, Source::Controller(_)) {
             tracing::info!(
@@ -295,6 +319,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Source::Controller(e) => {
             tracing::info!(identity = %e.identity, controllers = ?e.controllers, "enrolled");
             let (tx, rx) = mpsc::channel(4);
+            let flows = flows.clone();
             let (facts_tx, facts_rx) = tokio::sync::watch::channel(crate::posture::host_facts());
             tokio::spawn(crate::posture::run(s.config.clone(), facts_tx));
             tokio::spawn(link::run(
@@ -302,9 +327,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 state.clone(),
                 s.listen_port,
                 s.endpoint,
-                tx,
-                applied_rx,
-                facts_rx,
+                link::Wiring {
+                    updates: tx,
+                    applied: applied_rx,
+                    facts: facts_rx,
+                    flows,
+                },
             ));
             Some(rx)
         }
@@ -327,7 +355,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut udp_bufs = vec![vec![0u8; 65536]; quinn_udp::BATCH_SIZE.min(8)];
     let mut udp_meta = vec![quinn_udp::RecvMeta::default(); udp_bufs.len()];
-    let mut out = Out::default();
+    let mut out = Out {
+        flows,
+        ..Out::default()
+    };
 
     loop {
         tokio::select! {

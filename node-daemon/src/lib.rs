@@ -2,6 +2,7 @@
 //! (`bulkhead-dataplane`) over it and a UDP socket, and serves the WireGuard UAPI socket.
 
 pub mod daemon;
+pub mod flowlog;
 pub mod link;
 pub mod posture;
 pub mod state;

@@ -7,14 +7,16 @@
 //! enforcing what it has: the link going away is never a reason to let more through.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_dataplane::Config;
 use bulkhead_proto::tls::{Identity, Trust};
-use bulkhead_proto::{ApiError, Client, Facts, NodeMessage, Report, ReportAck, Token};
+use bulkhead_proto::{ApiError, Client, Facts, FlowBatch, NodeMessage, Report, ReportAck, Token};
 use tokio::sync::{mpsc, watch};
 
+use crate::flowlog::FlowLog;
 use crate::state::{Enrollment, StateDir, load_or_create_key};
 
 /// Enrolls with a join token: creates the keys locally, sends only their public halves, saves
@@ -62,6 +64,9 @@ pub struct Applied {
     pub peers: usize,
 }
 
+/// Most flow log entries per batch.
+const FLOW_BATCH: usize = 2_000;
+
 /// How often a node reports even when nothing changed.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Backoff bounds.
@@ -70,16 +75,33 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a revoked node asks again (an operator may have re-enrolled it meanwhile).
 const REVOKED_RETRY: Duration = Duration::from_secs(30);
 
+/// What the link shares with the rest of the daemon.
+#[derive(Debug)]
+pub struct Wiring {
+    /// Where to say what the controller said.
+    pub updates: mpsc::Sender<Update>,
+    /// What the daemon loop applied.
+    pub applied: watch::Receiver<Applied>,
+    /// Posture facts.
+    pub facts: watch::Receiver<Facts>,
+    /// The flow log to ship.
+    pub flows: Arc<Mutex<FlowLog>>,
+}
+
 /// Runs the link until the daemon stops.
 pub async fn run(
     mut enrollment: Enrollment,
     state: StateDir,
     listen_port: u16,
     endpoint: Option<SocketAddr>,
-    updates: mpsc::Sender<Update>,
-    mut applied: watch::Receiver<Applied>,
-    mut facts: watch::Receiver<Facts>,
+    w: Wiring,
 ) {
+    let Wiring {
+        updates,
+        mut applied,
+        mut facts,
+        flows,
+    } = w;
     let mut backoff = BACKOFF_MIN;
     loop {
         // Rebuilt on every connect: the controller list may have grown since.
@@ -102,6 +124,7 @@ pub async fn run(
             listen_port,
             endpoint,
             updates: &updates,
+            flows: &flows,
         };
         let r = link
             .run(&client, &mut applied, &mut facts, &mut enrollment, &state)
@@ -149,6 +172,7 @@ struct Session<'a> {
     listen_port: u16,
     endpoint: Option<SocketAddr>,
     updates: &'a mpsc::Sender<Update>,
+    flows: &'a Mutex<FlowLog>,
 }
 
 impl Session<'_> {
@@ -176,6 +200,7 @@ impl Session<'_> {
             .unwrap_or(REPORT_EVERY)
             .min(REPORT_EVERY);
         let mut tick = tokio::time::interval(every);
+        let mut ship = tokio::time::interval(Duration::from_secs(1));
         loop {
             let report = tokio::select! {
                 m = lines.next::<NodeMessage>() => {
@@ -203,6 +228,20 @@ impl Session<'_> {
                     self.report(&applied.borrow().clone(), &facts.borrow_and_update())
                 }
                 _ = tick.tick() => self.report(&applied.borrow().clone(), &facts.borrow()),
+                // The flow log, in batches, every second while there is something.
+                _ = ship.tick() => {
+                    let (batch, dropped) = self
+                        .flows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take(FLOW_BATCH);
+                    if !batch.is_empty() || dropped > 0 {
+                        let _: serde_json::Value = conn
+                            .post("/v1/node/flows", &FlowBatch { flows: batch, dropped })
+                            .await?;
+                    }
+                    continue;
+                }
             };
             let ack: ReportAck = conn.post("/v1/node/report", &report).await?;
             let mut known = enrollment.controllers.clone();

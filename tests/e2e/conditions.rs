@@ -380,3 +380,123 @@ fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
     let table = c.cli(&["audit"]).stdout;
     assert!(table.contains("its time was up"), "{table}");
 }
+
+#[test]
+fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1"]);
+    let policy = c.files.write(
+        "policy.yaml",
+        &QUARANTINE_POLICY.replace("denied_per_minute: 100", "denied_per_minute: 50"),
+    );
+    c.start_controller("controller", &policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    c.start_daemon("web-1", "bulkheadd", Some(&tw));
+    c.start_daemon("db-1", "bulkheadd", Some(&td));
+    c.converge(&["web-1", "db-1"]);
+    let probe = bin("bh-probe").display().to_string();
+    c.lab
+        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
+    c.lab
+        .spawn("web-1", "listen", &[&probe, "listen", "22", "120"]);
+    thread::sleep(Duration::from_millis(300));
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+
+    // web-1 scans 100 closed ports of db-1 while one allowed flow is open.
+    c.hold("web-1", "db-1", 5432, 20, "hold-scan");
+    thread::sleep(Duration::from_millis(800));
+    let db = c.addresses["db-1"].clone();
+    let t0 = unix_ms();
+    let out = c
+        .lab
+        .exec("web-1", &[&probe, "scan", &db, "10000", "10099", "300"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0 open",
+        "nothing gets through"
+    );
+    let broke = c
+        .held("web-1", "hold-scan")
+        .expect_err("the quarantine cuts the scanner's allowed flow");
+    eprintln!(
+        "scan start -> quarantine cut the allowed flow: {} ms",
+        broke.saturating_sub(t0)
+    );
+    let web = c
+        .nodes()
+        .into_iter()
+        .find(|n| n["identity"] == "web-1")
+        .unwrap();
+    assert_eq!(web["quarantine"]["by"], "controller", "{web}");
+    assert!(
+        web["quarantine"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("denied new flows in a minute"),
+        "{web}"
+    );
+    assert!(!c.connect("web-1", "db-1", 5432));
+    assert!(
+        c.connect_eventually("db-1", "web-1", 22),
+        "the quarantined-segment rule still works\n{}",
+        c.logs()
+    );
+
+    // The flow log shows the scan: one denied new flow per port, from web-1, default deny.
+    let denied = c.cli(&["flows", "--denied", "--identity", "web-1", "-o", "json"]);
+    assert_eq!(denied.code, Some(0), "{}", denied.stderr);
+    let scan: Vec<u64> = denied
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["src"] == "web-1" && f["dst"] == "db-1" && f["verdict"] == "deny")
+        .filter_map(|f| f["port"].as_u64())
+        .filter(|p| (10000..=10099).contains(p))
+        .collect();
+    let distinct: std::collections::BTreeSet<u64> = scan.iter().copied().collect();
+    assert_eq!(distinct.len(), 100, "every scanned port, once: {scan:?}");
+    assert_eq!(scan.len(), 100, "new flows only, no retransmits");
+    let all = c.cli(&["flows", "-o", "json"]).json();
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["verdict"] == "allow" && f["rule"] == "web-to-db" && f["port"] == 5432),
+        "allowed flow starts are logged with their rule"
+    );
+    let table = c.cli(&["flows", "--denied"]).stdout;
+    assert!(
+        table.contains("(default deny)") && table.contains("tcp/10042"),
+        "{table}"
+    );
+
+    // Release restores it; the audit log has the automatic quarantine and the release.
+    let r = c.cli(&["release", "web-1"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(Lab::until(Duration::from_secs(5), || c.connect("web-1", "db-1", 5432)));
+    let log = c.cli(&["audit", "-o", "json"]).json();
+    let q: Vec<(String, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["identity"] == "web-1" && (e["action"] == "quarantine" || e["action"] == "release")
+        })
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().into(),
+                e["who"].as_str().unwrap_or_default().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        q,
+        [
+            ("quarantine".to_string(), "controller".to_string()),
+            ("release".to_string(), "admin".to_string())
+        ]
+    );
+}

@@ -66,6 +66,21 @@ enum Command {
         /// The identity.
         identity: String,
     },
+    /// The flow log: flow starts and denied new flows, with the rule that decided each.
+    Flows {
+        /// Denied flows only.
+        #[arg(long)]
+        denied: bool,
+        /// Keep printing new flows as they come.
+        #[arg(long)]
+        follow: bool,
+        /// Only flows from or to this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        /// How many past flows to show.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// The audit log: policy applies, enrollments, revocations, quarantines and releases.
     Audit,
     /// The controller's state.
@@ -222,6 +237,19 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Release { identity } => online::release(&mut remote()?, &identity, fmt),
         Command::Audit => online::audit(&mut remote()?, fmt),
+        Command::Flows {
+            denied,
+            follow,
+            identity,
+            limit,
+        } => online::flows(
+            &mut remote()?,
+            denied,
+            follow,
+            identity.as_deref(),
+            limit,
+            fmt,
+        ),
         Command::Status => online::status(&mut remote()?, fmt),
         Command::Demo { check, policy } => demo::demo(check, policy.as_deref(), fmt),
         Command::Probe { args } => Ok(match bulkhead_netlab::probe::run(&args) {

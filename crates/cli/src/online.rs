@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
 use bulkhead_proto::{
-    ApiError, ApplyResponse, AuditEntry, CliConfig, Connection, NodeView, PlanResponse,
+    ApiError, ApplyResponse, AuditEntry, CliConfig, Connection, FlowView, NodeView, PlanResponse,
     PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, RevokeResponse, StatusView,
     TokenRequest, TokenResponse,
 };
@@ -337,6 +337,77 @@ pub fn release(r: &mut Remote, identity: &str, fmt: Format) -> anyhow::Result<Ou
         Err(o) => return Ok(o),
     };
     emit(fmt, &v, || format!("released {}\n", v.identity))?;
+    Ok(Outcome::Ok)
+}
+
+/// One flow as a table row.
+fn flow_row(f: &FlowView) -> Vec<String> {
+    let ms = f.at.rem_euclid(1000);
+    vec![
+        format!(
+            "{}.{ms:03}",
+            time(f.at.div_euclid(1000)).trim_end_matches('Z')
+        ),
+        format!("{} ({})", f.src, f.src_address),
+        format!("{} ({})", f.dst, f.dst_address),
+        format!("{}/{}", f.proto, f.port),
+        f.verdict.clone(),
+        f.rule.clone().unwrap_or_else(|| "(default deny)".into()),
+        f.node.clone(),
+    ]
+}
+
+const FLOW_HEADER: [&str; 7] = ["TIME", "FROM", "TO", "PORT", "VERDICT", "RULE", "SEEN BY"];
+
+/// `bulkhead flows [--denied] [--follow] [--identity X]`: the controller's flow log; with
+/// `--follow`, then each new flow as it comes (one line each; `-o json`: one JSON object per
+/// line), until interrupted.
+pub fn flows(
+    r: &mut Remote,
+    denied: bool,
+    follow: bool,
+    identity: Option<&str>,
+    limit: usize,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let mut path = format!("/v1/flows?limit={limit}");
+    if denied {
+        path += "&denied=1";
+    }
+    if follow {
+        path += "&follow=1";
+    }
+    if let Some(i) = identity {
+        path += &format!("&identity={i}");
+    }
+    let Remote { rt, conn } = r;
+    let mut lines = match refused(rt.block_on(conn.stream(&path)))? {
+        Ok(l) => l,
+        Err(o) => return Ok(o),
+    };
+    if !follow {
+        let mut all = Vec::new();
+        while let Some(f) = rt.block_on(lines.next::<FlowView>())? {
+            all.push(f);
+        }
+        emit(fmt, &all, || {
+            let mut rows = vec![FLOW_HEADER.map(String::from).to_vec()];
+            rows.extend(all.iter().map(flow_row));
+            columns(&rows)
+        })?;
+        return Ok(Outcome::Ok);
+    }
+    let mut out = std::io::stdout().lock();
+    if fmt == Format::Table {
+        writeln!(out, "{}", FLOW_HEADER.join("  "))?;
+    }
+    while let Some(f) = rt.block_on(lines.next::<FlowView>())? {
+        match fmt {
+            Format::Table => writeln!(out, "{}", flow_row(&f).join("  "))?,
+            _ => writeln!(out, "{}", serde_json::to_string(&f)?)?,
+        }
+        out.flush()?;
+    }
     Ok(Outcome::Ok)
 }
 

@@ -24,6 +24,7 @@ mod keys;
 mod node;
 pub mod packet;
 
+pub use conntrack::{FlowKey, Initiator};
 pub use keys::{Key, generate_private_key, public_key};
 pub use node::{
     ApplyReport, Config, Counters, DropReason, Event, Node, Now, PeerInfo, PeerStatus, Sink,

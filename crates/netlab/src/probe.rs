@@ -8,6 +8,8 @@
 //! - `hold ADDR PORT SECONDS`: open one connection and exchange a line on it every 20 ms for
 //!   SECONDS. Exit 0 if every exchange worked; else print `broken after MS ms at UNIX_MS` and
 //!   exit 1.
+//! - `scan ADDR FIRST LAST TIMEOUT_MS`: try a TCP connection to every port from FIRST to LAST,
+//!   16 at a time, each bounded by TIMEOUT_MS; print how many connected. Exit 0.
 //!
 //! Every loop is bounded in time, so a probe never outlives its caller by more than SECONDS.
 
@@ -23,6 +25,20 @@ pub fn run(args: &[String]) -> u8 {
             let ports: Vec<u16> = arg(1).split(',').filter_map(|p| p.parse().ok()).collect();
             listen(&ports, Duration::from_secs(arg(2).parse().unwrap_or(10)))
         }
+        "scan" => match arg(1).parse::<IpAddr>() {
+            Ok(ip) => {
+                let (first, last) = (arg(2).parse().unwrap_or(1), arg(3).parse().unwrap_or(0));
+                let open = scan(
+                    ip,
+                    first,
+                    last,
+                    Duration::from_millis(arg(4).parse().unwrap_or(300)),
+                );
+                println!("{open} open");
+                0
+            }
+            Err(_) => 2,
+        },
         "connect" => match arg(1).parse::<IpAddr>() {
             Ok(ip) => u8::from(!connect(
                 ip,
@@ -130,6 +146,31 @@ pub struct Broken {
     pub after: Duration,
     /// That send, in Unix milliseconds (to compare with when a change was made).
     pub at_unix_ms: u128,
+}
+
+/// Tries every port from `first` to `last` (at most 1,024 of them), 16 at a time; returns how
+/// many accepted.
+pub fn scan(ip: IpAddr, first: u16, last: u16, timeout: Duration) -> usize {
+    let ports: Vec<u16> = (first..=last).take(1024).collect();
+    ports
+        .chunks(16)
+        .map(|group| {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = group
+                    .iter()
+                    .map(|&p| {
+                        s.spawn(move || {
+                            TcpStream::connect_timeout(&SocketAddr::new(ip, p), timeout).is_ok()
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or(false))
+                    .filter(|ok| *ok)
+                    .count()
+            })
+        })
+        .sum()
 }
 
 /// Keeps one connection busy for `limit`; `Err` when an exchange fails (500 ms each).

@@ -1,0 +1,235 @@
+//! The flow log, as the controller keeps it, and automatic quarantine.
+//!
+//! Nodes ship their flow starts and denied new flows in batches. This controller keeps the last
+//! `--flow-history` of them (default 100,000; about 200 bytes each) in memory, in a ring: the
+//! oldest go first, and a restart starts empty. They are not in the store: they are many, they
+//! change nothing, and etcd wants small, few writes. `bulkhead flows` reads this ring (and, with
+//! `--follow`, what arrives next).
+//!
+//! Each denied new flow counts against its initiator. An identity with more than the policy's
+//! `quarantine.denied_per_minute` in the last 60 s is quarantined for `quarantine.duration`,
+//! through the same path as `bulkhead quarantine` (so it is audited). With several controllers,
+//! each counts what its own nodes report.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use bulkhead_proto::{FlowBatch, FlowView, QuarantineRequest};
+use tokio::sync::broadcast;
+
+use crate::Controller;
+use crate::view::lock;
+
+/// Default number of flows kept.
+pub const DEFAULT_HISTORY: usize = 100_000;
+/// The window of `denied_per_minute`.
+const WINDOW_MS: i64 = 60_000;
+
+/// The ring and the counters.
+#[derive(Debug)]
+pub struct Flows {
+    cap: usize,
+    ring: Mutex<VecDeque<FlowView>>,
+    /// Denied new flows per initiator, their times within the window.
+    denials: Mutex<HashMap<String, VecDeque<i64>>>,
+    /// New flows for followers.
+    pub live: broadcast::Sender<FlowView>,
+    /// Entries nodes dropped (their buffers full), and entries the ring let go.
+    pub dropped_by_nodes: std::sync::atomic::AtomicU64,
+}
+
+impl Flows {
+    /// A ring of `cap` flows.
+    pub fn new(cap: usize) -> Flows {
+        Flows {
+            cap: cap.max(1),
+            ring: Mutex::new(VecDeque::new()),
+            denials: Mutex::default(),
+            live: broadcast::channel(4096).0,
+            dropped_by_nodes: Default::default(),
+        }
+    }
+
+    fn add(&self, f: FlowView) {
+        let mut r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= self.cap {
+            r.pop_front();
+        }
+        r.push_back(f.clone());
+        drop(r);
+        let _ = self.live.send(f);
+    }
+
+    /// The last `limit` flows that `keep` selects, oldest first.
+    pub fn recent(&self, limit: usize, keep: impl Fn(&FlowView) -> bool) -> Vec<FlowView> {
+        let r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<FlowView> = r
+            .iter()
+            .rev()
+            .filter(|f| keep(f))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Counts a denial by `initiator` at `at`; returns how many it has in the window.
+    fn denied(&self, initiator: &str, at: i64) -> usize {
+        let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        let q = d.entry(initiator.to_string()).or_default();
+        q.push_back(at);
+        while q.front().is_some_and(|&t| at - t > WINDOW_MS) {
+            q.pop_front();
+        }
+        q.len()
+    }
+
+    /// Forgets an identity's denials (it was quarantined: counting starts over).
+    fn reset(&self, initiator: &str) {
+        self.denials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(initiator);
+    }
+}
+
+impl Controller {
+    /// Takes a node's batch: names both ends, keeps the flows, counts denials, quarantines
+    /// whoever crosses the policy's threshold.
+    pub async fn flows_from(&self, node: &str, batch: FlowBatch) {
+        if batch.dropped > 0 {
+            self.flows
+                .dropped_by_nodes
+                .fetch_add(batch.dropped, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(node, dropped = batch.dropped, "node's flow log overflowed");
+        }
+        let mut over: Vec<(String, usize)> = Vec::new();
+        let (threshold, views) = {
+            let v = lock(&self.view);
+            let model = v.live.as_ref().map(|l| &l.model);
+            let address_of = |name: &str| {
+                model
+                    .and_then(|m| m.identity(name).map(|i| m.address(i)))
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED)
+            };
+            let name_of = |addr: Ipv4Addr| {
+                model
+                    .and_then(|m| {
+                        m.identity_ids()
+                            .find(|&i| m.address(i) == addr)
+                            .map(|i| m.identity_name(i).to_string())
+                    })
+                    .unwrap_or_else(|| addr.to_string())
+            };
+            let threshold = model.and_then(|m| m.policy().quarantine.map(|q| q.denied_per_minute));
+            let quarantined: Vec<String> = v
+                .quarantined(crate::ops::unix_now())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let me = (node.to_string(), address_of(node));
+            let views: Vec<FlowView> = batch
+                .flows
+                .into_iter()
+                .map(|e| {
+                    let peer = (
+                        e.peer.clone().unwrap_or_else(|| name_of(e.peer_address)),
+                        e.peer_address,
+                    );
+                    let (src, dst) = if e.outbound {
+                        (me.clone(), peer)
+                    } else {
+                        (peer, me.clone())
+                    };
+                    FlowView {
+                        at: e.at,
+                        node: node.to_string(),
+                        src: src.0,
+                        src_address: src.1,
+                        dst: dst.0,
+                        dst_address: dst.1,
+                        proto: e.proto,
+                        port: e.port,
+                        verdict: if e.allowed { "allow" } else { "deny" }.into(),
+                        rule: e.rule,
+                        reason: e.reason,
+                    }
+                })
+                .collect();
+            if let Some(t) = threshold {
+                for f in views.iter().filter(|f| f.verdict == "deny") {
+                    if quarantined.contains(&f.src)
+                        || model.and_then(|m| m.identity(&f.src)).is_none()
+                    {
+                        continue;
+                    }
+                    let n = self.flows.denied(&f.src, f.at);
+                    if n > t as usize && !over.iter().any(|(s, _)| *s == f.src) {
+                        over.push((f.src.clone(), n));
+                    }
+                }
+            }
+            (threshold, views)
+        };
+        for f in views {
+            self.flows.add(f);
+        }
+        for (id, n) in over {
+            self.flows.reset(&id);
+            let reason = format!(
+                "{n} denied new flows in a minute (threshold {})",
+                threshold.unwrap_or(0)
+            );
+            if let Err(f) = self
+                .quarantine(&id, &QuarantineRequest::default(), "controller", &reason)
+                .await
+            {
+                tracing::error!(identity = %id, "automatic quarantine failed: {f}");
+            }
+        }
+    }
+}
+
+/// Shared ring, for the API.
+pub type Shared = Arc<Flows>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(i: i64, verdict: &str) -> FlowView {
+        FlowView {
+            at: i,
+            node: "n".into(),
+            src: "a".into(),
+            src_address: Ipv4Addr::LOCALHOST,
+            dst: "b".into(),
+            dst_address: Ipv4Addr::LOCALHOST,
+            proto: "tcp".into(),
+            port: 1,
+            verdict: verdict.into(),
+            rule: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_denials_slide() {
+        let f = Flows::new(3);
+        for i in 0..5 {
+            f.add(flow(i, if i % 2 == 0 { "deny" } else { "allow" }));
+        }
+        let all = f.recent(10, |_| true);
+        assert_eq!(all.iter().map(|f| f.at).collect::<Vec<_>>(), [2, 3, 4]);
+        let denied = f.recent(10, |f| f.verdict == "deny");
+        assert_eq!(denied.iter().map(|f| f.at).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(f.recent(1, |_| true)[0].at, 4, "the newest");
+        assert_eq!(f.denied("a", 0), 1);
+        assert_eq!(f.denied("a", 30_000), 2);
+        assert_eq!(f.denied("a", 61_000), 2, "the first left the window");
+        f.reset("a");
+        assert_eq!(f.denied("a", 61_001), 1);
+    }
+}

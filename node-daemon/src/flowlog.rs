@@ -1,0 +1,214 @@
+//! The daemon's flow log: flow starts and denied new flows, kept in a bounded buffer until the
+//! link ships them to the controller. No I/O.
+//!
+//! Only new flows count as denials: a packet that could have opened a flow (the data plane
+//! reports only those as `not_allowed`, `denied` or `not_a_peer`) and whose flow key was not
+//! already denied in the last [`DEDUP_MS`]; retransmits of a refused SYN are not new flows.
+//! When the buffer is full, new entries are dropped and counted, never the process's memory.
+
+use std::collections::{HashMap, VecDeque};
+
+use bulkhead_dataplane::{DropReason, FlowKey, Initiator};
+use bulkhead_proto::FlowEntry;
+
+/// Most entries waiting to be shipped.
+pub const CAPACITY: usize = 10_000;
+/// A denial of the same flow key within this many milliseconds is the same attempt.
+pub const DEDUP_MS: i64 = 60_000;
+/// Most flow keys remembered for de-duplication.
+const DEDUP_KEYS: usize = 16_384;
+
+/// The buffer.
+#[derive(Debug, Default)]
+pub struct FlowLog {
+    buf: VecDeque<FlowEntry>,
+    dropped: u64,
+    recent: HashMap<(bool, FlowKey), i64>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        n => n.to_string(),
+    }
+}
+
+impl FlowLog {
+    fn push(&mut self, e: FlowEntry) {
+        if self.buf.len() >= CAPACITY {
+            self.dropped += 1;
+        } else {
+            self.buf.push_back(e);
+        }
+    }
+
+    /// A flow was admitted.
+    pub fn started(
+        &mut self,
+        now_ms: i64,
+        initiator: Initiator,
+        key: FlowKey,
+        peer: &str,
+        rule: &str,
+    ) {
+        let outbound = initiator == Initiator::Local;
+        self.push(FlowEntry {
+            at: now_ms,
+            outbound,
+            peer: Some(peer.to_string()),
+            peer_address: key.peer,
+            proto: proto_name(key.proto),
+            port: if outbound {
+                key.peer_port
+            } else {
+                key.local_port
+            },
+            allowed: true,
+            rule: Some(rule.to_string()),
+            reason: None,
+        });
+    }
+
+    /// A packet was dropped; recorded if it was a new flow refused by the policy.
+    pub fn dropped(
+        &mut self,
+        now_ms: i64,
+        egress: bool,
+        reason: &DropReason,
+        key: Option<FlowKey>,
+        peer: Option<&str>,
+    ) {
+        let rule = match reason {
+            DropReason::DeniedByRule(r) => Some(r.clone()),
+            DropReason::NotAllowed | DropReason::NotAPeer => None,
+            _ => return,
+        };
+        let Some(key) = key else { return };
+        if self.recent.len() >= DEDUP_KEYS {
+            self.recent.retain(|_, t| now_ms - *t < DEDUP_MS);
+            if self.recent.len() >= DEDUP_KEYS {
+                self.recent.clear();
+            }
+        }
+        match self.recent.insert((egress, key), now_ms) {
+            Some(t) if now_ms - t < DEDUP_MS => return,
+            _ => {}
+        }
+        self.push(FlowEntry {
+            at: now_ms,
+            outbound: egress,
+            peer: peer.map(str::to_string),
+            peer_address: key.peer,
+            proto: proto_name(key.proto),
+            port: if egress {
+                key.peer_port
+            } else {
+                key.local_port
+            },
+            allowed: false,
+            rule,
+            reason: Some(reason.reason().to_string()),
+        });
+    }
+
+    /// Takes up to `max` entries, oldest first, and the count of those dropped since the last
+    /// take.
+    pub fn take(&mut self, max: usize) -> (Vec<FlowEntry>, u64) {
+        let n = max.min(self.buf.len());
+        let out = self.buf.drain(..n).collect();
+        (out, std::mem::take(&mut self.dropped))
+    }
+
+    /// Entries waiting.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            proto: 6,
+            peer: Ipv4Addr::new(10, 0, 0, 2),
+            local_port: 40000,
+            peer_port: port,
+        }
+    }
+
+    #[test]
+    fn denials_count_new_flows_once_and_the_buffer_stays_bounded() {
+        let mut l = FlowLog::default();
+        l.dropped(
+            0,
+            true,
+            &DropReason::NotAllowed,
+            Some(key(22)),
+            Some("db-1"),
+        );
+        // The SYN's retransmits are the same attempt.
+        l.dropped(
+            1000,
+            true,
+            &DropReason::NotAllowed,
+            Some(key(22)),
+            Some("db-1"),
+        );
+        l.dropped(
+            3000,
+            true,
+            &DropReason::NotAllowed,
+            Some(key(22)),
+            Some("db-1"),
+        );
+        // Replies without a flow, broken packets: not flows.
+        l.dropped(
+            3000,
+            false,
+            &DropReason::NoFlow,
+            Some(key(22)),
+            Some("db-1"),
+        );
+        l.dropped(3000, false, &DropReason::Tunnel, None, None);
+        assert_eq!(l.len(), 1);
+        // After the window it is a new attempt.
+        l.dropped(
+            61_000,
+            true,
+            &DropReason::NotAllowed,
+            Some(key(22)),
+            Some("db-1"),
+        );
+        l.started(61_001, Initiator::Local, key(5432), "db-1", "web-to-db");
+        let (got, dropped) = l.take(10);
+        assert_eq!(dropped, 0);
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[2].allowed, got[2].port), (true, 5432));
+        assert_eq!(got[0].reason.as_deref(), Some("not_allowed"));
+        // A flood of distinct denied flows: the buffer stops at CAPACITY, the rest are counted.
+        for p in 0..(CAPACITY as u32 + 500) {
+            let k = FlowKey {
+                local_port: (p % 60000) as u16,
+                peer_port: (p / 60000) as u16 + 1,
+                ..key(1)
+            };
+            l.dropped(100_000, true, &DropReason::NotAllowed, Some(k), None);
+        }
+        assert_eq!(l.len(), CAPACITY);
+        let (got, dropped) = l.take(usize::MAX);
+        assert_eq!((got.len(), dropped), (CAPACITY, 500));
+        assert!(l.is_empty());
+        assert!(l.recent.len() <= DEDUP_KEYS);
+    }
+}
