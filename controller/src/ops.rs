@@ -86,7 +86,34 @@ fn upcoming(
     out
 }
 
+fn changed_meanwhile() -> Fail {
+    Fail::new(
+        409,
+        "conflict",
+        "the quarantine changed meanwhile; try again",
+    )
+}
+
 impl Controller {
+    /// Commits `ops` if every compare in `when` holds, with `entry` appended to the audit log in
+    /// the same transaction, and waits until the view reflects it. `Ok(false)`: a compare failed
+    /// and nothing was written.
+    async fn commit_audited(
+        &self,
+        mut when: Vec<Compare>,
+        mut ops: Vec<Op>,
+        entry: &AuditEntry,
+    ) -> Result<bool, Fail> {
+        let (c, a) = records::audit(entry);
+        when.push(c);
+        ops.push(a);
+        let t = self.store.txn(&when, &ops).await.map_err(Fail::store)?;
+        if t.succeeded {
+            self.caught_up(t.revision).await;
+        }
+        Ok(t.succeeded)
+    }
+
     /// Every live controller's URL, this one's first.
     pub fn controller_urls(&self) -> Vec<String> {
         let mut urls = vec![self.url.clone()];
@@ -401,7 +428,7 @@ impl Controller {
         {
             ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
         }
-        let (audit_if, audit) = records::audit(&AuditEntry {
+        let entry = AuditEntry {
             at: unix_ms(),
             who: "node".into(),
             action: "node.enroll".into(),
@@ -416,24 +443,14 @@ impl Controller {
                     ""
                 }
             ),
-        });
-        ops.push(audit);
-        let t = self
-            .store
-            .txn(
-                &[
-                    Compare::ModRevision(key, kv.mod_revision),
-                    Compare::ModRevision(node_key, previous.as_ref().map_or(0, |p| p.mod_revision)),
-                    audit_if,
-                ],
-                &ops,
-            )
-            .await
-            .map_err(Fail::store)?;
-        if !t.succeeded {
+        };
+        let when = vec![
+            Compare::ModRevision(key, kv.mod_revision),
+            Compare::ModRevision(node_key, previous.as_ref().map_or(0, |p| p.mod_revision)),
+        ];
+        if !self.commit_audited(when, ops, &entry).await? {
             return Err(invalid());
         }
-        self.caught_up(t.revision).await;
         tracing::info!(identity = %tok.identity, "node enrolled");
         Ok(JoinResponse {
             identity: tok.identity,
@@ -477,7 +494,7 @@ impl Controller {
                 format!("no node is enrolled as {identity:?}"),
             ));
         }
-        let (audit_if, audit) = records::audit(&AuditEntry {
+        let entry = AuditEntry {
             at: unix_ms(),
             who: by.to_string(),
             action: "node.revoke".into(),
@@ -488,27 +505,18 @@ impl Controller {
             } else {
                 "unused tokens voided".into()
             },
-        });
-        ops.push(audit);
-        let t = self
-            .store
-            .txn(
-                &[
-                    Compare::ModRevision(node_key, node.as_ref().map_or(0, |n| n.mod_revision)),
-                    audit_if,
-                ],
-                &ops,
-            )
-            .await
-            .map_err(Fail::store)?;
-        if !t.succeeded {
+        };
+        let when = vec![Compare::ModRevision(
+            node_key,
+            node.as_ref().map_or(0, |n| n.mod_revision),
+        )];
+        if !self.commit_audited(when, ops, &entry).await? {
             return Err(Fail::new(
                 409,
                 "conflict",
                 "the node changed meanwhile; try again",
             ));
         }
-        self.caught_up(t.revision).await;
         tracing::info!(identity, "node revoked");
         Ok(RevokeResponse {
             identity: identity.to_string(),
@@ -593,7 +601,7 @@ impl Controller {
             reason: reason.to_string(),
             by: by.to_string(),
         };
-        let (audit_if, audit) = records::audit(&AuditEntry {
+        let entry = AuditEntry {
             at: unix_ms(),
             who: by.to_string(),
             action: "quarantine".into(),
@@ -605,26 +613,17 @@ impl Controller {
                     "until {u} (Unix time)"
                 ))
             ),
-        });
-        let t = self
-            .store
-            .txn(
-                &[
-                    Compare::ModRevision(key.clone(), current.map_or(0, |c| c.mod_revision)),
-                    audit_if,
-                ],
-                &[Op::Put(key, records::encode(&q)), audit],
-            )
-            .await
-            .map_err(Fail::store)?;
-        if !t.succeeded {
-            return Err(Fail::new(
-                409,
-                "conflict",
-                "the quarantine changed meanwhile; try again",
-            ));
+        };
+        let when = vec![Compare::ModRevision(
+            key.clone(),
+            current.map_or(0, |c| c.mod_revision),
+        )];
+        if !self
+            .commit_audited(when, vec![Op::Put(key, records::encode(&q))], &entry)
+            .await?
+        {
+            return Err(changed_meanwhile());
         }
-        self.caught_up(t.revision).await;
         tracing::warn!(identity, by, reason, until = ?q.until, "quarantined");
         Ok(QuarantineResponse {
             identity: identity.to_string(),
@@ -651,13 +650,9 @@ impl Controller {
             ));
         };
         if expected.is_some_and(|r| r != kv.mod_revision) {
-            return Err(Fail::new(
-                409,
-                "conflict",
-                "the quarantine changed meanwhile",
-            ));
+            return Err(changed_meanwhile());
         }
-        let (audit_if, audit) = records::audit(&AuditEntry {
+        let entry = AuditEntry {
             at: unix_ms(),
             who: by.to_string(),
             action: "release".into(),
@@ -668,23 +663,14 @@ impl Controller {
             } else {
                 "released by hand".into()
             },
-        });
-        let t = self
-            .store
-            .txn(
-                &[Compare::ModRevision(key.clone(), kv.mod_revision), audit_if],
-                &[Op::Delete(key), audit],
-            )
-            .await
-            .map_err(Fail::store)?;
-        if !t.succeeded {
-            return Err(Fail::new(
-                409,
-                "conflict",
-                "the quarantine changed meanwhile; try again",
-            ));
+        };
+        let when = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+        if !self
+            .commit_audited(when, vec![Op::Delete(key)], &entry)
+            .await?
+        {
+            return Err(changed_meanwhile());
         }
-        self.caught_up(t.revision).await;
         tracing::warn!(identity, by, "released from quarantine");
         Ok(QuarantineResponse {
             identity: identity.to_string(),

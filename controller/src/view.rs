@@ -641,12 +641,11 @@ rules:
         }
     }
 
-    #[test]
-    fn only_affected_nodes_are_sent_anything() {
-        let mut v = View::default();
+    /// Revision 1 of `text` as the store holds it: chunks, then the head.
+    fn stored_policy(text: &str) -> (PolicyRecord, Vec<KeyValue>) {
         let rec = PolicyRecord {
             revision: 1,
-            text: POLICY_TEXT.into(),
+            text: text.into(),
             source: "p.yaml".into(),
             applied_at: 0,
             applied_by: "admin".into(),
@@ -655,6 +654,13 @@ rules:
         let (head, chunks) = rec.split();
         let mut kvs: Vec<KeyValue> = chunks.into_iter().map(|(k, b)| kv(&k, b, 1)).collect();
         kvs.push(kv(POLICY, encode(&head), 1));
+        (rec, kvs)
+    }
+
+    #[test]
+    fn only_affected_nodes_are_sent_anything() {
+        let mut v = View::default();
+        let (rec, kvs) = stored_policy(POLICY_TEXT);
         let t = v.reset(
             &[
                 kvs,
@@ -751,17 +757,7 @@ rules:
   - {name: ba, from: [sb], to: [sa], ports: [tcp/22]}
 ";
         let mut v = View::default();
-        let rec = PolicyRecord {
-            revision: 1,
-            text: TEXT.into(),
-            source: "p.yaml".into(),
-            applied_at: 0,
-            applied_by: "admin".into(),
-            addresses: BTreeMap::new(),
-        };
-        let (head, chunks) = rec.split();
-        let mut kvs: Vec<KeyValue> = chunks.into_iter().map(|(k, b)| kv(&k, b, 1)).collect();
-        kvs.push(kv(POLICY, encode(&head), 1));
+        let (_, mut kvs) = stored_policy(TEXT);
         kvs.push(kv("nodes/a", encode(&node("a", 1)), 2));
         kvs.push(kv("nodes/b", encode(&node("b", 2)), 3));
         let t = v.reset(&kvs);

@@ -11,8 +11,9 @@ use bulkhead_controller::{Handle, Settings, start};
 use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok, free_port};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
-    ApplyResponse, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView, Report,
-    RevokeResponse, StatusView, Token, TokenRequest, TokenResponse,
+    ApplyResponse, AuditEntry, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView,
+    QuarantineRequest, QuarantineResponse, Report, RevokeResponse, StatusView, Token, TokenRequest,
+    TokenResponse,
 };
 
 const POLICY: &str = "version: 1
@@ -604,6 +605,58 @@ async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
         first,
         "the old revision's chunks are gone"
     );
+    a.stop();
+    b.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&da);
+    let _ = std::fs::remove_dir_all(&db);
+}
+
+/// Work that must happen once: both controllers see a quarantine end at its time and both try
+/// to remove it; the transaction fenced on the record's revision lets exactly one commit, so
+/// the audit log has one release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_ends_exactly_once_across_controllers() {
+    if !etcd_ok() {
+        return;
+    }
+    let server = Server::start();
+    let (da, db) = (dir("once-a"), dir("once-b"));
+    let (a, admin_a) = controller(&da, &server.spec()).await;
+    let (b, admin_b) = controller(&db, &server.spec()).await;
+    let mut ca = admin_a.client().unwrap().connect().await.unwrap();
+    let mut cb = admin_b.client().unwrap().connect().await.unwrap();
+    let req = PolicyRequest {
+        text: POLICY.into(),
+        source: "p.yaml".into(),
+        base_revision: None,
+    };
+    let _: ApplyResponse = ca.post("/v1/policy/apply", &req).await.unwrap();
+    for round in 0..3 {
+        let q: QuarantineResponse = ca
+            .post(
+                "/v1/nodes/web-1/quarantine",
+                &QuarantineRequest { duration: Some(1) },
+            )
+            .await
+            .unwrap();
+        assert!(q.quarantine.is_some());
+        wait_node(&mut cb, "web-1", |n| n.quarantine.is_some()).await;
+        // Both controllers' sweepers run every second; give them several chances.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        wait_node(&mut ca, "web-1", |n| n.quarantine.is_none()).await;
+        wait_node(&mut cb, "web-1", |n| n.quarantine.is_none()).await;
+        let log: Vec<AuditEntry> = cb.get("/v1/audit").await.unwrap();
+        let releases = log
+            .iter()
+            .filter(|e| e.action == "release" && e.who == "controller")
+            .count();
+        assert_eq!(
+            releases,
+            round + 1,
+            "exactly one release per quarantine: {log:#?}"
+        );
+    }
     a.stop();
     b.stop();
     drop(server);

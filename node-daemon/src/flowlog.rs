@@ -92,9 +92,12 @@ impl FlowLog {
                 self.recent.clear();
             }
         }
-        match self.recent.insert((egress, key), now_ms) {
-            Some(t) if now_ms - t < DEDUP_MS => return,
-            _ => {}
+        // Counted from the attempt's first denial: its retransmits do not extend the window.
+        match self.recent.get(&(egress, key)) {
+            Some(&t) if now_ms - t < DEDUP_MS => return,
+            _ => {
+                self.recent.insert((egress, key), now_ms);
+            }
         }
         self.push(FlowEntry {
             at: now_ms,

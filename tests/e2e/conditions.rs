@@ -34,6 +34,24 @@ rules:
 /// The check's interval, in seconds.
 const INTERVAL: u64 = 2;
 
+/// Starts the controller on `policy`, enrolls web-1 (run with `web_args`) and db-1, waits until
+/// both enforce their allowlists, and starts listeners: db-1 on 5432, web-1 on `web_port`.
+/// Returns the probe program's path.
+fn start_pair(c: &mut Cluster, policy: &str, web_args: &[&str], web_port: &str) -> String {
+    c.start_controller("controller", policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    c.start_daemon_with("web-1", "bulkheadd", Some(&tw), web_args);
+    c.start_daemon("db-1", "bulkheadd", Some(&td));
+    c.converge(&["web-1", "db-1"]);
+    let probe = bin("bh-probe").display().to_string();
+    c.lab
+        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
+    c.lab
+        .spawn("web-1", "listen", &[&probe, "listen", web_port, "120"]);
+    thread::sleep(Duration::from_millis(300));
+    probe
+}
+
 fn posture_of(c: &Cluster, identity: &str) -> serde_json::Value {
     c.nodes()
         .into_iter()
@@ -56,17 +74,7 @@ fn a_posture_check_flipping_stops_and_restarts_the_rule() {
             "posture_checks:\n  edr-running: {{ command: [test, -e, {marker}], interval: {INTERVAL}s }}\n"
         ),
     );
-    c.start_controller("controller", &policy, &[]);
-    let (tw, td) = (c.token("web-1"), c.token("db-1"));
-    c.start_daemon_with("web-1", "bulkheadd", Some(&tw), &["--config", &config]);
-    c.start_daemon("db-1", "bulkheadd", Some(&td));
-    c.converge(&["web-1", "db-1"]);
-    let probe = bin("bh-probe").display().to_string();
-    c.lab
-        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
-    c.lab
-        .spawn("web-1", "listen", &[&probe, "listen", "8080", "120"]);
-    thread::sleep(Duration::from_millis(300));
+    start_pair(&mut c, &policy, &["--config", &config], "8080");
 
     // Passing: the rule holds, and `nodes` says both checks pass.
     assert!(
@@ -189,17 +197,7 @@ fn an_expiring_rule_is_cut_on_time_with_or_without_the_controller() {
     let now = || unix_ms() as u64 / 1000;
     let first = now() + 10;
     let policy = c.files.write("policy.yaml", &expiring_policy(first));
-    c.start_controller("controller", &policy, &[]);
-    let (tw, td) = (c.token("web-1"), c.token("db-1"));
-    c.start_daemon("web-1", "bulkheadd", Some(&tw));
-    c.start_daemon("db-1", "bulkheadd", Some(&td));
-    c.converge(&["web-1", "db-1"]);
-    let probe = bin("bh-probe").display().to_string();
-    c.lab
-        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
-    c.lab
-        .spawn("web-1", "listen", &[&probe, "listen", "8080", "120"]);
-    thread::sleep(Duration::from_millis(300));
+    start_pair(&mut c, &policy, &[], "8080");
     assert!(
         Lab::until(Duration::from_secs(5), || c.connect("web-1", "db-1", 5432)),
         "the rule holds before it expires\n{}",
@@ -276,17 +274,7 @@ fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
     }
     let mut c = Cluster::new(&["web-1", "db-1"]);
     let policy = c.files.write("policy.yaml", QUARANTINE_POLICY);
-    c.start_controller("controller", &policy, &[]);
-    let (tw, td) = (c.token("web-1"), c.token("db-1"));
-    c.start_daemon("web-1", "bulkheadd", Some(&tw));
-    c.start_daemon("db-1", "bulkheadd", Some(&td));
-    c.converge(&["web-1", "db-1"]);
-    let probe = bin("bh-probe").display().to_string();
-    c.lab
-        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
-    c.lab
-        .spawn("web-1", "listen", &[&probe, "listen", "22", "120"]);
-    thread::sleep(Duration::from_millis(300));
+    start_pair(&mut c, &policy, &[], "22");
     assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
     assert!(
         !c.connect("db-1", "web-1", 22),
@@ -391,19 +379,19 @@ fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
         "policy.yaml",
         &QUARANTINE_POLICY.replace("denied_per_minute: 100", "denied_per_minute: 50"),
     );
-    c.start_controller("controller", &policy, &[]);
-    let (tw, td) = (c.token("web-1"), c.token("db-1"));
-    c.start_daemon("web-1", "bulkheadd", Some(&tw));
-    c.start_daemon("db-1", "bulkheadd", Some(&td));
-    c.converge(&["web-1", "db-1"]);
-    let probe = bin("bh-probe").display().to_string();
-    c.lab
-        .spawn("db-1", "listen", &[&probe, "listen", "5432", "120"]);
-    c.lab
-        .spawn("web-1", "listen", &[&probe, "listen", "22", "120"]);
-    thread::sleep(Duration::from_millis(300));
+    let probe = start_pair(&mut c, &policy, &[], "22");
     assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
 
+    // Someone follows the denied flows as they come.
+    let cli = bin("bulkhead").display().to_string();
+    let admin = c.admin();
+    c.lab.spawn(
+        "ctl",
+        "follow",
+        &[
+            &cli, "--config", &admin, "flows", "--denied", "--follow", "-o", "json",
+        ],
+    );
     // web-1 scans 100 closed ports of db-1 while one allowed flow is open.
     c.hold("web-1", "db-1", 5432, 20, "hold-scan");
     thread::sleep(Duration::from_millis(800));
@@ -443,6 +431,18 @@ fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
         "the quarantined-segment rule still works\n{}",
         c.logs()
     );
+
+    // The follower saw them arrive, one JSON object per line.
+    let followed = Lab::until(Duration::from_secs(5), || {
+        c.lab
+            .log("ctl", "follow")
+            .lines()
+            .filter(|l| l.contains("\"verdict\":\"deny\"") && l.contains("\"src\":\"web-1\""))
+            .count()
+            >= 100
+    });
+    c.lab.signal("ctl", "follow", "TERM");
+    assert!(followed, "flows --follow: {}", c.lab.log("ctl", "follow"));
 
     // The flow log shows the scan: one denied new flow per port, from web-1, default deny.
     let denied = c.cli(&["flows", "--denied", "--identity", "web-1", "-o", "json"]);
