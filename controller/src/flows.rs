@@ -115,13 +115,20 @@ impl Controller {
                     .and_then(|m| m.identity(name).map(|i| m.address(i)))
                     .unwrap_or(Ipv4Addr::UNSPECIFIED)
             };
-            let name_of = |addr: Ipv4Addr| {
-                model
-                    .and_then(|m| {
-                        m.identity_ids()
-                            .find(|&i| m.address(i) == addr)
-                            .map(|i| m.identity_name(i).to_string())
+            // Entries without a peer name (not a peer) are named by address: one index per
+            // batch, only if the batch needs it.
+            let mut by_address: Option<HashMap<Ipv4Addr, String>> = None;
+            let mut name_of = |addr: Ipv4Addr| {
+                by_address
+                    .get_or_insert_with(|| {
+                        model.map_or_else(HashMap::new, |m| {
+                            m.identity_ids()
+                                .map(|i| (m.address(i), m.identity_name(i).to_string()))
+                                .collect()
+                        })
                     })
+                    .get(&addr)
+                    .cloned()
                     .unwrap_or_else(|| addr.to_string())
             };
             let threshold = model.and_then(|m| m.policy().quarantine.map(|q| q.denied_per_minute));

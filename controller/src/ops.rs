@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
@@ -170,7 +171,7 @@ impl Controller {
         Ok(PlanResponse {
             base_revision: live.as_ref().map_or(0, |l| l.record.revision),
             plan: plan_between(
-                live.as_deref().map(|l| (&l.model, &l.compiled)),
+                live.as_deref().map(|l| (&*l.model, &l.compiled)),
                 (&cand.model, &cand.compiled),
             ),
         })
@@ -224,7 +225,7 @@ impl Controller {
             });
         }
         let plan = plan_between(
-            old.as_deref().map(|l| (&l.model, &l.compiled)),
+            old.as_deref().map(|l| (&*l.model, &l.compiled)),
             (&cand.model, &cand.compiled),
         );
         let rec = PolicyRecord {
@@ -258,7 +259,7 @@ impl Controller {
         let sha = head.body.clone();
         lock(&self.view).prepared = Some(Live {
             record: rec,
-            model: cand.model,
+            model: Arc::new(cand.model),
             compiled: cand.compiled,
         });
         let summary = plan.summary();

@@ -37,8 +37,8 @@ const KEEPALIVE: u16 = 25;
 pub struct Live {
     /// As stored.
     pub record: PolicyRecord,
-    /// Resolved.
-    pub model: Model,
+    /// Resolved; shared, so that a recompile for new conditions reuses it.
+    pub model: Arc<Model>,
     /// Compiled.
     pub compiled: Compiled,
 }
@@ -182,7 +182,7 @@ impl View {
                     return;
                 };
                 let compiled = Compiled::new(&model, model.state(&self.conditions(&model, now)));
-                (model, compiled)
+                (Arc::new(model), compiled)
             }
         };
         self.install(record, model, compiled);
@@ -192,7 +192,7 @@ impl View {
 
     /// Makes a compiled policy live. An allowlist's revision is the policy revision that last
     /// changed it: an apply that does not touch a node sends it nothing.
-    fn install(&mut self, record: PolicyRecord, model: Model, compiled: Compiled) {
+    fn install(&mut self, record: PolicyRecord, model: Arc<Model>, compiled: Compiled) {
         let old = std::mem::take(&mut self.allowlists);
         self.allowlists = compiled
             .allowlists(&model, record.revision)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bulkhead_controller::records::{BLOBS, PolicyHead, PolicyRecord};
 use bulkhead_controller::{Handle, Settings, start};
+use bulkhead_netlab::TempDir;
 use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok, free_port};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
@@ -28,16 +29,29 @@ rules:
   - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
 ";
 
-fn dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("bh-ha-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A controller on etcd, in this process, with its administrator's config and a connection;
+/// stopped, and its state directory removed, when dropped.
+struct Ctl {
+    url: String,
+    admin: CliConfig,
+    c: bulkhead_proto::Connection,
+    handle: Option<Handle>,
+    _state: TempDir,
 }
 
-async fn controller(state: &std::path::Path, spec: &str) -> (Handle, CliConfig) {
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}
+
+async fn controller(name: &str, spec: &str) -> Ctl {
+    let state = TempDir::new(&format!("ha-{name}"));
     let h = start(Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
-        state: state.to_path_buf(),
+        state: state.path().to_path_buf(),
         store: Some(spec.to_string()),
         policy: None,
         advertise_url: None,
@@ -46,7 +60,14 @@ async fn controller(state: &std::path::Path, spec: &str) -> (Handle, CliConfig) 
     .await
     .unwrap();
     let admin = CliConfig::load(&h.admin).unwrap();
-    (h, admin)
+    let c = admin.client().unwrap().connect().await.unwrap();
+    Ctl {
+        url: h.url.clone(),
+        admin,
+        c,
+        handle: Some(h),
+        _state: state,
+    }
 }
 
 async fn token(c: &mut bulkhead_proto::Connection, identity: &str) -> String {
@@ -102,15 +123,12 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         return;
     }
     let server = Server::start();
-    let (da, db) = (dir("a"), dir("b"));
-    let (a, admin_a) = controller(&da, &server.spec()).await;
-    let (b, admin_b) = controller(&db, &server.spec()).await;
+    let mut a = controller("a", &server.spec()).await;
+    let mut b = controller("b", &server.spec()).await;
     // One CA: the second controller found the first one's; each wrote a working admin.yaml.
-    assert_eq!(admin_a.ca, admin_b.ca);
-    let mut ca = admin_a.client().unwrap().connect().await.unwrap();
-    let mut cb = admin_b.client().unwrap().connect().await.unwrap();
+    assert_eq!(a.admin.ca, b.admin.ca);
     // Status: both controllers registered, the etcd member healthy.
-    let st: StatusView = ca.get("/v1/status").await.unwrap();
+    let st: StatusView = a.c.get("/v1/status").await.unwrap();
     assert_eq!(st.controllers.len(), 2, "{:?}", st.controllers);
     assert!(st.controllers.contains(&a.url) && st.controllers.contains(&b.url));
     assert_eq!(st.store_health.len(), 1);
@@ -121,7 +139,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     );
 
     // A node enrolled through A streams from B; a policy applied through A reaches it.
-    let tok = token(&mut ca, "web-1").await;
+    let tok = token(&mut a.c, "web-1").await;
     let web = node_client(&tok, &b.url).await;
     let mut wconn = web.connect().await.unwrap();
     let mut s = wconn.stream("/v1/node/stream").await.unwrap();
@@ -133,8 +151,8 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         matches!(first, Some(NodeMessage::NoPolicy { .. })),
         "{first:?}"
     );
-    let applied: ApplyResponse = ca
-        .post(
+    let applied: ApplyResponse =
+        a.c.post(
             "/v1/policy/apply",
             &PolicyRequest {
                 text: POLICY.into(),
@@ -161,7 +179,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         "apply through A -> config on B's stream: {:?}",
         t0.elapsed()
     );
-    let p: PolicyView = cb.get("/v1/policy").await.unwrap();
+    let p: PolicyView = b.c.get("/v1/policy").await.unwrap();
     assert_eq!(p.revision, 1, "B serves the policy A applied");
 
     // Presence is shared: the node streams from B and reports there; A shows it online, with
@@ -176,12 +194,12 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         facts: Default::default(),
     };
     let _: serde_json::Value = wconn.post("/v1/node/report", &report).await.unwrap();
-    let seen_on_a = wait_node(&mut ca, "web-1", |n| n.online && n.in_sync).await;
+    let seen_on_a = wait_node(&mut a.c, "web-1", |n| n.online && n.in_sync).await;
     assert_eq!(seen_on_a.revision, Some(1), "{seen_on_a:?}");
     assert!(seen_on_a.status.as_deref() == Some("ok"), "{seen_on_a:?}");
 
     // 100 concurrent joins with one token, spread over both controllers: exactly one wins.
-    let tok = token(&mut cb, "db-1").await;
+    let tok = token(&mut b.c, "db-1").await;
     let t = Token::decode(&tok).unwrap();
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -223,10 +241,10 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     let mut dconn = db_client.connect().await.unwrap();
     let mut ds = dconn.stream("/v1/node/stream").await.unwrap();
     let _ = ds.next::<NodeMessage>().await.unwrap();
-    wait_node(&mut cb, "db-1", |n| n.online).await;
+    wait_node(&mut b.c, "db-1", |n| n.online).await;
     drop(ds);
     drop(dconn);
-    let gone = wait_node(&mut cb, "db-1", |n| !n.online).await;
+    let gone = wait_node(&mut b.c, "db-1", |n| !n.online).await;
     assert!(gone.last_seen.is_some(), "{gone:?}");
 
     // web-1 is sent db-1's key (the race's winner): take what is pending.
@@ -244,9 +262,9 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         .unwrap();
     raw.put("/bulkhead/policy", "garbage", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let nodes: Vec<NodeView> = cb.get("/v1/nodes").await.unwrap();
+    let nodes: Vec<NodeView> = b.c.get("/v1/nodes").await.unwrap();
     assert!(!nodes.iter().any(|n| n.identity == "evil"), "{nodes:?}");
-    let p: PolicyView = ca.get("/v1/policy").await.unwrap();
+    let p: PolicyView = a.c.get("/v1/policy").await.unwrap();
     assert_eq!(p.revision, 1, "the live policy stays");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), s.next::<NodeMessage>())
@@ -258,7 +276,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
     raw.delete("/bulkhead/nodes/evil", None).await.unwrap();
 
     // Revocation through B ends the node's stream.
-    let r: RevokeResponse = cb.post("/v1/nodes/web-1/revoke", &()).await.unwrap();
+    let r: RevokeResponse = b.c.post("/v1/nodes/web-1/revoke", &()).await.unwrap();
     assert!(r.was_enrolled);
     let end = tokio::time::timeout(Duration::from_secs(10), s.next::<NodeMessage>())
         .await
@@ -272,16 +290,11 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         source: "p.yaml".into(),
         base_revision: None,
     };
-    let e = cb
-        .post::<_, ApplyResponse>("/v1/policy/apply", &stored)
-        .await
-        .unwrap_err();
+    let e =
+        b.c.post::<_, ApplyResponse>("/v1/policy/apply", &stored)
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Some("internal"), "{e}");
-    a.stop();
-    b.stop();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&da);
-    let _ = std::fs::remove_dir_all(&db);
 }
 
 /// The etcd leader is killed in the middle of a stream of applies. Every apply that succeeded
@@ -296,11 +309,9 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
         return;
     }
     let mut cluster = bulkhead_netlab::etcd::EtcdCluster::start();
-    let d = dir("leader");
-    let (h, admin) = controller(&d, &cluster.spec()).await;
-    let client = admin.client().unwrap();
-    let mut c = client.connect().await.unwrap();
-    let tok = token(&mut c, "web-1").await;
+    let mut h = controller("leader", &cluster.spec()).await;
+    let client = h.admin.client().unwrap();
+    let tok = token(&mut h.c, "web-1").await;
     let web = node_client(&tok, &h.url).await;
     // What the node is served, per revision: must never be two different contents.
     let served: Arc<Mutex<BTreeMap<u64, String>>> = Arc::default();
@@ -354,7 +365,7 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match c.post::<_, ApplyResponse>("/v1/policy/apply", &req).await {
+            match h.c.post::<_, ApplyResponse>("/v1/policy/apply", &req).await {
                 Ok(r) => {
                     applied.push((r.revision, text));
                     break;
@@ -368,7 +379,7 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
                     );
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     if let Ok(fresh) = client.connect().await {
-                        c = fresh;
+                        h.c = fresh;
                     }
                 }
             }
@@ -457,8 +468,6 @@ async fn killing_the_etcd_leader_during_applies_loses_nothing() {
         clash.lock().unwrap()
     );
     node.abort();
-    h.stop();
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// Kills the process when dropped, so a failing test leaves nothing running.
@@ -479,8 +488,8 @@ fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
         return;
     }
     let addr = format!("127.0.0.1:{}", free_port());
-    let d = dir("late");
-    std::fs::create_dir_all(&d).unwrap();
+    let dir = TempDir::new("ha-late");
+    let d = dir.path();
     let log = d.join("controller.log");
     let mut ctl = Reap(
         std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-controller"))
@@ -536,7 +545,6 @@ fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
     assert!(st.store_health[0].1.starts_with("ok"), "{st:?}");
     drop(ctl);
     drop(server);
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// A policy larger than etcd's 1.5 MiB request limit is stored as chunks of 64 KiB; a
@@ -547,9 +555,7 @@ async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
         return;
     }
     let server = Server::start();
-    let (da, db) = (dir("big-a"), dir("big-b"));
-    let (a, admin_a) = controller(&da, &server.spec()).await;
-    let mut ca = admin_a.client().unwrap().connect().await.unwrap();
+    let mut a = controller("big-a", &server.spec()).await;
     let big = |port: u32| {
         let mut t = POLICY.replace("5432", &port.to_string());
         for i in 0..48_000 {
@@ -564,12 +570,11 @@ async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
         source: "big.yaml".into(),
         base_revision: None,
     };
-    let r: ApplyResponse = ca.post("/v1/policy/apply", &req(&text)).await.unwrap();
+    let r: ApplyResponse = a.c.post("/v1/policy/apply", &req(&text)).await.unwrap();
     assert_eq!(r.revision, 1);
 
-    let (b, admin_b) = controller(&db, &server.spec()).await;
-    let mut cb = admin_b.client().unwrap().connect().await.unwrap();
-    let p: PolicyView = cb.get("/v1/policy").await.unwrap();
+    let mut b = controller("big-b", &server.spec()).await;
+    let p: PolicyView = b.c.get("/v1/policy").await.unwrap();
     assert_eq!((p.revision, p.text == text), (1, true));
 
     let mut raw = etcd_client::Client::connect([server.addr.as_str()], None)
@@ -596,20 +601,15 @@ async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
     assert!(first >= 32, "{first} chunks");
     // A second large apply through B: A serves it, and only its chunks remain.
     let text2 = big(7001);
-    let r: ApplyResponse = cb.post("/v1/policy/apply", &req(&text2)).await.unwrap();
+    let r: ApplyResponse = b.c.post("/v1/policy/apply", &req(&text2)).await.unwrap();
     assert_eq!(r.revision, 2);
-    let p: PolicyView = ca.get("/v1/policy").await.unwrap();
+    let p: PolicyView = a.c.get("/v1/policy").await.unwrap();
     assert_eq!((p.revision, p.text == text2), (2, true));
     assert_eq!(
         blobs(&mut raw).await,
         first,
         "the old revision's chunks are gone"
     );
-    a.stop();
-    b.stop();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&da);
-    let _ = std::fs::remove_dir_all(&db);
 }
 
 /// Work that must happen once: both controllers see a quarantine end at its time and both try
@@ -621,32 +621,29 @@ async fn a_quarantine_ends_exactly_once_across_controllers() {
         return;
     }
     let server = Server::start();
-    let (da, db) = (dir("once-a"), dir("once-b"));
-    let (a, admin_a) = controller(&da, &server.spec()).await;
-    let (b, admin_b) = controller(&db, &server.spec()).await;
-    let mut ca = admin_a.client().unwrap().connect().await.unwrap();
-    let mut cb = admin_b.client().unwrap().connect().await.unwrap();
+    let mut a = controller("once-a", &server.spec()).await;
+    let mut b = controller("once-b", &server.spec()).await;
     let req = PolicyRequest {
         text: POLICY.into(),
         source: "p.yaml".into(),
         base_revision: None,
     };
-    let _: ApplyResponse = ca.post("/v1/policy/apply", &req).await.unwrap();
+    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
     for round in 0..3 {
-        let q: QuarantineResponse = ca
-            .post(
+        let q: QuarantineResponse =
+            a.c.post(
                 "/v1/nodes/web-1/quarantine",
                 &QuarantineRequest { duration: Some(1) },
             )
             .await
             .unwrap();
         assert!(q.quarantine.is_some());
-        wait_node(&mut cb, "web-1", |n| n.quarantine.is_some()).await;
+        wait_node(&mut b.c, "web-1", |n| n.quarantine.is_some()).await;
         // Both controllers' sweepers run every second; give them several chances.
         tokio::time::sleep(Duration::from_millis(3500)).await;
-        wait_node(&mut ca, "web-1", |n| n.quarantine.is_none()).await;
-        wait_node(&mut cb, "web-1", |n| n.quarantine.is_none()).await;
-        let log: Vec<AuditEntry> = cb.get("/v1/audit").await.unwrap();
+        wait_node(&mut a.c, "web-1", |n| n.quarantine.is_none()).await;
+        wait_node(&mut b.c, "web-1", |n| n.quarantine.is_none()).await;
+        let log: Vec<AuditEntry> = b.c.get("/v1/audit").await.unwrap();
         let releases = log
             .iter()
             .filter(|e| e.action == "release" && e.who == "controller")
@@ -657,9 +654,4 @@ async fn a_quarantine_ends_exactly_once_across_controllers() {
             "exactly one release per quarantine: {log:#?}"
         );
     }
-    a.stop();
-    b.stop();
-    drop(server);
-    let _ = std::fs::remove_dir_all(&da);
-    let _ = std::fs::remove_dir_all(&db);
 }

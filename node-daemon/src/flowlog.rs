@@ -153,28 +153,20 @@ mod tests {
     #[test]
     fn denials_count_new_flows_once_and_the_buffer_stays_bounded() {
         let mut l = FlowLog::default();
-        l.dropped(
-            0,
-            true,
-            &DropReason::NotAllowed,
-            Some(key(22)),
-            Some("db-1"),
-        );
+        // web-1's SYN to db-1:22, refused by its own egress filter, at `at` ms.
+        let syn = |l: &mut FlowLog, at: i64| {
+            l.dropped(
+                at,
+                true,
+                &DropReason::NotAllowed,
+                Some(key(22)),
+                Some("db-1"),
+            );
+        };
+        syn(&mut l, 0);
         // The SYN's retransmits are the same attempt.
-        l.dropped(
-            1000,
-            true,
-            &DropReason::NotAllowed,
-            Some(key(22)),
-            Some("db-1"),
-        );
-        l.dropped(
-            3000,
-            true,
-            &DropReason::NotAllowed,
-            Some(key(22)),
-            Some("db-1"),
-        );
+        syn(&mut l, 1000);
+        syn(&mut l, 3000);
         // Replies without a flow, broken packets: not flows.
         l.dropped(
             3000,
@@ -186,13 +178,7 @@ mod tests {
         l.dropped(3000, false, &DropReason::Tunnel, None, None);
         assert_eq!(l.len(), 1);
         // After the window it is a new attempt.
-        l.dropped(
-            61_000,
-            true,
-            &DropReason::NotAllowed,
-            Some(key(22)),
-            Some("db-1"),
-        );
+        syn(&mut l, 61_000);
         l.started(61_001, Initiator::Local, key(5432), "db-1", "web-to-db");
         let (got, dropped) = l.take(10);
         assert_eq!(dropped, 0);

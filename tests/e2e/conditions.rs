@@ -9,19 +9,11 @@
 use std::thread;
 use std::time::Duration;
 
-use bulkhead_e2e::cluster::{Cluster, unix_ms};
+use bulkhead_e2e::cluster::{Cluster, unix_ms, web_db_policy};
 use bulkhead_e2e::netns::Lab;
 use bulkhead_e2e::{bin, netns_ok};
 
-const POLICY: &str = "version: 1
-network: { name: cond, cidr: 10.201.0.0/16 }
-identities:
-  web-1: { labels: { tier: web } }
-  db-1: { labels: { tier: db } }
-segments:
-  web: { match: { tier: web } }
-  db: { match: { tier: db } }
-posture:
+const POSTURE_RULES: &str = "posture:
   edr:
     check.edr-running: true
   modern:
@@ -66,7 +58,10 @@ fn a_posture_check_flipping_stops_and_restarts_the_rule() {
         return;
     }
     let mut c = Cluster::new(&["web-1", "db-1"]);
-    let policy = c.files.write("policy.yaml", POLICY);
+    let policy = c.files.write(
+        "policy.yaml",
+        &web_db_policy("cond", "10.201.0.0/16", POSTURE_RULES),
+    );
     let marker = c.files.write("edr-running", "");
     let config = c.files.write(
         "bulkheadd.yaml",
@@ -161,21 +156,14 @@ fn rfc3339(unix: u64) -> String {
 }
 
 fn expiring_policy(expires: u64) -> String {
-    format!(
-        "version: 1
-network: {{ name: exp, cidr: 10.202.0.0/16 }}
-identities:
-  web-1: {{ labels: {{ tier: web }} }}
-  db-1: {{ labels: {{ tier: db }} }}
-segments:
-  web: {{ match: {{ tier: web }} }}
-  db: {{ match: {{ tier: db }} }}
-rules:
+    let rules = format!(
+        "rules:
   - {{ name: temp-access, from: [web], to: [db], ports: [tcp/5432], expires: {} }}
   - {{ name: db-to-web, from: [db], to: [web], ports: [tcp/8080] }}
 ",
         rfc3339(expires)
-    )
+    );
+    web_db_policy("exp", "10.202.0.0/16", &rules)
 }
 
 /// Holds web-1 → db-1:5432 across `expires` and returns how long after it the flow broke (ms).
@@ -253,15 +241,7 @@ fn an_expiring_rule_is_cut_on_time_with_or_without_the_controller() {
     assert!(!c.connect("web-1", "db-1", 5432));
 }
 
-const QUARANTINE_POLICY: &str = "version: 1
-network: { name: q, cidr: 10.203.0.0/16 }
-identities:
-  web-1: { labels: { tier: web } }
-  db-1: { labels: { tier: db } }
-segments:
-  web: { match: { tier: web } }
-  db: { match: { tier: db } }
-rules:
+const QUARANTINE_RULES: &str = "rules:
   - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
   - { name: forensics, from: [db], to: [quarantined], ports: [tcp/22] }
 quarantine: { denied_per_minute: 100, duration: 15m }
@@ -273,7 +253,10 @@ fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
         return;
     }
     let mut c = Cluster::new(&["web-1", "db-1"]);
-    let policy = c.files.write("policy.yaml", QUARANTINE_POLICY);
+    let policy = c.files.write(
+        "policy.yaml",
+        &web_db_policy("q", "10.203.0.0/16", QUARANTINE_RULES),
+    );
     start_pair(&mut c, &policy, &[], "22");
     assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
     assert!(
@@ -377,7 +360,8 @@ fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
     let mut c = Cluster::new(&["web-1", "db-1"]);
     let policy = c.files.write(
         "policy.yaml",
-        &QUARANTINE_POLICY.replace("denied_per_minute: 100", "denied_per_minute: 50"),
+        &web_db_policy("q", "10.203.0.0/16", QUARANTINE_RULES)
+            .replace("denied_per_minute: 100", "denied_per_minute: 50"),
     );
     let probe = start_pair(&mut c, &policy, &[], "22");
     assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());

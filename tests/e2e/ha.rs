@@ -5,19 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::cluster::{CTL, Cluster};
+use bulkhead_e2e::cluster::{CTL, Cluster, web_db_policy};
 use bulkhead_e2e::netns::{Lab, etcd};
 use bulkhead_e2e::{Run, bin, netns_ok};
 
-const POLICY: &str = "version: 1
-network: { name: ha, cidr: 10.202.0.0/16 }
-identities:
-  web-1: { labels: { tier: web } }
-  db-1: { labels: { tier: db } }
-segments:
-  web: { match: { tier: web } }
-  db: { match: { tier: db } }
-rules:
+const RULES: &str = "rules:
   - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
 ";
 
@@ -34,10 +26,11 @@ fn daemons_fail_over_and_changes_still_reach_them() {
     let mut hosts = vec!["ctl2"];
     hosts.extend(NODES);
     let mut c = Cluster::new(&hosts);
-    let policy = c.files.write("policy.yaml", POLICY);
+    let text = web_db_policy("ha", "10.202.0.0/16", RULES);
+    let policy = c.files.write("policy.yaml", &text);
     let closed = c.files.write(
         "closed.yaml",
-        &POLICY.replace(
+        &text.replace(
             "  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }\n",
             "",
         ),

@@ -10,6 +10,22 @@ use crate::{Run, TempDir, bin, run};
 /// The controller's underlay address (the lab's first host).
 pub const CTL: &str = "198.18.0.1";
 
+/// A policy for two-node labs: `web-1` in segment `web`, `db-1` in segment `db`, on `cidr`,
+/// followed by `rest` (its rules, and posture or quarantine blocks).
+pub fn web_db_policy(name: &str, cidr: &str, rest: &str) -> String {
+    format!(
+        "version: 1
+network: {{ name: {name}, cidr: {cidr} }}
+identities:
+  web-1: {{ labels: {{ tier: web }} }}
+  db-1: {{ labels: {{ tier: db }} }}
+segments:
+  web: {{ match: {{ tier: web }} }}
+  db: {{ match: {{ tier: db }} }}
+{rest}"
+    )
+}
+
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u128 {
     std::time::SystemTime::now()
