@@ -164,6 +164,9 @@ mod tests {
                 tx_bytes: 10,
                 rx_bytes: 20,
                 keepalive: None,
+                sent: Default::default(),
+                received: Default::default(),
+                handshakes: 1,
             }],
         };
         let now = UNIX_EPOCH + Duration::from_secs(1000);

@@ -27,7 +27,8 @@ pub mod packet;
 pub use conntrack::{FlowKey, Initiator};
 pub use keys::{Key, generate_private_key, public_key};
 pub use node::{
-    ApplyReport, Config, Counters, DropReason, Event, Node, Now, PeerInfo, PeerStatus, Sink,
+    ApplyReport, Config, Counters, Direction, DropReason, Event, Node, Now, PeerInfo, PeerStatus,
+    Sink, Traffic,
 };
 
 /// Whether this build skips the filter (the `unfiltered` benchmark feature).

@@ -145,11 +145,30 @@ pub trait Sink {
     fn event(&mut self, _event: Event<'_>) {}
 }
 
+/// Which way a packet was going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// From this node (read from TUN), before encryption.
+    Egress,
+    /// To this node (from a tunnel), after decryption.
+    Ingress,
+}
+
+impl Direction {
+    /// `egress` or `ingress`, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
 /// Counters of dropped packets, by reason and by deciding deny rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Drops by [`DropReason::reason`].
-    pub dropped: BTreeMap<&'static str, u64>,
+    /// Drops by direction and [`DropReason::reason`].
+    pub dropped: BTreeMap<(Direction, &'static str), u64>,
     /// Drops by the deny rule that decided them.
     pub denied_by_rule: BTreeMap<String, u64>,
     /// Flows admitted.
@@ -169,12 +188,34 @@ pub struct PeerStatus {
     pub endpoint: Option<SocketAddr>,
     /// Time since the last handshake.
     pub since_handshake: Option<Duration>,
-    /// Payload bytes sent.
+    /// Payload bytes sent, as WireGuard counts them (for `wg show`).
     pub tx_bytes: u64,
-    /// Payload bytes received.
+    /// Payload bytes received, as WireGuard counts them.
     pub rx_bytes: u64,
     /// Persistent keepalive, in seconds.
     pub keepalive: Option<u16>,
+    /// Packets that passed the egress filter into this peer's tunnel, and their bytes.
+    pub sent: Traffic,
+    /// Packets decrypted from this peer's tunnel (before the ingress filter), and their bytes.
+    pub received: Traffic,
+    /// Handshakes completed with this peer (initiated or answered).
+    pub handshakes: u64,
+}
+
+/// Packets and their bytes (whole IP packets, before encryption or after decryption).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl Traffic {
+    fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
 }
 
 /// What applying a configuration changed.
@@ -204,6 +245,9 @@ struct PeerState {
     /// restarted thus tells its peers at once, instead of waiting for their session to time
     /// out before they notice (WireGuard's ~15 s).
     greet: bool,
+    sent: Traffic,
+    received: Traffic,
+    handshakes: u64,
 }
 
 /// One identity's data plane.
@@ -299,6 +343,9 @@ impl Node {
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
                     keepalive: p.tunn.persistent_keepalive(),
+                    sent: p.sent,
+                    received: p.received,
+                    handshakes: p.handshakes,
                 }
             })
             .collect()
@@ -354,6 +401,9 @@ impl Node {
                         index,
                         entry,
                         greet: true,
+                        sent: Traffic::default(),
+                        received: Traffic::default(),
+                        handshakes: 0,
                     }
                 }
             };
@@ -436,7 +486,16 @@ impl Node {
         peer: Option<usize>,
         sink: &mut impl Sink,
     ) {
-        *self.counters.dropped.entry(why.reason()).or_default() += 1;
+        let direction = if egress {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
+        *self
+            .counters
+            .dropped
+            .entry((direction, why.reason()))
+            .or_default() += 1;
         if let DropReason::DeniedByRule(r) = &why {
             *self.counters.denied_by_rule.entry(r.clone()).or_default() += 1;
         }
@@ -548,9 +607,12 @@ impl Node {
             );
         };
         match peer.tunn.encapsulate(pkt, &mut self.buf) {
-            TunnResult::WriteToNetwork(out) => sink.to_network(to, out),
+            TunnResult::WriteToNetwork(out) => {
+                peer.sent.add(pkt.len());
+                sink.to_network(to, out)
+            }
             TunnResult::Err(_) => self.drop(true, DropReason::Tunnel, None, Some(i), sink),
-            _ => {}
+            _ => peer.sent.add(pkt.len()),
         }
     }
 
@@ -571,6 +633,10 @@ impl Node {
             Err(TunnResult::WriteToNetwork(reply)) => return sink.to_network(from, reply),
             Err(_) => return self.drop(false, DropReason::Tunnel, None, None, sink),
         };
+        let handshake = matches!(
+            packet,
+            WgPacket::HandshakeInit(_) | WgPacket::HandshakeResponse(_)
+        );
         let peer = match packet {
             WgPacket::HandshakeInit(ref init) => {
                 parse_handshake_anon(&self.secret, &self.public, init)
@@ -592,17 +658,20 @@ impl Node {
             match peer.tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
                 TunnResult::WriteToNetwork(out) => {
                     peer.endpoint = Some(from);
+                    peer.handshakes += u64::from(handshake);
                     sink.to_network(from, out);
                     flush = true;
                     None
                 }
                 TunnResult::WriteToTunnelV4(out, src) => {
                     peer.endpoint = Some(from);
+                    peer.received.add(out.len());
                     Some(Ok((out.len(), src)))
                 }
                 TunnResult::WriteToTunnelV6(..) => Some(Err(DropReason::Ipv6)),
                 TunnResult::Done => {
                     peer.endpoint = Some(from);
+                    peer.handshakes += u64::from(handshake);
                     None
                 }
                 TunnResult::Err(_) => Some(Err(DropReason::Tunnel)),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::packet::{build, icmp, tcp};
 use bulkhead_dataplane::{
-    Config, Event, Key, Node, Now, PeerInfo, Sink, generate_private_key, public_key,
+    Config, Direction, Event, Key, Node, Now, PeerInfo, Sink, generate_private_key, public_key,
 };
 use bulkhead_policy::{Compiled, Conditions};
 
@@ -241,6 +241,36 @@ fn an_allowed_tcp_connection_flows_both_ways_after_a_handshake() {
     assert!(w.take_dropped("db").is_empty());
     let flows = &w.hosts[w.idx("db")].flows;
     assert_eq!(flows, &vec!["web-db".to_string()]);
+    // Per-peer counters: web sent db two packets and got one back, over one handshake.
+    let syn = build::tcp(web, db, 40000, 5432, tcp::SYN).len() as u64;
+    let web_peers = w.hosts[w.idx("web")].node.peers();
+    let to_db = web_peers
+        .iter()
+        .find(|p| p.name == "db")
+        .expect("db is a peer");
+    assert_eq!((to_db.sent.packets, to_db.received.packets), (2, 1));
+    assert_eq!(to_db.sent.bytes, 2 * syn);
+    assert_eq!(to_db.handshakes, 1);
+    let db_peers = w.hosts[w.idx("db")].node.peers();
+    let from_web = db_peers
+        .iter()
+        .find(|p| p.name == "web")
+        .expect("web is a peer");
+    assert_eq!((from_web.sent.packets, from_web.received.packets), (1, 2));
+    assert_eq!(from_web.handshakes, 1);
+    // A denied packet is counted as a drop, never as traffic.
+    w.send("web", &build::tcp(web, db, 40002, 6379, tcp::SYN));
+    assert_eq!(w.take_dropped("web"), vec!["not_allowed"]);
+    let c = w.hosts[w.idx("web")].node.counters();
+    assert_eq!(c.dropped.get(&(Direction::Egress, "not_allowed")), Some(&1));
+    let web_peers = w.hosts[w.idx("web")].node.peers();
+    assert_eq!(
+        web_peers
+            .iter()
+            .find(|p| p.name == "db")
+            .map(|p| p.sent.packets),
+        Some(2)
+    );
 }
 
 #[test]
@@ -475,7 +505,10 @@ fn garbage_never_panics_and_is_counted() {
     let c = w.hosts[i].node.counters();
     let total: u64 = c.dropped.values().sum();
     assert_eq!(total as usize, inputs.len() * 2, "{:?}", c.dropped);
-    assert!(c.dropped.contains_key("wrong_source"));
-    assert!(c.dropped.contains_key("ipv6"));
-    assert!(c.dropped.contains_key("truncated"));
+    let has = |d: Direction, r: &str| c.dropped.contains_key(&(d, r));
+    assert!(has(Direction::Egress, "wrong_source"));
+    assert!(has(Direction::Egress, "ipv6"));
+    assert!(has(Direction::Egress, "truncated"));
+    // The same garbage arriving through a tunnel is counted as ingress.
+    assert!(c.dropped.keys().any(|(d, _)| *d == Direction::Ingress));
 }
