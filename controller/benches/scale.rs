@@ -72,6 +72,7 @@ fn controller_process() {
             policy: None,
             advertise_url: None,
             flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+            metrics: None,
         })
         .await
         .unwrap();

@@ -374,10 +374,17 @@ impl Online {
 impl Drop for Online {
     fn drop(&mut self) {
         self.c.presence.disconnected(&self.identity);
+        self.c.metrics.gone(&self.identity);
     }
 }
 
-fn line(m: &NodeMessage) -> Result<Bytes, Infallible> {
+/// One message of a node's stream, counted as a push.
+fn push(online: &Online, m: &NodeMessage) -> Result<Bytes, Infallible> {
+    let revision = match m {
+        NodeMessage::Config(cfg) => Some(cfg.allowlist.revision),
+        _ => None,
+    };
+    online.c.metrics.pushed(&online.identity, revision);
     let mut v = serde_json::to_vec(m).unwrap_or_default();
     v.push(b'\n');
     Ok(Bytes::from(v))
@@ -415,7 +422,7 @@ async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
         if st.first {
             st.first = false;
             let m = st.rx.borrow_and_update().clone();
-            return Some((line(&m), st));
+            return Some((push(&st.online, &m), st));
         }
         loop {
             tokio::select! {
@@ -424,7 +431,7 @@ async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
                         return None;
                     }
                     let m = st.rx.borrow_and_update().clone();
-                    return Some((line(&m), st));
+                    return Some((push(&st.online, &m), st));
                 }
                 r = st.creds.changed() => {
                     let valid = lock(&st.online.c.view).creds.contains_key(&st.fp);

@@ -36,7 +36,7 @@ pub struct Flows {
     denials: Mutex<HashMap<String, VecDeque<i64>>>,
     /// New flows for followers.
     pub live: broadcast::Sender<FlowView>,
-    /// Entries nodes dropped (their buffers full), and entries the ring let go.
+    /// Entries nodes dropped because their buffers were full (reported in their batches).
     pub dropped_by_nodes: std::sync::atomic::AtomicU64,
 }
 
@@ -60,6 +60,16 @@ impl Flows {
         r.push_back(f.clone());
         drop(r);
         let _ = self.live.send(f);
+    }
+
+    /// Flows kept now.
+    pub fn len(&self) -> usize {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none are kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The last `limit` flows that `keep` selects, oldest first.

@@ -7,6 +7,7 @@
 //! - [`api`]: TLS, authentication, HTTP routes.
 //! - [`flows`]: the flow log and automatic quarantine.
 //! - [`presence`]: which nodes are connected where, shared through the store.
+//! - [`metrics`]: what `--metrics` exposes to Prometheus.
 //! - [`pki`]: the CA and the administrator's credential, at first start.
 //!
 //! [`start`] runs a controller inside the current tokio runtime (the binary, and in-process
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod flows;
+pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod presence;
@@ -46,6 +48,8 @@ pub struct Settings {
     pub advertise_url: Option<String>,
     /// Flows kept in memory for `bulkhead flows`.
     pub flow_history: usize,
+    /// `--metrics ADDR:PORT`: serve Prometheus metrics there.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running controller's shared state.
@@ -64,6 +68,8 @@ pub struct Controller {
     pub(crate) presence: presence::Tracker,
     /// The store revision the view has caught up with.
     pub(crate) applied: watch::Receiver<bulkhead_store::Revision>,
+    /// Counted events, for `--metrics`.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Controller {
@@ -149,6 +155,14 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match s.metrics {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("--metrics: cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
     let url = s.advertise_url.clone().unwrap_or_else(|| default_url(addr));
     let host = url_host(&url)
         .with_context(|| format!("--advertise-url {url:?}: expected https://HOST:PORT"))?;
@@ -179,6 +193,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         presence: presence::Tracker::new(&url),
         flows: flows::Flows::new(s.flow_history),
         applied: applied.clone(),
+        metrics: metrics::Metrics::default(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
     // Serve only once the view holds the store's state: never answer from an empty view.
@@ -190,6 +205,17 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         tls,
         api::router(controller.clone()),
     )));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+        let c = controller.clone();
+        tasks.push(tokio::spawn(bulkhead_proto::metrics::serve(
+            listener,
+            move || {
+                let c = c.clone();
+                async move { Some(c.metrics.registry(&c)) }
+            },
+        )));
+    }
     if let Some(path) = s.policy.clone() {
         tasks.push(tokio::spawn(follow_policy_file(controller.clone(), path)));
     }

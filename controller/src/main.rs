@@ -28,6 +28,9 @@ struct Cli {
     /// Flows kept in memory for `bulkhead flows` (the oldest go first).
     #[arg(long, default_value_t = bulkhead_controller::flows::DEFAULT_HISTORY, value_name = "N")]
     flow_history: usize,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policy: cli.policy,
             advertise_url: cli.advertise_url,
             flow_history: cli.flow_history,
+            metrics: cli.metrics,
         })
         .await?;
         eprintln!(

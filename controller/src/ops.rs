@@ -531,6 +531,7 @@ impl Controller {
             .endpoint
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
         self.presence.reported(identity, &r);
+        self.metrics.reported(identity, r.revision);
         let moved = lock(&self.view).endpoints.get(identity) != Some(&endpoint);
         if moved {
             bulkhead_store::put(
@@ -626,6 +627,7 @@ impl Controller {
             return Err(changed_meanwhile());
         }
         tracing::warn!(identity, by, reason, until = ?q.until, "quarantined");
+        self.metrics.quarantined(by == "controller");
         Ok(QuarantineResponse {
             identity: identity.to_string(),
             quarantine: Some(q),

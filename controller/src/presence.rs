@@ -99,6 +99,12 @@ impl Tracker {
         }
     }
 
+    /// Nodes with a stream open here.
+    pub fn streams(&self) -> usize {
+        let m = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().filter(|l| l.streams > 0).count()
+    }
+
     /// A stream opened.
     pub fn connected(&self, identity: &str) {
         self.edit(identity, |l, now| {

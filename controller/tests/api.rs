@@ -34,6 +34,7 @@ fn settings(dir: &std::path::Path) -> Settings {
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+        metrics: None,
     }
 }
 

@@ -56,6 +56,7 @@ async fn controller(name: &str, spec: &str) -> Ctl {
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+        metrics: None,
     })
     .await
     .unwrap();

@@ -10,10 +10,11 @@ use anyhow::Context;
 use bulkhead_dataplane::{Config, Event, Node, Now, Sink};
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::flowlog::FlowLog;
 use crate::link::{self, Applied, Update};
+use crate::metrics::Snapshot;
 use crate::state::{Enrollment, StateDir};
 use crate::tun::Interface;
 use crate::uapi;
@@ -35,6 +36,8 @@ pub struct Settings {
     pub flow_capacity: usize,
     /// `--config`: posture checks.
     pub config: crate::posture::DaemonConfig,
+    /// `--metrics ADDR:PORT`: serve Prometheus metrics there.
+    pub metrics: Option<SocketAddr>,
 }
 
 fn now() -> Now {
@@ -292,6 +295,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         }
     };
 
+    let metrics = match s.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+
     let mut tun = Interface::create(&s.interface).await?;
     let udp = Udp::new(
         UdpSocket::bind(("0.0.0.0", s.listen_port))
@@ -301,6 +313,22 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let (uapi_tx, mut uapi_rx) = mpsc::channel(16);
     let socket = uapi::serve(&s.interface, uapi_tx)?;
     let _cleanup = RemoveOnDrop(socket);
+
+    // Scrapes ask the loop for a snapshot, as the UAPI socket does; without --metrics the
+    // sender stays here and nothing ever asks.
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(4);
+    if let Some(listener) = metrics {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics");
+        let tx = metrics_tx.clone();
+        tokio::spawn(bulkhead_proto::metrics::serve(listener, move || {
+            let tx = tx.clone();
+            async move {
+                let (reply, rx) = oneshot::channel();
+                tx.send(reply).await.ok()?;
+                Some(crate::metrics::registry(&rx.await.ok()?))
+            }
+        }));
+    }
 
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(Applied::default());
     let flows = Arc::new(Mutex::new(FlowLog::default()));
@@ -406,6 +434,21 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 };
                 let _ = reply.send(uapi::format_get(&snap, SystemTime::now()));
             }
+            Some(reply) = metrics_rx.recv() => {
+                let log = out.flows.lock().unwrap_or_else(|p| p.into_inner());
+                let (flow_log_entries, flow_log_dropped) = (log.len(), log.dropped_total());
+                drop(log);
+                let _ = reply.send(Snapshot {
+                    revision: node.config().map(|c| c.allowlist.revision),
+                    peers: node.peers(),
+                    counters: node.counters().clone(),
+                    flows_tracked: node.flow_count(),
+                    flow_capacity: s.flow_capacity,
+                    flow_log_entries,
+                    flow_log_dropped,
+                    at: SystemTime::now(),
+                });
+            }
             Some(u) = next_update(&mut updates) => match u {
                 Update::Config(cfg) => {
                     if let Err(e) = state.save_config(&cfg) {
@@ -441,6 +484,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         }
         out.flush(&udp, &tun.dev).await;
     }
+    drop(metrics_tx);
     tracing::info!("bulkheadd stopping");
     Ok(())
 }

@@ -23,6 +23,7 @@ const DEDUP_KEYS: usize = 16_384;
 pub struct FlowLog {
     buf: VecDeque<FlowEntry>,
     dropped: u64,
+    dropped_total: u64,
     recent: HashMap<(bool, FlowKey), i64>,
 }
 
@@ -39,6 +40,7 @@ impl FlowLog {
     fn push(&mut self, e: FlowEntry) {
         if self.buf.len() >= CAPACITY {
             self.dropped += 1;
+            self.dropped_total += 1;
         } else {
             self.buf.push_back(e);
         }
@@ -129,6 +131,11 @@ impl FlowLog {
         self.buf.len()
     }
 
+    /// Entries dropped for want of room since the start (for metrics).
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total
+    }
+
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
@@ -197,6 +204,9 @@ mod tests {
         assert_eq!(l.len(), CAPACITY);
         let (got, dropped) = l.take(usize::MAX);
         assert_eq!((got.len(), dropped), (CAPACITY, 500));
+        // Shipping resets what the next batch reports, not the running total.
+        assert_eq!(l.take(1).1, 0);
+        assert_eq!(l.dropped_total(), 500);
         assert!(l.is_empty());
         assert!(l.recent.len() <= DEDUP_KEYS);
     }

@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod flowlog;
 pub mod link;
+pub mod metrics;
 pub mod posture;
 pub mod state;
 pub mod tun;
@@ -61,6 +62,9 @@ enum Command {
         /// Daemon configuration (YAML): `posture_checks: {NAME: {command: [...], interval: 30s}}`.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<SocketAddr>,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
     /// handshakes and transfer.
@@ -116,6 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             allowlist,
             flow_capacity,
             config,
+            metrics,
         } => rt.block_on(async {
             // A bad configuration stops the start, before anything is created.
             let config = match &config {
@@ -138,6 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 allowlist,
                 flow_capacity,
                 config,
+                metrics,
             })
             .await
         }),

@@ -10,11 +10,15 @@
 //!   exit 1.
 //! - `scan ADDR FIRST LAST TIMEOUT_MS`: try a TCP connection to every port from FIRST to LAST,
 //!   16 at a time, each bounded by TIMEOUT_MS; print how many connected. Exit 0.
+//! - `flood ADDR COUNT SECONDS [PER_SECOND]`: send COUNT one-byte UDP datagrams from one
+//!   socket to ADDR, cycling the destination port over 1–65535 (each a distinct flow), at most
+//!   PER_SECOND a second (default: as fast as the socket takes them), stopping early after
+//!   SECONDS; print how many were sent. Exit 0.
 //!
 //! Every loop is bounded in time, so a probe never outlives its caller by more than SECONDS.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// Runs a probe command; returns the exit code.
@@ -35,6 +39,19 @@ pub fn run(args: &[String]) -> u8 {
                     Duration::from_millis(arg(4).parse().unwrap_or(300)),
                 );
                 println!("{open} open");
+                0
+            }
+            Err(_) => 2,
+        },
+        "flood" => match arg(1).parse::<IpAddr>() {
+            Ok(ip) => {
+                let sent = flood(
+                    ip,
+                    arg(2).parse().unwrap_or(0),
+                    Duration::from_secs(arg(3).parse().unwrap_or(5)),
+                    arg(4).parse().ok(),
+                );
+                println!("{sent} sent");
                 0
             }
             Err(_) => 2,
@@ -69,7 +86,7 @@ pub fn run(args: &[String]) -> u8 {
         },
         _ => {
             eprintln!(
-                "usage: probe listen PORT[,PORT...] SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS"
+                "usage: probe listen PORT[,PORT...] SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS | scan ADDR FIRST LAST TIMEOUT_MS | flood ADDR COUNT SECONDS"
             );
             2
         }
@@ -171,6 +188,39 @@ pub fn scan(ip: IpAddr, first: u16, last: u16, timeout: Duration) -> usize {
             })
         })
         .sum()
+}
+
+/// Sends `count` one-byte datagrams to `ip`, destination ports 1, 2, … 65535, 1, …, for at
+/// most `limit` and at most `per_second` a second; returns how many the socket took.
+pub fn flood(ip: IpAddr, count: u64, limit: Duration, per_second: Option<u64>) -> u64 {
+    let any: IpAddr = if ip.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let Ok(sock) = UdpSocket::bind(SocketAddr::new(any, 0)) else {
+        return 0;
+    };
+    let start = Instant::now();
+    let mut sent = 0;
+    for i in 0..count {
+        if i % 100 == 0 {
+            if start.elapsed() >= limit {
+                break;
+            }
+            if let Some(rate) = per_second.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        let port = (i % 65535) as u16 + 1;
+        if sock.send_to(b"x", SocketAddr::new(ip, port)).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
 }
 
 /// Keeps one connection busy for `limit`; `Err` when an exchange fails (500 ms each).

@@ -24,6 +24,7 @@
 pub mod client;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod tls;
 pub mod token;
 

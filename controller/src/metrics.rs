@@ -1,0 +1,242 @@
+//! `bulkhead-controller --metrics ADDR:PORT`: what the controller exposes to Prometheus.
+//!
+//! Events are counted as they happen ([`Metrics`]: pushes, quarantines, propagation times);
+//! states are read from the view at each scrape (nodes online, posture failures, quarantines in
+//! force). With several controllers, counters are this controller's own (sum them), and states
+//! are the cluster's as this controller's view sees it (the same on each).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bulkhead_proto::metrics::{Histogram, Labels, Registry, Unit, counter, gauge, one};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::Controller;
+use crate::view::lock;
+
+/// Bucket bounds of the propagation histogram, in seconds.
+const PROPAGATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Per node: what was pushed and not yet reported, and the last revision it reported.
+#[derive(Debug, Default)]
+struct Propagation {
+    /// Revision pushed and when, until the node reports it.
+    pending: HashMap<String, (u64, Instant)>,
+    /// The revision each node last reported here.
+    reported: HashMap<String, u64>,
+}
+
+/// Counted events.
+#[derive(Debug)]
+pub struct Metrics {
+    pushes: Counter,
+    propagation: Histogram,
+    quarantines: Family<Labels, Counter>,
+    nodes: Mutex<Propagation>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            pushes: Counter::default(),
+            propagation: Histogram::new(PROPAGATION_BUCKETS),
+            quarantines: Family::default(),
+            nodes: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, Propagation> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A configuration (with `revision`, if it has an allowlist) went down a node's stream.
+    /// Its propagation is timed from now until the node reports that revision, unless the node
+    /// already reported it (a change of peers' endpoints keeps the revision).
+    pub fn pushed(&self, identity: &str, revision: Option<u64>) {
+        self.pushes.inc();
+        let mut n = self.nodes();
+        match revision {
+            Some(r) if n.reported.get(identity) != Some(&r) => {
+                n.pending.insert(identity.to_string(), (r, Instant::now()));
+            }
+            _ => {
+                n.pending.remove(identity);
+            }
+        }
+    }
+
+    /// A node reported the revision it enforces.
+    pub fn reported(&self, identity: &str, revision: Option<u64>) {
+        let mut n = self.nodes();
+        let Some(r) = revision else {
+            n.reported.remove(identity);
+            return;
+        };
+        n.reported.insert(identity.to_string(), r);
+        if let Some((want, at)) = n.pending.get(identity).copied()
+            && r >= want
+        {
+            n.pending.remove(identity);
+            drop(n);
+            self.propagation.observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A node's stream closed: what it did not confirm is not timed any further.
+    pub fn gone(&self, identity: &str) {
+        let mut n = self.nodes();
+        n.pending.remove(identity);
+        n.reported.remove(identity);
+    }
+
+    /// An identity was put in quarantine, `automatic` (the controller, on denied flows) or not.
+    pub fn quarantined(&self, automatic: bool) {
+        let origin = if automatic { "automatic" } else { "manual" };
+        self.quarantines
+            .get_or_create(&vec![("origin", origin.to_string())])
+            .inc();
+    }
+
+    /// The registry of one scrape.
+    pub fn registry(&self, c: &Controller) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "bulkhead_pushes",
+            "Configurations sent down node streams by this controller",
+            self.pushes.clone(),
+        );
+        r.register_with_unit(
+            "bulkhead_propagation",
+            "From a new allowlist revision sent down a node's stream to the node's report that it enforces it",
+            Unit::Seconds,
+            self.propagation.clone(),
+        );
+        r.register(
+            "bulkhead_quarantines",
+            "Quarantines this controller committed, automatic or manual",
+            self.quarantines.clone(),
+        );
+        let now = crate::ops::unix_now();
+        let v = lock(&c.view);
+        let online = v.nodes.keys().filter(|id| v.online(id)).count();
+        let in_sync = v.nodes.keys().filter(|id| v.in_sync(id)).count();
+        let mut failing: BTreeMap<String, usize> = BTreeMap::new();
+        if let Some(live) = &v.live {
+            for check in &live.model.policy().posture {
+                failing.insert(check.name.clone(), 0);
+            }
+            for (_, check) in &live.compiled.state().failing {
+                *failing
+                    .entry(live.model.check_name(*check).to_string())
+                    .or_default() += 1;
+            }
+        }
+        let rows: [(&str, &str, f64); 5] = [
+            (
+                "bulkhead_nodes_enrolled",
+                "Enrolled nodes",
+                v.nodes.len() as f64,
+            ),
+            (
+                "bulkhead_nodes_online",
+                "Enrolled nodes with a stream open at a live controller",
+                online as f64,
+            ),
+            (
+                "bulkhead_nodes_in_sync",
+                "Enrolled nodes that report enforcing the revision the live policy gives them",
+                in_sync as f64,
+            ),
+            (
+                "bulkhead_policy_revision",
+                "Revision of the live policy (0: none)",
+                v.revision() as f64,
+            ),
+            (
+                "bulkhead_quarantined_identities",
+                "Identities in quarantine now",
+                v.quarantined(now).count() as f64,
+            ),
+        ];
+        drop(v);
+        for (name, help, value) in rows {
+            gauge(&mut r, name, help, None, one(value));
+        }
+        gauge(
+            &mut r,
+            "bulkhead_posture_failing_identities",
+            "Identities failing each posture check of the live policy",
+            None,
+            failing
+                .into_iter()
+                .map(|(check, n)| (vec![("check", check)], n as f64)),
+        );
+        gauge(
+            &mut r,
+            "bulkhead_node_streams",
+            "Nodes whose stream this controller holds",
+            None,
+            one(c.presence.streams() as f64),
+        );
+        gauge(
+            &mut r,
+            "bulkhead_flow_history_entries",
+            "Flows kept in memory for `bulkhead flows`",
+            None,
+            one(c.flows.len() as f64),
+        );
+        counter(
+            &mut r,
+            "bulkhead_flow_log_node_dropped",
+            "Flow-log entries nodes dropped because their buffers were full",
+            None,
+            one(c
+                .flows
+                .dropped_by_nodes
+                .load(std::sync::atomic::Ordering::Relaxed)),
+        );
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Observations in the propagation histogram, as Prometheus would read them.
+    fn timed(m: &Metrics) -> u64 {
+        let mut r = Registry::default();
+        r.register("p", "p", m.propagation.clone());
+        let text = bulkhead_proto::metrics::encode(r).unwrap();
+        let line = text.lines().find(|l| l.starts_with("p_count ")).unwrap();
+        line["p_count ".len()..].parse().unwrap()
+    }
+
+    #[test]
+    fn propagation_is_timed_from_push_to_report_once() {
+        let m = Metrics::default();
+        m.pushed("web-1", Some(3));
+        m.reported("web-1", Some(2)); // an older report: still waiting
+        assert_eq!(timed(&m), 0);
+        m.reported("web-1", Some(3));
+        assert_eq!(timed(&m), 1);
+        m.reported("web-1", Some(3)); // the periodic report again: not a second propagation
+        assert_eq!(timed(&m), 1);
+        // Same revision pushed again (a peer's endpoint moved): nothing to time.
+        m.pushed("web-1", Some(3));
+        m.reported("web-1", Some(3));
+        assert_eq!(timed(&m), 1);
+        // A node that goes before confirming is not timed.
+        m.pushed("web-1", Some(4));
+        m.gone("web-1");
+        m.reported("web-1", Some(4));
+        assert_eq!(timed(&m), 1);
+        assert_eq!(m.pushes.get(), 3);
+    }
+}
