@@ -141,6 +141,7 @@ async fn fake_daemon(
             endpoint: Some(format!("127.0.0.1:{}", 20000 + i).parse().unwrap()),
             listen_port: 51820,
             revision: Some(rev),
+            digest: Some(c.allowlist.digest.clone()),
             status: "ok".into(),
             peers: c.peers.len(),
             version: String::new(),

@@ -380,11 +380,11 @@ impl Drop for Online {
 
 /// One message of a node's stream, counted as a push.
 fn push(online: &Online, m: &NodeMessage) -> Result<Bytes, Infallible> {
-    let revision = match m {
-        NodeMessage::Config(cfg) => Some(cfg.allowlist.revision),
+    let digest = match m {
+        NodeMessage::Config(cfg) => Some(cfg.allowlist.digest.as_str()).filter(|d| !d.is_empty()),
         _ => None,
     };
-    online.c.metrics.pushed(&online.identity, revision);
+    online.c.metrics.pushed(&online.identity, digest);
     let mut v = serde_json::to_vec(m).unwrap_or_default();
     v.push(b'\n');
     Ok(Bytes::from(v))

@@ -155,14 +155,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
-    let metrics_listener = match s.metrics {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("--metrics: cannot listen on {a}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = bulkhead_proto::metrics::bind(s.metrics).await?;
     let url = s.advertise_url.clone().unwrap_or_else(|| default_url(addr));
     let host = url_host(&url)
         .with_context(|| format!("--advertise-url {url:?}: expected https://HOST:PORT"))?;

@@ -21,13 +21,14 @@ const PROPAGATION_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Per node: what was pushed and not yet reported, and the last revision it reported.
+/// Per node: the allowlist pushed and not yet reported, and the last one it reported, by
+/// digest (which changes with conditions too, not only with policy revisions).
 #[derive(Debug, Default)]
 struct Propagation {
-    /// Revision pushed and when, until the node reports it.
-    pending: HashMap<String, (u64, Instant)>,
-    /// The revision each node last reported here.
-    reported: HashMap<String, u64>,
+    /// Digest pushed and when, until the node reports it.
+    pending: HashMap<String, (String, Instant)>,
+    /// The digest each node last reported here.
+    reported: HashMap<String, String>,
 }
 
 /// Counted events.
@@ -55,15 +56,16 @@ impl Metrics {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A configuration (with `revision`, if it has an allowlist) went down a node's stream.
-    /// Its propagation is timed from now until the node reports that revision, unless the node
-    /// already reported it (a change of peers' endpoints keeps the revision).
-    pub fn pushed(&self, identity: &str, revision: Option<u64>) {
+    /// A configuration went down a node's stream, with the digest of its allowlist if it has
+    /// one. Its propagation is timed from now until the node reports that digest, unless the
+    /// node already did (a change of a peer's endpoint keeps the allowlist).
+    pub fn pushed(&self, identity: &str, digest: Option<&str>) {
         self.pushes.inc();
         let mut n = self.nodes();
-        match revision {
-            Some(r) if n.reported.get(identity) != Some(&r) => {
-                n.pending.insert(identity.to_string(), (r, Instant::now()));
+        match digest {
+            Some(d) if n.reported.get(identity).map(String::as_str) != Some(d) => {
+                n.pending
+                    .insert(identity.to_string(), (d.to_string(), Instant::now()));
             }
             _ => {
                 n.pending.remove(identity);
@@ -71,18 +73,19 @@ impl Metrics {
         }
     }
 
-    /// A node reported the revision it enforces.
-    pub fn reported(&self, identity: &str, revision: Option<u64>) {
+    /// A node reported the digest of the allowlist it enforces.
+    pub fn reported(&self, identity: &str, digest: Option<&str>) {
         let mut n = self.nodes();
-        let Some(r) = revision else {
+        let Some(d) = digest else {
             n.reported.remove(identity);
             return;
         };
-        n.reported.insert(identity.to_string(), r);
-        if let Some((want, at)) = n.pending.get(identity).copied()
-            && r >= want
+        if n.reported.get(identity).map(String::as_str) != Some(d) {
+            n.reported.insert(identity.to_string(), d.to_string());
+        }
+        if n.pending.get(identity).is_some_and(|(want, _)| want == d)
+            && let Some((_, at)) = n.pending.remove(identity)
         {
-            n.pending.remove(identity);
             drop(n);
             self.propagation.observe(at.elapsed().as_secs_f64());
         }
@@ -113,7 +116,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "bulkhead_propagation",
-            "From a new allowlist revision sent down a node's stream to the node's report that it enforces it",
+            "From a changed allowlist sent down a node's stream to the node's report that it enforces it",
             Unit::Seconds,
             self.propagation.clone(),
         );
@@ -221,22 +224,26 @@ mod tests {
     #[test]
     fn propagation_is_timed_from_push_to_report_once() {
         let m = Metrics::default();
-        m.pushed("web-1", Some(3));
-        m.reported("web-1", Some(2)); // an older report: still waiting
+        m.pushed("web-1", Some("d3"));
+        m.reported("web-1", Some("d2")); // the one before: still waiting
         assert_eq!(timed(&m), 0);
-        m.reported("web-1", Some(3));
+        m.reported("web-1", Some("d3"));
         assert_eq!(timed(&m), 1);
-        m.reported("web-1", Some(3)); // the periodic report again: not a second propagation
+        m.reported("web-1", Some("d3")); // the periodic report again: not a second propagation
         assert_eq!(timed(&m), 1);
-        // Same revision pushed again (a peer's endpoint moved): nothing to time.
-        m.pushed("web-1", Some(3));
-        m.reported("web-1", Some(3));
+        // The same allowlist pushed again (a peer's endpoint moved): nothing to time.
+        m.pushed("web-1", Some("d3"));
+        m.reported("web-1", Some("d3"));
         assert_eq!(timed(&m), 1);
+        // A quarantine changes the allowlist under the same revision: a new digest, timed.
+        m.pushed("web-1", Some("q3"));
+        m.reported("web-1", Some("q3"));
+        assert_eq!(timed(&m), 2);
         // A node that goes before confirming is not timed.
-        m.pushed("web-1", Some(4));
+        m.pushed("web-1", Some("d4"));
         m.gone("web-1");
-        m.reported("web-1", Some(4));
-        assert_eq!(timed(&m), 1);
-        assert_eq!(m.pushes.get(), 3);
+        m.reported("web-1", Some("d4"));
+        assert_eq!(timed(&m), 2);
+        assert_eq!(m.pushes.get(), 4);
     }
 }

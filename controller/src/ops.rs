@@ -531,7 +531,7 @@ impl Controller {
             .endpoint
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
         self.presence.reported(identity, &r);
-        self.metrics.reported(identity, r.revision);
+        self.metrics.reported(identity, r.digest.as_deref());
         let moved = lock(&self.view).endpoints.get(identity) != Some(&endpoint);
         if moved {
             bulkhead_store::put(

@@ -69,6 +69,7 @@ impl Tracker {
                 since: now,
                 last_seen: now,
                 revision: None,
+                digest: None,
                 status: None,
                 version: String::new(),
                 facts: Default::default(),
@@ -131,6 +132,7 @@ impl Tracker {
         self.edit(identity, |l, now| {
             l.record.last_seen = now;
             l.record.revision = r.revision;
+            l.record.digest.clone_from(&r.digest);
             l.record.status = Some(r.status.clone());
             l.record.version.clone_from(&r.version);
             l.record.facts.clone_from(&r.facts);
@@ -173,6 +175,7 @@ fn same_but_time(a: &PresenceRecord, b: &PresenceRecord) -> bool {
         && a.online == b.online
         && a.since == b.since
         && a.revision == b.revision
+        && a.digest == b.digest
         && a.status == b.status
         && a.version == b.version
         && a.facts == b.facts
@@ -284,6 +287,7 @@ mod tests {
             endpoint: None,
             listen_port: 1,
             revision: Some(rev),
+            digest: None,
             status: "ok".into(),
             peers: 0,
             version: "1".into(),

@@ -77,6 +77,9 @@ pub struct PresenceRecord {
     /// The revision of the allowlist it enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// The digest of the allowlist it enforces (daemons that predate digests send none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// `ok`, or what is wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,

@@ -93,11 +93,26 @@ impl View {
         self.live.as_ref().map_or(0, |l| l.record.revision)
     }
 
-    /// Whether an enrolled node reports enforcing the allowlist the live policy gives it.
+    /// Whether an enrolled node reports enforcing the allowlist the live policy gives it now:
+    /// by digest, which tells apart allowlists that conditions changed under one revision; by
+    /// revision for a daemon that reports no digest.
     pub fn in_sync(&self, identity: &str) -> bool {
-        let reported = self.presence.get(identity).and_then(|p| p.0.revision);
+        let reported = self.presence.get(identity).map(|p| &p.0);
+        let want = self.allowlists.get(identity);
         self.nodes.contains_key(identity)
-            && reported == self.allowlists.get(identity).map(|l| l.revision)
+            && match (want, reported) {
+                (None, r) => r.and_then(|r| r.revision).is_none(),
+                (Some(_), None) => false,
+                (Some(l), Some(r)) => match &r.digest {
+                    Some(d) if !l.digest.is_empty() => *d == l.digest,
+                    _ => r.revision == Some(l.revision),
+                },
+            }
+    }
+
+    /// The digest of the allowlist `identity` should enforce now, if it has one.
+    pub fn digest(&self, identity: &str) -> Option<&str> {
+        self.allowlists.get(identity).map(|l| l.digest.as_str())
     }
 
     /// Whether a node's stream is open at a live controller.
@@ -198,10 +213,12 @@ impl View {
             .allowlists(&model, record.revision)
             .into_iter()
             .map(|mut l| {
-                if let Some(o) = old.get(&l.identity)
-                    && o.diff(&l).is_empty()
-                {
-                    l.revision = o.revision;
+                match old.get(&l.identity) {
+                    Some(o) if o.diff(&l).is_empty() => {
+                        l.revision = o.revision;
+                        l.digest.clone_from(&o.digest);
+                    }
+                    _ => l.digest = bulkhead_proto::allowlist_digest(&l),
                 }
                 (l.identity.clone(), l)
             })
@@ -641,6 +658,21 @@ rules:
         }
     }
 
+    /// A node's presence as its controller writes it: online now, enforcing revision 1.
+    fn reported(digest: Option<&str>, facts: bulkhead_proto::Facts) -> PresenceRecord {
+        PresenceRecord {
+            controller: "https://c:1".into(),
+            online: true,
+            since: unix_now(),
+            last_seen: unix_now(),
+            revision: Some(1),
+            digest: digest.map(str::to_string),
+            status: None,
+            version: String::new(),
+            facts,
+        }
+    }
+
     /// Revision 1 of `text` as the store holds it: chunks, then the head.
     fn stored_policy(text: &str) -> (PolicyRecord, Vec<KeyValue>) {
         let rec = PolicyRecord {
@@ -741,6 +773,57 @@ rules:
     }
 
     #[test]
+    fn in_sync_tells_allowlists_apart_that_a_condition_changed_under_one_revision() {
+        let mut v = View::default();
+        let (_, mut kvs) = stored_policy(POLICY_TEXT);
+        kvs.push(kv("nodes/a", encode(&node("a", 1)), 2));
+        kvs.push(kv("nodes/b", encode(&node("b", 2)), 3));
+        let t = v.reset(&kvs);
+        v.distribute(t);
+        let before = v.digest("a").expect("a has an allowlist").to_string();
+        assert_eq!(before.len(), 16);
+        let reports = |digest: Option<&str>| reported(digest, Default::default());
+        let mut t = Touched::default();
+        v.put(
+            &kv("presence/a", encode(&reports(Some(&before))), 4),
+            &mut t,
+        );
+        v.distribute(t);
+        assert!(v.in_sync("a"));
+        // Quarantined: a's allowlist changes under the same policy revision.
+        let q = Quarantine {
+            since: unix_now(),
+            until: None,
+            reason: "by hand".into(),
+            by: "admin".into(),
+        };
+        let mut t = Touched::default();
+        v.put(&kv("quarantine/a", encode(&q), 5), &mut t);
+        v.distribute(t);
+        let after = v.digest("a").unwrap().to_string();
+        assert_ne!(after, before);
+        assert_eq!(v.allowlists["a"].revision, 1);
+        assert!(
+            !v.in_sync("a"),
+            "a still reports the allowlist before the quarantine"
+        );
+        let mut t = Touched::default();
+        v.put(&kv("presence/a", encode(&reports(Some(&after))), 6), &mut t);
+        v.distribute(t);
+        assert!(v.in_sync("a"));
+        // A daemon that reports no digest is judged by its revision, as before.
+        let mut t = Touched::default();
+        v.put(&kv("presence/a", encode(&reports(None)), 7), &mut t);
+        v.distribute(t);
+        assert!(v.in_sync("a"));
+        // Released: the same content as before, so the same digest again.
+        let mut t = Touched::default();
+        v.delete("quarantine/a", &mut t);
+        v.distribute(t);
+        assert_eq!(v.digest("a"), Some(before.as_str()));
+    }
+
+    #[test]
     fn posture_facts_switch_a_rule_on_and_off() {
         const TEXT: &str = "version: 1
 network: {name: t, cidr: 10.9.0.0/16}
@@ -773,22 +856,12 @@ rules:
             m => panic!("{m:?}"),
         };
         assert_eq!(rules(&mut ra), ["ba"], "no facts: the check fails");
-        let presence = |edr: &str| PresenceRecord {
-            controller: "https://c:1".into(),
-            online: true,
-            since: unix_now(),
-            last_seen: unix_now(),
-            revision: Some(1),
-            status: None,
-            version: String::new(),
-            facts: [(
-                "check.edr".to_string(),
-                bulkhead_proto::Fact {
-                    value: edr.into(),
-                    interval: 30,
-                },
-            )]
-            .into(),
+        let presence = |edr: &str| {
+            let fact = bulkhead_proto::Fact {
+                value: edr.into(),
+                interval: 30,
+            };
+            reported(None, [("check.edr".to_string(), fact)].into())
         };
         let mut t = Touched::default();
         v.put(&kv("presence/a", encode(&presence("true")), 4), &mut t);

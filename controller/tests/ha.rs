@@ -189,6 +189,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         endpoint: None,
         listen_port: 51820,
         revision: Some(1),
+        digest: None,
         status: "ok".into(),
         peers: 0,
         version: "test".into(),

@@ -44,6 +44,7 @@ fn setup() -> (Node, Tunn) {
     let mut node = Node::new(&node_key, 64);
     let list = Allowlist {
         revision: 1,
+        digest: String::new(),
         identity: "me".into(),
         address: ME,
         network: Network {

@@ -238,9 +238,11 @@ pub fn read_config(path: &Path) -> anyhow::Result<Config> {
 async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Result<Applied> {
     let (addr, net) = (cfg.allowlist.address, cfg.allowlist.network);
     let revision = cfg.allowlist.revision;
+    let digest = Some(cfg.allowlist.digest.clone()).filter(|d| !d.is_empty());
     let report = node.apply(cfg, now());
     let applied = Applied {
         revision: Some(revision),
+        digest,
         peers: node.peers().len(),
     };
     tun.set_address(addr, net.prefix_len).await?;
@@ -295,14 +297,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         }
     };
 
-    let metrics = match s.metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--metrics: cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics = bulkhead_proto::metrics::bind(s.metrics).await?;
 
     let mut tun = Interface::create(&s.interface).await?;
     let udp = Udp::new(

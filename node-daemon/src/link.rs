@@ -60,6 +60,8 @@ pub enum Update {
 pub struct Applied {
     /// The policy revision in force, if any.
     pub revision: Option<u64>,
+    /// The digest of the allowlist in force, if the controller set one.
+    pub digest: Option<String>,
     /// Peers with a tunnel.
     pub peers: usize,
 }
@@ -265,6 +267,7 @@ impl Session<'_> {
             endpoint: self.endpoint,
             listen_port: self.listen_port,
             revision: a.revision,
+            digest: a.digest.clone(),
             status: "ok".into(),
             peers: a.peers,
             version: env!("CARGO_PKG_VERSION").into(),

@@ -203,7 +203,10 @@ fn metrics_parse_as_prometheus_text_and_count_what_happens() {
         ctl.count("bulkhead_propagation_seconds_sum", &[])
     );
 
-    // A quarantine by hand is counted, and the gauge follows it.
+    // A quarantine by hand is counted, and the gauge follows it. It changes both allowlists
+    // under the same policy revision: each node's new allowlist is timed too (by digest), and
+    // both are in sync again once they report it.
+    let timed1 = ctl.count("bulkhead_propagation_seconds_count", &[]);
     let r = c.cli(&["quarantine", "web-1"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let ctl = controller(&c);
@@ -212,6 +215,16 @@ fn metrics_parse_as_prometheus_text_and_count_what_happens() {
         Some(1.0)
     );
     assert_eq!(ctl.get("bulkhead_quarantined_identities", &[]), Some(1.0));
+    let synced = Lab::until(Duration::from_secs(10), || {
+        let ctl = controller(&c);
+        ctl.count("bulkhead_propagation_seconds_count", &[]) >= timed1 + 2.0
+            && ctl.get("bulkhead_nodes_in_sync", &[]) == Some(2.0)
+    });
+    assert!(synced, "{:?}", controller(&c).samples);
+    assert_eq!(
+        controller(&c).get("bulkhead_policy_revision", &[]),
+        Some(revision + 1.0)
+    );
 }
 
 /// Distinct denied flows the flood sends: three times the daemon's flow-log buffer.

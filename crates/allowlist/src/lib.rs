@@ -177,6 +177,11 @@ pub struct Peer {
 pub struct Allowlist {
     /// Increases with every change the controller makes; nodes report the one they applied.
     pub revision: u64,
+    /// A digest of everything but the revision, set by the controller (empty when not): nodes
+    /// report it back, so the controller knows which allowlist a node enforces even when a
+    /// condition (posture, quarantine, a window) changes it under the same policy revision.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
     /// The identity this allowlist belongs to.
     pub identity: String,
     /// The identity's overlay address.
@@ -221,6 +226,7 @@ impl Allowlist {
     pub fn deny_all(identity: &str, address: Ipv4Addr, network: Network) -> Allowlist {
         Allowlist {
             revision: 0,
+            digest: String::new(),
             identity: identity.to_string(),
             address,
             network,
@@ -356,6 +362,7 @@ mod tests {
             .collect();
         Allowlist {
             revision: 1,
+            digest: String::new(),
             identity: "me".into(),
             address: Ipv4Addr::new(10, 0, 0, 1),
             network: Network {

@@ -243,19 +243,15 @@ fn an_allowed_tcp_connection_flows_both_ways_after_a_handshake() {
     assert_eq!(flows, &vec!["web-db".to_string()]);
     // Per-peer counters: web sent db two packets and got one back, over one handshake.
     let syn = build::tcp(web, db, 40000, 5432, tcp::SYN).len() as u64;
-    let web_peers = w.hosts[w.idx("web")].node.peers();
-    let to_db = web_peers
-        .iter()
-        .find(|p| p.name == "db")
-        .expect("db is a peer");
+    let peer = |w: &World, on: &str, name: &str| {
+        let peers = w.hosts[w.idx(on)].node.peers();
+        peers.into_iter().find(|p| p.name == name).expect("a peer")
+    };
+    let to_db = peer(&w, "web", "db");
     assert_eq!((to_db.sent.packets, to_db.received.packets), (2, 1));
     assert_eq!(to_db.sent.bytes, 2 * syn);
     assert_eq!(to_db.handshakes, 1);
-    let db_peers = w.hosts[w.idx("db")].node.peers();
-    let from_web = db_peers
-        .iter()
-        .find(|p| p.name == "web")
-        .expect("web is a peer");
+    let from_web = peer(&w, "db", "web");
     assert_eq!((from_web.sent.packets, from_web.received.packets), (1, 2));
     assert_eq!(from_web.handshakes, 1);
     // A denied packet is counted as a drop, never as traffic.
@@ -263,14 +259,7 @@ fn an_allowed_tcp_connection_flows_both_ways_after_a_handshake() {
     assert_eq!(w.take_dropped("web"), vec!["not_allowed"]);
     let c = w.hosts[w.idx("web")].node.counters();
     assert_eq!(c.dropped.get(&(Direction::Egress, "not_allowed")), Some(&1));
-    let web_peers = w.hosts[w.idx("web")].node.peers();
-    assert_eq!(
-        web_peers
-            .iter()
-            .find(|p| p.name == "db")
-            .map(|p| p.sent.packets),
-        Some(2)
-    );
+    assert_eq!(peer(&w, "web", "db").sent.packets, 2);
 }
 
 #[test]

@@ -406,6 +406,7 @@ impl Compiled {
             .collect();
         Allowlist {
             revision,
+            digest: String::new(),
             identity: m.identity_name(id).to_string(),
             address: m.address(id),
             network: m.policy().cidr,

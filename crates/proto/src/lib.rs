@@ -100,6 +100,10 @@ pub struct Report {
     /// The policy revision of the allowlist the node enforces, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// That allowlist's [`Allowlist::digest`](bulkhead_allowlist::Allowlist::digest), if it
+    /// has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// `ok`, or what is wrong.
     pub status: String,
     /// Peers with a tunnel.
@@ -111,6 +115,17 @@ pub struct Report {
     /// Posture facts about its host and the results of its node-local checks.
     #[serde(default, skip_serializing_if = "Facts::is_empty")]
     pub facts: Facts,
+}
+
+/// The digest the controller sets in an allowlist: 64 bits of SHA-256 over its JSON with no
+/// revision and no digest, so equal contents have equal digests on every controller.
+pub fn allowlist_digest(a: &bulkhead_allowlist::Allowlist) -> String {
+    let mut content = a.clone();
+    content.revision = 0;
+    content.digest.clear();
+    let mut d = tls::sha256_hex(&serde_json::to_vec(&content).unwrap_or_default());
+    d.truncate(16);
+    d
 }
 
 /// One posture fact as a node reports it.

@@ -37,6 +37,21 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// No connection lives longer than this.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// Binds `--metrics ADDR:PORT`, if given. An address that cannot be bound is an error at
+/// start, never a daemon running without the metrics it was asked for.
+pub async fn bind(addr: Option<std::net::SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("--metrics: cannot listen on {addr}: {e}"),
+        )),
+    }
+}
+
 /// Registers a counter family: one series per row. `help` has no final period (the encoder
 /// adds one). `name` is without `_total`, which the
 /// encoder appends; `unit`, if any, is appended before it.
