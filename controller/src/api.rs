@@ -325,7 +325,7 @@ async fn quarantine(
     let r = async {
         let who = c.admin(&p).await?;
         let req: bulkhead_proto::QuarantineRequest = body(&b)?;
-        c.quarantine(&id, &req, &who, "by hand").await
+        c.quarantine(&id, &req, &who, "by hand", true).await
     };
     json(r.await)
 }

@@ -8,18 +8,26 @@
 //!
 //! Each denied new flow counts against its initiator. An identity with more than the policy's
 //! `quarantine.denied_per_minute` in the last 60 s is quarantined for `quarantine.duration`,
-//! through the same path as `bulkhead quarantine` (so it is audited). With several controllers,
-//! each counts what its own nodes report.
+//! through the same path as `bulkhead quarantine` (so it is audited).
+//!
+//! With several controllers the count is the cluster's: nodes report to different controllers
+//! (a compromised node's attempts are denied by its peers, each reporting where it is
+//! connected), so every second each controller writes its per-second counts of each initiator
+//! to `denials/<identity>/<controller id>` when they grew ([`share_denials`]), and decides on
+//! its own count plus everyone else's. Creating the quarantine record only if absent makes it
+//! happen once. Once an identity is quarantined, every controller starts its count over.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::Mutex;
 
 use bulkhead_proto::{FlowBatch, FlowView, QuarantineRequest};
+use bulkhead_store::Op;
 use tokio::sync::broadcast;
 
 use crate::Controller;
+use crate::records::{self, DENIALS, DenialRecord};
 use crate::view::lock;
 
 /// Default number of flows kept.
@@ -97,6 +105,30 @@ impl Flows {
         q.len()
     }
 
+    /// Each initiator's denials in the minute before `now_ms`, per second; initiators with
+    /// none left are forgotten.
+    fn per_second(&self, now_ms: i64) -> HashMap<String, DenialRecord> {
+        let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|_, q| {
+            q.retain(|&t| now_ms - t <= WINDOW_MS);
+            !q.is_empty()
+        });
+        d.iter()
+            .map(|(id, q)| {
+                let mut by_second: Vec<i64> = q.iter().map(|t| t.div_euclid(1000)).collect();
+                by_second.sort_unstable();
+                let mut seconds: Vec<(i64, u32)> = Vec::new();
+                for s in by_second {
+                    match seconds.last_mut() {
+                        Some((last, n)) if *last == s => *n += 1,
+                        _ => seconds.push((s, 1)),
+                    }
+                }
+                (id.clone(), DenialRecord { seconds })
+            })
+            .collect()
+    }
+
     /// Forgets an identity's denials (it was quarantined: counting starts over).
     fn reset(&self, initiator: &str) {
         self.denials
@@ -116,7 +148,7 @@ impl Controller {
                 .fetch_add(batch.dropped, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(node, dropped = batch.dropped, "node's flow log overflowed");
         }
-        let mut over: Vec<(String, usize)> = Vec::new();
+        let mut over: Vec<(String, u64)> = Vec::new();
         let (threshold, views) = {
             let v = lock(&self.view);
             let model = v.live.as_ref().map(|l| &l.model);
@@ -142,6 +174,7 @@ impl Controller {
                     .unwrap_or_else(|| addr.to_string())
             };
             let threshold = model.and_then(|m| m.policy().quarantine.map(|q| q.denied_per_minute));
+            let now = crate::ops::unix_ms();
             let quarantined: Vec<String> = v
                 .quarantined(crate::ops::unix_now())
                 .map(|(id, _)| id.clone())
@@ -182,8 +215,9 @@ impl Controller {
                     {
                         continue;
                     }
-                    let n = self.flows.denied(&f.src, f.at);
-                    if n > t as usize && !over.iter().any(|(s, _)| *s == f.src) {
+                    let n = self.flows.denied(&f.src, f.at) as u64
+                        + v.others_denials(&f.src, &self.id, now);
+                    if n > u64::from(t) && !over.iter().any(|(s, _)| *s == f.src) {
                         over.push((f.src.clone(), n));
                     }
                 }
@@ -194,17 +228,105 @@ impl Controller {
             self.flows.add(f);
         }
         for (id, n) in over {
-            self.flows.reset(&id);
-            let reason = format!(
-                "{n} denied new flows in a minute (threshold {})",
-                threshold.unwrap_or(0)
-            );
-            if let Err(f) = self
-                .quarantine(&id, &QuarantineRequest::default(), "controller", &reason)
-                .await
-            {
-                tracing::error!(identity = %id, "automatic quarantine failed: {f}");
+            self.auto_quarantine(&id, n, threshold.unwrap_or(0)).await;
+        }
+    }
+
+    /// Quarantines `id` for crossing the threshold, unless it already is (another controller,
+    /// or this one a moment ago, got there first).
+    async fn auto_quarantine(&self, id: &str, n: u64, threshold: u32) {
+        self.flows.reset(id);
+        let reason = format!("{n} denied new flows in a minute (threshold {threshold})");
+        let req = QuarantineRequest::default();
+        match self
+            .quarantine(id, &req, "controller", &reason, false)
+            .await
+        {
+            Ok(_) => {}
+            Err(f) if f.code() == "conflict" => {
+                tracing::debug!(identity = %id, "already quarantined");
             }
+            Err(f) => tracing::error!(identity = %id, "automatic quarantine failed: {f}"),
+        }
+    }
+}
+
+/// Every second: shares this controller's denial counts through the store (when they grew, and
+/// a delete once none are left), starts the count over for quarantined identities, and
+/// quarantines whoever everyone's counts together put over the threshold.
+pub async fn share_denials(c: Arc<Controller>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut written: HashMap<String, DenialRecord> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let now = crate::ops::unix_ms();
+        let (threshold, quarantined) = {
+            let v = lock(&c.view);
+            let t = v
+                .live
+                .as_ref()
+                .and_then(|l| l.model.policy().quarantine.map(|q| q.denied_per_minute));
+            let q: HashSet<String> = v
+                .quarantined(now.div_euclid(1000))
+                .map(|(id, _)| id.clone())
+                .collect();
+            (t, q)
+        };
+        for id in &quarantined {
+            c.flows.reset(id);
+        }
+        let mine = c.flows.per_second(now);
+        let key = |id: &str| format!("{DENIALS}{id}/{}", c.id);
+        let mut ops: Vec<Op> = mine
+            .iter()
+            .filter(|(id, r)| {
+                written
+                    .get(*id)
+                    .is_none_or(|w| w.within(now) != r.within(now))
+            })
+            .map(|(id, r)| Op::Put(key(id), records::encode(r)))
+            .collect();
+        ops.extend(
+            written
+                .keys()
+                .filter(|id| !mine.contains_key(*id))
+                .map(|id| Op::Delete(key(id))),
+        );
+        let mut ok = true;
+        for group in ops.chunks(64) {
+            if let Err(e) = c.store.txn(&[], group).await {
+                tracing::warn!(error = %e, "cannot share denial counts");
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            written.clone_from(&mine);
+        } else {
+            written.clear();
+        }
+        let Some(t) = threshold else {
+            continue;
+        };
+        let over: Vec<(String, u64)> = {
+            let v = lock(&c.view);
+            let Some(live) = v.live.as_ref() else {
+                continue;
+            };
+            let candidates: BTreeSet<&String> = mine.keys().chain(v.denials.keys()).collect();
+            candidates
+                .into_iter()
+                .filter(|id| !quarantined.contains(*id) && live.model.identity(id).is_some())
+                .map(|id| {
+                    let n = mine.get(id).map_or(0, |r| r.within(now))
+                        + v.others_denials(id, &c.id, now);
+                    (id.clone(), n)
+                })
+                .filter(|(_, n)| *n > u64::from(t))
+                .collect()
+        };
+        for (id, n) in over {
+            c.auto_quarantine(&id, n, t).await;
         }
     }
 }
@@ -248,5 +370,22 @@ mod tests {
         assert_eq!(f.denied("a", 61_000), 2, "the first left the window");
         f.reset("a");
         assert_eq!(f.denied("a", 61_001), 1);
+    }
+
+    #[test]
+    fn shared_counts_are_per_second_and_age_out() {
+        let f = Flows::new(10);
+        // Batches from two nodes arrive out of order.
+        for at in [10_100, 10_900, 12_000, 10_500, 69_000] {
+            f.denied("web-1", at);
+        }
+        let r = &f.per_second(69_500)["web-1"];
+        assert_eq!(r.seconds, [(10, 3), (12, 1), (69, 1)]);
+        assert_eq!(r.within(69_500), 5);
+        assert_eq!(r.within(70_000), 2, "second 10 is a minute old");
+        assert_eq!(r.within(128_999), 1);
+        assert_eq!(r.within(129_000), 0);
+        // Once nothing is left in the window, the initiator is forgotten.
+        assert!(f.per_second(200_000).is_empty());
     }
 }

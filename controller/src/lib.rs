@@ -70,6 +70,8 @@ pub struct Controller {
     pub(crate) applied: watch::Receiver<bulkhead_store::Revision>,
     /// Counted events, for `--metrics`.
     pub(crate) metrics: metrics::Metrics,
+    /// This controller's id among the live ones: 16 hex digits of its URL's SHA-256.
+    pub(crate) id: String,
 }
 
 impl Controller {
@@ -187,12 +189,14 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         flows: flows::Flows::new(s.flow_history),
         applied: applied.clone(),
         metrics: metrics::Metrics::default(),
+        id: bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16].to_string(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
     // Serve only once the view holds the store's state: never answer from an empty view.
     applied.wait_for(|r| *r >= 0).await?;
     tasks.push(tokio::spawn(presence::run(controller.clone())));
     tasks.push(tokio::spawn(end_quarantines(controller.clone())));
+    tasks.push(tokio::spawn(flows::share_denials(controller.clone())));
     tasks.push(tokio::spawn(api::serve(
         listener,
         tls,
@@ -213,11 +217,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         tasks.push(tokio::spawn(follow_policy_file(controller.clone(), path)));
     }
     // Registered while it runs: tokens and nodes learn every live controller from this.
-    let key = format!(
-        "{}{}",
-        records::CONTROLLERS,
-        &bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16]
-    );
+    let key = format!("{}{}", records::CONTROLLERS, controller.id);
     let registration = controller
         .store
         .hold(

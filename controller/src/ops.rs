@@ -569,14 +569,16 @@ impl Controller {
         }
     }
 
-    /// Puts an identity in quarantine (or changes its end): it loses every rule but those
-    /// naming `quarantined`, on every node, until `duration` passes or it is released.
+    /// Puts an identity in quarantine: it loses every rule but those naming `quarantined`, on
+    /// every node, until `duration` passes or it is released. With `replace`, a quarantine in
+    /// force is replaced (its end changes); without, it stays and the answer is `conflict`.
     pub async fn quarantine(
         &self,
         identity: &str,
         req: &QuarantineRequest,
         by: &str,
         reason: &str,
+        replace: bool,
     ) -> Result<QuarantineResponse, Fail> {
         let now = unix_now();
         let duration = {
@@ -616,6 +618,17 @@ impl Controller {
                 ))
             ),
         };
+        if !replace
+            && let Some(kv) = &current
+            && records::decode::<Quarantine>(&key, &kv.value)
+                .is_ok_and(|q| q.until.is_none_or(|u| now < u))
+        {
+            return Err(Fail::new(
+                409,
+                "conflict",
+                format!("{identity} is already quarantined"),
+            ));
+        }
         let when = vec![Compare::ModRevision(
             key.clone(),
             current.map_or(0, |c| c.mod_revision),

@@ -91,6 +91,30 @@ pub struct PresenceRecord {
     pub facts: bulkhead_proto::Facts,
 }
 
+/// Denied new flows one controller's nodes reported for one initiator:
+/// `denials/<identity>/<controller id>`. Every controller adds up everyone's, so automatic
+/// quarantine counts what all nodes saw, whichever controller they report to.
+pub const DENIALS: &str = "denials/";
+
+/// One controller's count of an initiator's denials, per second of the last minute.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenialRecord {
+    /// `(unix second, denials in it)`, oldest first; only seconds with denials.
+    pub seconds: Vec<(i64, u32)>,
+}
+
+impl DenialRecord {
+    /// Denials within the minute before `now_ms`.
+    pub fn within(&self, now_ms: i64) -> u64 {
+        let now = now_ms.div_euclid(1000);
+        self.seconds
+            .iter()
+            .filter(|(s, _)| now - s < 60)
+            .map(|(_, n)| u64::from(*n))
+            .sum()
+    }
+}
+
 /// A live controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerRecord {

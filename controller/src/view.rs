@@ -25,8 +25,9 @@ use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
 use crate::records::{
-    self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, ENDPOINTS, EndpointRecord,
-    NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PolicyRecord, PresenceRecord, QUARANTINE,
+    self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, DENIALS, DenialRecord,
+    ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PolicyRecord,
+    PresenceRecord, QUARANTINE,
 };
 
 /// WireGuard persistent keepalive pushed to nodes, seconds.
@@ -61,6 +62,8 @@ pub struct View {
     pub quarantines: HashMap<String, (Quarantine, Revision)>,
     /// Per-identity presence as stored, with the record's revision.
     pub presence: HashMap<String, (PresenceRecord, Revision)>,
+    /// Denials per initiator, per controller id, as every controller shares them.
+    pub denials: HashMap<String, HashMap<String, DenialRecord>>,
     allowlists: HashMap<String, Allowlist>,
     /// Chunks of policy bodies, by key (kept until the store deletes them).
     blobs: HashMap<String, Vec<u8>>,
@@ -108,6 +111,17 @@ impl View {
                     _ => r.revision == Some(l.revision),
                 },
             }
+    }
+
+    /// Denials of `initiator` in the minute before `now_ms` that controllers other than `me`
+    /// counted.
+    pub fn others_denials(&self, initiator: &str, me: &str, now_ms: i64) -> u64 {
+        self.denials.get(initiator).map_or(0, |by| {
+            by.iter()
+                .filter(|(ctl, _)| *ctl != me)
+                .map(|(_, r)| r.within(now_ms))
+                .sum()
+        })
     }
 
     /// The digest of the allowlist `identity` should enforce now, if it has one.
@@ -361,6 +375,7 @@ impl View {
         self.endpoints.clear();
         self.controllers.clear();
         self.presence.clear();
+        self.denials.clear();
         self.quarantines.clear();
         self.blobs.clear();
         let mut t = Touched::default();
@@ -425,6 +440,15 @@ impl View {
                 self.quarantines
                     .insert(id.to_string(), (q, kv.mod_revision));
                 t.conditions = true;
+            } else if let Some((id, ctl)) = key
+                .strip_prefix(DENIALS)
+                .and_then(|rest| rest.split_once('/'))
+            {
+                let rec: DenialRecord = records::decode(key, &kv.value)?;
+                self.denials
+                    .entry(id.to_string())
+                    .or_default()
+                    .insert(ctl.to_string(), rec);
             } else if let Some(id) = key.strip_prefix(PRESENCE) {
                 let rec: PresenceRecord = records::decode(key, &kv.value)?;
                 let old = self.presence.insert(id.to_string(), (rec, kv.mod_revision));
@@ -458,6 +482,16 @@ impl View {
         } else if let Some(id) = key.strip_prefix(PRESENCE) {
             self.presence.remove(id);
             t.conditions = true;
+        } else if let Some((id, ctl)) = key
+            .strip_prefix(DENIALS)
+            .and_then(|rest| rest.split_once('/'))
+        {
+            if let Some(by) = self.denials.get_mut(id) {
+                by.remove(ctl);
+                if by.is_empty() {
+                    self.denials.remove(id);
+                }
+            }
         } else if let Some(id) = key.strip_prefix(QUARANTINE) {
             self.quarantines.remove(id);
             t.conditions = true;

@@ -12,9 +12,9 @@ use bulkhead_netlab::TempDir;
 use bulkhead_netlab::etcd::{Etcd as Server, etcd_ok, free_port};
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{
-    ApplyResponse, AuditEntry, CliConfig, Client, NodeMessage, NodeView, PolicyRequest, PolicyView,
-    QuarantineRequest, QuarantineResponse, Report, RevokeResponse, StatusView, Token, TokenRequest,
-    TokenResponse,
+    ApplyResponse, AuditEntry, CliConfig, Client, FlowBatch, FlowEntry, NodeMessage, NodeView,
+    PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, Report, RevokeResponse,
+    StatusView, Token, TokenRequest, TokenResponse,
 };
 
 const POLICY: &str = "version: 1
@@ -656,4 +656,112 @@ async fn a_quarantine_ends_exactly_once_across_controllers() {
             "exactly one release per quarantine: {log:#?}"
         );
     }
+}
+
+/// Posts `n` ingress denials of new flows from web-1 (distinct ports from `first_port`), as a
+/// node's flow log would.
+async fn denials_from_web(node: &mut bulkhead_proto::Connection, first_port: u16, n: u16) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let flows = (0..n)
+        .map(|i| FlowEntry {
+            at: now + i64::from(i),
+            outbound: false,
+            peer: Some("web-1".into()),
+            peer_address: "10.79.0.1".parse().unwrap(),
+            proto: "tcp".into(),
+            port: first_port + i,
+            allowed: false,
+            rule: None,
+            reason: Some("not_allowed".into()),
+        })
+        .collect();
+    let _: serde_json::Value = node
+        .post("/v1/node/flows", &FlowBatch { flows, dropped: 0 })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_reported_to_different_controllers_add_up_to_one_quarantine() {
+    if !etcd_ok() {
+        return;
+    }
+    const POLICY: &str = "version: 1
+network: {name: t, cidr: 10.79.0.0/16}
+identities:
+  web-1: {labels: {tier: web}}
+  db-1: {labels: {tier: db}}
+  db-2: {labels: {tier: db}}
+segments:
+  web: {match: {tier: web}}
+  db: {match: {tier: db}}
+quarantine: {denied_per_minute: 50, duration: 1h}
+rules:
+  - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
+";
+    let server = Server::start();
+    let mut a = controller("spread-a", &server.spec()).await;
+    let mut b = controller("spread-b", &server.spec()).await;
+    let req = PolicyRequest {
+        text: POLICY.into(),
+        source: "p.yaml".into(),
+        base_revision: None,
+    };
+    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
+    // web-1 is compromised and talks to both databases directly: each denies it at ingress and
+    // reports to the controller it is connected to, db-1 to A, db-2 to B.
+    let mut db1 = node_client(&token(&mut a.c, "db-1").await, &a.url)
+        .await
+        .connect()
+        .await
+        .unwrap();
+    let mut db2 = node_client(&token(&mut b.c, "db-2").await, &b.url)
+        .await
+        .connect()
+        .await
+        .unwrap();
+
+    // 30 through A: below the threshold, on A and everywhere.
+    denials_from_web(&mut db1, 1000, 30).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let nodes: Vec<NodeView> = b.c.get("/v1/nodes").await.unwrap();
+    let web = nodes.iter().find(|n| n.identity == "web-1");
+    assert!(web.is_none_or(|n| n.quarantine.is_none()), "{web:?}");
+
+    // 30 more through B: 60 in the cluster, above 50. Quarantined once, by the sum.
+    denials_from_web(&mut db2, 2000, 30).await;
+    wait_node(&mut a.c, "web-1", |n| n.quarantine.is_some()).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log: Vec<AuditEntry> = a.c.get("/v1/audit").await.unwrap();
+    let quarantines: Vec<&AuditEntry> = log
+        .iter()
+        .filter(|e| e.action == "quarantine" && e.identity.as_deref() == Some("web-1"))
+        .collect();
+    assert_eq!(quarantines.len(), 1, "exactly once: {log:#?}");
+    assert_eq!(quarantines[0].who, "controller");
+    // Counted flow by flow: the quarantine names the count that crossed the threshold.
+    let detail = &quarantines[0].detail;
+    let n: u64 = detail
+        .split_once(' ')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (51..=60).contains(&n) && detail.contains("denied new flows in a minute (threshold 50)"),
+        "{detail:?}"
+    );
+    // Both controllers started their counts over: no shared count is left in the store.
+    let mut raw = etcd_client::Client::connect([server.addr.as_str()], None)
+        .await
+        .unwrap();
+    let left = raw
+        .get(
+            "/bulkhead/denials/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty(), "{:?}", left.kvs());
 }
