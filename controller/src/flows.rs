@@ -255,6 +255,21 @@ impl Controller {
 /// a delete once none are left), starts the count over for quarantined identities, and
 /// quarantines whoever everyone's counts together put over the threshold.
 pub async fn share_denials(c: Arc<Controller>) {
+    // What a previous run of this controller left behind: its counts were in its memory.
+    let mine = format!("/{}", c.id);
+    if let Ok(r) = c.store.range(DENIALS).await {
+        let stale: Vec<Op> = r
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.key.ends_with(&mine))
+            .map(|kv| Op::Delete(kv.key))
+            .collect();
+        for group in stale.chunks(64) {
+            if let Err(e) = c.store.txn(&[], group).await {
+                tracing::warn!(error = %e, "cannot remove old denial counts");
+            }
+        }
+    }
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut written: HashMap<String, DenialRecord> = HashMap::new();
     loop {

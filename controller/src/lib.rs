@@ -75,6 +75,11 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// The store, for in-process tests.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
     /// Waits (up to 5 s) until the view reflects store revision `rev`, so that whoever made a
     /// change sees it in their next call.
     pub(crate) async fn caught_up(&self, rev: bulkhead_store::Revision) {

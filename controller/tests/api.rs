@@ -525,3 +525,43 @@ async fn a_restart_keeps_policy_enrollment_and_revision() {
     }
     f.handle = Some(h);
 }
+
+/// Denial counts are shared through the store from memory: a restarted controller removes what
+/// its previous run left, and only that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_removes_the_denial_counts_its_previous_run_left() {
+    use bulkhead_store::{Embedded, Op};
+    let dir = std::env::temp_dir().join(format!("bh-api-denials-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = "https://127.0.0.1:7999";
+    let me = &bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16];
+    let count = br#"{"seconds":[[1,5]]}"#.to_vec();
+    {
+        let store = Embedded::open(&dir.join("store.redb")).unwrap();
+        let ops = [
+            Op::Put(format!("denials/web-1/{me}"), count.clone()),
+            Op::Put("denials/web-1/0123456789abcdef".into(), count),
+        ];
+        bulkhead_store::put(&store, &ops).await.unwrap();
+    }
+    let mut s = settings(&dir);
+    s.advertise_url = Some(url.into());
+    let h = start(s).await.unwrap();
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = h.controller.store().range("denials/").await.unwrap().kvs;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys: Vec<&str> = left.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["denials/web-1/0123456789abcdef"],
+        "another controller's stays"
+    );
+    h.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
