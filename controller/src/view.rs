@@ -11,7 +11,7 @@
 //! keeps only the newest value, so a slow node skips intermediate configurations instead of
 //! queueing them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::{Config, PeerInfo};
 use bulkhead_policy::posture::Facts as PostureFacts;
-use bulkhead_policy::{Compiled, Conditions, Model};
+use bulkhead_policy::{CheckId, Compiled, Conditions, IdentityId, Model};
 use bulkhead_proto::{NodeMessage, Quarantine};
 use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
@@ -220,9 +220,20 @@ impl View {
     }
 
     /// Makes a compiled policy live. An allowlist's revision is the policy revision that last
-    /// changed it: an apply that does not touch a node sends it nothing.
-    fn install(&mut self, record: PolicyRecord, model: Arc<Model>, compiled: Compiled) {
+    /// changed it: an apply that does not touch a node sends it nothing. Returns the identities
+    /// whose allowlists changed (or went).
+    fn install(
+        &mut self,
+        record: PolicyRecord,
+        model: Arc<Model>,
+        compiled: Compiled,
+    ) -> Vec<String> {
         let old = std::mem::take(&mut self.allowlists);
+        let mut changed: Vec<String> = old
+            .keys()
+            .filter(|id| model.identity(id).is_none())
+            .cloned()
+            .collect();
         self.allowlists = compiled
             .allowlists(&model, record.revision)
             .into_iter()
@@ -232,7 +243,10 @@ impl View {
                         l.revision = o.revision;
                         l.digest.clone_from(&o.digest);
                     }
-                    _ => l.digest = bulkhead_proto::allowlist_digest(&l),
+                    _ => {
+                        l.digest = bulkhead_proto::allowlist_digest(&l);
+                        changed.push(l.identity.clone());
+                    }
                 }
                 (l.identity.clone(), l)
             })
@@ -242,6 +256,8 @@ impl View {
             model,
             compiled,
         }));
+        changed.sort();
+        changed
     }
 
     /// The facts `identity` reported that are still fresh at `now` (reported within three of
@@ -314,24 +330,93 @@ impl View {
     }
 
     /// Recompiles the live policy if the conditions changed since it was compiled: a check
-    /// started or stopped failing, or a rule's window opened or closed. Returns whether it did.
-    pub fn refresh(&mut self, now: i64) -> bool {
-        let Some(live) = self.live.clone() else {
-            return false;
-        };
-        let state = live.model.state(&self.conditions(&live.model, now));
+    /// started or stopped failing, a quarantine began or ended, or a rule's window opened or
+    /// closed. Returns the identities whose allowlists changed, if it recompiled.
+    ///
+    /// A window affects any number of pairs: that is a full compile. Posture and quarantine
+    /// change one identity's pairs each: those are recompiled alone
+    /// ([`Compiled::set_conditions`]), and only the allowlists they touch are patched, unless
+    /// so many identities changed at once that a full compile is as cheap.
+    pub fn refresh(&mut self, now: i64) -> Option<Vec<String>> {
+        let live = self.live.clone()?;
+        let m = &*live.model;
+        let state = m.state(&self.conditions(m, now));
         let old = live.compiled.state();
-        let crossed = live
-            .model
+        let crossed = m
             .rules()
             .iter()
             .any(|r| r.window.next_boundary(old.now).is_some_and(|b| b <= now));
         if !crossed && state.failing == old.failing && state.quarantined == old.quarantined {
-            return false;
+            return None;
         }
-        let compiled = Compiled::new(&live.model, state);
-        self.install(live.record.clone(), live.model.clone(), compiled);
-        true
+        let failing_of = |s: &bulkhead_policy::State, id: IdentityId| {
+            let mut v: Vec<CheckId> = s
+                .failing
+                .iter()
+                .filter(|(i, _)| *i == id)
+                .map(|(_, c)| *c)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let changed: Vec<(IdentityId, Vec<CheckId>, bool)> = m
+            .identity_ids()
+            .filter(|&i| {
+                state.quarantined[i as usize] != old.quarantined[i as usize]
+                    || failing_of(&state, i) != failing_of(old, i)
+            })
+            .map(|i| (i, failing_of(&state, i), state.quarantined[i as usize]))
+            .collect();
+        if crossed || (changed.len() > 16 && changed.len() * 4 > m.identity_count()) {
+            let compiled = Compiled::new(m, state);
+            return Some(self.install(live.record.clone(), live.model.clone(), compiled));
+        }
+        drop(live);
+        let shared = self.live.take()?;
+        // Usually the only reference; a plan in progress may hold another, then this copies.
+        let mut live = Arc::try_unwrap(shared).unwrap_or_else(|l| Live {
+            record: l.record.clone(),
+            model: l.model.clone(),
+            compiled: l.compiled.clone(),
+        });
+        let revision = live.record.revision;
+        let m = live.model.clone();
+        let mut originals: HashMap<String, Allowlist> = HashMap::new();
+        for (id, failing, quarantined) in changed {
+            for a in live.compiled.set_conditions(&m, id, &failing, quarantined) {
+                let name = m.identity_name(a);
+                let current = self.allowlists.get(name);
+                if let Some(c) = current
+                    && !originals.contains_key(name)
+                {
+                    originals.insert(name.to_string(), c.clone());
+                }
+                let list = match self.allowlists.remove(name) {
+                    Some(mut list) if a != id => {
+                        live.compiled.patch_allowlist(&m, &mut list, id);
+                        list
+                    }
+                    _ => live.compiled.allowlist(&m, a, revision),
+                };
+                self.allowlists.insert(name.to_string(), list);
+            }
+        }
+        let mut out = Vec::new();
+        for (name, old) in originals {
+            let Some(new) = self.allowlists.get_mut(&name) else {
+                continue;
+            };
+            if old.diff(new).is_empty() {
+                *new = old;
+            } else {
+                new.revision = revision;
+                new.digest = bulkhead_proto::allowlist_digest(new);
+                out.push(name);
+            }
+        }
+        out.sort();
+        self.live = Some(Arc::new(live));
+        Some(out)
     }
 
     /// When conditions may next change with no store event: a rule's window opens or closes, or
@@ -366,6 +451,26 @@ impl View {
             .filter_map(|(q, _)| q.until)
             .filter(|&t| t > now);
         windows.chain(stale).chain(ends).min()
+    }
+
+    /// Replaces the view with a snapshot of the store, and sends what changed. Returns how many
+    /// nodes were sent something.
+    pub fn load(&mut self, kvs: &[KeyValue]) -> usize {
+        let t = self.reset(kvs);
+        self.distribute(t)
+    }
+
+    /// Follows store events, and sends what changed. Returns how many nodes were sent
+    /// something.
+    pub fn apply<'a>(&mut self, events: impl IntoIterator<Item = &'a Event>) -> usize {
+        let mut t = Touched::default();
+        for e in events {
+            match e {
+                Event::Put(kv) => self.put(kv, &mut t),
+                Event::Delete { key, .. } => self.delete(key, &mut t),
+            }
+        }
+        self.distribute(t)
     }
 
     /// Replaces the whole view with a snapshot.
@@ -499,9 +604,11 @@ impl View {
     }
 
     /// Sends what changed to the nodes it concerns.
-    fn distribute(&mut self, mut t: Touched) -> usize {
+    fn distribute(&mut self, t: Touched) -> usize {
+        // Identities whose allowlists new conditions changed.
+        let mut targets: BTreeSet<String> = BTreeSet::new();
         if t.conditions && !t.policy {
-            t.policy = self.refresh(unix_now());
+            targets.extend(self.refresh(unix_now()).unwrap_or_default());
         }
         if t.creds {
             self.cred_generation += 1;
@@ -520,21 +627,20 @@ impl View {
             let all: Vec<String> = self.channels.keys().cloned().collect();
             return self.push(all.iter());
         }
-        if t.nodes.is_empty() {
-            return 0;
+        // And identities that have a changed node as a peer.
+        if !t.nodes.is_empty() {
+            targets.extend(
+                self.channels
+                    .keys()
+                    .filter(|id| {
+                        self.allowlists
+                            .get(*id)
+                            .is_some_and(|l| t.nodes.iter().any(|n| l.peer(n).is_some()))
+                    })
+                    .cloned(),
+            );
         }
-        // Only identities that have a changed node as a peer.
-        let affected: Vec<String> = self
-            .channels
-            .keys()
-            .filter(|id| {
-                self.allowlists
-                    .get(*id)
-                    .is_some_and(|l| t.nodes.iter().any(|n| l.peer(n).is_some()))
-            })
-            .cloned()
-            .collect();
-        self.push(affected.iter())
+        self.push(targets.iter())
     }
 }
 
@@ -573,8 +679,7 @@ pub async fn sync(
         };
         {
             let mut v = lock(&view);
-            let t = v.reset(&snap.kvs);
-            let sent = v.distribute(t);
+            let sent = v.load(&snap.kvs);
             announce(&v);
             tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
         }
@@ -606,9 +711,8 @@ pub async fn sync(
                 () = timer => {
                     let mut v = lock(&view);
                     let now = unix_now();
-                    if v.refresh(now) {
-                        let all: Vec<String> = v.channels.keys().cloned().collect();
-                        let sent = v.push(all.iter());
+                    if let Some(changed) = v.refresh(now) {
+                        let sent = v.push(changed.iter());
                         tracing::info!(nodes = sent, "conditions changed (time): pushed");
                     }
                     continue;
@@ -617,23 +721,13 @@ pub async fn sync(
             match msg {
                 Some(WatchMessage::Events(events)) => {
                     let mut v = lock(&view);
-                    let mut t = Touched::default();
-                    for e in &events {
-                        if e.revision() <= seen {
-                            continue;
-                        }
-                        match e {
-                            Event::Put(kv) => v.put(kv, &mut t),
-                            Event::Delete { key, .. } => v.delete(key, &mut t),
-                        }
-                    }
+                    let sent = v.apply(events.iter().filter(|e| e.revision() > seen));
                     seen = events
                         .iter()
                         .map(Event::revision)
                         .max()
                         .unwrap_or(seen)
                         .max(seen);
-                    let sent = v.distribute(t);
                     announce(&v);
                     drop(v);
                     applied.send_replace(seen);
@@ -855,6 +949,108 @@ rules:
         v.delete("quarantine/a", &mut t);
         v.distribute(t);
         assert_eq!(v.digest("a"), Some(before.as_str()));
+    }
+
+    /// Allowlists as a full compile would give them now, without revision and digest.
+    fn full_compile(v: &View) -> BTreeMap<String, Allowlist> {
+        let live = v.live.as_ref().unwrap();
+        let m = &live.model;
+        let state = m.state(&v.conditions(m, unix_now()));
+        Compiled::new(m, state)
+            .allowlists(m, 0)
+            .into_iter()
+            .map(|l| (l.identity.clone(), l))
+            .collect()
+    }
+
+    fn contents(v: &View) -> BTreeMap<String, Allowlist> {
+        v.allowlists
+            .iter()
+            .map(|(id, l)| {
+                let mut l = l.clone();
+                l.revision = 0;
+                l.digest.clear();
+                (id.clone(), l)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn condition_changes_recompile_only_whom_they_touch_and_equal_a_full_compile() {
+        const TEXT: &str = "version: 1
+network: {name: t, cidr: 10.9.0.0/16}
+identities:
+  a: {labels: {r: a}}
+  b: {labels: {r: b}}
+  c: {labels: {r: c}}
+  d: {labels: {r: d}}
+  e: {labels: {r: e}}
+segments:
+  sa: {match: {r: a}}
+  sb: {match: {r: b}}
+  sc: {match: {r: c}}
+  sd: {match: {r: d}}
+posture:
+  edr: {check.edr: true}
+rules:
+  - {name: ab, from: [sa], to: [sb], ports: [tcp/80]}
+  - {name: bc, from: [sb], to: [sc], ports: [tcp/5432], posture: [edr]}
+  - {name: cd, from: [sc], to: [sd], ports: [tcp/22]}
+  - {name: forensics, from: [sd], to: [quarantined], ports: [tcp/22]}
+";
+        let mut v = View::default();
+        let (_, kvs) = stored_policy(TEXT);
+        let t = v.reset(&kvs);
+        v.distribute(t);
+        assert_eq!(contents(&v), full_compile(&v), "b fails edr: no facts");
+        let before = v.allowlists.clone();
+        // b passes edr: b's and c's allowlists change, nobody else's.
+        let fact = bulkhead_proto::Fact {
+            value: "true".into(),
+            interval: 30,
+        };
+        let mut t = Touched::default();
+        v.put(
+            &kv(
+                "presence/b",
+                encode(&reported(None, [("check.edr".to_string(), fact)].into())),
+                4,
+            ),
+            &mut t,
+        );
+        assert_eq!(
+            v.refresh(unix_now()),
+            Some(vec!["b".to_string(), "c".to_string()])
+        );
+        assert_eq!(contents(&v), full_compile(&v));
+        assert_eq!(
+            v.allowlists["a"], before["a"],
+            "untouched, revision and digest too"
+        );
+        assert_ne!(v.allowlists["b"].digest, before["b"].digest);
+        // a and c quarantined at once: d gains both through `forensics`, b loses c.
+        let q = Quarantine {
+            since: unix_now(),
+            until: None,
+            reason: "by hand".into(),
+            by: "admin".into(),
+        };
+        let mut t = Touched::default();
+        v.put(&kv("quarantine/a", encode(&q), 5), &mut t);
+        v.put(&kv("quarantine/c", encode(&q), 6), &mut t);
+        let changed = v.refresh(unix_now()).unwrap();
+        assert_eq!(changed, ["a", "b", "c", "d"]);
+        assert_eq!(contents(&v), full_compile(&v));
+        // Nothing new: nothing recompiled.
+        assert_eq!(v.refresh(unix_now()), None);
+        // Released: back to what a full compile of the passing state gives.
+        let mut t = Touched::default();
+        v.delete("quarantine/a", &mut t);
+        v.delete("quarantine/c", &mut t);
+        let changed = v.refresh(unix_now()).unwrap();
+        assert_eq!(changed, ["a", "b", "c", "d"]);
+        assert_eq!(contents(&v), full_compile(&v));
+        assert_eq!(v.allowlists["e"], before["e"]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bulkhead_allowlist::{Action, Allowlist, Peer, PortTable};
 
 use crate::eval::{State, in_force};
-use crate::model::{IdentityId, Model, RuleId};
+use crate::model::{CheckId, IdentityId, Model, RuleId};
 
 /// A pair's table, and whether it allows anything at the compile time.
 #[derive(Debug)]
@@ -342,6 +342,36 @@ impl Compiled {
         affected.sort_unstable();
         affected.dedup();
         affected
+    }
+
+    /// Sets `id`'s failing checks and whether it is quarantined, and recompiles its pairs if
+    /// either changed. Returns the identities whose allowlists may have changed (none if
+    /// nothing did).
+    pub fn set_conditions(
+        &mut self,
+        m: &Model,
+        id: IdentityId,
+        failing: &[CheckId],
+        quarantined: bool,
+    ) -> Vec<IdentityId> {
+        let mut now_failing: Vec<CheckId> = self
+            .state
+            .failing
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, c)| *c)
+            .collect();
+        now_failing.sort_unstable();
+        let mut want = failing.to_vec();
+        want.sort_unstable();
+        want.dedup();
+        if now_failing == want && self.state.quarantined[id as usize] == quarantined {
+            return Vec::new();
+        }
+        self.state.failing.retain(|(i, _)| *i != id);
+        self.state.failing.extend(want.into_iter().map(|c| (id, c)));
+        self.state.quarantined[id as usize] = quarantined;
+        self.update_identity(m, id)
     }
 
     /// Sets whether `id` is quarantined and recompiles its pairs. Returns the identities whose

@@ -699,5 +699,51 @@ fn incremental_recompiles_match_full_ones() {
             "seed {seed}: quarantine\n{}",
             g.yaml()
         );
+
+        // Someone's posture changes (any subset of the checks fails), and maybe their
+        // quarantine: one `set_conditions`, the same as a full compile, patches included.
+        let before = c.allowlists(&m, 1);
+        let who = r.pick(&g.identities).name.clone();
+        let id = m.identity(&who).unwrap();
+        let mut w3 = w2.clone();
+        w3.failing.retain(|(i, _)| *i != who);
+        let mut failing = Vec::new();
+        for check in ["c1", "c2"] {
+            if r.below(2) == 0
+                && let Some(k) = m.check(check)
+            {
+                failing.push(k);
+                w3.failing.insert((who.clone(), check.to_string()));
+            }
+        }
+        let quarantine = r.below(2) == 0;
+        if quarantine {
+            w3.quarantined.insert(who.clone());
+        } else {
+            w3.quarantined.remove(&who);
+        }
+        let affected = c.set_conditions(&m, id, &failing, quarantine);
+        let full = Compiled::new(&reloaded, reloaded.state(&w3)).allowlists(&reloaded, 1);
+        assert_eq!(
+            c.allowlists(&m, 1),
+            full,
+            "seed {seed}: conditions\n{}",
+            g.yaml()
+        );
+        for (i, (old, new)) in before.iter().zip(&full).enumerate() {
+            let i = i as u32;
+            if old != new {
+                assert!(
+                    affected.contains(&i),
+                    "seed {seed}: {} not reported",
+                    new.identity
+                );
+            }
+            if affected.contains(&i) && i != id {
+                let mut list = old.clone();
+                c.patch_allowlist(&m, &mut list, id);
+                assert_eq!(&list, new, "seed {seed}: patch {}", new.identity);
+            }
+        }
     }
 }
