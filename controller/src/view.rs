@@ -349,23 +349,10 @@ impl View {
         if !crossed && state.failing == old.failing && state.quarantined == old.quarantined {
             return None;
         }
-        let failing_of = |s: &bulkhead_policy::State, id: IdentityId| {
-            let mut v: Vec<CheckId> = s
-                .failing
-                .iter()
-                .filter(|(i, _)| *i == id)
-                .map(|(_, c)| *c)
-                .collect();
-            v.sort_unstable();
-            v
-        };
-        let changed: Vec<(IdentityId, Vec<CheckId>, bool)> = m
-            .identity_ids()
-            .filter(|&i| {
-                state.quarantined[i as usize] != old.quarantined[i as usize]
-                    || failing_of(&state, i) != failing_of(old, i)
-            })
-            .map(|i| (i, failing_of(&state, i), state.quarantined[i as usize]))
+        let changed: Vec<(IdentityId, Vec<CheckId>, bool)> = state
+            .changed_from(old)
+            .into_iter()
+            .map(|i| (i, state.failing_of(i), state.quarantined[i as usize]))
             .collect();
         if crossed || (changed.len() > 16 && changed.len() * 4 > m.identity_count()) {
             let compiled = Compiled::new(m, state);

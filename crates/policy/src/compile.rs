@@ -354,14 +354,7 @@ impl Compiled {
         failing: &[CheckId],
         quarantined: bool,
     ) -> Vec<IdentityId> {
-        let mut now_failing: Vec<CheckId> = self
-            .state
-            .failing
-            .iter()
-            .filter(|(i, _)| *i == id)
-            .map(|(_, c)| *c)
-            .collect();
-        now_failing.sort_unstable();
+        let now_failing = self.state.failing_of(id);
         let mut want = failing.to_vec();
         want.sort_unstable();
         want.dedup();

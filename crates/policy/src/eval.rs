@@ -44,6 +44,38 @@ pub struct State {
     pub quarantined: Vec<bool>,
 }
 
+impl State {
+    /// The checks `id` fails, in id order.
+    pub fn failing_of(&self, id: IdentityId) -> Vec<CheckId> {
+        let mut v: Vec<CheckId> = self
+            .failing
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, c)| *c)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The identities whose failing checks or quarantine differ between `self` and `other`,
+    /// in id order.
+    pub fn changed_from(&self, other: &State) -> Vec<IdentityId> {
+        let mut ids: Vec<IdentityId> = self
+            .failing
+            .symmetric_difference(&other.failing)
+            .map(|(i, _)| *i)
+            .chain(
+                (0..self.quarantined.len().max(other.quarantined.len()))
+                    .filter(|&i| self.quarantined.get(i) != other.quarantined.get(i))
+                    .map(|i| i as IdentityId),
+            )
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
 impl Model {
     /// Resolves conditions by name into ids.
     pub fn state(&self, c: &Conditions) -> State {
@@ -182,4 +214,27 @@ pub fn evaluate(m: &Model, a: IdentityId, b: IdentityId, probe: Probe, st: &Stat
     d.rule = decided.first().copied();
     d.also = decided.into_iter().skip(1).collect();
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_identities_are_those_whose_checks_or_quarantine_differ() {
+        let old = State {
+            now: 0,
+            failing: [(1, 0), (2, 0), (2, 1)].into(),
+            quarantined: vec![false, false, false, true],
+        };
+        let mut new = old.clone();
+        assert!(new.changed_from(&old).is_empty());
+        new.failing.remove(&(2, 1));
+        new.failing.insert((0, 1));
+        new.quarantined[3] = false;
+        assert_eq!(new.changed_from(&old), [0, 2, 3]);
+        assert_eq!(new.failing_of(2), [0]);
+        assert_eq!(new.failing_of(1), [0]);
+        assert!(new.failing_of(3).is_empty());
+    }
 }
