@@ -617,20 +617,26 @@ async fn a_policy_larger_than_an_etcd_request_is_stored_in_chunks() {
 /// Work that must happen once: both controllers see a quarantine end at its time and both try
 /// to remove it; the transaction fenced on the record's revision lets exactly one commit, so
 /// the audit log has one release.
+/// A real etcd and two controllers on it, `policy` applied through the first.
+async fn two_controllers(tag: &str, policy: &str) -> (Server, Ctl, Ctl) {
+    let server = Server::start();
+    let mut a = controller(&format!("{tag}-a"), &server.spec()).await;
+    let b = controller(&format!("{tag}-b"), &server.spec()).await;
+    let req = PolicyRequest {
+        text: policy.into(),
+        source: "p.yaml".into(),
+        base_revision: None,
+    };
+    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
+    (server, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_ends_exactly_once_across_controllers() {
     if !etcd_ok() {
         return;
     }
-    let server = Server::start();
-    let mut a = controller("once-a", &server.spec()).await;
-    let mut b = controller("once-b", &server.spec()).await;
-    let req = PolicyRequest {
-        text: POLICY.into(),
-        source: "p.yaml".into(),
-        base_revision: None,
-    };
-    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
+    let (_server, mut a, mut b) = two_controllers("once", POLICY).await;
     for round in 0..3 {
         let q: QuarantineResponse =
             a.c.post(
@@ -702,15 +708,7 @@ quarantine: {denied_per_minute: 50, duration: 1h}
 rules:
   - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
 ";
-    let server = Server::start();
-    let mut a = controller("spread-a", &server.spec()).await;
-    let mut b = controller("spread-b", &server.spec()).await;
-    let req = PolicyRequest {
-        text: POLICY.into(),
-        source: "p.yaml".into(),
-        base_revision: None,
-    };
-    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
+    let (server, mut a, mut b) = two_controllers("spread", POLICY).await;
     // web-1 is compromised and talks to both databases directly: each denies it at ingress and
     // reports to the controller it is connected to, db-1 to A, db-2 to B.
     let mut db1 = node_client(&token(&mut a.c, "db-1").await, &a.url)
