@@ -1,11 +1,11 @@
 //! Two controllers on one real etcd, in namespaces, with real daemons: the daemons learn of a
 //! controller started after they joined, fail over to it when theirs is killed (`kill -9`),
-//! later changes through it still reach them, and the restarted controller only moves the
-//! revision forward.
+//! later changes through it still reach them, the restarted controller only moves the revision
+//! forward, and `bulkhead flows` through either controller shows every node's flows.
 
 use std::time::{Duration, Instant};
 
-use bulkhead_e2e::cluster::{CTL, Cluster, web_db_policy};
+use bulkhead_e2e::cluster::{CTL, Cluster, unix_ms, web_db_policy};
 use bulkhead_e2e::netns::{Lab, etcd};
 use bulkhead_e2e::{Run, bin, netns_ok};
 
@@ -163,8 +163,36 @@ fn daemons_fail_over_and_changes_still_reach_them() {
     });
     assert!(applied, "{seen:?}\n{}", c.lab.log("ctl", "controller-2"));
     assert!(seen.iter().all(|r| r.is_some_and(|r| r >= 2)), "{seen:?}");
+    let reopened = unix_ms() as i64;
     assert!(
         c.connect_eventually("web-1", "db-1", 5432),
         "revision 3 opens the flow again"
+    );
+
+    // Each controller keeps the flows its own nodes report; `flows` through either one shows
+    // both ends' record of that connection, whichever controller each node reports to.
+    let both_seen = |r: &Run| {
+        r.code == Some(0)
+            && r.json().as_array().is_some_and(|a| {
+                NODES.iter().all(|n| {
+                    a.iter().any(|f| {
+                        f["node"] == *n
+                            && f["verdict"] == "allow"
+                            && f["src"] == "web-1"
+                            && f["port"] == 5432
+                            && f["at"].as_i64().is_some_and(|t| t >= reopened)
+                    })
+                })
+            })
+    };
+    let shown = Lab::until(Duration::from_secs(10), || {
+        both_seen(&c.cli(&["flows", "-o", "json"]))
+            && both_seen(&cli2(&c, &["flows", "-o", "json"]))
+    });
+    assert!(
+        shown,
+        "through the first: {:?}\nthrough the second: {:?}",
+        c.cli(&["flows", "-o", "json"]),
+        cli2(&c, &["flows", "-o", "json"])
     );
 }

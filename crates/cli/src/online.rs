@@ -1,5 +1,5 @@
 //! The commands that talk to a controller: policy plan/apply/show, token create, nodes, revoke,
-//! status.
+//! status, quarantine/release, flows (from every live controller), audit.
 //!
 //! Exit codes: a request the controller refused on its merits (an invalid policy, an unknown
 //! identity, a stale plan) exits 1; not being able to ask (no config, no connection, a refused
@@ -33,6 +33,7 @@ fn config_path(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 pub struct Remote {
     rt: tokio::runtime::Runtime,
     conn: Connection,
+    cfg: CliConfig,
 }
 
 impl Remote {
@@ -47,7 +48,37 @@ impl Remote {
             .build()?;
         let client = cfg.client()?;
         let conn = rt.block_on(client.connect())?;
-        Ok(Remote { rt, conn })
+        Ok(Remote { rt, conn, cfg })
+    }
+
+    /// Connections to every other live controller (several share one etcd), with the same
+    /// credential. One that cannot be reached is named on stderr and left out.
+    fn others(&mut self) -> Vec<Connection> {
+        let Ok(status) = self.get::<StatusView>("/v1/status") else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for url in status.controllers.iter().filter(|u| **u != status.url) {
+            let cfg = CliConfig {
+                url: url.clone(),
+                ..self.cfg.clone()
+            };
+            let conn = cfg.client().map_err(|e| e.to_string()).and_then(|c| {
+                self.rt
+                    .block_on(async {
+                        tokio::time::timeout(std::time::Duration::from_secs(5), c.connect()).await
+                    })
+                    .map_err(|_| "timed out".to_string())?
+                    .map_err(|e| e.to_string())
+            });
+            match conn {
+                Ok(c) => out.push(c),
+                Err(e) => eprintln!(
+                    "bulkhead: controller {url} not reachable ({e}): flows its nodes reported are missing"
+                ),
+            }
+        }
+        out
     }
 
     fn get<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<T, ApiError> {
@@ -361,7 +392,9 @@ const FLOW_HEADER: [&str; 7] = ["TIME", "FROM", "TO", "PORT", "VERDICT", "RULE",
 
 /// `bulkhead flows [--denied] [--follow] [--identity X]`: the controller's flow log; with
 /// `--follow`, then each new flow as it comes (one line each; `-o json`: one JSON object per
-/// line), until interrupted.
+/// `bulkhead flows`. Each controller keeps the flows its own nodes reported, so with several
+/// controllers this asks every live one and merges them by time; `--follow` then prints each new
+/// flow from any of them as it comes.
 pub fn flows(
     r: &mut Remote,
     denied: bool,
@@ -370,26 +403,50 @@ pub fn flows(
     limit: usize,
     fmt: Format,
 ) -> anyhow::Result<Outcome> {
-    let mut path = format!("/v1/flows?limit={limit}");
+    let mut query = String::new();
     if denied {
-        path += "&denied=1";
-    }
-    if follow {
-        path += "&follow=1";
+        query += "&denied=1";
     }
     if let Some(i) = identity {
-        path += &format!("&identity={i}");
+        query += &format!("&identity={i}");
     }
-    let Remote { rt, conn } = r;
-    let mut lines = match refused(rt.block_on(conn.stream(&path)))? {
-        Ok(l) => l,
-        Err(o) => return Ok(o),
-    };
-    if !follow {
-        let mut all = Vec::new();
+    let mut others = r.others();
+    let Remote { rt, conn, .. } = r;
+    // With --follow, subscribed before the histories are read, so that nothing falls between
+    // the two; what came in between is in both, and printed once.
+    let (tx, mut live) = tokio::sync::mpsc::channel::<FlowView>(4096);
+    if follow {
+        let path = format!("/v1/flows?limit=0&follow=1{query}");
+        for c in std::iter::once(&mut *conn).chain(others.iter_mut()) {
+            let mut lines = match refused(rt.block_on(c.stream(&path)))? {
+                Ok(l) => l,
+                Err(o) => return Ok(o),
+            };
+            let tx = tx.clone();
+            rt.spawn(async move {
+                while let Ok(Some(f)) = lines.next::<FlowView>().await {
+                    if tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    drop(tx);
+    let path = format!("/v1/flows?limit={limit}{query}");
+    let mut all: Vec<FlowView> = Vec::new();
+    for c in std::iter::once(&mut *conn).chain(others.iter_mut()) {
+        let mut lines = match refused(rt.block_on(c.stream(&path)))? {
+            Ok(l) => l,
+            Err(o) => return Ok(o),
+        };
         while let Some(f) = rt.block_on(lines.next::<FlowView>())? {
             all.push(f);
         }
+    }
+    all.sort_by_key(|f| f.at);
+    let all = all.split_off(all.len().saturating_sub(limit));
+    if !follow {
         emit(fmt, &all, || {
             let mut rows = vec![FLOW_HEADER.map(String::from).to_vec()];
             rows.extend(all.iter().map(flow_row));
@@ -401,12 +458,20 @@ pub fn flows(
     if fmt == Format::Table {
         writeln!(out, "{}", FLOW_HEADER.join("  "))?;
     }
-    while let Some(f) = rt.block_on(lines.next::<FlowView>())? {
+    let mut print = |f: &FlowView| -> anyhow::Result<()> {
         match fmt {
-            Format::Table => writeln!(out, "{}", flow_row(&f).join("  "))?,
-            _ => writeln!(out, "{}", serde_json::to_string(&f)?)?,
+            Format::Table => writeln!(out, "{}", flow_row(f).join("  "))?,
+            _ => writeln!(out, "{}", serde_json::to_string(f)?)?,
         }
-        out.flush()?;
+        Ok(out.flush()?)
+    };
+    for f in &all {
+        print(f)?;
+    }
+    while let Some(f) = rt.block_on(live.recv()) {
+        if !all.contains(&f) {
+            print(&f)?;
+        }
     }
     Ok(Outcome::Ok)
 }
