@@ -483,6 +483,7 @@ impl View {
         }
         // Everything may have changed.
         t.policy = true;
+        t.conditions = true;
         t.creds = true;
         t
     }
@@ -592,9 +593,11 @@ impl View {
 
     /// Sends what changed to the nodes it concerns.
     fn distribute(&mut self, t: Touched) -> usize {
-        // Identities whose allowlists new conditions changed.
+        // Identities whose allowlists new conditions changed. After a policy change too: a
+        // snapshot or a batch of events may bring the policy before the quarantines and facts
+        // it must be compiled with (keys come in order, and "policy" sorts first).
         let mut targets: BTreeSet<String> = BTreeSet::new();
-        if t.conditions && !t.policy {
+        if t.conditions || t.policy {
             targets.extend(self.refresh(unix_now()).unwrap_or_default());
         }
         if t.creds {
@@ -1038,6 +1041,24 @@ rules:
         assert_eq!(changed, ["a", "b", "c", "d"]);
         assert_eq!(contents(&v), full_compile(&v));
         assert_eq!(v.allowlists["e"], before["e"]);
+    }
+
+    #[test]
+    fn a_snapshot_brings_quarantines_and_facts_into_the_first_compile() {
+        // As the store lists them: "policy" before "presence/" and "quarantine/".
+        let (_, mut kvs) = stored_policy(POLICY_TEXT);
+        let q = Quarantine {
+            since: unix_now(),
+            until: None,
+            reason: "by hand".into(),
+            by: "admin".into(),
+        };
+        kvs.push(kv("quarantine/a", encode(&q), 2));
+        let mut v = View::default();
+        v.load(&kvs);
+        let a = &v.allowlists["a"];
+        assert!(a.peers.is_empty(), "a is quarantined from the start: {a:?}");
+        assert_eq!(contents(&v), full_compile(&v));
     }
 
     #[test]
