@@ -6,9 +6,11 @@
 //! change nothing, and etcd wants small, few writes. `bulkhead flows` reads this ring (and, with
 //! `--follow`, what arrives next).
 //!
-//! Each denied new flow counts against its initiator. An identity with more than the policy's
-//! `quarantine.denied_per_minute` in the last 60 s is quarantined for `quarantine.duration`,
-//! through the same path as `bulkhead quarantine` (so it is audited).
+//! Each denied new flow counts against its initiator, at the time this controller receives it
+//! (nodes' clocks are not trusted to agree; batches ship every second). An identity with more
+//! than the policy's `quarantine.denied_per_minute` within the minute (the current second and
+//! the 59 before) is quarantined for `quarantine.duration`, through the same path as
+//! `bulkhead quarantine` (so it is audited).
 //!
 //! With several controllers the count is the cluster's: nodes report to different controllers
 //! (a compromised node's attempts are denied by its peers, each reporting where it is
@@ -33,7 +35,11 @@ use crate::view::lock;
 /// Default number of flows kept.
 pub const DEFAULT_HISTORY: usize = 100_000;
 /// The window of `denied_per_minute`.
-const WINDOW_MS: i64 = 60_000;
+/// Whether a denial counted at `t_ms` is still within the minute at `now_ms`: the current
+/// second and the 59 before, the same rule as [`DenialRecord::within`] for shared counts.
+fn in_window(now_ms: i64, t_ms: i64) -> bool {
+    now_ms.div_euclid(1000) - t_ms.div_euclid(1000) < 60
+}
 
 /// The ring and the counters.
 #[derive(Debug)]
@@ -99,7 +105,7 @@ impl Flows {
         let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
         let q = d.entry(initiator.to_string()).or_default();
         q.push_back(at);
-        while q.front().is_some_and(|&t| at - t > WINDOW_MS) {
+        while q.front().is_some_and(|&t| !in_window(at, t)) {
             q.pop_front();
         }
         q.len()
@@ -110,7 +116,7 @@ impl Flows {
     fn per_second(&self, now_ms: i64) -> HashMap<String, DenialRecord> {
         let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|_, q| {
-            q.retain(|&t| now_ms - t <= WINDOW_MS);
+            q.retain(|&t| in_window(now_ms, t));
             !q.is_empty()
         });
         d.iter()
@@ -215,7 +221,9 @@ impl Controller {
                     {
                         continue;
                     }
-                    let n = self.flows.denied(&f.src, f.at) as u64
+                    // Counted when received: node clocks need not agree with ours or each
+                    // other (batches ship every second).
+                    let n = self.flows.denied(&f.src, now) as u64
                         + v.others_denials(&f.src, &self.id, now);
                     if n > u64::from(t) && !over.iter().any(|(s, _)| *s == f.src) {
                         over.push((f.src.clone(), n));
@@ -252,8 +260,9 @@ impl Controller {
 }
 
 /// Every second: shares this controller's denial counts through the store (when they grew, and
-/// a delete once none are left), starts the count over for quarantined identities, and
-/// quarantines whoever everyone's counts together put over the threshold.
+/// a delete once none are left), removes what controllers that are gone left behind, starts the
+/// count over for quarantined identities, and quarantines whoever everyone's counts together put
+/// over the threshold.
 pub async fn share_denials(c: Arc<Controller>) {
     // What a previous run of this controller left behind: its counts were in its memory.
     let mine = format!("/{}", c.id);
@@ -307,6 +316,21 @@ pub async fn share_denials(c: Arc<Controller>) {
                 .filter(|id| !mine.contains_key(*id))
                 .map(|id| Op::Delete(key(id))),
         );
+        // The counts of controllers that are gone for good (no longer registered, nothing
+        // within the minute): nobody else would delete them.
+        {
+            let v = lock(&c.view);
+            for (id, by) in &v.denials {
+                for (ctl, r) in by {
+                    let live = v
+                        .controllers
+                        .contains_key(&format!("{}{ctl}", records::CONTROLLERS));
+                    if !live && r.within(now) == 0 {
+                        ops.push(Op::Delete(format!("{DENIALS}{id}/{ctl}")));
+                    }
+                }
+            }
+        }
         let mut ok = true;
         for group in ops.chunks(64) {
             if let Err(e) = c.store.txn(&[], group).await {
@@ -318,7 +342,11 @@ pub async fn share_denials(c: Arc<Controller>) {
         if ok {
             written.clone_from(&mine);
         } else {
-            written.clear();
+            // Some writes may have failed: write all of ours again next time, and keep every
+            // key that may exist so that it is deleted once it has nothing left.
+            for id in mine.keys() {
+                written.insert(id.clone(), DenialRecord::default());
+            }
         }
         let Some(t) = threshold else {
             continue;
@@ -385,6 +413,12 @@ mod tests {
         assert_eq!(f.denied("a", 61_000), 2, "the first left the window");
         f.reset("a");
         assert_eq!(f.denied("a", 61_001), 1);
+        // The window is the current second and the 59 before, as for shared counts.
+        assert_eq!(f.denied("b", 0), 1);
+        assert_eq!(f.denied("b", 59_999), 2);
+        assert_eq!(f.denied("b", 60_000), 2, "second 0 left at second 60");
+        let shared = &f.per_second(60_000)["b"];
+        assert_eq!(shared.within(60_000), 2);
     }
 
     #[test]

@@ -527,7 +527,8 @@ async fn a_restart_keeps_policy_enrollment_and_revision() {
 }
 
 /// Denial counts are shared through the store from memory: a restarted controller removes what
-/// its previous run left, and only that.
+/// its previous run left, and counts nothing else has a use for (of a controller no longer
+/// registered, older than a minute), but not another live count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_removes_the_denial_counts_its_previous_run_left() {
     use bulkhead_store::{Embedded, Op};
@@ -536,12 +537,18 @@ async fn a_restart_removes_the_denial_counts_its_previous_run_left() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = "https://127.0.0.1:7999";
     let me = &bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16];
-    let count = br#"{"seconds":[[1,5]]}"#.to_vec();
+    let old = br#"{"seconds":[[1,5]]}"#.to_vec();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fresh = format!(r#"{{"seconds":[[{now},5]]}}"#).into_bytes();
     {
         let store = Embedded::open(&dir.join("store.redb")).unwrap();
         let ops = [
-            Op::Put(format!("denials/web-1/{me}"), count.clone()),
-            Op::Put("denials/web-1/0123456789abcdef".into(), count),
+            Op::Put(format!("denials/web-1/{me}"), fresh.clone()),
+            Op::Put("denials/web-1/0123456789abcdef".into(), fresh),
+            Op::Put("denials/db-1/fedcba9876543210".into(), old),
         ];
         bulkhead_store::put(&store, &ops).await.unwrap();
     }
