@@ -425,7 +425,6 @@ fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
             .count()
             >= 100
     });
-    c.lab.signal("ctl", "follow", "TERM");
     assert!(followed, "flows --follow: {}", c.lab.log("ctl", "follow"));
 
     // The flow log shows the scan: one denied new flow per port, from web-1, default deny.
@@ -482,5 +481,17 @@ fn a_port_scan_quarantines_the_scanner_and_the_logs_show_it() {
             ("quarantine".to_string(), "controller".to_string()),
             ("release".to_string(), "admin".to_string())
         ]
+    );
+
+    // The controller stops: the follower says so and fails, rather than end quietly.
+    c.lab.signal("ctl", &c.controller.clone(), "TERM");
+    let code = c.lab.wait("ctl", "follow", Duration::from_secs(10));
+    let said = c.lab.log("ctl", "follow");
+    assert_eq!(code, Some(2), "{said}");
+    let url = "controller https://198.18.0.1:7443";
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with(&format!("bulkhead: {url}"))),
+        "{said}"
     );
 }

@@ -53,7 +53,7 @@ impl Remote {
 
     /// Connections to every other live controller (several share one etcd), with the same
     /// credential. One that cannot be reached is named on stderr and left out.
-    fn others(&mut self) -> Vec<Connection> {
+    fn others(&mut self) -> Vec<(String, Connection)> {
         let Ok(status) = self.get::<StatusView>("/v1/status") else {
             return Vec::new();
         };
@@ -72,7 +72,7 @@ impl Remote {
                     .map_err(|e| e.to_string())
             });
             match conn {
-                Ok(c) => out.push(c),
+                Ok(c) => out.push((url.clone(), c)),
                 Err(e) => eprintln!(
                     "bulkhead: controller {url} not reachable ({e}): flows its nodes reported are missing"
                 ),
@@ -392,9 +392,13 @@ const FLOW_HEADER: [&str; 7] = ["TIME", "FROM", "TO", "PORT", "VERDICT", "RULE",
 
 /// `bulkhead flows [--denied] [--follow] [--identity X]`: the controller's flow log; with
 /// `--follow`, then each new flow as it comes (one line each; `-o json`: one JSON object per
+/// How long a controller may take to start answering a flows request.
+const FLOWS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `bulkhead flows`. Each controller keeps the flows its own nodes reported, so with several
 /// controllers this asks every live one and merges them by time; `--follow` then prints each new
-/// flow from any of them as it comes.
+/// flow from any of them as it comes, and fails (exit 2) once every stream has ended and one of
+/// them with an error.
 pub fn flows(
     r: &mut Remote,
     denied: bool,
@@ -410,22 +414,52 @@ pub fn flows(
     if let Some(i) = identity {
         query += &format!("&identity={i}");
     }
-    let mut others = r.others();
+    let others = r.others();
+    let first = r.cfg.url.clone();
     let Remote { rt, conn, .. } = r;
+    let mut conns: Vec<(String, &mut Connection)> = vec![(first, conn)];
+    let mut rest = others;
+    conns.extend(rest.iter_mut().map(|(u, c)| (u.clone(), c)));
+    // Asks one controller; `None` (said on stderr) if a further one does not answer in time.
+    let open = |url: &str, c: &mut Connection, path: &str, primary: bool| {
+        let r = rt.block_on(async { tokio::time::timeout(FLOWS_TIMEOUT, c.stream(path)).await });
+        match r {
+            Ok(r) if primary => refused(r).map(Some),
+            Ok(Ok(lines)) => Ok(Some(Ok(lines))),
+            Ok(Err(e)) => {
+                eprintln!("bulkhead: controller {url}: {e}: flows its nodes reported are missing");
+                Ok(None)
+            }
+            Err(_) if primary => Err(anyhow!("controller {url}: no answer in {FLOWS_TIMEOUT:?}")),
+            Err(_) => {
+                eprintln!(
+                    "bulkhead: controller {url}: no answer in {FLOWS_TIMEOUT:?}: flows its nodes reported are missing"
+                );
+                Ok(None)
+            }
+        }
+    };
     // With --follow, subscribed before the histories are read, so that nothing falls between
     // the two; what came in between is in both, and printed once.
-    let (tx, mut live) = tokio::sync::mpsc::channel::<FlowView>(4096);
+    let (tx, mut live) = tokio::sync::mpsc::channel::<Result<FlowView, String>>(4096);
     if follow {
         let path = format!("/v1/flows?limit=0&follow=1{query}");
-        for c in std::iter::once(&mut *conn).chain(others.iter_mut()) {
-            let mut lines = match refused(rt.block_on(c.stream(&path)))? {
-                Ok(l) => l,
-                Err(o) => return Ok(o),
+        for (i, (url, c)) in conns.iter_mut().enumerate() {
+            let mut lines = match open(url, c, &path, i == 0)? {
+                Some(Ok(l)) => l,
+                Some(Err(o)) => return Ok(o),
+                None => continue,
             };
-            let tx = tx.clone();
+            let (tx, url) = (tx.clone(), url.clone());
             rt.spawn(async move {
-                while let Ok(Some(f)) = lines.next::<FlowView>().await {
-                    if tx.send(f).await.is_err() {
+                loop {
+                    let item = match lines.next::<FlowView>().await {
+                        Ok(Some(f)) => Ok(f),
+                        Ok(None) => Err(format!("controller {url}: the flow stream ended")),
+                        Err(e) => Err(format!("controller {url}: {e}")),
+                    };
+                    let end = item.is_err();
+                    if tx.send(item).await.is_err() || end {
                         break;
                     }
                 }
@@ -435,10 +469,11 @@ pub fn flows(
     drop(tx);
     let path = format!("/v1/flows?limit={limit}{query}");
     let mut all: Vec<FlowView> = Vec::new();
-    for c in std::iter::once(&mut *conn).chain(others.iter_mut()) {
-        let mut lines = match refused(rt.block_on(c.stream(&path)))? {
-            Ok(l) => l,
-            Err(o) => return Ok(o),
+    for (i, (url, c)) in conns.iter_mut().enumerate() {
+        let mut lines = match open(url, c, &path, i == 0)? {
+            Some(Ok(l)) => l,
+            Some(Err(o)) => return Ok(o),
+            None => continue,
         };
         while let Some(f) = rt.block_on(lines.next::<FlowView>())? {
             all.push(f);
@@ -465,13 +500,30 @@ pub fn flows(
         }
         Ok(out.flush()?)
     };
+    let printed: std::collections::HashSet<String> = all
+        .iter()
+        .filter_map(|f| serde_json::to_string(f).ok())
+        .collect();
     for f in &all {
         print(f)?;
     }
-    while let Some(f) = rt.block_on(live.recv()) {
-        if !all.contains(&f) {
-            print(&f)?;
+    let mut failed = false;
+    while let Some(item) = rt.block_on(live.recv()) {
+        match item {
+            Ok(f) => {
+                if !serde_json::to_string(&f).is_ok_and(|s| printed.contains(&s)) {
+                    print(&f)?;
+                }
+            }
+            Err(e) => {
+                eprintln!("bulkhead: {e}");
+                failed = true;
+            }
         }
+    }
+    // Each error was said as it came.
+    if failed {
+        return Err(anyhow!("no controller's flow stream is left to follow"));
     }
     Ok(Outcome::Ok)
 }
