@@ -325,7 +325,7 @@ async fn quarantine(
     let r = async {
         let who = c.admin(&p).await?;
         let req: bulkhead_proto::QuarantineRequest = body(&b)?;
-        c.quarantine(&id, &req, &who, "by hand", true).await
+        c.quarantine(&id, &req, &who, "by hand", false).await
     };
     json(r.await)
 }
@@ -374,7 +374,10 @@ impl Online {
 impl Drop for Online {
     fn drop(&mut self) {
         self.c.presence.disconnected(&self.identity);
-        self.c.metrics.gone(&self.identity);
+        // A reconnect may have opened the next stream before this one closed.
+        if self.c.presence.streams_of(&self.identity) == 0 {
+            self.c.metrics.gone(&self.identity);
+        }
     }
 }
 

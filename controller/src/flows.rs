@@ -246,10 +246,7 @@ impl Controller {
         self.flows.reset(id);
         let reason = format!("{n} denied new flows in a minute (threshold {threshold})");
         let req = QuarantineRequest::default();
-        match self
-            .quarantine(id, &req, "controller", &reason, false)
-            .await
-        {
+        match self.quarantine(id, &req, "controller", &reason, true).await {
             Ok(_) => {}
             Err(f) if f.code() == "conflict" => {
                 tracing::debug!(identity = %id, "already quarantined");

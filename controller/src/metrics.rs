@@ -63,6 +63,9 @@ impl Metrics {
         self.pushes.inc();
         let mut n = self.nodes();
         match digest {
+            // Already on its way: pushed again (a peer's endpoint moved), still timed from the
+            // first push.
+            Some(d) if n.pending.get(identity).is_some_and(|(p, _)| p == d) => {}
             Some(d) if n.reported.get(identity).map(String::as_str) != Some(d) => {
                 n.pending
                     .insert(identity.to_string(), (d.to_string(), Instant::now()));
@@ -91,14 +94,14 @@ impl Metrics {
         }
     }
 
-    /// A node's stream closed: what it did not confirm is not timed any further.
+    /// A node's last stream here closed: what it did not confirm is not timed any further.
     pub fn gone(&self, identity: &str) {
         let mut n = self.nodes();
         n.pending.remove(identity);
         n.reported.remove(identity);
     }
 
-    /// An identity was put in quarantine, `automatic` (the controller, on denied flows) or not.
+    /// An identity was put in quarantine, `automatic`ally (on denied flows) or by hand.
     pub fn quarantined(&self, automatic: bool) {
         let origin = if automatic { "automatic" } else { "manual" };
         self.quarantines
@@ -129,15 +132,18 @@ impl Metrics {
         let v = lock(&c.view);
         let online = v.nodes.keys().filter(|id| v.online(id)).count();
         let in_sync = v.nodes.keys().filter(|id| v.in_sync(id)).count();
+        // Enrolled identities only: one not enrolled yet has no facts, and fails every check.
         let mut failing: BTreeMap<String, usize> = BTreeMap::new();
         if let Some(live) = &v.live {
             for check in &live.model.policy().posture {
                 failing.insert(check.name.clone(), 0);
             }
-            for (_, check) in &live.compiled.state().failing {
-                *failing
-                    .entry(live.model.check_name(*check).to_string())
-                    .or_default() += 1;
+            for (id, check) in &live.compiled.state().failing {
+                if v.nodes.contains_key(live.model.identity_name(*id)) {
+                    *failing
+                        .entry(live.model.check_name(*check).to_string())
+                        .or_default() += 1;
+                }
             }
         }
         let rows: [(&str, &str, f64); 5] = [
@@ -153,7 +159,7 @@ impl Metrics {
             ),
             (
                 "bulkhead_nodes_in_sync",
-                "Enrolled nodes that report enforcing the revision the live policy gives them",
+                "Enrolled nodes that report enforcing the allowlist (by digest) the live policy gives them now",
                 in_sync as f64,
             ),
             (
@@ -174,7 +180,7 @@ impl Metrics {
         gauge(
             &mut r,
             "bulkhead_posture_failing_identities",
-            "Identities failing each posture check of the live policy",
+            "Enrolled identities failing each posture check of the live policy",
             None,
             failing
                 .into_iter()
@@ -212,13 +218,22 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// Observations in the propagation histogram, as Prometheus would read them.
-    fn timed(m: &Metrics) -> u64 {
+    /// A figure of the propagation histogram (`count`, `sum`), as Prometheus would read it.
+    fn figure(m: &Metrics, which: &str) -> f64 {
         let mut r = Registry::default();
         r.register("p", "p", m.propagation.clone());
         let text = bulkhead_proto::metrics::encode(r).unwrap();
-        let line = text.lines().find(|l| l.starts_with("p_count ")).unwrap();
-        line["p_count ".len()..].parse().unwrap()
+        let prefix = format!("p_{which} ");
+        let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap();
+        line[prefix.len()..].parse().unwrap()
+    }
+
+    fn timed(m: &Metrics) -> u64 {
+        figure(m, "count") as u64
+    }
+
+    fn sum(m: &Metrics) -> f64 {
+        figure(m, "sum")
     }
 
     #[test]
@@ -235,15 +250,22 @@ mod tests {
         m.pushed("web-1", Some("d3"));
         m.reported("web-1", Some("d3"));
         assert_eq!(timed(&m), 1);
+        // Pushed again while on its way: timed from the first push, not the second.
+        m.pushed("web-1", Some("e3"));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        m.pushed("web-1", Some("e3"));
+        m.reported("web-1", Some("e3"));
+        assert_eq!(timed(&m), 2);
+        assert!(sum(&m) >= 0.03, "timed from the first push: {}", sum(&m));
         // A quarantine changes the allowlist under the same revision: a new digest, timed.
         m.pushed("web-1", Some("q3"));
         m.reported("web-1", Some("q3"));
-        assert_eq!(timed(&m), 2);
+        assert_eq!(timed(&m), 3);
         // A node that goes before confirming is not timed.
         m.pushed("web-1", Some("d4"));
         m.gone("web-1");
         m.reported("web-1", Some("d4"));
-        assert_eq!(timed(&m), 2);
-        assert_eq!(m.pushes.get(), 4);
+        assert_eq!(timed(&m), 3);
+        assert_eq!(m.pushes.get(), 6);
     }
 }

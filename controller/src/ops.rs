@@ -570,15 +570,16 @@ impl Controller {
     }
 
     /// Puts an identity in quarantine: it loses every rule but those naming `quarantined`, on
-    /// every node, until `duration` passes or it is released. With `replace`, a quarantine in
-    /// force is replaced (its end changes); without, it stays and the answer is `conflict`.
+    /// every node, until `duration` passes or it is released. By hand, a quarantine in force is
+    /// replaced (its end changes); `automatic` (on denied flows) leaves one in force alone and
+    /// answers `conflict`.
     pub async fn quarantine(
         &self,
         identity: &str,
         req: &QuarantineRequest,
         by: &str,
         reason: &str,
-        replace: bool,
+        automatic: bool,
     ) -> Result<QuarantineResponse, Fail> {
         let now = unix_now();
         let duration = {
@@ -618,7 +619,7 @@ impl Controller {
                 ))
             ),
         };
-        if !replace
+        if automatic
             && let Some(kv) = &current
             && records::decode::<Quarantine>(&key, &kv.value)
                 .is_ok_and(|q| q.until.is_none_or(|u| now < u))
@@ -640,7 +641,7 @@ impl Controller {
             return Err(changed_meanwhile());
         }
         tracing::warn!(identity, by, reason, until = ?q.until, "quarantined");
-        self.metrics.quarantined(by == "controller");
+        self.metrics.quarantined(automatic);
         Ok(QuarantineResponse {
             identity: identity.to_string(),
             quarantine: Some(q),

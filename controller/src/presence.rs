@@ -100,6 +100,12 @@ impl Tracker {
         }
     }
 
+    /// Streams `identity` has open here.
+    pub fn streams_of(&self, identity: &str) -> usize {
+        let m = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(identity).map_or(0, |l| l.streams)
+    }
+
     /// Nodes with a stream open here.
     pub fn streams(&self) -> usize {
         let m = self.local.lock().unwrap_or_else(|p| p.into_inner());

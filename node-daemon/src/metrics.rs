@@ -70,7 +70,7 @@ pub fn registry(s: &Snapshot) -> Registry {
     counter(
         &mut r,
         "bulkhead_peer_handshakes",
-        "WireGuard handshakes completed with the peer",
+        "WireGuard handshakes with the peer: its initiations answered, its responses to ours",
         None,
         per_peer(s, |p| p.handshakes),
     );

@@ -194,11 +194,13 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Persistent keepalive, in seconds.
     pub keepalive: Option<u16>,
-    /// Packets that passed the egress filter into this peer's tunnel, and their bytes.
+    /// Packets that passed the egress filter into this peer's tunnel, and their bytes (one
+    /// queued while a handshake is under way counts when queued).
     pub sent: Traffic,
     /// Packets decrypted from this peer's tunnel (before the ingress filter), and their bytes.
     pub received: Traffic,
-    /// Handshakes completed with this peer (initiated or answered).
+    /// Handshakes with this peer: its initiations this node answered, and its responses that
+    /// completed this node's initiations (an initiation it sends again counts again).
     pub handshakes: u64,
 }
 
@@ -668,7 +670,10 @@ impl Node {
                     peer.received.add(out.len());
                     Some(Ok((out.len(), src)))
                 }
-                TunnResult::WriteToTunnelV6(..) => Some(Err(DropReason::Ipv6)),
+                TunnResult::WriteToTunnelV6(out, _) => {
+                    peer.received.add(out.len());
+                    Some(Err(DropReason::Ipv6))
+                }
                 TunnResult::Done => {
                     peer.endpoint = Some(from);
                     peer.handshakes += u64::from(handshake);

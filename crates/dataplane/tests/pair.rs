@@ -359,6 +359,23 @@ fn the_receiver_enforces_its_own_rules_against_a_rogue_sender() {
     w.send("web", &build::tcp(ops, db, 40000, 5432, tcp::SYN));
     assert!(w.take_tun("db").is_empty());
     assert_eq!(w.take_dropped("db"), vec!["spoofed_source"]);
+    // Counted as ingress at the receiver, and as traffic received through web's tunnel.
+    let db = &w.hosts[w.idx("db")].node;
+    let c = db.counters();
+    assert_eq!(
+        c.dropped.get(&(Direction::Ingress, "spoofed_source")),
+        Some(&1)
+    );
+    assert!(
+        !c.dropped
+            .contains_key(&(Direction::Egress, "spoofed_source"))
+    );
+    let from_web = db
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "web")
+        .expect("a peer");
+    assert!(from_web.received.packets >= 1);
 }
 
 #[test]
@@ -498,6 +515,6 @@ fn garbage_never_panics_and_is_counted() {
     assert!(has(Direction::Egress, "wrong_source"));
     assert!(has(Direction::Egress, "ipv6"));
     assert!(has(Direction::Egress, "truncated"));
-    // The same garbage arriving through a tunnel is counted as ingress.
-    assert!(c.dropped.keys().any(|(d, _)| *d == Direction::Ingress));
+    // The same garbage arriving on the UDP socket is counted as ingress (it never decrypts).
+    assert!(c.dropped.contains_key(&(Direction::Ingress, "tunnel")));
 }
