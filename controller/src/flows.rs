@@ -34,12 +34,6 @@ use crate::view::lock;
 
 /// Default number of flows kept.
 pub const DEFAULT_HISTORY: usize = 100_000;
-/// The window of `denied_per_minute`.
-/// Whether a denial counted at `t_ms` is still within the minute at `now_ms`: the current
-/// second and the 59 before, the same rule as [`DenialRecord::within`] for shared counts.
-fn in_window(now_ms: i64, t_ms: i64) -> bool {
-    now_ms.div_euclid(1000) - t_ms.div_euclid(1000) < 60
-}
 
 /// The ring and the counters.
 #[derive(Debug)]
@@ -105,7 +99,7 @@ impl Flows {
         let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
         let q = d.entry(initiator.to_string()).or_default();
         q.push_back(at);
-        while q.front().is_some_and(|&t| !in_window(at, t)) {
+        while q.front().is_some_and(|&t| !records::in_minute(at, t)) {
             q.pop_front();
         }
         q.len()
@@ -116,7 +110,7 @@ impl Flows {
     fn per_second(&self, now_ms: i64) -> HashMap<String, DenialRecord> {
         let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|_, q| {
-            q.retain(|&t| in_window(now_ms, t));
+            q.retain(|&t| records::in_minute(now_ms, t));
             !q.is_empty()
         });
         d.iter()

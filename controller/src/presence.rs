@@ -177,14 +177,10 @@ impl Tracker {
 
 /// Equal apart from `last_seen`.
 fn same_but_time(a: &PresenceRecord, b: &PresenceRecord) -> bool {
-    a.controller == b.controller
-        && a.online == b.online
-        && a.since == b.since
-        && a.revision == b.revision
-        && a.digest == b.digest
-        && a.status == b.status
-        && a.version == b.version
-        && a.facts == b.facts
+    *a == PresenceRecord {
+        last_seen: a.last_seen,
+        ..b.clone()
+    }
 }
 
 /// Writes presence forever. First marks offline what a previous run of this controller left

@@ -103,13 +103,18 @@ pub struct DenialRecord {
     pub seconds: Vec<(i64, u32)>,
 }
 
+/// Whether a denial counted at `t_ms` is still within the minute at `now_ms`: the current second
+/// and the 59 before. The one window rule of automatic quarantine, local and shared.
+pub fn in_minute(now_ms: i64, t_ms: i64) -> bool {
+    now_ms.div_euclid(1000) - t_ms.div_euclid(1000) < 60
+}
+
 impl DenialRecord {
-    /// Denials within the minute before `now_ms`.
+    /// Denials within the minute at `now_ms` ([`in_minute`]).
     pub fn within(&self, now_ms: i64) -> u64 {
-        let now = now_ms.div_euclid(1000);
         self.seconds
             .iter()
-            .filter(|(s, _)| now - s < 60)
+            .filter(|(s, _)| in_minute(now_ms, s.saturating_mul(1000)))
             .map(|(_, n)| u64::from(*n))
             .sum()
     }

@@ -13,10 +13,8 @@ pub struct Scrape {
     pub content_type: String,
     /// Metric families by name (counters without `_total`, as the parser names them) and type.
     pub families: BTreeMap<String, String>,
-    /// Every sample: name, labels, value.
-    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
-    /// The family of each sample, in the same order.
-    pub family_of: Vec<String>,
+    /// Every sample: name, labels, value, and the family it belongs to.
+    pub samples: Vec<(String, BTreeMap<String, String>, f64, String)>,
 }
 
 /// Scrapes `url` from host `from` of `lab`; panics with the parser's error if it does not parse.
@@ -50,16 +48,9 @@ pub fn scrape(lab: &Lab, from: &str, url: &str) -> Scrape {
                         s[0].as_str().unwrap_or_default().to_string(),
                         labels,
                         s[2].as_f64().unwrap_or(f64::NAN),
+                        s[3].as_str().unwrap_or_default().to_string(),
                     )
                 })
-                .collect()
-        })
-        .unwrap_or_default();
-    let family_of = v["samples"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| s[3].as_str().unwrap_or_default().to_string())
                 .collect()
         })
         .unwrap_or_default();
@@ -67,14 +58,13 @@ pub fn scrape(lab: &Lab, from: &str, url: &str) -> Scrape {
         content_type: v["content_type"].as_str().unwrap_or_default().into(),
         families,
         samples,
-        family_of,
     }
 }
 
 impl Scrape {
     /// The value of sample `name` whose labels include `labels`, if there is exactly one.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut hits = self.samples.iter().filter(|(n, l, _)| {
+        let mut hits = self.samples.iter().filter(|(n, l, _, _)| {
             n == name
                 && labels
                     .iter()
@@ -108,9 +98,8 @@ impl Scrape {
             let of: Vec<&str> = self
                 .samples
                 .iter()
-                .zip(&self.family_of)
-                .filter(|(_, f)| *f == name)
-                .map(|((n, _, _), _)| n.as_str())
+                .filter(|(_, _, _, f)| f == name)
+                .map(|(n, _, _, _)| n.as_str())
                 .collect();
             assert!(!of.is_empty() || ty != "histogram", "{name} has no samples");
             match ty.as_str() {
@@ -134,7 +123,7 @@ impl Scrape {
                 "{name}: only counters end in _total"
             );
         }
-        for (n, _, v) in &self.samples {
+        for (n, _, v, _) in &self.samples {
             assert!(v.is_finite(), "{n} = {v}");
         }
     }
