@@ -119,7 +119,7 @@ async fn fake_daemon(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let t = Token::decode(&token).unwrap();
-    let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+    let wg = bulkhead_proto::PrivateKey::generate().public_key();
     let en = bulkhead_proto::join(&t, wg).await.unwrap();
     let (j, key) = (en.response, en.credential);
     let client = Client::new(

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use bulkhead_dataplane::Key;
+use bulkhead_proto::PublicKey;
 use bulkhead_store::{Compare, Op};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -264,7 +264,7 @@ pub struct NodeRecord {
     /// Its identity.
     pub identity: String,
     /// Its WireGuard public key.
-    pub wireguard_key: Key,
+    pub wireguard_key: PublicKey,
     /// The fingerprint of its client certificate.
     pub credential: String,
     /// Unix seconds.

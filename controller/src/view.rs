@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_allowlist::Allowlist;
-use bulkhead_dataplane::{Config, PeerInfo};
 use bulkhead_policy::posture::Facts as PostureFacts;
 use bulkhead_policy::{CheckId, Compiled, Conditions, IdentityId, Model};
-use bulkhead_proto::{NodeMessage, Quarantine};
+use bulkhead_proto::{NodeConfig, NodeMessage, PeerInfo, Quarantine};
 use bulkhead_store::{Event, KeyValue, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
@@ -152,7 +151,7 @@ impl View {
                 ))
             })
             .collect();
-        NodeMessage::Config(Config {
+        NodeMessage::Config(NodeConfig {
             allowlist: list.clone(),
             peers,
             keepalive: Some(KEEPALIVE),
@@ -765,7 +764,7 @@ rules:
     fn node(id: &str, k: u8) -> NodeRecord {
         NodeRecord {
             identity: id.into(),
-            wireguard_key: bulkhead_dataplane::Key([k; 32]),
+            wireguard_key: bulkhead_proto::PublicKey([k; 32]),
             credential: format!("fp-{id}"),
             enrolled: 0,
         }

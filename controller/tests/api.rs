@@ -104,7 +104,7 @@ impl Drop for Fixture {
 /// A node's side of a join: fresh keys, only public parts sent.
 struct Joined {
     response: JoinResponse,
-    wireguard: bulkhead_dataplane::Key,
+    wireguard: bulkhead_proto::PublicKey,
     identity: Identity,
     url: String,
 }
@@ -122,7 +122,7 @@ impl Joined {
 
 async fn join(token: &str) -> Result<Joined, ApiError> {
     let t = Token::decode(token).unwrap();
-    let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+    let wg = bulkhead_proto::PrivateKey::generate().public_key();
     let en = bulkhead_proto::join(&t, wg).await?;
     Ok(Joined {
         wireguard: wg,

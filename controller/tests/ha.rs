@@ -105,7 +105,7 @@ async fn wait_node(
 
 async fn node_client(token: &str, url: &str) -> Client {
     let t = Token::decode(token).unwrap();
-    let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+    let wg = bulkhead_proto::PrivateKey::generate().public_key();
     let en = bulkhead_proto::join(&t, wg).await.unwrap();
     Client::new(
         &[url.to_string()],
@@ -212,7 +212,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
             b.url.clone()
         }];
         tasks.push(tokio::spawn(async move {
-            let wg = bulkhead_dataplane::public_key(&bulkhead_dataplane::generate_private_key());
+            let wg = bulkhead_proto::PrivateKey::generate().public_key();
             bulkhead_proto::join(&t, wg).await
         }));
     }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use bulkhead_allowlist::{Action, Allowlist, Network, Peer, PortSpec, PortTable, RuleRef, Window};
-use bulkhead_dataplane::{Config, Node, Now, PeerInfo, Sink, generate_private_key, public_key};
+use bulkhead_dataplane::{Config, Node, Now, PeerConfig, Sink};
 use libfuzzer_sys::fuzz_target;
 
 const ME: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -39,9 +39,9 @@ fn now() -> Now {
 }
 
 fn setup() -> (Node, Tunn) {
-    let node_key = generate_private_key();
-    let peer_key = generate_private_key();
-    let mut node = Node::new(&node_key, 64);
+    // Fixed keys: the fuzzer's runs are reproducible.
+    let peer_key = StaticSecret::from([2u8; 32]);
+    let mut node = Node::new([1u8; 32], 64);
     let list = Allowlist {
         revision: 1,
         digest: String::new(),
@@ -73,8 +73,8 @@ fn setup() -> (Node, Tunn) {
         allowlist: list,
         peers: [(
             "peer".to_string(),
-            PeerInfo {
-                public_key: public_key(&peer_key),
+            PeerConfig {
+                public_key: PublicKey::from(&peer_key).to_bytes(),
                 endpoint: Some(from),
             },
         )]
@@ -83,8 +83,8 @@ fn setup() -> (Node, Tunn) {
     };
     node.apply(cfg, now());
     let mut tunn = Tunn::new(
-        StaticSecret::from(peer_key.0),
-        PublicKey::from(node.public_key().0),
+        peer_key,
+        PublicKey::from(node.public_key()),
         None,
         None,
         7,

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bulkhead_dataplane::{Config, Event, Node, Now, Sink};
+use bulkhead_dataplane::{Config, Event, Node, Now, PeerConfig, Sink};
+use bulkhead_proto::NodeConfig;
 use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
@@ -228,18 +229,37 @@ impl Sink for Out {
 }
 
 /// Reads a configuration file. Anything unreadable is an error, never a partial config.
-pub fn read_config(path: &Path) -> anyhow::Result<Config> {
+pub fn read_config(path: &Path) -> anyhow::Result<NodeConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid configuration", path.display()))
 }
 
-async fn apply(node: &mut Node, tun: &mut Interface, cfg: Config) -> anyhow::Result<Applied> {
+/// What the data-plane core takes, from what the controller sent.
+fn core_config(cfg: NodeConfig) -> Config {
+    Config {
+        allowlist: cfg.allowlist,
+        peers: cfg
+            .peers
+            .into_iter()
+            .map(|(name, p)| {
+                let peer = PeerConfig {
+                    public_key: p.public_key.0,
+                    endpoint: p.endpoint,
+                };
+                (name, peer)
+            })
+            .collect(),
+        keepalive: cfg.keepalive,
+    }
+}
+
+async fn apply(node: &mut Node, tun: &mut Interface, cfg: NodeConfig) -> anyhow::Result<Applied> {
     let (addr, net) = (cfg.allowlist.address, cfg.allowlist.network);
     let revision = cfg.allowlist.revision;
     let digest = Some(cfg.allowlist.digest.clone()).filter(|d| !d.is_empty());
-    let report = node.apply(cfg, now());
+    let report = node.apply(core_config(cfg), now());
     let applied = Applied {
         revision: Some(revision),
         digest,
@@ -282,7 +302,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     let key = crate::state::load_or_create_key(&s.state)?;
     let state = StateDir(s.state.clone());
-    let mut node = Node::new(&key, s.flow_capacity);
+    let mut node = Node::new(key.to_bytes(), s.flow_capacity);
     // A configuration or state that does not parse stops the daemon before it creates anything.
     let (source, first) = match &s.allowlist {
         Some(path) => (Source::File(path.clone()), Some(read_config(path)?)),
@@ -364,7 +384,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     tracing::info!(
         interface = %s.interface,
         port = s.listen_port,
-        public_key = %node.public_key().to_base64(),
+        public_key = %key.public_key().to_base64(),
         endpoint = ?s.endpoint,
         "bulkheadd running"
     );
@@ -423,7 +443,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             _ = tick.tick() => node.tick(now(), &mut out),
             Some(reply) = uapi_rx.recv() => {
                 let snap = uapi::Snapshot {
-                    private_key: key,
+                    private_key: key.clone(),
                     listen_port: s.listen_port,
                     peers: node.peers(),
                 };

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use bulkhead_proto::{PrivateKey, PublicKey};
 use clap::{Parser, Subcommand};
 
 /// bulkheadd: the Bulkhead node daemon.
@@ -173,7 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pubkey { state } => {
             let key = state::load_or_create_key(&state)?;
-            println!("{}", bulkhead_dataplane::public_key(&key).to_base64());
+            println!("{}", key.public_key().to_base64());
             Ok(())
         }
     }
@@ -181,12 +182,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Renders a UAPI `get` answer for people.
 fn status(interface: &str, uapi: &str) -> String {
-    let hex = |v: &str| -> Option<bulkhead_dataplane::Key> {
+    let hex = |v: &str| -> Option<[u8; 32]> {
         let bytes: Option<Vec<u8>> = (0..v.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(v.get(i..i + 2)?, 16).ok())
             .collect();
-        Some(bulkhead_dataplane::Key(bytes?.try_into().ok()?))
+        bytes?.try_into().ok()
     };
     let mut out = format!("interface: {interface}\n");
     for line in uapi.lines() {
@@ -198,7 +199,7 @@ fn status(interface: &str, uapi: &str) -> String {
                 if let Some(key) = hex(v) {
                     out += &format!(
                         "  public key: {}\n",
-                        bulkhead_dataplane::public_key(&key).to_base64()
+                        PrivateKey::from(key).public_key().to_base64()
                     );
                 }
             }
@@ -206,7 +207,7 @@ fn status(interface: &str, uapi: &str) -> String {
             "public_key" => {
                 out += &format!(
                     "peer: {}\n",
-                    hex(v).map_or(v.to_string(), |k| k.to_base64())
+                    hex(v).map_or(v.to_string(), |k| PublicKey(k).to_base64())
                 );
             }
             "endpoint" => out += &format!("  endpoint: {v}\n"),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use bulkhead_dataplane::Config;
+use bulkhead_proto::NodeConfig;
 use bulkhead_proto::tls::{Identity, Trust};
 use bulkhead_proto::{ApiError, Client, Facts, FlowBatch, NodeMessage, Report, ReportAck, Token};
 use tokio::sync::{mpsc, watch};
@@ -24,7 +24,7 @@ use crate::state::{Enrollment, StateDir, load_or_create_key};
 pub async fn join(state: &StateDir, token: &str) -> anyhow::Result<Enrollment> {
     let t = Token::decode(token).map_err(anyhow::Error::msg)?;
     let wg = load_or_create_key(&state.0)?;
-    let en = bulkhead_proto::join(&t, bulkhead_dataplane::public_key(&wg))
+    let en = bulkhead_proto::join(&t, wg.public_key())
         .await
         .context("join refused")?;
     let mut controllers = en.response.controllers;
@@ -48,7 +48,7 @@ pub async fn join(state: &StateDir, token: &str) -> anyhow::Result<Enrollment> {
 #[derive(Debug)]
 pub enum Update {
     /// Enforce this configuration.
-    Config(Box<Config>),
+    Config(Box<NodeConfig>),
     /// There is no allowlist for this identity: let nothing pass.
     NoPolicy,
     /// The credential was refused: revoked. Let nothing pass.

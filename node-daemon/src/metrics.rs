@@ -165,7 +165,7 @@ pub fn registry(s: &Snapshot) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_dataplane::{Direction, Key, Traffic};
+    use bulkhead_dataplane::{Direction, Traffic};
 
     #[test]
     fn a_snapshot_renders_every_family() {
@@ -180,7 +180,7 @@ mod tests {
             revision: Some(3),
             peers: vec![PeerStatus {
                 name: "db-1".into(),
-                public_key: Key([1; 32]),
+                public_key: [1; 32],
                 address: "10.0.0.2".parse().unwrap(),
                 endpoint: None,
                 since_handshake: Some(Duration::from_secs(10)),

@@ -14,7 +14,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use bulkhead_dataplane::{Config, Key, generate_private_key};
+use bulkhead_proto::{NodeConfig, PrivateKey};
 use serde::{Deserialize, Serialize};
 
 const KEY_FILE: &str = "private.key";
@@ -48,14 +48,14 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 
 /// Reads the node's private key from `dir`, creating the directory (0700) and a new key (0600)
 /// if there is none.
-pub fn load_or_create_key(dir: &Path) -> anyhow::Result<Key> {
+pub fn load_or_create_key(dir: &Path) -> anyhow::Result<PrivateKey> {
     let path = dir.join(KEY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => Key::from_base64(&text)
+        Ok(text) => PrivateKey::from_base64(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}; refusing to start", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             ensure_dir(dir)?;
-            let key = generate_private_key();
+            let key = PrivateKey::generate();
             write_private(&path, format!("{}\n", key.to_base64()).as_bytes())?;
             Ok(key)
         }
@@ -119,12 +119,12 @@ impl StateDir {
     }
 
     /// The cached configuration, if any.
-    pub fn cached_config(&self) -> anyhow::Result<Option<Config>> {
+    pub fn cached_config(&self) -> anyhow::Result<Option<NodeConfig>> {
         read_optional(&self.0.join(CONFIG_FILE), "cached configuration")
     }
 
     /// Caches the configuration in force.
-    pub fn save_config(&self, c: &Config) -> anyhow::Result<()> {
+    pub fn save_config(&self, c: &NodeConfig) -> anyhow::Result<()> {
         write_private(&self.0.join(CONFIG_FILE), &serde_json::to_vec(c)?)
     }
 

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bulkhead_dataplane::{Key, PeerStatus};
+use bulkhead_dataplane::PeerStatus;
+use bulkhead_proto::{PrivateKey, PublicKey};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -25,7 +26,7 @@ pub fn socket_path(interface: &str) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The node's private key; `wg` derives the public key from it.
-    pub private_key: Key,
+    pub private_key: PrivateKey,
     /// The UDP port.
     pub listen_port: u16,
     /// The peers with tunnels.
@@ -40,7 +41,7 @@ pub fn format_get(s: &Snapshot, now: SystemTime) -> String {
         s.listen_port
     );
     for p in &s.peers {
-        out += &format!("public_key={}\n", p.public_key.to_hex());
+        out += &format!("public_key={}\n", PublicKey(p.public_key).to_hex());
         if let Some(e) = p.endpoint {
             out += &format!("endpoint={}\n", endpoint(e));
         }
@@ -146,18 +147,17 @@ pub async fn get(interface: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_dataplane::generate_private_key;
 
     #[test]
     fn get_follows_the_protocol() {
-        let k = generate_private_key();
-        let peer = generate_private_key();
+        let k = PrivateKey::generate();
+        let peer = PrivateKey::generate().public_key();
         let s = Snapshot {
-            private_key: k,
+            private_key: k.clone(),
             listen_port: 51820,
             peers: vec![PeerStatus {
                 name: "db".into(),
-                public_key: peer,
+                public_key: peer.0,
                 address: "10.0.0.2".parse().unwrap(),
                 endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                 since_handshake: Some(Duration::from_secs(5)),

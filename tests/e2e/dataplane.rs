@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bulkhead_dataplane::{Config, Key, PeerInfo};
 use bulkhead_e2e::netns::Lab;
 use bulkhead_e2e::{bin, netns_ok, run};
 use bulkhead_policy::{Compiled, Conditions};
+use bulkhead_proto::{NodeConfig, PeerInfo, PublicKey};
 
 const PORT: u16 = 51820;
 
@@ -30,7 +30,7 @@ rules:
 /// A lab running one daemon per identity of `policy`, each enforcing its compiled allowlist.
 struct Overlay {
     lab: Lab,
-    keys: BTreeMap<String, Key>,
+    keys: BTreeMap<String, PublicKey>,
     addresses: BTreeMap<String, String>,
 }
 
@@ -38,7 +38,11 @@ fn now() -> i64 {
     jiff::Timestamp::now().as_second()
 }
 
-fn configs(policy: &str, lab: &Lab, keys: &BTreeMap<String, Key>) -> BTreeMap<String, Config> {
+fn configs(
+    policy: &str,
+    lab: &Lab,
+    keys: &BTreeMap<String, PublicKey>,
+) -> BTreeMap<String, NodeConfig> {
     let l = bulkhead_policy::load(policy, now(), &BTreeMap::new());
     assert!(l.is_valid(), "{:?}", l.diagnostics);
     let m = l.model.expect("model");
@@ -61,7 +65,7 @@ fn configs(policy: &str, lab: &Lab, keys: &BTreeMap<String, Key>) -> BTreeMap<St
         .map(|a| {
             (
                 a.identity.clone(),
-                Config {
+                NodeConfig {
                     allowlist: a,
                     peers: peers.clone(),
                     keepalive: None,
@@ -84,7 +88,7 @@ impl Overlay {
             assert_eq!(r.code, Some(0), "{}", r.stderr);
             keys.insert(
                 h.name.clone(),
-                Key::from_base64(&r.stdout).expect("public key"),
+                PublicKey::from_base64(&r.stdout).expect("public key"),
             );
         }
         let mut o = Overlay {
@@ -104,7 +108,7 @@ impl Overlay {
         o
     }
 
-    fn write_config(&self, name: &str, cfg: &Config) {
+    fn write_config(&self, name: &str, cfg: &NodeConfig) {
         let path = self.lab.host(name).dir.join("config.json");
         std::fs::write(&path, serde_json::to_string(cfg).expect("json")).expect("write config");
     }

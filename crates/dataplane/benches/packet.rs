@@ -13,8 +13,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use bulkhead_dataplane::packet::{build, tcp};
-use bulkhead_dataplane::{Config, Node, Now, PeerInfo, Sink, generate_private_key, public_key};
+use bulkhead_dataplane::{Config, Node, Now, PeerConfig, Sink};
 use bulkhead_policy::{Compiled, Conditions};
+use bulkhead_proto::PrivateKey;
 
 fn main() {
     divan::main();
@@ -68,7 +69,7 @@ fn tcp_packet_through_two_nodes(b: divan::Bencher) {
     let l = bulkhead_policy::load(&policy(), T0, &BTreeMap::new());
     let m = l.model.unwrap();
     let lists = Compiled::new(&m, m.state(&Conditions::at(T0))).allowlists(&m, 1);
-    let (ka, kb) = (generate_private_key(), generate_private_key());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let (ea, eb): (SocketAddr, SocketAddr) = (
         "127.0.0.1:1".parse().unwrap(),
         "127.0.0.1:2".parse().unwrap(),
@@ -76,15 +77,15 @@ fn tcp_packet_through_two_nodes(b: divan::Bencher) {
     let peers = BTreeMap::from([
         (
             "a".to_string(),
-            PeerInfo {
-                public_key: public_key(&ka),
+            PeerConfig {
+                public_key: ka.public_key().0,
                 endpoint: Some(ea),
             },
         ),
         (
             "b".to_string(),
-            PeerInfo {
-                public_key: public_key(&kb),
+            PeerConfig {
+                public_key: kb.public_key().0,
                 endpoint: Some(eb),
             },
         ),
@@ -98,7 +99,10 @@ fn tcp_packet_through_two_nodes(b: divan::Bencher) {
         instant: Instant::now(),
         unix: T0,
     };
-    let (mut a, mut bn) = (Node::new(&ka, 65536), Node::new(&kb, 65536));
+    let (mut a, mut bn) = (
+        Node::new(ka.to_bytes(), 65536),
+        Node::new(kb.to_bytes(), 65536),
+    );
     a.apply(cfg("a"), now);
     bn.apply(cfg("b"), now);
     let (ia, ib): (Ipv4Addr, Ipv4Addr) = (cfg("a").allowlist.address, cfg("b").allowlist.address);

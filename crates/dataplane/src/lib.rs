@@ -20,14 +20,12 @@
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
-mod keys;
 mod node;
 pub mod packet;
 
 pub use conntrack::{FlowKey, Initiator};
-pub use keys::{Key, generate_private_key, public_key};
 pub use node::{
-    ApplyReport, Config, Counters, Direction, DropReason, Event, Node, Now, PeerInfo, PeerStatus,
+    ApplyReport, Config, Counters, Direction, DropReason, Event, Node, Now, PeerConfig, PeerStatus,
     Sink, Traffic,
 };
 

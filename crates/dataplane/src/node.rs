@@ -10,10 +10,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet as WgPacket, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
-use serde::{Deserialize, Serialize};
 
 use crate::conntrack::{Conntrack, FlowKey, Initiator, Timeouts, Tracked};
-use crate::keys::Key;
 use crate::packet::{self, Ipv4, Malformed, Packet};
 
 /// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
@@ -30,26 +28,24 @@ pub struct Now {
     pub unix: UnixTime,
 }
 
-/// How to reach one peer: what the controller tells a node besides its allowlist.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerInfo {
+/// How to reach one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
     /// The peer's WireGuard public key.
-    pub public_key: Key,
+    pub public_key: [u8; 32],
     /// Where to send to the peer, if known; learned from authenticated packets otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<SocketAddr>,
 }
 
-/// Everything a node enforces: its allowlist and how to reach the peers it names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything the core enforces: the allowlist and how to reach the peers it names. The shell
+/// builds it from what the controller sent (the wire format is not the core's business).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The compiled allowlist.
     pub allowlist: Allowlist,
     /// Keys and endpoints of peers, by name. A peer of the allowlist missing here gets no tunnel.
-    #[serde(default)]
-    pub peers: BTreeMap<String, PeerInfo>,
+    pub peers: BTreeMap<String, PeerConfig>,
     /// WireGuard persistent keepalive, in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<u16>,
 }
 
@@ -181,7 +177,7 @@ pub struct PeerStatus {
     /// The peer's name.
     pub name: String,
     /// Its public key.
-    pub public_key: Key,
+    pub public_key: [u8; 32],
     /// Its overlay address, the only one allowed from its tunnel.
     pub address: Ipv4Addr,
     /// Where it is reached.
@@ -236,7 +232,7 @@ pub struct ApplyReport {
 struct PeerState {
     name: String,
     address: Ipv4Addr,
-    key: Key,
+    key: [u8; 32],
     endpoint: Option<SocketAddr>,
     tunn: Tunn,
     /// The tunnel's index: WireGuard receiver indices carry it in their upper 24 bits.
@@ -275,7 +271,10 @@ pub struct Node {
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
-            .field("public_key", &Key(self.public.to_bytes()))
+            .field(
+                "public_key",
+                &format_args!("{:02x?}…", &self.public.as_bytes()[..4]),
+            )
             .field("peers", &self.peers.len())
             .field("flows", &self.conntrack.len())
             .finish()
@@ -284,8 +283,8 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node with this private key, enforcing nothing-passes until [`Node::apply`].
-    pub fn new(private_key: &Key, flow_capacity: usize) -> Node {
-        let secret = StaticSecret::from(private_key.0);
+    pub fn new(private_key: [u8; 32], flow_capacity: usize) -> Node {
+        let secret = StaticSecret::from(private_key);
         let public = PublicKey::from(&secret);
         Node {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
@@ -306,8 +305,8 @@ impl Node {
     }
 
     /// This node's public key.
-    pub fn public_key(&self) -> Key {
-        Key(self.public.to_bytes())
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
     }
 
     /// The configuration in force, if any.
@@ -394,7 +393,7 @@ impl Node {
                         endpoint: info.endpoint,
                         tunn: Tunn::new(
                             self.secret.clone(),
-                            PublicKey::from(info.public_key.0),
+                            PublicKey::from(info.public_key),
                             None,
                             config.keepalive,
                             index,
@@ -434,7 +433,7 @@ impl Node {
         self.by_index.clear();
         for (i, p) in self.peers.iter().enumerate() {
             self.by_address.insert(p.address, i);
-            self.by_key.insert(p.key.0, i);
+            self.by_key.insert(p.key, i);
             self.by_index.insert(p.index, i);
         }
         self.next_boundary = None;

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use bulkhead_allowlist::Allowlist;
 use bulkhead_dataplane::packet::{build, icmp, tcp};
-use bulkhead_dataplane::{
-    Config, Direction, Event, Key, Node, Now, PeerInfo, Sink, generate_private_key, public_key,
-};
+use bulkhead_dataplane::{Config, Direction, Event, Node, Now, PeerConfig, Sink};
 use bulkhead_policy::{Compiled, Conditions};
+use bulkhead_proto::PrivateKey;
 
 const T0: i64 = 1_800_000_000;
 
@@ -44,7 +43,7 @@ struct Host {
     name: String,
     node: Node,
     udp: SocketAddr,
-    key: Key,
+    key: PrivateKey,
     /// Everything the host's TUN device received, and everything it dropped.
     tun: Vec<Vec<u8>>,
     dropped: Vec<String>,
@@ -76,10 +75,10 @@ impl World {
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let key = generate_private_key();
+                let key = PrivateKey::generate();
                 Host {
                     name: n.to_string(),
-                    node: Node::new(&key, 1024),
+                    node: Node::new(key.to_bytes(), 1024),
                     udp: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
                     key,
                     tun: Vec::new(),
@@ -116,8 +115,8 @@ impl World {
                 .map(|h| {
                     (
                         h.name.clone(),
-                        PeerInfo {
-                            public_key: public_key(&h.key),
+                        PeerConfig {
+                            public_key: h.key.public_key().0,
                             endpoint: Some(h.udp),
                         },
                     )
@@ -464,8 +463,7 @@ fn expiry_cuts_flows_and_tunnels_without_a_controller() {
 
 #[test]
 fn before_any_allowlist_nothing_passes() {
-    let key = generate_private_key();
-    let mut n = Node::new(&key, 16);
+    let mut n = Node::new(PrivateKey::generate().to_bytes(), 16);
     let mut out = Out::default();
     let now = Now {
         instant: Instant::now(),

@@ -23,19 +23,22 @@
 
 pub mod client;
 pub mod config;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
+mod node;
 pub mod tls;
 pub mod token;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use bulkhead_dataplane::{Config, Key};
 use serde::{Deserialize, Serialize};
 
 pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
+pub use keys::{PrivateKey, PublicKey};
+pub use node::{NodeConfig, PeerInfo};
 pub use token::Token;
 
 /// The body of every error answer.
@@ -57,7 +60,7 @@ pub struct JoinRequest {
     /// The token's secret part.
     pub secret: String,
     /// The node's WireGuard public key.
-    pub wireguard_key: Key,
+    pub wireguard_key: PublicKey,
     /// The node's credential public key ([`tls::ClientPublicKey::to_base64`]).
     pub credential_key: String,
 }
@@ -80,7 +83,7 @@ pub struct JoinResponse {
 #[serde(rename_all = "snake_case")]
 pub enum NodeMessage {
     /// The node's whole configuration: its own allowlist and its peers' keys and endpoints.
-    Config(Config),
+    Config(NodeConfig),
     /// The identity has no allowlist (not in the policy, or no policy yet): nothing passes.
     NoPolicy {
         /// The policy revision, 0 if none.
@@ -493,7 +496,7 @@ pub struct Enrolled {
 
 /// Enrolls with a join token: creates the credential key locally, trusts the controller by the
 /// CA fingerprint the token carries, and sends only public keys.
-pub async fn join(token: &Token, wireguard_key: Key) -> Result<Enrolled, ApiError> {
+pub async fn join(token: &Token, wireguard_key: PublicKey) -> Result<Enrolled, ApiError> {
     let credential = tls::CredentialKey::generate()?;
     let client = Client::new(
         &token.urls,
