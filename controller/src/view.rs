@@ -1038,6 +1038,48 @@ rules:
     }
 
     #[test]
+    fn a_new_allowlist_survives_a_condition_refresh_that_touches_it() {
+        // Revision 2 changes only rule ab's window: a's and b's allowlists differ from
+        // revision 1 in their rules alone.
+        let mut v = View::default();
+        let (rec, kvs) = stored_policy(POLICY_TEXT);
+        v.load(&kvs);
+        let mut next = rec.clone();
+        next.revision = 2;
+        next.text = POLICY_TEXT.replace(
+            "ports: [tcp/80]}",
+            "ports: [tcp/80], expires: 2999-01-01T00:00:00Z}",
+        );
+        let (head, chunks) = next.split();
+        let mut t = Touched::default();
+        for (k, b) in chunks {
+            v.put(&kv(&k, b, 2), &mut t);
+        }
+        v.put(&kv(POLICY, encode(&head), 2), &mut t);
+        v.distribute(t);
+        let window = |v: &View| v.allowlists["a"].rules[0].window;
+        assert!(window(&v).expires.is_some());
+        let changed = v.allowlists["a"].clone();
+        // b quarantined, then released: a's allowlist is recompiled twice, and must come back
+        // as revision 2 made it, never as revision 1 had it.
+        let q = Quarantine {
+            since: unix_now(),
+            until: None,
+            reason: "by hand".into(),
+            by: "admin".into(),
+        };
+        let mut t = Touched::default();
+        v.put(&kv("quarantine/b", encode(&q), 3), &mut t);
+        v.distribute(t);
+        assert!(v.allowlists["a"].peers.is_empty());
+        let mut t = Touched::default();
+        v.delete("quarantine/b", &mut t);
+        v.distribute(t);
+        assert_eq!(v.allowlists["a"], changed);
+        assert_eq!(contents(&v), full_compile(&v));
+    }
+
+    #[test]
     fn a_snapshot_brings_quarantines_and_facts_into_the_first_compile() {
         // As the store lists them: "policy" before "presence/" and "quarantine/".
         let (_, mut kvs) = stored_policy(POLICY_TEXT);

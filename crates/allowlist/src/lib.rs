@@ -287,14 +287,37 @@ impl Allowlist {
 
     /// Compares two allowlists peer by peer, ignoring the revision. Linear in the number of peers.
     pub fn diff(&self, new: &Allowlist) -> AllowlistDiff {
+        // Every field, named: a field added to `Allowlist` is a compile error here until it is
+        // compared. The controller keeps the old allowlist when the diff is empty, so a field
+        // left out would be silently reverted.
+        let Allowlist {
+            revision: _,
+            digest: _,
+            identity,
+            address,
+            network,
+            rules,
+            tables: _, // compared through the peers that refer to them
+            peers,
+        } = self;
+        let Allowlist {
+            revision: _,
+            digest: _,
+            identity: new_identity,
+            address: new_address,
+            network: new_network,
+            rules: new_rules,
+            tables: _,
+            peers: new_peers,
+        } = new;
         let mut d = AllowlistDiff {
-            header_changed: self.identity != new.identity
-                || self.address != new.address
-                || self.network != new.network
-                || self.rules != new.rules,
+            header_changed: identity != new_identity
+                || address != new_address
+                || network != new_network
+                || rules != new_rules,
             ..AllowlistDiff::default()
         };
-        let (mut a, mut b) = (self.peers.iter().peekable(), new.peers.iter().peekable());
+        let (mut a, mut b) = (peers.iter().peekable(), new_peers.iter().peekable());
         loop {
             match (a.peek(), b.peek()) {
                 (None, None) => break,
@@ -316,9 +339,15 @@ impl Allowlist {
                         b.next();
                     }
                     std::cmp::Ordering::Equal => {
-                        let same = x.address == y.address
-                            && self.table(x.outbound) == new.table(y.outbound)
-                            && self.table(x.inbound) == new.table(y.inbound);
+                        let Peer {
+                            name: _,
+                            address,
+                            outbound,
+                            inbound,
+                        } = x;
+                        let same = *address == y.address
+                            && self.table(*outbound) == new.table(y.outbound)
+                            && self.table(*inbound) == new.table(y.inbound);
                         if !same {
                             d.changed.push(x.name.to_string());
                         }
@@ -373,6 +402,44 @@ mod tests {
             tables,
             peers,
         }
+    }
+
+    #[test]
+    fn a_change_to_any_field_but_revision_and_digest_is_a_change() {
+        let t22 = PortTable::build([(0, PortSpec::Tcp { lo: 22, hi: 22 })]);
+        let t23 = PortTable::build([(0, PortSpec::Tcp { lo: 23, hi: 23 })]);
+        let old = list(
+            vec![("a", 2, t22)],
+            vec![rule("r", Action::Allow, Window::ALWAYS)],
+        );
+        type Change = fn(&mut Allowlist, &PortTable);
+        let changes: Vec<(&str, Change)> = vec![
+            ("identity", |l, _| l.identity = "other".into()),
+            ("address", |l, _| l.address = Ipv4Addr::new(10, 0, 0, 9)),
+            ("network", |l, _| l.network.prefix_len = 16),
+            ("rules", |l, _| l.rules[0].name = "s".into()),
+            ("rule window", |l, _| l.rules[0].window.expires = Some(5)),
+            ("tables", |l, t| l.tables[1] = t.clone()),
+            ("peer address", |l, _| {
+                l.peers[0].address = Ipv4Addr::new(10, 0, 0, 8)
+            }),
+            ("peer table", |l, _| l.peers[0].outbound = 0),
+            ("peer inbound", |l, _| l.peers[0].inbound = 1),
+            ("peers", |l, _| l.peers.clear()),
+        ];
+        for (what, change) in changes {
+            let mut new = old.clone();
+            change(&mut new, &t23);
+            assert_ne!(new, old, "{what}: the change changes something");
+            assert!(
+                !old.diff(&new).is_empty(),
+                "{what} changed: not in the diff"
+            );
+        }
+        let mut same = old.clone();
+        same.revision += 1;
+        same.digest = "x".into();
+        assert!(old.diff(&same).is_empty());
     }
 
     #[test]
