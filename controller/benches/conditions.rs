@@ -70,7 +70,7 @@ fn loaded() -> View {
     kvs.push(kv(POLICY, encode(&head), 1));
     let mut v = View::default();
     v.load(&kvs);
-    assert!(v.live.is_some());
+    assert!(v.live().is_some());
     v
 }
 
@@ -101,7 +101,7 @@ fn quarantine_and_release_one(b: divan::Bencher) {
 #[divan::bench(sample_count = 5)]
 fn full_recompile_twice(b: divan::Bencher) {
     let v = loaded();
-    let live = v.live.clone().unwrap();
+    let live = v.live().unwrap();
     let m = &live.model;
     b.bench_local(|| {
         for _ in 0..2 {

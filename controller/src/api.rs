@@ -126,7 +126,7 @@ impl Controller {
                 "this call needs a client certificate",
             )
         })?;
-        if let Some(c) = lock(&self.view).creds.get(fp).cloned() {
+        if let Some(c) = lock(&self.view).records().creds.get(fp).cloned() {
             return Ok(c);
         }
         // The view may lag a write made an instant ago (here, or through another controller
@@ -280,7 +280,11 @@ async fn flows(
 }
 
 async fn policy(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(async { c.admin(&p).await.and_then(|_| c.policy()) }.await)
+    let r = async {
+        c.admin(&p).await?;
+        c.policy().await
+    };
+    json(r.await)
 }
 
 async fn plan(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
@@ -437,7 +441,7 @@ async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
                     return Some((push(&st.online, &m), st));
                 }
                 r = st.creds.changed() => {
-                    let valid = lock(&st.online.c.view).creds.contains_key(&st.fp);
+                    let valid = lock(&st.online.c.view).records().creds.contains_key(&st.fp);
                     if r.is_err() || !valid {
                         tracing::info!(identity = %st.online.identity, "credential gone: stream closed");
                         return None;

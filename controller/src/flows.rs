@@ -151,7 +151,8 @@ impl Controller {
         let mut over: Vec<(String, u64)> = Vec::new();
         let (threshold, views) = {
             let v = lock(&self.view);
-            let model = v.live.as_ref().map(|l| &l.model);
+            let live = v.live();
+            let model = live.as_ref().map(|l| &l.model);
             let address_of = |name: &str| {
                 model
                     .and_then(|m| m.identity(name).map(|i| m.address(i)))
@@ -176,6 +177,7 @@ impl Controller {
             let threshold = model.and_then(|m| m.policy().quarantine.map(|q| q.denied_per_minute));
             let now = crate::ops::unix_ms();
             let quarantined: Vec<String> = v
+                .records()
                 .quarantined(crate::ops::unix_now())
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -218,7 +220,7 @@ impl Controller {
                     // Counted when received: node clocks need not agree with ours or each
                     // other (batches ship every second).
                     let n = self.flows.denied(&f.src, now) as u64
-                        + v.others_denials(&f.src, &self.id, now);
+                        + v.records().others_denials(&f.src, &self.id, now);
                     if n > u64::from(t) && !over.iter().any(|(s, _)| *s == f.src) {
                         over.push((f.src.clone(), n));
                     }
@@ -278,10 +280,10 @@ pub async fn share_denials(c: Arc<Controller>) {
         let (threshold, quarantined) = {
             let v = lock(&c.view);
             let t = v
-                .live
-                .as_ref()
+                .live()
                 .and_then(|l| l.model.policy().quarantine.map(|q| q.denied_per_minute));
             let q: HashSet<String> = v
+                .records()
                 .quarantined(now.div_euclid(1000))
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -311,9 +313,10 @@ pub async fn share_denials(c: Arc<Controller>) {
         // within the minute): nobody else would delete them.
         {
             let v = lock(&c.view);
-            for (id, by) in &v.denials {
+            let records = v.records();
+            for (id, by) in &records.denials {
                 for (ctl, r) in by {
-                    let live = v
+                    let live = records
                         .controllers
                         .contains_key(&format!("{}{ctl}", records::CONTROLLERS));
                     if !live && r.within(now) == 0 {
@@ -344,16 +347,17 @@ pub async fn share_denials(c: Arc<Controller>) {
         };
         let over: Vec<(String, u64)> = {
             let v = lock(&c.view);
-            let Some(live) = v.live.as_ref() else {
+            let Some(live) = v.live() else {
                 continue;
             };
-            let candidates: BTreeSet<&String> = mine.keys().chain(v.denials.keys()).collect();
+            let records = v.records();
+            let candidates: BTreeSet<&String> = mine.keys().chain(records.denials.keys()).collect();
             candidates
                 .into_iter()
                 .filter(|id| !quarantined.contains(*id) && live.model.identity(id).is_some())
                 .map(|id| {
                     let n = mine.get(id).map_or(0, |r| r.within(now))
-                        + v.others_denials(id, &c.id, now);
+                        + records.others_denials(id, &c.id, now);
                     (id.clone(), n)
                 })
                 .filter(|(_, n)| *n > u64::from(t))

@@ -251,6 +251,7 @@ async fn end_quarantines(c: Arc<Controller>) {
         tick.tick().await;
         let now = ops::unix_now();
         let due: Vec<(String, bulkhead_store::Revision)> = view::lock(&c.view)
+            .records()
             .quarantines
             .iter()
             .filter(|(_, (q, _))| q.until.is_some_and(|u| u <= now))

@@ -130,16 +130,17 @@ impl Metrics {
         );
         let now = crate::ops::unix_now();
         let v = lock(&c.view);
-        let online = v.nodes.keys().filter(|id| v.online(id)).count();
-        let in_sync = v.nodes.keys().filter(|id| v.in_sync(id)).count();
+        let records = v.records();
+        let online = records.nodes.keys().filter(|id| v.online(id)).count();
+        let in_sync = records.nodes.keys().filter(|id| v.in_sync(id)).count();
         // Enrolled identities only: one not enrolled yet has no facts, and fails every check.
         let mut failing: BTreeMap<String, usize> = BTreeMap::new();
-        if let Some(live) = &v.live {
+        if let Some(live) = &v.live() {
             for check in &live.model.policy().posture {
                 failing.insert(check.name.clone(), 0);
             }
             for (id, check) in &live.compiled.state().failing {
-                if v.nodes.contains_key(live.model.identity_name(*id)) {
+                if records.nodes.contains_key(live.model.identity_name(*id)) {
                     *failing
                         .entry(live.model.check_name(*check).to_string())
                         .or_default() += 1;
@@ -150,7 +151,7 @@ impl Metrics {
             (
                 "bulkhead_nodes_enrolled",
                 "Enrolled nodes",
-                v.nodes.len() as f64,
+                records.nodes.len() as f64,
             ),
             (
                 "bulkhead_nodes_online",
@@ -170,7 +171,7 @@ impl Metrics {
             (
                 "bulkhead_quarantined_identities",
                 "Identities in quarantine now",
-                v.quarantined(now).count() as f64,
+                records.quarantined(now).count() as f64,
             ),
         ];
         drop(v);

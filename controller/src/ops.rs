@@ -118,7 +118,7 @@ impl Controller {
     /// Every live controller's URL, this one's first.
     pub fn controller_urls(&self) -> Vec<String> {
         let mut urls = vec![self.url.clone()];
-        for u in lock(&self.view).controllers.values() {
+        for u in lock(&self.view).records().controllers.values() {
             if !urls.contains(u) {
                 urls.push(u.clone());
             }
@@ -162,7 +162,7 @@ impl Controller {
     /// The plan for `req` against the live policy.
     pub fn plan(&self, req: &PolicyRequest) -> Result<PlanResponse, Fail> {
         // A snapshot of the live policy: the plan is computed without holding the view's lock.
-        let live = lock(&self.view).live.clone();
+        let live = lock(&self.view).live();
         let prior = live
             .as_ref()
             .map(|l| l.record.addresses.clone())
@@ -200,7 +200,7 @@ impl Controller {
         }
         // The live policy whole, from the view once it has caught up with that head.
         self.caught_up(mod_rev).await;
-        let old = lock(&self.view).live.clone();
+        let old = lock(&self.view).live();
         let old = match old {
             Some(l) if l.record.revision == live_rev => Some(l),
             None if live_rev == 0 => None,
@@ -257,7 +257,7 @@ impl Controller {
             );
         }
         let sha = head.body.clone();
-        lock(&self.view).prepared = Some(Live {
+        lock(&self.view).prepare(Live {
             record: rec,
             model: Arc::new(cand.model),
             compiled: cand.compiled,
@@ -287,7 +287,7 @@ impl Controller {
         let t = match t {
             Ok(t) if t.succeeded => t,
             r => {
-                lock(&self.view).prepared = None;
+                lock(&self.view).unprepare();
                 r.map_err(Fail::store)?;
                 return Err(Fail::new(
                     409,
@@ -306,12 +306,15 @@ impl Controller {
         })
     }
 
-    /// The live policy.
-    pub fn policy(&self) -> Result<PolicyView, Fail> {
-        let v = lock(&self.view);
-        let l = v
-            .live
-            .as_ref()
+    /// The live policy, once the view has caught up with the stored one: a policy applied
+    /// through another controller a moment ago is the one shown (its compile may still be
+    /// running here).
+    pub async fn policy(&self) -> Result<PolicyView, Fail> {
+        if let Some(head) = self.store.get(POLICY).await.map_err(Fail::store)? {
+            self.caught_up(head.mod_revision).await;
+        }
+        let l = lock(&self.view)
+            .live()
             .ok_or_else(|| Fail::new(404, "not_found", "no policy applied yet"))?;
         Ok(PolicyView {
             revision: l.record.revision,
@@ -348,8 +351,7 @@ impl Controller {
             .await
             .map_err(Fail::store)?;
         let in_policy = lock(&self.view)
-            .live
-            .as_ref()
+            .live()
             .is_some_and(|l| l.model.identity(&req.identity).is_some());
         tracing::info!(identity = %req.identity, expires = rec.expires, "join token created");
         Ok(TokenResponse {
@@ -532,7 +534,7 @@ impl Controller {
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
         self.presence.reported(identity, &r);
         self.metrics.reported(identity, r.digest.as_deref());
-        let moved = lock(&self.view).endpoints.get(identity) != Some(&endpoint);
+        let moved = lock(&self.view).records().endpoints.get(identity) != Some(&endpoint);
         if moved {
             bulkhead_store::put(
                 &*self.store,
@@ -584,9 +586,10 @@ impl Controller {
         let now = unix_now();
         let duration = {
             let v = lock(&self.view);
-            let live = v.live.as_ref();
+            let live = v.live();
+            let live = live.as_ref();
             let known = live.is_some_and(|l| l.model.identity(identity).is_some())
-                || v.nodes.contains_key(identity);
+                || v.records().nodes.contains_key(identity);
             if !known {
                 return Err(Fail::new(
                     404,
@@ -713,71 +716,83 @@ impl Controller {
             .collect())
     }
 
-    /// Every identity in the policy or enrolled.
+    /// Every identity in the policy or enrolled. What it shows is copied out under the view's
+    /// lock; posture is evaluated after letting go of it.
     pub fn nodes(&self) -> Vec<NodeView> {
         let now = unix_now();
-        let v = lock(&self.view);
-        let mut names: Vec<String> = v.nodes.keys().cloned().collect();
-        if let Some(l) = &v.live {
-            names.extend(
-                l.model
-                    .identity_ids()
-                    .map(|i| l.model.identity_name(i).to_string()),
-            );
-        }
-        names.sort();
-        names.dedup();
-        names
-            .into_iter()
-            .map(|n| {
-                let model = v.live.as_ref().map(|l| &l.model);
-                let id = model.and_then(|m| m.identity(&n));
-                let p = v.presence.get(&n).map(|p| &p.0);
-                let posture = model
-                    .zip(id)
-                    .map(|(m, i)| {
-                        // The checks of the rules it initiates.
-                        let needed: std::collections::BTreeSet<&str> = m
-                            .rules()
-                            .iter()
-                            .filter(|r| m.on_side(&r.from, i, false))
-                            .flat_map(|r| r.posture.iter().map(|c| m.check_name(*c)))
-                            .collect();
-                        v.posture(m, &n, now)
-                            .into_iter()
-                            .filter(|(c, _)| needed.contains(c.as_str()))
-                            .map(|(check, r)| CheckView {
-                                check,
-                                pass: r.is_ok(),
-                                reason: r.err(),
-                            })
-                            .collect()
+        let (live, inputs, mut rows) = {
+            let v = lock(&self.view);
+            let live = v.live();
+            let r = v.records();
+            let mut names: Vec<String> = r.nodes.keys().cloned().collect();
+            if let Some(l) = &live {
+                names.extend(
+                    l.model
+                        .identity_ids()
+                        .map(|i| l.model.identity_name(i).to_string()),
+                );
+            }
+            names.sort();
+            names.dedup();
+            let rows: Vec<NodeView> = names
+                .into_iter()
+                .map(|n| {
+                    let p = r.presence.get(&n).map(|p| &p.0);
+                    NodeView {
+                        address: None,
+                        in_policy: false,
+                        enrolled: r.nodes.contains_key(&n),
+                        endpoint: r.endpoints.get(&n).copied(),
+                        online: v.online(&n),
+                        last_seen: p.map(|p| p.last_seen),
+                        revision: p.and_then(|p| p.revision),
+                        in_sync: v.in_sync(&n),
+                        status: p.and_then(|p| p.status.clone()),
+                        posture: Vec::new(),
+                        quarantine: r.quarantines.get(&n).map(|q| q.0.clone()),
+                        upcoming: Vec::new(),
+                        identity: n,
+                    }
+                })
+                .collect();
+            let with_facts = live
+                .as_ref()
+                .is_some_and(|l| !l.model.policy().posture.is_empty());
+            (live, with_facts.then(|| v.inputs(now)), rows)
+        };
+        let Some(live) = live else {
+            return rows;
+        };
+        let m = &*live.model;
+        for row in &mut rows {
+            let Some(i) = m.identity(&row.identity) else {
+                continue;
+            };
+            row.address = Some(m.address(i));
+            row.in_policy = true;
+            if let Some(inputs) = &inputs {
+                // The checks of the rules it initiates.
+                let needed: std::collections::BTreeSet<&str> = m
+                    .rules()
+                    .iter()
+                    .filter(|r| m.on_side(&r.from, i, false))
+                    .flat_map(|r| r.posture.iter().map(|c| m.check_name(*c)))
+                    .collect();
+                row.posture = crate::view::posture(m, &inputs.of(&row.identity))
+                    .into_iter()
+                    .filter(|(c, _)| needed.contains(c.as_str()))
+                    .map(|(check, r)| CheckView {
+                        check,
+                        pass: r.is_ok(),
+                        reason: r.err(),
                     })
-                    .unwrap_or_default();
-                NodeView {
-                    address: model.zip(id).map(|(m, i)| m.address(i)),
-                    in_policy: id.is_some(),
-                    enrolled: v.nodes.contains_key(&n),
-                    endpoint: v.endpoints.get(&n).copied(),
-                    online: v.online(&n),
-                    last_seen: p.map(|p| p.last_seen),
-                    revision: p.and_then(|p| p.revision),
-                    in_sync: v.in_sync(&n),
-                    status: p.and_then(|p| p.status.clone()),
-                    posture,
-                    quarantine: v.quarantines.get(&n).map(|q| q.0.clone()),
-                    upcoming: model
-                        .zip(id)
-                        .map(|(m, i)| {
-                            upcoming(m, now, |r| {
-                                m.on_side(&r.from, i, false) || m.on_side(&r.to, i, false)
-                            })
-                        })
-                        .unwrap_or_default(),
-                    identity: n,
-                }
-            })
-            .collect()
+                    .collect();
+            }
+            row.upcoming = upcoming(m, now, |r| {
+                m.on_side(&r.from, i, false) || m.on_side(&r.to, i, false)
+            });
+        }
+        rows
     }
 
     /// The controller's own state, with the store's health.
@@ -791,17 +806,18 @@ impl Controller {
             .map(|(ep, r)| (ep, r.unwrap_or_else(|e| format!("unhealthy: {e}"))))
             .collect();
         let v = lock(&self.view);
+        let r = v.records();
         StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             url: self.url.clone(),
-            controllers: v.controllers.values().cloned().collect(),
+            controllers: r.controllers.values().cloned().collect(),
             store: self.store.describe(),
             store_health,
             revision: v.revision(),
-            identities: v.live.as_ref().map_or(0, |l| l.model.identity_count()),
-            enrolled: v.nodes.len(),
-            online: v.presence.keys().filter(|n| v.online(n)).count(),
-            in_sync: v.nodes.keys().filter(|n| v.in_sync(n)).count(),
+            identities: v.live().map_or(0, |l| l.model.identity_count()),
+            enrolled: r.nodes.len(),
+            online: r.presence.keys().filter(|n| v.online(n)).count(),
+            in_sync: r.nodes.keys().filter(|n| v.in_sync(n)).count(),
             uptime: self.started.elapsed().as_secs(),
         }
     }

@@ -188,6 +188,7 @@ fn same_but_time(a: &PresenceRecord, b: &PresenceRecord) -> bool {
 pub async fn run(c: Arc<Controller>) {
     let t = &c.presence;
     let leftovers: Vec<(String, Revision)> = lock(&c.view)
+        .records()
         .presence
         .iter()
         .filter(|(_, (r, _))| r.online && r.controller == t.url)
@@ -245,7 +246,7 @@ pub async fn run(c: Arc<Controller>) {
             let key = format!("{PRESENCE}{id}");
             let fence = {
                 let v = lock(&c.view);
-                match v.presence.get(&id) {
+                match v.records().presence.get(&id) {
                     None => Some(last.unwrap_or(0)),
                     Some((s, rev)) if s.controller == t.url || !v.online(&id) => {
                         Some(last.unwrap_or(0).max(*rev))

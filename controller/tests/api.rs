@@ -572,3 +572,98 @@ async fn a_restart_removes_the_denial_counts_its_previous_run_left() {
     h.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A large policy arriving through the store (as from another controller, or at a restart) is
+/// compiled by the view's follower. Calls that read the view keep answering meanwhile: the
+/// compile runs with the view's lock released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_keep_answering_while_a_large_policy_compiles() {
+    use std::fmt::Write;
+    use std::time::Instant;
+
+    use bulkhead_controller::records::{POLICY as HEAD, PolicyRecord, encode};
+    use bulkhead_store::{Compare, Op};
+
+    let f = Fixture::new("compile").await;
+    let (tiers, per_tier) = (25, 100);
+    let mut text =
+        String::from("version: 1\nnetwork: {name: big, cidr: 10.64.0.0/12}\nidentities:\n");
+    for i in 0..tiers * per_tier {
+        writeln!(text, "  n{i}: {{labels: {{tier: t{}}}}}", i / per_tier).unwrap();
+    }
+    text += "segments:\n";
+    for t in 0..tiers {
+        writeln!(text, "  t{t}: {{match: {{tier: t{t}}}}}").unwrap();
+    }
+    text += "rules:\n";
+    for t in 0..tiers - 1 {
+        let next = t + 1;
+        writeln!(
+            text,
+            "  - {{name: r{t}, from: [t{t}], to: [t{next}], ports: [tcp/5432]}}"
+        )
+        .unwrap();
+    }
+    let rec = PolicyRecord {
+        revision: 1,
+        text,
+        source: "big.yaml".into(),
+        applied_at: 1,
+        applied_by: "another controller".into(),
+        addresses: Default::default(),
+    };
+    let (head, chunks) = rec.split();
+    let store = f.handle.as_ref().unwrap().controller.store();
+    for group in chunks.chunks(8) {
+        let ops: Vec<Op> = group
+            .iter()
+            .map(|(k, v)| Op::Put(k.clone(), v.clone()))
+            .collect();
+        bulkhead_store::put(store, &ops).await.unwrap();
+    }
+    let c = f.handle.as_ref().unwrap().controller.clone();
+    let t = store
+        .txn(
+            &[Compare::ModRevision(HEAD.into(), 0)],
+            &[Op::Put(HEAD.into(), encode(&head))],
+        )
+        .await
+        .unwrap();
+    assert!(t.succeeded);
+    let written = Instant::now();
+    // Read the view until the policy is live, timing each call.
+    let (answers, longest, live_after) = tokio::task::spawn_blocking(move || {
+        let (mut answers, mut longest) = (0u32, Duration::ZERO);
+        loop {
+            let asked = Instant::now();
+            let live = c.nodes().iter().any(|n| n.in_policy);
+            longest = longest.max(asked.elapsed());
+            if live {
+                return (answers, longest, written.elapsed());
+            }
+            answers += 1;
+            assert!(
+                written.elapsed() < Duration::from_secs(120),
+                "never compiled"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "policy live after {live_after:?}; {answers} calls answered meanwhile, the longest in {longest:?}"
+    );
+    assert!(
+        live_after > Duration::from_millis(200),
+        "the compile must take a while for this test to tell anything: {live_after:?}"
+    );
+    assert!(
+        longest < live_after / 4,
+        "a call waited {longest:?} of the {live_after:?} the compile took"
+    );
+    assert!(
+        answers >= 10,
+        "only {answers} calls answered during the compile"
+    );
+}

@@ -1,0 +1,123 @@
+//! The follower: the one task that changes the view. A full read of the store, then its watch;
+//! a resync or an error starts over. Each step takes the lock to take in what changed, lets go
+//! of it to compile, and takes it again to swap in the result and push.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_store::{Event, Revision, Store, WatchMessage};
+use tokio::sync::watch;
+
+use super::mirror::Touched;
+use super::{Shared, View, lock, unix_now};
+
+/// One step: `take_in` changes the mirror under the lock; the compile it calls for runs with
+/// the lock released; the result is swapped in and pushed under the lock again. Returns how
+/// many nodes were sent something, and the credential generation.
+fn step(view: &Shared, take_in: impl FnOnce(&mut View) -> Touched) -> (usize, u64) {
+    let now = unix_now();
+    let (t, job) = {
+        let mut v = lock(view);
+        let mut t = take_in(&mut v);
+        let job = v.job(&mut t, now);
+        (t, job)
+    };
+    let outcome = job.run();
+    let mut v = lock(view);
+    let sent = v.finish(t, outcome);
+    (sent, v.cred_generation)
+}
+
+/// Follows the store forever: a full read, then the watch; a resync or an error starts over.
+/// `applied` holds the store revision the view has caught up with (-1 before the first full
+/// read), so that a write can wait until its effect is visible (read your writes).
+pub async fn sync(
+    store: Arc<dyn Store>,
+    view: Arc<Shared>,
+    applied: watch::Sender<Revision>,
+    creds: watch::Sender<u64>,
+) {
+    let announce = |generation: u64| {
+        creds.send_if_modified(|g| {
+            let changed = *g != generation;
+            *g = generation;
+            changed
+        });
+    };
+    loop {
+        let snap = match store.range("").await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the store; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let (sent, generation) = step(&view, |v| v.reset(&snap.kvs));
+        announce(generation);
+        tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
+        applied.send_replace(snap.revision);
+        let mut w = match store.watch("", snap.revision).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the store; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut seen = snap.revision;
+        loop {
+            let wake = lock(&view).next_event(unix_now());
+            let timer = async {
+                match wake {
+                    Some(t) => {
+                        // Just past the second the boundary falls on.
+                        let now_ms = jiff::Timestamp::now().as_millisecond();
+                        let ms = (t * 1000 - now_ms).max(0).unsigned_abs();
+                        tokio::time::sleep(Duration::from_millis(ms + 5)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let msg = tokio::select! {
+                m = w.next() => m,
+                () = timer => {
+                    let (sent, _) = step(&view, |_| Touched {
+                        conditions: true,
+                        ..Touched::default()
+                    });
+                    if sent > 0 {
+                        tracing::info!(nodes = sent, "conditions changed (time): pushed");
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Some(WatchMessage::Events(events)) => {
+                    let fresh = events.iter().filter(|e| e.revision() > seen);
+                    let (sent, generation) = step(&view, |v| v.take(fresh));
+                    seen = events
+                        .iter()
+                        .map(Event::revision)
+                        .max()
+                        .unwrap_or(seen)
+                        .max(seen);
+                    announce(generation);
+                    applied.send_replace(seen);
+                    if sent > 0 {
+                        tracing::info!(store_revision = seen, nodes = sent, "pushed");
+                    }
+                }
+                Some(WatchMessage::Resync) => {
+                    tracing::warn!("store watch lost events: reloading everything");
+                    break;
+                }
+                None => {
+                    tracing::warn!("store watch ended: reloading");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The store mirror: every record the controller follows, decoded, by kind.
+//!
+//! One router ([`Record::of`]) says what a key is; `put` and `delete` both go through it, so a new
+//! kind of record is one new arm in each, next to each other. A record that does not decode is
+//! logged and left out: the mirror keeps what it had.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+
+use bulkhead_proto::Quarantine;
+use bulkhead_store::{KeyValue, Revision};
+
+use crate::records::{
+    self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, DENIALS, DenialRecord,
+    ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PresenceRecord,
+    QUARANTINE,
+};
+
+/// What a batch of store events touched.
+#[derive(Debug, Default)]
+pub(crate) struct Touched {
+    /// The newest policy head that arrived, to be made live if it is newer.
+    pub head: Option<PolicyHead>,
+    /// Everything may have changed (a full reload): every node is sent what differs.
+    pub everything: bool,
+    /// Something conditions depend on (facts, quarantines) changed.
+    pub conditions: bool,
+    /// Credentials changed.
+    pub creds: bool,
+    /// Nodes whose enrollment or endpoint changed.
+    pub nodes: HashSet<String>,
+}
+
+/// The records, as the store holds them now. Only the view's follower changes them; everyone
+/// else reads them through [`super::View::records`].
+#[derive(Debug, Default)]
+pub struct Mirror {
+    /// Enrolled nodes.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Valid credentials, by certificate fingerprint.
+    pub creds: HashMap<String, CredRecord>,
+    /// Reported endpoints.
+    pub endpoints: HashMap<String, SocketAddr>,
+    /// Live controllers' URLs, by store key.
+    pub controllers: BTreeMap<String, String>,
+    /// Quarantines as stored, with the record's revision (one whose `until` passed still counts
+    /// as over, before the record is removed).
+    pub quarantines: HashMap<String, (Quarantine, Revision)>,
+    /// Per-identity presence as stored, with the record's revision.
+    pub presence: HashMap<String, (PresenceRecord, Revision)>,
+    /// Denials per initiator, per controller id, as every controller shares them.
+    pub denials: HashMap<String, HashMap<String, DenialRecord>>,
+    /// Chunks of policy bodies, by key (kept until the store deletes them).
+    pub(super) blobs: HashMap<String, Vec<u8>>,
+}
+
+/// What a store key holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Record<'a> {
+    Blob,
+    Policy,
+    Node(&'a str),
+    Cred(&'a str),
+    Endpoint(&'a str),
+    Controller,
+    Quarantine(&'a str),
+    /// Denials of an initiator counted by one controller.
+    Denial(&'a str, &'a str),
+    Presence(&'a str),
+    /// Not followed (tokens, the audit log, the CA).
+    Other,
+}
+
+impl Record<'_> {
+    fn of(key: &str) -> Record<'_> {
+        let under = |prefix: &str| key.strip_prefix(prefix);
+        if key == POLICY {
+            Record::Policy
+        } else if key.starts_with(BLOBS) {
+            Record::Blob
+        } else if let Some(id) = under(NODES) {
+            Record::Node(id)
+        } else if let Some(fp) = under(CREDS) {
+            Record::Cred(fp)
+        } else if let Some(id) = under(ENDPOINTS) {
+            Record::Endpoint(id)
+        } else if key.starts_with(CONTROLLERS) {
+            Record::Controller
+        } else if let Some(id) = under(QUARANTINE) {
+            Record::Quarantine(id)
+        } else if let Some((id, ctl)) = under(DENIALS).and_then(|r| r.split_once('/')) {
+            Record::Denial(id, ctl)
+        } else if let Some(id) = under(PRESENCE) {
+            Record::Presence(id)
+        } else {
+            Record::Other
+        }
+    }
+}
+
+impl Mirror {
+    /// Empties the mirror, for a full reload.
+    pub(super) fn clear(&mut self) {
+        *self = Mirror::default();
+    }
+
+    /// Takes a record written to the store.
+    pub(super) fn put(&mut self, kv: &KeyValue, t: &mut Touched) {
+        if let Err(e) = self.try_put(kv, t) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn try_put(&mut self, kv: &KeyValue, t: &mut Touched) -> Result<(), String> {
+        let key = kv.key.as_str();
+        let v = &kv.value;
+        match Record::of(key) {
+            Record::Blob => {
+                self.blobs.insert(key.to_string(), v.clone());
+            }
+            Record::Policy => t.head = Some(records::decode(key, v)?),
+            Record::Node(id) => {
+                self.nodes.insert(id.into(), records::decode(key, v)?);
+                t.nodes.insert(id.into());
+            }
+            Record::Cred(fp) => {
+                self.creds.insert(fp.into(), records::decode(key, v)?);
+                t.creds = true;
+            }
+            Record::Endpoint(id) => {
+                let rec: EndpointRecord = records::decode(key, v)?;
+                self.endpoints.insert(id.into(), rec.endpoint);
+                t.nodes.insert(id.into());
+            }
+            Record::Controller => {
+                let rec: ControllerRecord = records::decode(key, v)?;
+                self.controllers.insert(key.into(), rec.url);
+            }
+            Record::Quarantine(id) => {
+                let q = records::decode(key, v)?;
+                self.quarantines.insert(id.into(), (q, kv.mod_revision));
+                t.conditions = true;
+            }
+            Record::Denial(id, ctl) => {
+                let rec = records::decode(key, v)?;
+                self.denials
+                    .entry(id.into())
+                    .or_default()
+                    .insert(ctl.into(), rec);
+            }
+            Record::Presence(id) => {
+                let rec: PresenceRecord = records::decode(key, v)?;
+                let facts_moved = self
+                    .presence
+                    .get(id)
+                    .is_none_or(|(o, _)| o.facts != rec.facts || o.last_seen != rec.last_seen);
+                t.conditions |= facts_moved;
+                self.presence.insert(id.into(), (rec, kv.mod_revision));
+            }
+            Record::Other => {}
+        }
+        Ok(())
+    }
+
+    /// Takes a record deleted from the store.
+    pub(super) fn delete(&mut self, key: &str, t: &mut Touched) {
+        match Record::of(key) {
+            Record::Blob => {
+                self.blobs.remove(key);
+            }
+            Record::Policy => {
+                tracing::error!("the stored policy was deleted; keeping the live one");
+            }
+            Record::Node(id) => {
+                self.nodes.remove(id);
+                t.nodes.insert(id.into());
+            }
+            Record::Cred(fp) => {
+                self.creds.remove(fp);
+                t.creds = true;
+            }
+            Record::Endpoint(id) => {
+                self.endpoints.remove(id);
+                t.nodes.insert(id.into());
+            }
+            Record::Controller => {
+                self.controllers.remove(key);
+            }
+            Record::Quarantine(id) => {
+                self.quarantines.remove(id);
+                t.conditions = true;
+            }
+            Record::Denial(id, ctl) => {
+                if let Some(by) = self.denials.get_mut(id) {
+                    by.remove(ctl);
+                    if by.is_empty() {
+                        self.denials.remove(id);
+                    }
+                }
+            }
+            Record::Presence(id) => {
+                self.presence.remove(id);
+                t.conditions = true;
+            }
+            Record::Other => {}
+        }
+    }
+
+    /// Whether a node's stream is open at a live controller.
+    pub fn online(&self, identity: &str) -> bool {
+        self.presence
+            .get(identity)
+            .is_some_and(|(p, _)| p.online && self.controllers.values().any(|u| *u == p.controller))
+    }
+
+    /// Denials of `initiator` in the minute before `now_ms` that controllers other than `me`
+    /// counted.
+    pub fn others_denials(&self, initiator: &str, me: &str, now_ms: i64) -> u64 {
+        self.denials.get(initiator).map_or(0, |by| {
+            by.iter()
+                .filter(|(ctl, _)| *ctl != me)
+                .map(|(_, r)| r.within(now_ms))
+                .sum()
+        })
+    }
+
+    /// Quarantines in force at `now`.
+    pub fn quarantined(&self, now: i64) -> impl Iterator<Item = (&String, &Quarantine)> {
+        self.quarantines
+            .iter()
+            .filter(move |(_, (q, _))| q.until.is_none_or(|u| now < u))
+            .map(|(id, (q, _))| (id, q))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_router_names_every_kind_of_key() {
+        let cases = [
+            ("policy", Record::Policy),
+            ("blobs/ab/00001", Record::Blob),
+            ("nodes/web-1", Record::Node("web-1")),
+            ("creds/ff", Record::Cred("ff")),
+            ("endpoints/db", Record::Endpoint("db")),
+            ("controllers/0a", Record::Controller),
+            ("quarantine/x", Record::Quarantine("x")),
+            ("denials/x/0a", Record::Denial("x", "0a")),
+            ("denials/x", Record::Other),
+            ("presence/x", Record::Presence("x")),
+            ("tokens/aa", Record::Other),
+            ("audit/1-2", Record::Other),
+            ("policyx", Record::Other),
+        ];
+        for (key, want) in cases {
+            assert_eq!(Record::of(key), want, "{key}");
+        }
+    }
+}
