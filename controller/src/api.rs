@@ -1,4 +1,5 @@
-//! The HTTP layer: TLS, authentication, routes, JSON in and out. Thin: the work is in
+//! The HTTP layer: TLS, authentication, one permission layer, routes, JSON in and out, and the
+//! one mapping of [`Error`]s to HTTP statuses and error codes. Thin: the work is in
 //! [`crate::ops`].
 
 use std::convert::Infallible;
@@ -10,6 +11,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{Request, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bulkhead_proto::tls::fingerprint;
@@ -23,87 +25,56 @@ use tokio::sync::broadcast;
 use tower::ServiceExt;
 
 use crate::Controller;
+use crate::ops::{Actor, Error};
 use crate::records::CredRecord;
 use crate::view::lock;
 
 /// Largest request body: a policy of tens of thousands of identities fits.
 const MAX_BODY: usize = 32 << 20;
 
-/// An error answer.
-#[derive(Debug, Clone)]
-pub struct Fail {
-    status: StatusCode,
-    body: ErrorBody,
+/// The HTTP status and the API's stable code of an error: the one place they are chosen.
+fn status_of(e: &Error) -> (StatusCode, &'static str) {
+    match e {
+        Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        Error::InvalidPolicy { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_policy"),
+        Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Error::TokenInvalid => (StatusCode::FORBIDDEN, "token_invalid"),
+        Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
 }
 
-impl Fail {
-    /// An error with an HTTP status and a stable code.
-    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Fail {
-        Fail {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            body: ErrorBody {
-                code: code.to_string(),
-                message: message.into(),
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = status_of(&self);
+        let body = match self {
+            Error::InvalidPolicy { message, details } => ErrorBody {
+                code: code.into(),
+                message,
+                details,
+            },
+            e => ErrorBody {
+                code: code.into(),
+                message: e.to_string(),
                 details: Vec::new(),
             },
-        }
-    }
-
-    /// With detail lines.
-    pub fn with_details(mut self, details: Vec<String>) -> Fail {
-        self.body.details = details;
-        self
-    }
-
-    /// 400.
-    pub fn bad_request(message: impl Into<String>) -> Fail {
-        Fail::new(400, "bad_request", message)
-    }
-
-    /// 500, logged.
-    pub fn internal(message: impl Into<String>) -> Fail {
-        let m = message.into();
-        tracing::error!("{m}");
-        Fail::new(500, "internal", m)
-    }
-
-    /// 503: the store failed.
-    pub fn store(e: bulkhead_store::Error) -> Fail {
-        tracing::error!(error = %e, "store");
-        Fail::new(503, "unavailable", e.to_string())
-    }
-
-    /// The code, for tests and logs.
-    pub fn code(&self) -> &str {
-        &self.body.code
+        };
+        (status, axum::Json(body)).into_response()
     }
 }
 
-impl std::fmt::Display for Fail {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.body.message)?;
-        for d in &self.body.details {
-            write!(f, "\n{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl IntoResponse for Fail {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
-    }
-}
-
-fn json<T: Serialize>(r: Result<T, Fail>) -> Response {
+fn json<T: Serialize>(r: Result<T, Error>) -> Response {
     match r {
         Ok(v) => axum::Json(v).into_response(),
-        Err(f) => f.into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
-fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Fail> {
-    serde_json::from_slice(b).map_err(|e| Fail::bad_request(format!("malformed request body: {e}")))
+fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(b).map_err(|e| Error::BadRequest(format!("malformed request body: {e}")))
 }
 
 /// Who is calling, from the TLS handshake.
@@ -115,55 +86,81 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
+/// Who may call a route. Every route but `join` names one, and the permission layer
+/// ([`authorize`]) is the one place that checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// An enrolled node, about itself.
+    Node,
+    /// An administrator.
+    Admin,
+}
+
+/// The node making a call, as its credential names it.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity(pub String);
+
 type Ctl = Arc<Controller>;
 
 impl Controller {
-    async fn caller(&self, peer: &Peer) -> Result<CredRecord, Fail> {
-        let fp = peer.fingerprint.as_ref().ok_or_else(|| {
-            Fail::new(
-                401,
-                "unauthenticated",
-                "this call needs a client certificate",
-            )
-        })?;
+    /// The credential of a caller: the view's copy, else the store's (the view may lag a write
+    /// made an instant ago, here or through another controller).
+    async fn credential(&self, peer: &Peer) -> Result<CredRecord, Error> {
+        let fp = peer.fingerprint.as_ref().ok_or(Error::Unauthenticated(
+            "this call needs a client certificate",
+        ))?;
         if let Some(c) = lock(&self.view).records().creds.get(fp).cloned() {
             return Ok(c);
         }
-        // The view may lag a write made an instant ago (here, or through another controller
-        // sharing the store): the store decides.
         let key = format!("{}{fp}", crate::records::CREDS);
-        match self.store.get(&key).await.map_err(Fail::store)? {
-            Some(kv) => crate::records::decode(&key, &kv.value).map_err(Fail::internal),
-            None => Err(Fail::new(
-                401,
-                "unauthenticated",
-                "credential unknown or revoked",
-            )),
-        }
-    }
-
-    async fn admin(&self, peer: &Peer) -> Result<String, Fail> {
-        match self.caller(peer).await? {
-            CredRecord::Admin { name } => Ok(name),
-            CredRecord::Node { .. } => Err(Fail::new(403, "forbidden", "administrators only")),
-        }
-    }
-
-    async fn node(&self, peer: &Peer) -> Result<String, Fail> {
-        match self.caller(peer).await? {
-            CredRecord::Node { identity } => Ok(identity),
-            CredRecord::Admin { .. } => Err(Fail::new(403, "forbidden", "nodes only")),
+        match self.store.get(&key).await.map_err(Error::store)? {
+            Some(kv) => crate::records::decode(&key, &kv.value).map_err(Error::internal),
+            None => Err(Error::Unauthenticated("credential unknown or revoked")),
         }
     }
 }
 
-/// The routes.
+/// The permission layer: authenticates the caller by its certificate, checks it against the
+/// route's [`Access`], and hands the handler an [`Actor`] (administrators) or a
+/// [`NodeIdentity`] (nodes). Administrators with roles plug in here.
+async fn authorize(
+    State((c, access)): State<(Ctl, Access)>,
+    mut req: Request<Body>,
+    next: Next,
+) -> Response {
+    let Some(peer) = req.extensions().get::<Peer>().cloned() else {
+        return Error::internal("a request without its TLS peer").into_response();
+    };
+    let cred = match c.credential(&peer).await {
+        Ok(cred) => cred,
+        Err(e) => return e.into_response(),
+    };
+    match (access, cred) {
+        (Access::Admin, CredRecord::Admin { name }) => {
+            req.extensions_mut().insert(Actor::Admin(name));
+        }
+        (Access::Node, CredRecord::Node { identity }) => {
+            req.extensions_mut().insert(NodeIdentity(identity));
+        }
+        (Access::Admin, CredRecord::Node { .. }) => {
+            return Error::Forbidden("administrators only").into_response();
+        }
+        (Access::Node, CredRecord::Admin { .. }) => {
+            return Error::Forbidden("nodes only").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The routes, each with who may call it.
 pub fn router(c: Ctl) -> Router {
-    Router::new()
-        .route("/v1/join", post(join))
+    let layer = |access| middleware::from_fn_with_state((c.clone(), access), authorize);
+    let node = Router::new()
         .route("/v1/node/stream", get(stream))
         .route("/v1/node/report", post(report))
         .route("/v1/node/flows", post(node_flows))
+        .route_layer(layer(Access::Node));
+    let admin = Router::new()
         .route("/v1/flows", get(flows))
         .route("/v1/policy", get(policy))
         .route("/v1/policy/plan", post(plan))
@@ -175,12 +172,18 @@ pub fn router(c: Ctl) -> Router {
         .route("/v1/nodes/{identity}/release", post(release))
         .route("/v1/audit", get(audit))
         .route("/v1/status", get(status))
-        .fallback(|| async { Fail::new(404, "not_found", "no such route") })
+        .route_layer(layer(Access::Admin));
+    Router::new()
+        .route("/v1/join", post(join))
+        .merge(node)
+        .merge(admin)
+        .fallback(|| async { Error::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(c)
 }
 
-type Req = axum::Extension<Peer>;
+type Admin = axum::Extension<Actor>;
+type Node = axum::Extension<NodeIdentity>;
 
 async fn join(State(c): State<Ctl>, b: Bytes) -> Response {
     let r = async {
@@ -190,9 +193,13 @@ async fn join(State(c): State<Ctl>, b: Bytes) -> Response {
     json(r.await)
 }
 
-async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
+async fn report(
+    State(c): State<Ctl>,
+    axum::Extension(NodeIdentity(id)): Node,
+    axum::Extension(p): axum::Extension<Peer>,
+    b: Bytes,
+) -> Response {
     let r = async {
-        let id = c.node(&p).await?;
         let rep: Report = body(&b)?;
         c.report(&id, p.addr, rep).await?;
         Ok(bulkhead_proto::ReportAck {
@@ -202,9 +209,12 @@ async fn report(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Resp
     json(r.await)
 }
 
-async fn node_flows(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
+async fn node_flows(
+    State(c): State<Ctl>,
+    axum::Extension(NodeIdentity(id)): Node,
+    b: Bytes,
+) -> Response {
     let r = async {
-        let id = c.node(&p).await?;
         let batch: bulkhead_proto::FlowBatch = body(&b)?;
         c.flows_from(&id, batch).await;
         Ok(serde_json::json!({}))
@@ -216,12 +226,9 @@ async fn node_flows(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> 
 /// oldest first, as NDJSON; with `follow`, then every new one as it comes.
 async fn flows(
     State(c): State<Ctl>,
-    axum::Extension(p): Req,
+    _: Admin,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Response {
-    if let Err(f) = c.admin(&p).await {
-        return f.into_response();
-    }
     let (mut denied, mut identity, mut limit, mut follow) = (false, None, 1000usize, false);
     for pair in q
         .as_deref()
@@ -236,9 +243,11 @@ async fn flows(
             "identity" => identity = Some(v.to_string()),
             "limit" => match v.parse() {
                 Ok(n) => limit = n,
-                Err(_) => return Fail::bad_request("limit: a number").into_response(),
+                Err(_) => return Error::BadRequest("limit: a number".into()).into_response(),
             },
-            _ => return Fail::bad_request(format!("unknown parameter {k:?}")).into_response(),
+            _ => {
+                return Error::BadRequest(format!("unknown parameter {k:?}")).into_response();
+            }
         }
     }
     let keep = move |f: &bulkhead_proto::FlowView| {
@@ -276,58 +285,49 @@ async fn flows(
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(body)
-        .unwrap_or_else(|_| Fail::internal("flows").into_response())
+        .unwrap_or_else(|_| Error::internal("flows").into_response())
 }
 
-async fn policy(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
+async fn policy(State(c): State<Ctl>, _: Admin) -> Response {
+    json(c.policy().await)
+}
+
+async fn plan(State(c): State<Ctl>, _: Admin, b: Bytes) -> Response {
+    json(body(&b).and_then(|req| c.plan(&req)))
+}
+
+async fn apply(State(c): State<Ctl>, axum::Extension(who): Admin, b: Bytes) -> Response {
     let r = async {
-        c.admin(&p).await?;
-        c.policy().await
-    };
-    json(r.await)
-}
-
-async fn plan(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
-    json(async { c.admin(&p).await.and_then(|_| c.plan(&body(&b)?)) }.await)
-}
-
-async fn apply(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
-    let r = async {
-        let who = c.admin(&p).await?;
         let req: PolicyRequest = body(&b)?;
         c.apply(&req, &who).await
     };
     json(r.await)
 }
 
-async fn token(State(c): State<Ctl>, axum::Extension(p): Req, b: Bytes) -> Response {
-    let r = async {
-        c.admin(&p).await?;
-        c.token(&body::<TokenRequest>(&b)?).await
-    };
+async fn token(State(c): State<Ctl>, _: Admin, b: Bytes) -> Response {
+    let r = async { c.token(&body::<TokenRequest>(&b)?).await };
     json(r.await)
 }
 
-async fn nodes(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    json(c.admin(&p).await.map(|_| c.nodes()))
+async fn nodes(State(c): State<Ctl>, _: Admin) -> Response {
+    json(Ok(c.nodes()))
 }
 
-async fn revoke(State(c): State<Ctl>, axum::Extension(p): Req, Path(id): Path<String>) -> Response {
-    let r = async {
-        let who = c.admin(&p).await?;
-        c.revoke(&id, &who).await
-    };
-    json(r.await)
+async fn revoke(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    Path(id): Path<String>,
+) -> Response {
+    json(c.revoke(&id, &who).await)
 }
 
 async fn quarantine(
     State(c): State<Ctl>,
-    axum::Extension(p): Req,
+    axum::Extension(who): Admin,
     Path(id): Path<String>,
     b: Bytes,
 ) -> Response {
     let r = async {
-        let who = c.admin(&p).await?;
         let req: bulkhead_proto::QuarantineRequest = body(&b)?;
         c.quarantine(&id, &req, &who, "by hand", false).await
     };
@@ -336,30 +336,18 @@ async fn quarantine(
 
 async fn release(
     State(c): State<Ctl>,
-    axum::Extension(p): Req,
+    axum::Extension(who): Admin,
     Path(id): Path<String>,
 ) -> Response {
-    let r = async {
-        let who = c.admin(&p).await?;
-        c.release(&id, &who, None).await
-    };
-    json(r.await)
+    json(c.release(&id, &who, None).await)
 }
 
-async fn audit(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    let r = async {
-        c.admin(&p).await?;
-        c.audit_log().await
-    };
-    json(r.await)
+async fn audit(State(c): State<Ctl>, _: Admin) -> Response {
+    json(c.audit_log().await)
 }
 
-async fn status(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    let r = match c.admin(&p).await {
-        Ok(_) => Ok(c.status().await),
-        Err(f) => Err(f),
-    };
-    json(r)
+async fn status(State(c): State<Ctl>, _: Admin) -> Response {
+    json(Ok(c.status().await))
 }
 
 /// Counts a node's open stream while it lives.
@@ -399,13 +387,13 @@ fn push(online: &Online, m: &NodeMessage) -> Result<Bytes, Infallible> {
 
 /// A node's stream: its configuration now, then each time it changes. Ends when the node is
 /// revoked or re-enrolled (its credential is gone).
-async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
-    let id = match c.node(&p).await {
-        Ok(id) => id,
-        Err(f) => return f.into_response(),
-    };
+async fn stream(
+    State(c): State<Ctl>,
+    axum::Extension(NodeIdentity(id)): Node,
+    axum::Extension(p): axum::Extension<Peer>,
+) -> Response {
     let Some(fp) = p.fingerprint.clone() else {
-        return Fail::new(401, "unauthenticated", "no credential").into_response();
+        return Error::Unauthenticated("no credential").into_response();
     };
     let rx = lock(&c.view).subscribe(&id);
     let creds = c.cred_changes.subscribe();
@@ -453,7 +441,7 @@ async fn stream(State(c): State<Ctl>, axum::Extension(p): Req) -> Response {
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(s))
-        .unwrap_or_else(|_| Fail::internal("stream").into_response())
+        .unwrap_or_else(|_| Error::internal("stream").into_response())
 }
 
 /// Accepts TLS connections forever, serving HTTP/2 (and HTTP/1.1) on each.
@@ -507,5 +495,35 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 tracing::debug!(%addr, error = %e, "connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_status_and_stable_code() {
+        let cases = [
+            (Error::Unauthenticated("x"), 401, "unauthenticated"),
+            (Error::Forbidden("x"), 403, "forbidden"),
+            (Error::BadRequest("x".into()), 400, "bad_request"),
+            (
+                Error::InvalidPolicy {
+                    message: "x".into(),
+                    details: vec!["p.yaml:1:1: error: y".into()],
+                },
+                422,
+                "invalid_policy",
+            ),
+            (Error::Conflict("x".into()), 409, "conflict"),
+            (Error::NotFound("x".into()), 404, "not_found"),
+            (Error::TokenInvalid, 403, "token_invalid"),
+            (Error::Unavailable("x".into()), 503, "unavailable"),
+            (Error::Internal("x".into()), 500, "internal"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(status_of(&e), (StatusCode::from_u16(status).unwrap(), code));
+        }
     }
 }

@@ -242,9 +242,10 @@ impl Controller {
         self.flows.reset(id);
         let reason = format!("{n} denied new flows in a minute (threshold {threshold})");
         let req = QuarantineRequest::default();
-        match self.quarantine(id, &req, "controller", &reason, true).await {
+        let by = crate::ops::Actor::Controller;
+        match self.quarantine(id, &req, &by, &reason, true).await {
             Ok(_) => {}
-            Err(f) if f.code() == "conflict" => {
+            Err(crate::ops::Error::Conflict(_)) => {
                 tracing::debug!(identity = %id, "already quarantined");
             }
             Err(f) => tracing::error!(identity = %id, "automatic quarantine failed: {f}"),

@@ -258,9 +258,9 @@ async fn end_quarantines(c: Arc<Controller>) {
             .map(|(id, (_, rev))| (id.clone(), *rev))
             .collect();
         for (id, rev) in due {
-            match c.release(&id, "controller", Some(rev)).await {
+            match c.release(&id, &ops::Actor::Controller, Some(rev)).await {
                 Ok(_) => {}
-                Err(f) if f.code() == "conflict" || f.code() == "not_found" => {}
+                Err(ops::Error::Conflict(_) | ops::Error::NotFound(_)) => {}
                 Err(f) => tracing::warn!(identity = %id, "cannot end the quarantine: {f}"),
             }
         }
@@ -298,7 +298,7 @@ async fn apply_file(c: &Controller, path: &Path, text: String) {
         source: path.display().to_string(),
         base_revision: None,
     };
-    let by = format!("file:{}", path.display());
+    let by = ops::Actor::File(path.display().to_string());
     match c.apply(&req, &by).await {
         Ok(r) if r.changed => {
             tracing::info!(revision = r.revision, path = %path.display(), "policy file applied")

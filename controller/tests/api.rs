@@ -667,3 +667,73 @@ async fn calls_keep_answering_while_a_large_policy_compiles() {
         "only {answers} calls answered during the compile"
     );
 }
+
+/// Every route, called by nobody, by a node and by an administrator: the permission layer
+/// lets through exactly who the route is for (what the call then answers is another matter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_only_the_callers_it_is_for() {
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Who {
+        Anyone,
+        Node,
+        Admin,
+    }
+    let routes = [
+        ("GET", "/v1/node/stream", Who::Node),
+        ("POST", "/v1/node/report", Who::Node),
+        ("POST", "/v1/node/flows", Who::Node),
+        ("GET", "/v1/flows", Who::Admin),
+        ("GET", "/v1/policy", Who::Admin),
+        ("POST", "/v1/policy/plan", Who::Admin),
+        ("POST", "/v1/policy/apply", Who::Admin),
+        ("POST", "/v1/tokens", Who::Admin),
+        ("GET", "/v1/nodes", Who::Admin),
+        ("POST", "/v1/nodes/other/revoke", Who::Admin),
+        ("POST", "/v1/nodes/other/quarantine", Who::Admin),
+        ("POST", "/v1/nodes/other/release", Who::Admin),
+        ("GET", "/v1/audit", Who::Admin),
+        ("GET", "/v1/status", Who::Admin),
+        ("POST", "/v1/join", Who::Anyone),
+    ];
+    let f = Fixture::new("routes").await;
+    f.apply(POLICY).await.unwrap();
+    let node = join(&f.token("web-1", 60).await).await.unwrap();
+    let anon = Client::new(
+        std::slice::from_ref(&f.admin.url),
+        &Trust::Ca(f.admin.ca.clone()),
+        None,
+    )
+    .unwrap();
+    let callers = [
+        (Who::Anyone, anon),
+        (Who::Node, node.client()),
+        (Who::Admin, f.admin.client().unwrap()),
+    ];
+    for (method, path, for_whom) in routes {
+        for (who, client) in &callers {
+            let mut c = client.connect().await.unwrap();
+            let code = match (method, path) {
+                ("GET", "/v1/node/stream") => c.stream(path).await.err(),
+                ("GET", _) => c.get::<serde_json::Value>(path).await.err(),
+                _ => c
+                    .post::<_, serde_json::Value>(path, &serde_json::json!({}))
+                    .await
+                    .err(),
+            }
+            .and_then(|e| e.code().map(str::to_string));
+            let want = match (for_whom, who) {
+                (Who::Anyone, _) => None,
+                (_, Who::Anyone) => Some("unauthenticated"),
+                (a, b) if a == *b => None,
+                _ => Some("forbidden"),
+            };
+            match want {
+                Some(w) => assert_eq!(code.as_deref(), Some(w), "{who:?} {method} {path}"),
+                None => assert!(
+                    !matches!(code.as_deref(), Some("unauthenticated" | "forbidden")),
+                    "{who:?} {method} {path}: {code:?}"
+                ),
+            }
+        }
+    }
+}

@@ -545,7 +545,7 @@ pub fn audit(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
             rows.push(vec![
                 time(e.at / 1000),
                 e.who.clone(),
-                e.action.clone(),
+                e.action.to_string(),
                 e.identity.clone().unwrap_or_else(dash),
                 e.revision.map_or_else(dash, |r| r.to_string()),
                 e.detail.clone(),

@@ -255,8 +255,8 @@ pub struct AuditEntry {
     /// The administrator, `file:PATH` for `--policy`, `node` for an enrollment, or `controller`
     /// for what it does by itself (an automatic quarantine, one that ends).
     pub who: String,
-    /// `policy.apply`, `node.enroll`, `node.revoke`, `quarantine`, `release`.
-    pub action: String,
+    /// What was done.
+    pub action: AuditAction,
     /// The identity concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
@@ -266,6 +266,52 @@ pub struct AuditEntry {
     /// What else there is to say: the plan's summary, a quarantine's reason and end.
     #[serde(default)]
     pub detail: String,
+}
+
+/// What an audit entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuditAction {
+    /// A policy was applied.
+    #[serde(rename = "policy.apply")]
+    PolicyApply,
+    /// A node enrolled with a token.
+    #[serde(rename = "node.enroll")]
+    NodeEnroll,
+    /// A node was revoked.
+    #[serde(rename = "node.revoke")]
+    NodeRevoke,
+    /// An identity was quarantined.
+    #[serde(rename = "quarantine")]
+    Quarantine,
+    /// A quarantine ended.
+    #[serde(rename = "release")]
+    Release,
+}
+
+impl AuditAction {
+    /// The name the audit log shows: `policy.apply`, `node.enroll`, `node.revoke`,
+    /// `quarantine`, `release`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::PolicyApply => "policy.apply",
+            AuditAction::NodeEnroll => "node.enroll",
+            AuditAction::NodeRevoke => "node.revoke",
+            AuditAction::Quarantine => "quarantine",
+            AuditAction::Release => "release",
+        }
+    }
+}
+
+impl PartialEq<&str> for AuditAction {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
+impl std::fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An identity's quarantine, as stored and shown.

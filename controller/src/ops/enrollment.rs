@@ -1,0 +1,233 @@
+//! Enrollment: join tokens, joining with one, revocation, and nodes' reports.
+
+use std::net::SocketAddr;
+
+use bulkhead_proto::tls::{ClientPublicKey, cert_der, fingerprint, random_hex, sha256_hex};
+use bulkhead_proto::{
+    AuditAction, AuditEntry, JoinRequest, JoinResponse, Report, RevokeResponse, Token,
+    TokenRequest, TokenResponse,
+};
+use bulkhead_store::{Compare, Op};
+
+use super::{Actor, Error, MAX_TTL, unix_ms, unix_now};
+use crate::Controller;
+use crate::records::{
+    self, CREDS, CredRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, PRESENCE, TOKENS,
+    TokenRecord,
+};
+use crate::view::lock;
+
+impl Controller {
+    /// A new one-time join token.
+    pub async fn token(&self, req: &TokenRequest) -> Result<TokenResponse, Error> {
+        if !bulkhead_policy::is_valid_name(&req.identity) {
+            return Err(Error::BadRequest(format!(
+                "{:?} is not a valid identity name",
+                req.identity
+            )));
+        }
+        if req.ttl == 0 || req.ttl > MAX_TTL {
+            return Err(Error::BadRequest(format!(
+                "ttl must be between 1 s and {MAX_TTL} s"
+            )));
+        }
+        let secret = random_hex(32);
+        let now = unix_now();
+        let rec = TokenRecord {
+            identity: req.identity.clone(),
+            expires: now + req.ttl as i64,
+            created: now,
+        };
+        let key = format!("{TOKENS}{}", sha256_hex(secret.as_bytes()));
+        bulkhead_store::put(&*self.store, &[Op::Put(key, records::encode(&rec))])
+            .await
+            .map_err(Error::store)?;
+        let in_policy = lock(&self.view)
+            .live()
+            .is_some_and(|l| l.model.identity(&req.identity).is_some());
+        tracing::info!(identity = %req.identity, expires = rec.expires, "join token created");
+        Ok(TokenResponse {
+            token: Token {
+                urls: self.controller_urls(),
+                ca_fingerprint: self.ca_fingerprint.clone(),
+                secret,
+            }
+            .encode(),
+            expires: rec.expires,
+            warning: (!in_policy).then(|| {
+                format!(
+                    "{} is not in the live policy: its node will pass nothing until it is",
+                    req.identity
+                )
+            }),
+        })
+    }
+
+    /// Redeems a token: exactly once, even when many try at the same moment.
+    pub async fn join(&self, req: &JoinRequest) -> Result<JoinResponse, Error> {
+        let invalid = || Error::TokenInvalid;
+        let key = format!("{TOKENS}{}", sha256_hex(req.secret.as_bytes()));
+        let kv = self
+            .store
+            .get(&key)
+            .await
+            .map_err(Error::store)?
+            .ok_or_else(invalid)?;
+        let tok: TokenRecord = records::decode(&key, &kv.value).map_err(Error::internal)?;
+        if tok.expires <= unix_now() {
+            let _ = self
+                .store
+                .txn(
+                    &[Compare::ModRevision(key.clone(), kv.mod_revision)],
+                    &[Op::Delete(key)],
+                )
+                .await;
+            return Err(invalid());
+        }
+        let public = ClientPublicKey::from_base64(&req.credential_key)
+            .map_err(|e| Error::BadRequest(e.0))?;
+        let cert = self
+            .ca
+            .client_cert(&tok.identity, &public)
+            .map_err(|e| Error::internal(e.0))?;
+        let fp = fingerprint(&cert_der(&cert).map_err(|e| Error::internal(e.0))?);
+        let node_key = format!("{NODES}{}", tok.identity);
+        let previous = self.store.get(&node_key).await.map_err(Error::store)?;
+        let mut ops = vec![
+            Op::Delete(key.clone()),
+            Op::Put(
+                node_key.clone(),
+                records::encode(&NodeRecord {
+                    identity: tok.identity.clone(),
+                    wireguard_key: req.wireguard_key,
+                    credential: fp.clone(),
+                    enrolled: unix_now(),
+                }),
+            ),
+            Op::Put(
+                format!("{CREDS}{fp}"),
+                records::encode(&CredRecord::Node {
+                    identity: tok.identity.clone(),
+                }),
+            ),
+        ];
+        // Re-enrolling replaces the identity's node: its old credential stops working.
+        if let Some(prev) = &previous
+            && let Ok(rec) = records::decode::<NodeRecord>(&node_key, &prev.value)
+        {
+            ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
+        }
+        let entry = AuditEntry {
+            at: unix_ms(),
+            who: Actor::Node.to_string(),
+            action: AuditAction::NodeEnroll,
+            identity: Some(tok.identity.clone()),
+            revision: None,
+            detail: format!(
+                "credential {}{}",
+                &fp[..16],
+                if previous.is_some() {
+                    ", replacing the previous node"
+                } else {
+                    ""
+                }
+            ),
+        };
+        let when = vec![
+            Compare::ModRevision(key, kv.mod_revision),
+            Compare::ModRevision(node_key, previous.as_ref().map_or(0, |p| p.mod_revision)),
+        ];
+        if !self.commit_audited(when, ops, &entry).await? {
+            return Err(invalid());
+        }
+        tracing::info!(identity = %tok.identity, "node enrolled");
+        Ok(JoinResponse {
+            identity: tok.identity,
+            certificate: cert,
+            ca: self.ca.cert_pem.clone(),
+            controllers: self.controller_urls(),
+        })
+    }
+
+    /// Revokes an identity's node: its record, its credential, its endpoint and any unused
+    /// token for it go, in one transaction.
+    pub async fn revoke(&self, identity: &str, by: &Actor) -> Result<RevokeResponse, Error> {
+        let node_key = format!("{NODES}{identity}");
+        let node = self.store.get(&node_key).await.map_err(Error::store)?;
+        let tokens = self.store.range(TOKENS).await.map_err(Error::store)?;
+        let mut ops = vec![
+            Op::Delete(node_key.clone()),
+            Op::Delete(format!("{ENDPOINTS}{identity}")),
+            Op::Delete(format!("{PRESENCE}{identity}")),
+        ];
+        for kv in &tokens.kvs {
+            if records::decode::<TokenRecord>(&kv.key, &kv.value)
+                .is_ok_and(|t| t.identity == identity)
+            {
+                ops.push(Op::Delete(kv.key.clone()));
+            }
+        }
+        let was_enrolled = match &node {
+            Some(kv) => {
+                let rec: NodeRecord =
+                    records::decode(&node_key, &kv.value).map_err(Error::internal)?;
+                ops.push(Op::Delete(format!("{CREDS}{}", rec.credential)));
+                true
+            }
+            None => false,
+        };
+        if !was_enrolled && ops.len() == 3 {
+            return Err(Error::NotFound(format!(
+                "no node is enrolled as {identity:?}"
+            )));
+        }
+        let entry = AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: AuditAction::NodeRevoke,
+            identity: Some(identity.to_string()),
+            revision: None,
+            detail: if was_enrolled {
+                "credential revoked, tunnels dropped".into()
+            } else {
+                "unused tokens voided".into()
+            },
+        };
+        let when = vec![Compare::ModRevision(
+            node_key,
+            node.as_ref().map_or(0, |n| n.mod_revision),
+        )];
+        if !self.commit_audited(when, ops, &entry).await? {
+            return Err(Error::Conflict(
+                "the node changed meanwhile; try again".into(),
+            ));
+        }
+        tracing::info!(identity, "node revoked");
+        Ok(RevokeResponse {
+            identity: identity.to_string(),
+            was_enrolled,
+        })
+    }
+
+    /// Takes a node's report; stores its endpoint if it moved.
+    pub async fn report(&self, identity: &str, from: SocketAddr, r: Report) -> Result<(), Error> {
+        let endpoint = r
+            .endpoint
+            .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
+        self.presence.reported(identity, &r);
+        self.metrics.reported(identity, r.digest.as_deref());
+        let moved = lock(&self.view).records().endpoints.get(identity) != Some(&endpoint);
+        if moved {
+            bulkhead_store::put(
+                &*self.store,
+                &[Op::Put(
+                    format!("{ENDPOINTS}{identity}"),
+                    records::encode(&EndpointRecord { endpoint }),
+                )],
+            )
+            .await
+            .map_err(Error::store)?;
+        }
+        Ok(())
+    }
+}
