@@ -251,14 +251,14 @@ async fn flows(
         }
     }
     let keep = move |f: &bulkhead_proto::FlowView| {
-        (!denied || f.verdict == "deny")
+        (!denied || f.verdict == bulkhead_proto::Verdict::Deny)
             && identity
                 .as_ref()
                 .is_none_or(|i| f.src == *i || f.dst == *i || f.node == *i)
     };
     // Subscribed before the history is read: nothing falls between the two.
-    let rx = c.flows.live.subscribe();
-    let past = c.flows.recent(limit, &keep);
+    let rx = c.flows.history.subscribe();
+    let past = c.flows.history.recent(limit, &keep);
     let head = futures_util::stream::iter(past.into_iter().map(|f| {
         let mut v = serde_json::to_vec(&f).unwrap_or_default();
         v.push(b'\n');

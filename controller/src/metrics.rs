@@ -199,7 +199,7 @@ impl Metrics {
             "bulkhead_flow_history_entries",
             "Flows kept in memory for `bulkhead flows`",
             None,
-            one(c.flows.len() as f64),
+            one(c.flows.history.len() as f64),
         );
         counter(
             &mut r,

@@ -677,7 +677,7 @@ async fn denials_from_web(node: &mut bulkhead_proto::Connection, first_port: u16
             outbound: false,
             peer: Some("web-1".into()),
             peer_address: "10.79.0.1".parse().unwrap(),
-            proto: "tcp".into(),
+            proto: bulkhead_proto::Protocol::Tcp,
             port: first_port + i,
             allowed: false,
             rule: None,

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use bulkhead_dataplane::{DropReason, FlowKey, Initiator};
-use bulkhead_proto::FlowEntry;
+use bulkhead_proto::{FlowEntry, Protocol};
 
 /// Most entries waiting to be shipped.
 pub const CAPACITY: usize = 10_000;
@@ -25,15 +25,6 @@ pub struct FlowLog {
     dropped: u64,
     dropped_total: u64,
     recent: HashMap<(bool, FlowKey), i64>,
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        n => n.to_string(),
-    }
 }
 
 impl FlowLog {
@@ -61,7 +52,7 @@ impl FlowLog {
             outbound,
             peer: Some(peer.to_string()),
             peer_address: key.peer,
-            proto: proto_name(key.proto),
+            proto: Protocol::from_number(key.proto),
             port: if outbound {
                 key.peer_port
             } else {
@@ -106,7 +97,7 @@ impl FlowLog {
             outbound: egress,
             peer: peer.map(str::to_string),
             peer_address: key.peer,
-            proto: proto_name(key.proto),
+            proto: Protocol::from_number(key.proto),
             port: if egress {
                 key.peer_port
             } else {

@@ -382,7 +382,7 @@ fn flow_row(f: &FlowView) -> Vec<String> {
         format!("{} ({})", f.src, f.src_address),
         format!("{} ({})", f.dst, f.dst_address),
         format!("{}/{}", f.proto, f.port),
-        f.verdict.clone(),
+        f.verdict.to_string(),
         f.rule.clone().unwrap_or_else(|| "(default deny)".into()),
         f.node.clone(),
     ]

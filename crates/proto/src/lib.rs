@@ -23,6 +23,7 @@
 
 pub mod client;
 pub mod config;
+mod flow;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
+pub use flow::{FlowBatch, FlowEntry, FlowView, Protocol, Verdict};
 pub use keys::{PrivateKey, PublicKey};
 pub use node::{NodeConfig, PeerInfo};
 pub use token::Token;
@@ -180,71 +182,6 @@ pub struct PolicyView {
     /// Rules' windows opening or closing from now on, soonest first.
     #[serde(default)]
     pub upcoming: Vec<Boundary>,
-}
-
-/// A flow start or a denied new flow, as a node records it (`POST /v1/node/flows`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowEntry {
-    /// Unix milliseconds.
-    pub at: i64,
-    /// Opened by this node (`true`) or by the peer.
-    pub outbound: bool,
-    /// The peer's identity, if it is a peer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
-    /// The peer's overlay address.
-    pub peer_address: Ipv4Addr,
-    /// `tcp`, `udp`, `icmp` or the protocol number.
-    pub proto: String,
-    /// The destination port (ICMP: the echo identifier).
-    pub port: u16,
-    /// Admitted, or denied.
-    pub allowed: bool,
-    /// The rule that decided: the allow rule, or the deny rule; none for the default deny.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    /// Why it was denied: `not_allowed`, `denied`, `not_a_peer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// A batch of a node's flow log.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FlowBatch {
-    /// The entries, oldest first.
-    pub flows: Vec<FlowEntry>,
-    /// Entries the node dropped because its buffer was full, since the last batch.
-    #[serde(default)]
-    pub dropped: u64,
-}
-
-/// One flow, as `bulkhead flows` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowView {
-    /// Unix milliseconds.
-    pub at: i64,
-    /// The node that recorded it.
-    pub node: String,
-    /// The initiator's identity (or address, if no identity has it).
-    pub src: String,
-    /// Its overlay address.
-    pub src_address: Ipv4Addr,
-    /// The responder's identity (or address).
-    pub dst: String,
-    /// Its overlay address.
-    pub dst_address: Ipv4Addr,
-    /// `tcp`, `udp`, `icmp`, …
-    pub proto: String,
-    /// Destination port.
-    pub port: u16,
-    /// `allow` or `deny`.
-    pub verdict: String,
-    /// The deciding rule, if any (none: the default deny).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    /// Why it was denied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
 }
 
 /// One entry of the audit log: who did what, when. Append-only in the store.

@@ -1,0 +1,195 @@
+//! The flow log's wire types: what nodes ship (`POST /v1/node/flows`) and what `bulkhead flows`
+//! shows.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What happened to a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Admitted.
+    Allow,
+    /// Denied.
+    Deny,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        })
+    }
+}
+
+/// An IP protocol, written `tcp`, `udp`, `icmp`, or as its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// ICMP (1).
+    Icmp,
+    /// Any other, by number.
+    Other(u8),
+}
+
+impl Protocol {
+    /// The protocol with this IP protocol number.
+    pub fn from_number(n: u8) -> Protocol {
+        match n {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            1 => Protocol::Icmp,
+            n => Protocol::Other(n),
+        }
+    }
+
+    /// Its IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Icmp => 1,
+            Protocol::Other(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Udp => f.write_str("udp"),
+            Protocol::Icmp => f.write_str("icmp"),
+            Protocol::Other(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            n => n
+                .parse()
+                .map(Protocol::from_number)
+                .map_err(|_| format!("unknown protocol {n:?}")),
+        }
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A flow start or a denied new flow, as a node records it (`POST /v1/node/flows`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEntry {
+    /// Unix milliseconds.
+    pub at: i64,
+    /// Opened by this node (`true`) or by the peer.
+    pub outbound: bool,
+    /// The peer's identity, if it is a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The peer's overlay address.
+    pub peer_address: Ipv4Addr,
+    /// `tcp`, `udp`, `icmp` or the protocol number.
+    pub proto: Protocol,
+    /// The destination port (ICMP: the echo identifier).
+    pub port: u16,
+    /// Admitted, or denied.
+    pub allowed: bool,
+    /// The rule that decided: the allow rule, or the deny rule; none for the default deny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why it was denied: `not_allowed`, `denied`, `not_a_peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A batch of a node's flow log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FlowBatch {
+    /// The entries, oldest first.
+    pub flows: Vec<FlowEntry>,
+    /// Entries the node dropped because its buffer was full, since the last batch.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// One flow, as `bulkhead flows` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// Unix milliseconds.
+    pub at: i64,
+    /// The node that recorded it.
+    pub node: String,
+    /// The initiator's identity (or address, if no identity has it).
+    pub src: String,
+    /// Its overlay address.
+    pub src_address: Ipv4Addr,
+    /// The responder's identity (or address).
+    pub dst: String,
+    /// Its overlay address.
+    pub dst_address: Ipv4Addr,
+    /// `tcp`, `udp`, `icmp`, …
+    pub proto: Protocol,
+    /// Destination port.
+    pub port: u16,
+    /// `allow` or `deny`.
+    pub verdict: Verdict,
+    /// The deciding rule, if any (none: the default deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why it was denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_read_as_they_are_written() {
+        for n in 0..=255u8 {
+            let p = Protocol::from_number(n);
+            assert_eq!(p.number(), n);
+            let json = serde_json::to_string(&p).unwrap_or_default();
+            assert_eq!(
+                serde_json::from_str::<Protocol>(&json).ok(),
+                Some(p),
+                "{json}"
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&Protocol::Tcp).ok().as_deref(),
+            Some("\"tcp\"")
+        );
+        assert_eq!(Protocol::from_number(47).to_string(), "47");
+        assert!("gre".parse::<Protocol>().is_err());
+        assert_eq!(
+            serde_json::to_string(&Verdict::Deny).ok().as_deref(),
+            Some("\"deny\"")
+        );
+    }
+}
