@@ -22,12 +22,11 @@
 pub mod conntrack;
 mod node;
 pub mod packet;
+mod sink;
 
 pub use conntrack::{FlowKey, Initiator};
-pub use node::{
-    ApplyReport, Config, Counters, Direction, DropReason, Event, Node, Now, PeerConfig, PeerStatus,
-    Sink, Traffic,
-};
+pub use node::{ApplyReport, Config, Node, Now, PeerConfig, PeerStatus, Traffic};
+pub use sink::{Counters, Direction, DropReason, Event, Sink};
 
 /// Whether this build skips the filter (the `unfiltered` benchmark feature).
 pub const UNFILTERED: bool = cfg!(feature = "unfiltered");
