@@ -23,6 +23,7 @@ pub mod conntrack;
 mod node;
 pub mod packet;
 mod sink;
+mod tunnel;
 
 pub use conntrack::{FlowKey, Initiator};
 pub use node::{ApplyReport, Config, Node, Now, PeerConfig, PeerStatus, Traffic};

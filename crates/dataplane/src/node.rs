@@ -2,21 +2,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet as WgPacket, Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
 use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
 
 use crate::conntrack::{Conntrack, FlowKey, Initiator, Timeouts, Tracked};
 use crate::packet::{self, Ipv4, Packet};
 use crate::sink::{Counters, Direction, DropReason, Event, Sink};
+use crate::tunnel::{Decapsulated, Encapsulated, Screened, SentBy, Tunnel, WireGuard};
 
-/// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Largest packet the node handles, plus room for WireGuard's overhead.
 const BUFFER: usize = 65536 + 148;
 
@@ -112,25 +106,16 @@ struct PeerState {
     name: String,
     address: Ipv4Addr,
     key: [u8; 32],
-    endpoint: Option<SocketAddr>,
-    tunn: Tunn,
-    /// The tunnel's index: WireGuard receiver indices carry it in their upper 24 bits.
-    index: u32,
+    tunnel: Tunnel,
     /// Index of the peer in the allowlist's `peers`.
     entry: usize,
-    /// Start a handshake at the next tick: the peer is new, or its endpoint is. A node that
-    /// restarted thus tells its peers at once, instead of waiting for their session to time
-    /// out before they notice (WireGuard's ~15 s).
-    greet: bool,
     sent: Traffic,
     received: Traffic,
-    handshakes: u64,
 }
 
 /// One identity's data plane.
 pub struct Node {
-    secret: StaticSecret,
-    public: PublicKey,
+    wg: WireGuard,
     config: Option<Config>,
     peers: Vec<PeerState>,
     by_address: HashMap<Ipv4Addr, usize, ahash::RandomState>,
@@ -142,8 +127,6 @@ pub struct Node {
     counters: Counters,
     /// When a rule window next opens or closes: flows and peers are checked again then.
     next_boundary: Option<UnixTime>,
-    rate_limiter: Arc<RateLimiter>,
-    last_rate_reset: Option<Instant>,
     buf: Vec<u8>,
 }
 
@@ -152,7 +135,7 @@ impl std::fmt::Debug for Node {
         f.debug_struct("Node")
             .field(
                 "public_key",
-                &format_args!("{:02x?}…", &self.public.as_bytes()[..4]),
+                &format_args!("{:02x?}…", &self.wg.public_key()[..4]),
             )
             .field("peers", &self.peers.len())
             .field("flows", &self.conntrack.len())
@@ -163,12 +146,8 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A node with this private key, enforcing nothing-passes until [`Node::apply`].
     pub fn new(private_key: [u8; 32], flow_capacity: usize) -> Node {
-        let secret = StaticSecret::from(private_key);
-        let public = PublicKey::from(&secret);
         Node {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            secret,
-            public,
+            wg: WireGuard::new(private_key),
             config: None,
             peers: Vec::new(),
             by_address: HashMap::default(),
@@ -178,14 +157,13 @@ impl Node {
             conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
             counters: Counters::default(),
             next_boundary: None,
-            last_rate_reset: None,
             buf: vec![0; BUFFER],
         }
     }
 
     /// This node's public key.
     pub fn public_key(&self) -> [u8; 32] {
-        self.public.to_bytes()
+        self.wg.public_key()
     }
 
     /// The configuration in force, if any.
@@ -213,19 +191,19 @@ impl Node {
         self.peers
             .iter()
             .map(|p| {
-                let (since, tx, rx, _, _) = p.tunn.stats();
+                let (since, tx_bytes, rx_bytes) = p.tunnel.stats();
                 PeerStatus {
                     name: p.name.clone(),
                     public_key: p.key,
                     address: p.address,
-                    endpoint: p.endpoint,
+                    endpoint: p.tunnel.endpoint(),
                     since_handshake: since,
-                    tx_bytes: tx as u64,
-                    rx_bytes: rx as u64,
-                    keepalive: p.tunn.persistent_keepalive(),
+                    tx_bytes,
+                    rx_bytes,
+                    keepalive: p.tunnel.keepalive(),
                     sent: p.sent,
                     received: p.received,
-                    handshakes: p.handshakes,
+                    handshakes: p.tunnel.handshakes(),
                 }
             })
             .collect()
@@ -256,8 +234,7 @@ impl Node {
             let state = match old.remove(&*peer.name) {
                 Some(mut p) if p.key == info.public_key => {
                     p.address = peer.address;
-                    p.greet |= info.endpoint.is_some() && info.endpoint != p.endpoint;
-                    p.endpoint = info.endpoint.or(p.endpoint);
+                    p.tunnel.set_endpoint(info.endpoint);
                     p.entry = entry;
                     p
                 }
@@ -269,21 +246,16 @@ impl Node {
                         name: peer.name.to_string(),
                         address: peer.address,
                         key: info.public_key,
-                        endpoint: info.endpoint,
-                        tunn: Tunn::new(
-                            self.secret.clone(),
-                            PublicKey::from(info.public_key),
-                            None,
+                        tunnel: Tunnel::new(
+                            &self.wg,
+                            info.public_key,
+                            info.endpoint,
                             config.keepalive,
                             index,
-                            Some(self.rate_limiter.clone()),
                         ),
-                        index,
                         entry,
-                        greet: true,
                         sent: Traffic::default(),
                         received: Traffic::default(),
-                        handshakes: 0,
                     }
                 }
             };
@@ -313,7 +285,7 @@ impl Node {
         for (i, p) in self.peers.iter().enumerate() {
             self.by_address.insert(p.address, i);
             self.by_key.insert(p.key, i);
-            self.by_index.insert(p.index, i);
+            self.by_index.insert(p.tunnel.index(), i);
         }
         self.next_boundary = None;
     }
@@ -477,22 +449,20 @@ impl Node {
             return self.drop(true, why, Some(key), Some(i), sink);
         }
         let peer = &mut self.peers[i];
-        let Some(to) = peer.endpoint else {
-            return self.drop(
+        match peer.tunnel.encapsulate(pkt, &mut self.buf) {
+            Encapsulated::Send(to, out) => {
+                peer.sent.add(pkt.len());
+                sink.to_network(to, out)
+            }
+            Encapsulated::Queued => peer.sent.add(pkt.len()),
+            Encapsulated::NoEndpoint => self.drop(
                 true,
                 DropReason::NoEndpoint,
                 Some(FlowKey::egress(&p)),
                 Some(i),
                 sink,
-            );
-        };
-        match peer.tunn.encapsulate(pkt, &mut self.buf) {
-            TunnResult::WriteToNetwork(out) => {
-                peer.sent.add(pkt.len());
-                sink.to_network(to, out)
-            }
-            TunnResult::Err(_) => self.drop(true, DropReason::Tunnel, None, Some(i), sink),
-            _ => peer.sent.add(pkt.len()),
+            ),
+            Encapsulated::Failed => self.drop(true, DropReason::Tunnel, None, Some(i), sink),
         }
     }
 
@@ -504,73 +474,36 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) {
-        let mut cookie = [0u8; 64];
-        let packet = match self
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, &mut cookie)
-        {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(reply)) => return sink.to_network(from, reply),
-            Err(_) => return self.drop(false, DropReason::Tunnel, None, None, sink),
+        let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
+            Screened::Answered => return,
+            Screened::Invalid => return self.drop(false, DropReason::Tunnel, None, None, sink),
+            Screened::Message { sent_by, handshake } => (sent_by, handshake),
         };
-        let handshake = matches!(
-            packet,
-            WgPacket::HandshakeInit(_) | WgPacket::HandshakeResponse(_)
-        );
-        let peer = match packet {
-            WgPacket::HandshakeInit(ref init) => {
-                parse_handshake_anon(&self.secret, &self.public, init)
-                    .ok()
-                    .and_then(|h| self.by_key.get(&h.peer_static_public).copied())
-            }
-            WgPacket::HandshakeResponse(r) => self.by_index.get(&(r.receiver_idx >> 8)).copied(),
-            WgPacket::PacketCookieReply(c) => self.by_index.get(&(c.receiver_idx >> 8)).copied(),
-            WgPacket::PacketData(d) => self.by_index.get(&(d.receiver_idx >> 8)).copied(),
+        let peer = match sent_by {
+            SentBy::Key(key) => self.by_key.get(&key).copied(),
+            SentBy::Tunnel(index) => self.by_index.get(&index).copied(),
+            SentBy::Unknown => None,
         };
         let Some(i) = peer else {
             return self.drop(false, DropReason::UnknownPeer, None, None, sink);
         };
         // The buffer is taken out so the decrypted packet can be filtered without a copy.
         let mut buf = std::mem::take(&mut self.buf);
-        let mut flush = false;
-        let inner = {
-            let peer = &mut self.peers[i];
-            match peer.tunn.decapsulate(Some(from.ip()), datagram, &mut buf) {
-                TunnResult::WriteToNetwork(out) => {
-                    peer.endpoint = Some(from);
-                    peer.handshakes += u64::from(handshake);
-                    sink.to_network(from, out);
-                    flush = true;
-                    None
-                }
-                TunnResult::WriteToTunnelV4(out, src) => {
-                    peer.endpoint = Some(from);
-                    peer.received.add(out.len());
-                    Some(Ok((out.len(), src)))
-                }
-                TunnResult::WriteToTunnelV6(out, _) => {
-                    peer.received.add(out.len());
-                    Some(Err(DropReason::Ipv6))
-                }
-                TunnResult::Done => {
-                    peer.endpoint = Some(from);
-                    peer.handshakes += u64::from(handshake);
-                    None
-                }
-                TunnResult::Err(_) => Some(Err(DropReason::Tunnel)),
+        let peer = &mut self.peers[i];
+        match peer
+            .tunnel
+            .decapsulate(from, datagram, handshake, &mut buf, sink)
+        {
+            Decapsulated::Nothing => {}
+            Decapsulated::V4 { len, src } => {
+                peer.received.add(len);
+                self.ingress(i, &buf[..len], src, now, sink);
             }
-        };
-        if flush {
-            // A completed handshake releases packets queued while it was under way.
-            let peer = &mut self.peers[i];
-            while let TunnResult::WriteToNetwork(out) = peer.tunn.decapsulate(None, &[], &mut buf) {
-                sink.to_network(from, out);
+            Decapsulated::V6 { len } => {
+                peer.received.add(len);
+                self.drop(false, DropReason::Ipv6, None, Some(i), sink);
             }
-        }
-        match inner {
-            None => {}
-            Some(Err(why)) => self.drop(false, why, None, Some(i), sink),
-            Some(Ok((len, src))) => self.ingress(i, &buf[..len], src, now, sink),
+            Decapsulated::Failed => self.drop(false, DropReason::Tunnel, None, Some(i), sink),
         }
         self.buf = buf;
     }
@@ -606,29 +539,9 @@ impl Node {
     /// Runs timers: WireGuard handshakes and keepalives, flow expiry, and rule windows that open
     /// or close. Call it a few times a second.
     pub fn tick(&mut self, now: Now, sink: &mut impl Sink) {
-        if self
-            .last_rate_reset
-            .is_none_or(|t| now.instant.saturating_duration_since(t) >= Duration::from_secs(1))
-        {
-            self.rate_limiter.reset_count();
-            self.last_rate_reset = Some(now.instant);
-        }
+        self.wg.tick(now.instant);
         for p in &mut self.peers {
-            if p.greet
-                && let Some(to) = p.endpoint
-            {
-                p.greet = false;
-                if let TunnResult::WriteToNetwork(out) =
-                    p.tunn.format_handshake_initiation(&mut self.buf, false)
-                {
-                    sink.to_network(to, out);
-                }
-            }
-            if let TunnResult::WriteToNetwork(out) = p.tunn.update_timers(&mut self.buf)
-                && let Some(to) = p.endpoint
-            {
-                sink.to_network(to, out);
-            }
+            p.tunnel.tick(&mut self.buf, sink);
         }
         self.conntrack.expire(now.instant);
         if self.next_boundary.is_some_and(|t| now.unix >= t) {

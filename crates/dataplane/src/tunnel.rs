@@ -1,0 +1,292 @@
+//! WireGuard, through boringtun: the node's own side ([`WireGuard`]: its static key, and the
+//! handshake rate limiter every tunnel shares) and one session per peer ([`Tunnel`]: handshakes,
+//! encryption and decryption, timers). No filtering happens here; the node filters the packets
+//! before they go in and after they come out.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet as WgPacket, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::Sink;
+
+/// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Tunnel indexes fill the upper 24 bits of WireGuard receiver indexes; boringtun keeps the
+/// lower 8 for its sessions.
+const TUNNEL_INDEX_BITS: u32 = 0x00ff_ffff;
+
+/// The node's side of WireGuard.
+pub(crate) struct WireGuard {
+    secret: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    last_rate_reset: Option<Instant>,
+}
+
+/// Which tunnel a datagram that passed the rate limiter belongs to, as far as it says.
+pub(crate) enum SentBy {
+    /// A handshake initiation from this static key.
+    Key([u8; 32]),
+    /// A message for this tunnel index.
+    Tunnel(u32),
+    /// A handshake initiation that does not decrypt with this node's key.
+    Unknown,
+}
+
+/// What the rate limiter made of a datagram.
+pub(crate) enum Screened {
+    /// Answered with a cookie (under load): nothing else to do.
+    Answered,
+    /// Not WireGuard, or not valid.
+    Invalid,
+    /// A message for one of the tunnels.
+    Message {
+        /// Whose.
+        sent_by: SentBy,
+        /// A handshake initiation or response.
+        handshake: bool,
+    },
+}
+
+impl WireGuard {
+    pub(crate) fn new(private_key: [u8; 32]) -> WireGuard {
+        let secret = StaticSecret::from(private_key);
+        let public = PublicKey::from(&secret);
+        WireGuard {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            last_rate_reset: None,
+        }
+    }
+
+    pub(crate) fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    /// Passes a datagram through the rate limiter, which answers it with a cookie under load,
+    /// and says which tunnel it is for.
+    pub(crate) fn screen(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        sink: &mut impl Sink,
+    ) -> Screened {
+        let mut cookie = [0u8; 64];
+        let packet = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                sink.to_network(from, reply);
+                return Screened::Answered;
+            }
+            Err(_) => return Screened::Invalid,
+        };
+        let handshake = matches!(
+            packet,
+            WgPacket::HandshakeInit(_) | WgPacket::HandshakeResponse(_)
+        );
+        let sent_by = match packet {
+            WgPacket::HandshakeInit(ref init) => {
+                match parse_handshake_anon(&self.secret, &self.public, init) {
+                    Ok(h) => SentBy::Key(h.peer_static_public),
+                    Err(_) => SentBy::Unknown,
+                }
+            }
+            WgPacket::HandshakeResponse(r) => SentBy::Tunnel(r.receiver_idx >> 8),
+            WgPacket::PacketCookieReply(c) => SentBy::Tunnel(c.receiver_idx >> 8),
+            WgPacket::PacketData(d) => SentBy::Tunnel(d.receiver_idx >> 8),
+        };
+        Screened::Message { sent_by, handshake }
+    }
+
+    /// Lets the rate limiter count afresh once a second.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        if self
+            .last_rate_reset
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.rate_limiter.reset_count();
+            self.last_rate_reset = Some(now);
+        }
+    }
+}
+
+/// One peer's WireGuard session, and where to send its datagrams.
+pub(crate) struct Tunnel {
+    tunn: Tunn,
+    index: u32,
+    endpoint: Option<SocketAddr>,
+    /// Start a handshake at the next tick: the peer is new, or its endpoint is. A node that
+    /// restarted thus tells its peers at once, instead of waiting for their session to time
+    /// out before they notice (WireGuard's ~15 s).
+    greet: bool,
+    handshakes: u64,
+}
+
+/// What encrypting a packet came to.
+pub(crate) enum Encapsulated<'a> {
+    /// Send this datagram to this address.
+    Send(SocketAddr, &'a [u8]),
+    /// Queued until the handshake under way completes.
+    Queued,
+    /// The peer's endpoint is unknown: nothing can be sent to it.
+    NoEndpoint,
+    /// boringtun refused it.
+    Failed,
+}
+
+/// What decrypting a datagram came to. Datagrams boringtun answers (handshakes, cookies) and
+/// packets a handshake released are already in the sink.
+pub(crate) enum Decapsulated {
+    /// Nothing for the TUN device.
+    Nothing,
+    /// An IPv4 packet of this length, at the start of the buffer, from this inner source.
+    V4 {
+        /// Its length.
+        len: usize,
+        /// Its source address, as boringtun read it.
+        src: Ipv4Addr,
+    },
+    /// An IPv6 packet of this length.
+    V6 {
+        /// Its length.
+        len: usize,
+    },
+    /// Not a valid message for this session.
+    Failed,
+}
+
+impl Tunnel {
+    /// A session with `peer_key` under `index` (only its low 24 bits are used).
+    pub(crate) fn new(
+        wg: &WireGuard,
+        peer_key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        keepalive: Option<u16>,
+        index: u32,
+    ) -> Tunnel {
+        let index = index & TUNNEL_INDEX_BITS;
+        Tunnel {
+            tunn: Tunn::new(
+                wg.secret.clone(),
+                PublicKey::from(peer_key),
+                None,
+                keepalive,
+                index,
+                Some(wg.rate_limiter.clone()),
+            ),
+            index,
+            endpoint,
+            greet: true,
+            handshakes: 0,
+        }
+    }
+
+    /// The tunnel index: the upper 24 bits of the receiver index of every message for it.
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    /// The endpoint the controller gave; `None` keeps the one learned from the peer.
+    pub(crate) fn set_endpoint(&mut self, endpoint: Option<SocketAddr>) {
+        self.greet |= endpoint.is_some() && endpoint != self.endpoint;
+        self.endpoint = endpoint.or(self.endpoint);
+    }
+
+    /// Handshakes completed: initiations of the peer answered, responses to ours.
+    pub(crate) fn handshakes(&self) -> u64 {
+        self.handshakes
+    }
+
+    /// Time since the last handshake, and payload bytes sent and received.
+    pub(crate) fn stats(&self) -> (Option<Duration>, u64, u64) {
+        let (since, tx, rx, _, _) = self.tunn.stats();
+        (since, tx as u64, rx as u64)
+    }
+
+    pub(crate) fn keepalive(&self) -> Option<u16> {
+        self.tunn.persistent_keepalive()
+    }
+
+    /// Encrypts `packet` into `buf`.
+    pub(crate) fn encapsulate<'a>(&mut self, packet: &[u8], buf: &'a mut [u8]) -> Encapsulated<'a> {
+        let Some(to) = self.endpoint else {
+            return Encapsulated::NoEndpoint;
+        };
+        match self.tunn.encapsulate(packet, buf) {
+            TunnResult::WriteToNetwork(out) => Encapsulated::Send(to, out),
+            TunnResult::Err(_) => Encapsulated::Failed,
+            _ => Encapsulated::Queued,
+        }
+    }
+
+    /// Decrypts a datagram from `from` into `buf`. A valid message makes `from` the endpoint.
+    pub(crate) fn decapsulate(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        handshake: bool,
+        buf: &mut [u8],
+        sink: &mut impl Sink,
+    ) -> Decapsulated {
+        let ip: IpAddr = from.ip();
+        match self.tunn.decapsulate(Some(ip), datagram, buf) {
+            TunnResult::WriteToNetwork(out) => {
+                self.endpoint = Some(from);
+                self.handshakes += u64::from(handshake);
+                sink.to_network(from, out);
+                // A completed handshake releases packets queued while it was under way.
+                while let TunnResult::WriteToNetwork(out) = self.tunn.decapsulate(None, &[], buf) {
+                    sink.to_network(from, out);
+                }
+                Decapsulated::Nothing
+            }
+            TunnResult::WriteToTunnelV4(out, src) => {
+                self.endpoint = Some(from);
+                Decapsulated::V4 {
+                    len: out.len(),
+                    src,
+                }
+            }
+            TunnResult::WriteToTunnelV6(out, _) => Decapsulated::V6 { len: out.len() },
+            TunnResult::Done => {
+                self.endpoint = Some(from);
+                self.handshakes += u64::from(handshake);
+                Decapsulated::Nothing
+            }
+            TunnResult::Err(_) => Decapsulated::Failed,
+        }
+    }
+
+    /// Runs the session's timers: the greeting handshake, handshakes and keepalives due.
+    pub(crate) fn tick(&mut self, buf: &mut [u8], sink: &mut impl Sink) {
+        if self.greet
+            && let Some(to) = self.endpoint
+        {
+            self.greet = false;
+            if let TunnResult::WriteToNetwork(out) =
+                self.tunn.format_handshake_initiation(buf, false)
+            {
+                sink.to_network(to, out);
+            }
+        }
+        if let TunnResult::WriteToNetwork(out) = self.tunn.update_timers(buf)
+            && let Some(to) = self.endpoint
+        {
+            sink.to_network(to, out);
+        }
+    }
+}
