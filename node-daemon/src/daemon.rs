@@ -454,7 +454,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 let (flow_log_entries, flow_log_dropped) = (log.len(), log.dropped_total());
                 drop(log);
                 let _ = reply.send(Snapshot {
-                    revision: node.config().map(|c| c.allowlist.revision),
+                    revision: node.allowlist().map(|a| a.revision),
                     peers: node.peers(),
                     counters: node.counters().clone(),
                     flows_tracked: node.flow_count(),

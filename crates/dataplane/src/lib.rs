@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
+mod filter;
 mod node;
 pub mod packet;
 mod sink;

@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
+use bulkhead_allowlist::{Allowlist, UnixTime};
 
-use crate::conntrack::{Conntrack, FlowKey, Initiator, Timeouts, Tracked};
+use crate::conntrack::{Flow, FlowKey};
+use crate::filter::{Admitted, Filter, Tables};
 use crate::packet::{self, Ipv4, Packet};
 use crate::sink::{Counters, Direction, DropReason, Event, Sink};
 use crate::tunnel::{Decapsulated, Encapsulated, Screened, SentBy, Tunnel, WireGuard};
@@ -107,8 +108,7 @@ struct PeerState {
     address: Ipv4Addr,
     key: [u8; 32],
     tunnel: Tunnel,
-    /// Index of the peer in the allowlist's `peers`.
-    entry: usize,
+    tables: Tables,
     sent: Traffic,
     received: Traffic,
 }
@@ -116,17 +116,17 @@ struct PeerState {
 /// One identity's data plane.
 pub struct Node {
     wg: WireGuard,
-    config: Option<Config>,
+    filter: Filter,
+    /// The rest of the configuration in force, to tell when a new one is the same.
+    peer_configs: BTreeMap<String, PeerConfig>,
+    keepalive: Option<u16>,
     peers: Vec<PeerState>,
     by_address: HashMap<Ipv4Addr, usize, ahash::RandomState>,
     by_key: HashMap<[u8; 32], usize, ahash::RandomState>,
     /// Tunnel index (the upper 24 bits of WireGuard receiver indices) to peer.
     by_index: HashMap<u32, usize, ahash::RandomState>,
     next_index: u32,
-    conntrack: Conntrack,
     counters: Counters,
-    /// When a rule window next opens or closes: flows and peers are checked again then.
-    next_boundary: Option<UnixTime>,
     buf: Vec<u8>,
 }
 
@@ -138,7 +138,7 @@ impl std::fmt::Debug for Node {
                 &format_args!("{:02x?}…", &self.wg.public_key()[..4]),
             )
             .field("peers", &self.peers.len())
-            .field("flows", &self.conntrack.len())
+            .field("flows", &self.filter.flow_count())
             .finish()
     }
 }
@@ -148,15 +148,15 @@ impl Node {
     pub fn new(private_key: [u8; 32], flow_capacity: usize) -> Node {
         Node {
             wg: WireGuard::new(private_key),
-            config: None,
+            filter: Filter::new(flow_capacity),
+            peer_configs: BTreeMap::new(),
+            keepalive: None,
             peers: Vec::new(),
             by_address: HashMap::default(),
             by_key: HashMap::default(),
             by_index: HashMap::default(),
             next_index: 1,
-            conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
             counters: Counters::default(),
-            next_boundary: None,
             buf: vec![0; BUFFER],
         }
     }
@@ -166,9 +166,9 @@ impl Node {
         self.wg.public_key()
     }
 
-    /// The configuration in force, if any.
-    pub fn config(&self) -> Option<&Config> {
-        self.config.as_ref()
+    /// The allowlist in force, if any.
+    pub fn allowlist(&self) -> Option<&Allowlist> {
+        self.filter.allowlist()
     }
 
     /// DropReason counters.
@@ -178,12 +178,12 @@ impl Node {
 
     /// Number of tracked flows.
     pub fn flow_count(&self) -> usize {
-        self.conntrack.len()
+        self.filter.flow_count()
     }
 
     /// The tracked flows.
-    pub fn flows(&self) -> impl Iterator<Item = (&FlowKey, &crate::conntrack::Flow)> {
-        self.conntrack.iter()
+    pub fn flows(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
+        self.filter.flows()
     }
 
     /// The peers with a tunnel, in name order.
@@ -214,7 +214,10 @@ impl Node {
     /// allows are untouched, and tunnels of peers that stay keep their sessions. Applying the
     /// configuration in force changes nothing.
     pub fn apply(&mut self, config: Config, now: Now) -> ApplyReport {
-        if self.config.as_ref() == Some(&config) {
+        if self.filter.allowlist() == Some(&config.allowlist)
+            && self.peer_configs == config.peers
+            && self.keepalive == config.keepalive
+        {
             return ApplyReport {
                 unchanged: true,
                 ..ApplyReport::default()
@@ -224,7 +227,7 @@ impl Node {
         let mut old: HashMap<String, PeerState> =
             self.peers.drain(..).map(|p| (p.name.clone(), p)).collect();
         let list = &config.allowlist;
-        for (entry, peer) in list.peers.iter().enumerate() {
+        for peer in &list.peers {
             let Some(info) = config.peers.get(&*peer.name) else {
                 continue;
             };
@@ -235,7 +238,7 @@ impl Node {
                 Some(mut p) if p.key == info.public_key => {
                     p.address = peer.address;
                     p.tunnel.set_endpoint(info.endpoint);
-                    p.entry = entry;
+                    p.tables = Tables::of(peer);
                     p
                 }
                 _ => {
@@ -253,7 +256,7 @@ impl Node {
                             config.keepalive,
                             index,
                         ),
-                        entry,
+                        tables: Tables::of(peer),
                         sent: Traffic::default(),
                         received: Traffic::default(),
                     }
@@ -263,7 +266,9 @@ impl Node {
         }
         report.removed = old.into_keys().collect();
         report.removed.sort();
-        self.config = Some(config);
+        self.filter.set(config.allowlist);
+        self.peer_configs = config.peers;
+        self.keepalive = config.keepalive;
         self.reindex();
         report.flows_cut = self.revalidate(now);
         report
@@ -272,9 +277,8 @@ impl Node {
     /// Forgets the configuration: every tunnel goes, every flow is cut, and nothing passes until
     /// the next [`Node::apply`]. For an allowlist that cannot be read: never fail open.
     pub fn clear(&mut self) {
-        self.config = None;
+        self.filter.clear();
         self.peers.clear();
-        self.conntrack.retain(|_, _| None);
         self.reindex();
     }
 
@@ -287,46 +291,26 @@ impl Node {
             self.by_key.insert(p.key, i);
             self.by_index.insert(p.tunnel.index(), i);
         }
-        self.next_boundary = None;
     }
 
     /// Checks every tracked flow against the allowlist at `now` and cuts those it no longer
     /// allows; removes tunnels to peers nothing is allowed with any more. Returns flows cut.
     fn revalidate(&mut self, now: Now) -> usize {
-        let Some(cfg) = &self.config else {
+        if self.filter.allowlist().is_none() {
             return 0;
-        };
-        let list = &cfg.allowlist;
-        let by_address = &self.by_address;
-        let peers = &self.peers;
-        let cut = self.conntrack.retain(|k, f| {
-            let p = &peers[*by_address.get(&k.peer)?];
-            let entry = &list.peers[p.entry];
-            let port = k.service_port(f.initiator);
-            let d = match f.initiator {
-                Initiator::Local => list.decide_outbound(entry, k.proto, port, now.unix),
-                Initiator::Peer => list.decide_inbound(entry, k.proto, port, now.unix),
-            };
-            match d {
-                Decision::Allow { rule } => Some(list.rules[rule as usize].name.clone()),
-                Decision::Deny { .. } => None,
-            }
-        });
+        }
+        let (by_address, peers) = (&self.by_address, &self.peers);
+        let cut = self
+            .filter
+            .revalidate(|a| by_address.get(&a).map(|&i| peers[i].tables), now);
         // A peer whose every rule has expired keeps no tunnel: it cannot come back without a new
         // allowlist, since rules that open later are only sent when they open.
         let before = self.peers.len();
-        self.peers.retain(|p| {
-            let e = &list.peers[p.entry];
-            list.table(e.outbound).allows_any(&list.rules, now.unix)
-                || list.table(e.inbound).allows_any(&list.rules, now.unix)
-        });
+        let filter = &self.filter;
+        self.peers.retain(|p| filter.allows_any(p.tables, now));
         if self.peers.len() != before {
             self.reindex();
         }
-        self.next_boundary = self
-            .config
-            .as_ref()
-            .and_then(|c| c.allowlist.next_boundary(now.unix));
         cut
     }
 
@@ -369,59 +353,30 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) -> Result<(), (DropReason, FlowKey)> {
-        if crate::UNFILTERED {
-            return Ok(());
-        }
-        let (key, from) = if egress {
-            (FlowKey::egress(p), Initiator::Local)
-        } else {
-            (FlowKey::ingress(p), Initiator::Peer)
-        };
-        match self.conntrack.track(key, p, from, now.instant) {
-            Tracked::Known(_) => return Ok(()),
-            Tracked::CannotOpen => return Err((DropReason::NoFlow, key)),
-            Tracked::New => {}
-        }
-        let Some(cfg) = &self.config else {
-            return Err((DropReason::NoAllowlist, key));
-        };
-        let list = &cfg.allowlist;
-        let entry = &list.peers[self.peers[i].entry];
-        let port = key.service_port(from);
-        let d = if egress {
-            list.decide_outbound(entry, p.proto, port, now.unix)
-        } else {
-            list.decide_inbound(entry, p.proto, port, now.unix)
-        };
-        let rule = match d {
-            Decision::Allow { rule } => &list.rules[rule as usize].name,
-            Decision::Deny { rule: Some(r) } => {
-                return Err((
-                    DropReason::DeniedByRule(list.rules[r as usize].name.clone()),
+        match self.filter.admit(self.peers[i].tables, p, egress, now)? {
+            Admitted::Tracked => {}
+            Admitted::Opened {
+                initiator,
+                key,
+                rule,
+            } => {
+                self.counters.flows_started += 1;
+                sink.event(Event::FlowStarted {
+                    initiator,
                     key,
-                ));
+                    peer: &self.peers[i].name,
+                    rule,
+                });
             }
-            Decision::Deny { rule: None } => return Err((DropReason::NotAllowed, key)),
-        };
-        if !self.conntrack.open(key, from, rule, now.instant) {
-            return Err((DropReason::TableFull, key));
         }
-        self.counters.flows_started += 1;
-        sink.event(Event::FlowStarted {
-            initiator: from,
-            key,
-            peer: &self.peers[i].name,
-            rule,
-        });
         Ok(())
     }
 
     /// Handles one packet read from the TUN device: filter, then encrypt to its peer.
     pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
-        let Some(cfg) = &self.config else {
+        let Some(me) = self.filter.allowlist().map(|l| l.address) else {
             return self.drop(true, DropReason::NoAllowlist, None, None, sink);
         };
-        let me = cfg.allowlist.address;
         let p = match packet::classify(pkt) {
             Ok(Packet::V4(p)) => p,
             Ok(Packet::V6) => return self.drop(true, DropReason::Ipv6, None, None, sink),
@@ -509,7 +464,7 @@ impl Node {
     }
 
     fn ingress(&mut self, i: usize, pkt: &[u8], src: Ipv4Addr, now: Now, sink: &mut impl Sink) {
-        let Some(me) = self.config.as_ref().map(|c| c.allowlist.address) else {
+        let Some(me) = self.filter.allowlist().map(|l| l.address) else {
             return self.drop(false, DropReason::NoAllowlist, None, Some(i), sink);
         };
         let p = match packet::classify(pkt) {
@@ -543,8 +498,8 @@ impl Node {
         for p in &mut self.peers {
             p.tunnel.tick(&mut self.buf, sink);
         }
-        self.conntrack.expire(now.instant);
-        if self.next_boundary.is_some_and(|t| now.unix >= t) {
+        self.filter.expire(now);
+        if self.filter.window_passed(now) {
             self.revalidate(now);
         }
     }

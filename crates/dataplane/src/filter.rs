@@ -1,0 +1,190 @@
+//! The filter: the allowlist in force and the flows it let through. It decides whether a packet
+//! between this node and one peer may pass (a tracked flow, or the peer's port table for new
+//! ones), and cuts the flows that a new allowlist or the passing time no longer allows.
+
+use std::net::Ipv4Addr;
+
+use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
+
+use crate::conntrack::{Conntrack, Flow, FlowKey, Initiator, Timeouts, Tracked};
+use crate::node::Now;
+use crate::packet::Ipv4;
+use crate::sink::DropReason;
+
+/// The allowlist in force and the flow table.
+pub(crate) struct Filter {
+    allowlist: Option<Allowlist>,
+    conntrack: Conntrack,
+    /// When a rule window next opens or closes: flows and peers are checked again then.
+    next_boundary: Option<UnixTime>,
+}
+
+/// Which port tables of the allowlist govern one peer, as indexes into its `tables`. Copied
+/// from the peer's entry whenever an allowlist is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tables {
+    outbound: u32,
+    inbound: u32,
+}
+
+impl Tables {
+    pub(crate) fn of(peer: &bulkhead_allowlist::Peer) -> Tables {
+        Tables {
+            outbound: peer.outbound,
+            inbound: peer.inbound,
+        }
+    }
+}
+
+/// A packet the filter let through.
+pub(crate) enum Admitted<'a> {
+    /// It belongs to a tracked flow (or the filter is off: the `unfiltered` benchmark build).
+    Tracked,
+    /// It opened a flow, under this rule.
+    Opened {
+        /// Who opened it.
+        initiator: Initiator,
+        /// The flow.
+        key: FlowKey,
+        /// The allow rule's name.
+        rule: &'a str,
+    },
+}
+
+impl Filter {
+    /// Nothing passes until an allowlist is set.
+    pub(crate) fn new(flow_capacity: usize) -> Filter {
+        Filter {
+            allowlist: None,
+            conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
+            next_boundary: None,
+        }
+    }
+
+    pub(crate) fn allowlist(&self) -> Option<&Allowlist> {
+        self.allowlist.as_ref()
+    }
+
+    /// Puts `allowlist` in force. Flows stay until [`Filter::revalidate`] checks them.
+    pub(crate) fn set(&mut self, allowlist: Allowlist) {
+        self.allowlist = Some(allowlist);
+        self.next_boundary = None;
+    }
+
+    /// No allowlist, no flows: nothing passes.
+    pub(crate) fn clear(&mut self) {
+        self.allowlist = None;
+        self.conntrack.retain(|_, _| None);
+        self.next_boundary = None;
+    }
+
+    pub(crate) fn flow_count(&self) -> usize {
+        self.conntrack.len()
+    }
+
+    pub(crate) fn flows(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
+        self.conntrack.iter()
+    }
+
+    /// Decides whether `p` may pass between this node and a peer governed by `tables`, and
+    /// tracks it. `egress` is the direction.
+    pub(crate) fn admit(
+        &mut self,
+        tables: Tables,
+        p: &Ipv4,
+        egress: bool,
+        now: Now,
+    ) -> Result<Admitted<'_>, (DropReason, FlowKey)> {
+        if crate::UNFILTERED {
+            return Ok(Admitted::Tracked);
+        }
+        let (key, from) = if egress {
+            (FlowKey::egress(p), Initiator::Local)
+        } else {
+            (FlowKey::ingress(p), Initiator::Peer)
+        };
+        match self.conntrack.track(key, p, from, now.instant) {
+            Tracked::Known(_) => return Ok(Admitted::Tracked),
+            Tracked::CannotOpen => return Err((DropReason::NoFlow, key)),
+            Tracked::New => {}
+        }
+        let Some(list) = &self.allowlist else {
+            return Err((DropReason::NoAllowlist, key));
+        };
+        let rule = match decide(list, tables, from, p.proto, key.service_port(from), now) {
+            Decision::Allow { rule } => &list.rules[rule as usize].name,
+            Decision::Deny { rule: Some(r) } => {
+                return Err((
+                    DropReason::DeniedByRule(list.rules[r as usize].name.clone()),
+                    key,
+                ));
+            }
+            Decision::Deny { rule: None } => return Err((DropReason::NotAllowed, key)),
+        };
+        if !self.conntrack.open(key, from, rule, now.instant) {
+            return Err((DropReason::TableFull, key));
+        }
+        Ok(Admitted::Opened {
+            initiator: from,
+            key,
+            rule,
+        })
+    }
+
+    /// Checks every tracked flow against the allowlist at `now` and cuts those it no longer
+    /// allows, or whose peer `tables_of` does not know. Returns how many were cut.
+    pub(crate) fn revalidate(
+        &mut self,
+        tables_of: impl Fn(Ipv4Addr) -> Option<Tables>,
+        now: Now,
+    ) -> usize {
+        let Some(list) = &self.allowlist else {
+            return 0;
+        };
+        let cut = self.conntrack.retain(|k, f| {
+            let tables = tables_of(k.peer)?;
+            let port = k.service_port(f.initiator);
+            match decide(list, tables, f.initiator, k.proto, port, now) {
+                Decision::Allow { rule } => Some(list.rules[rule as usize].name.clone()),
+                Decision::Deny { .. } => None,
+            }
+        });
+        self.next_boundary = list.next_boundary(now.unix);
+        cut
+    }
+
+    /// Whether anything at all is allowed with a peer governed by `tables`, either way, at `now`.
+    pub(crate) fn allows_any(&self, tables: Tables, now: Now) -> bool {
+        self.allowlist.as_ref().is_some_and(|list| {
+            list.table(tables.outbound)
+                .allows_any(&list.rules, now.unix)
+                || list.table(tables.inbound).allows_any(&list.rules, now.unix)
+        })
+    }
+
+    /// Whether a rule window opened or closed since the last [`Filter::revalidate`].
+    pub(crate) fn window_passed(&self, now: Now) -> bool {
+        self.next_boundary.is_some_and(|t| now.unix >= t)
+    }
+
+    /// Drops idle flows.
+    pub(crate) fn expire(&mut self, now: Now) {
+        self.conntrack.expire(now.instant);
+    }
+}
+
+/// The allowlist's decision on a connection opened by `initiator` to `port`.
+fn decide(
+    list: &Allowlist,
+    tables: Tables,
+    initiator: Initiator,
+    proto: u8,
+    port: u16,
+    now: Now,
+) -> Decision {
+    let table = match initiator {
+        Initiator::Local => tables.outbound,
+        Initiator::Peer => tables.inbound,
+    };
+    list.table(table).decide(&list.rules, proto, port, now.unix)
+}
