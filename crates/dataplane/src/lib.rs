@@ -23,11 +23,13 @@ pub mod conntrack;
 mod filter;
 mod node;
 pub mod packet;
+mod peers;
 mod sink;
 mod tunnel;
 
 pub use conntrack::{FlowKey, Initiator};
-pub use node::{ApplyReport, Config, Node, Now, PeerConfig, PeerStatus, Traffic};
+pub use node::{ApplyReport, Config, Node, Now, PeerConfig};
+pub use peers::{PeerId, PeerStatus, Traffic};
 pub use sink::{Counters, Direction, DropReason, Event, Sink};
 
 /// Whether this build skips the filter (the `unfiltered` benchmark feature).

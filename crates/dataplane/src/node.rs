@@ -1,16 +1,18 @@
-//! [`Node`]: one identity's tunnels, filter and flow table.
+//! [`Node`]: one identity's data plane. It owns the peer registry, the filter and WireGuard, and
+//! runs each packet through them in order; what each does is in its own module.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bulkhead_allowlist::{Allowlist, UnixTime};
 
 use crate::conntrack::{Flow, FlowKey};
-use crate::filter::{Admitted, Filter, Tables};
+use crate::filter::{Admitted, Filter};
 use crate::packet::{self, Ipv4, Packet};
+use crate::peers::{Peer, PeerId, PeerStatus, Peers};
 use crate::sink::{Counters, Direction, DropReason, Event, Sink};
-use crate::tunnel::{Decapsulated, Encapsulated, Screened, SentBy, Tunnel, WireGuard};
+use crate::tunnel::{Decapsulated, Encapsulated, Screened, SentBy, WireGuard};
 
 /// Largest packet the node handles, plus room for WireGuard's overhead.
 const BUFFER: usize = 65536 + 148;
@@ -45,51 +47,6 @@ pub struct Config {
     pub keepalive: Option<u16>,
 }
 
-/// A peer as `wg show` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerStatus {
-    /// The peer's name.
-    pub name: String,
-    /// Its public key.
-    pub public_key: [u8; 32],
-    /// Its overlay address, the only one allowed from its tunnel.
-    pub address: Ipv4Addr,
-    /// Where it is reached.
-    pub endpoint: Option<SocketAddr>,
-    /// Time since the last handshake.
-    pub since_handshake: Option<Duration>,
-    /// Payload bytes sent, as WireGuard counts them (for `wg show`).
-    pub tx_bytes: u64,
-    /// Payload bytes received, as WireGuard counts them.
-    pub rx_bytes: u64,
-    /// Persistent keepalive, in seconds.
-    pub keepalive: Option<u16>,
-    /// Packets that passed the egress filter into this peer's tunnel, and their bytes (one
-    /// queued while a handshake is under way counts when queued).
-    pub sent: Traffic,
-    /// Packets decrypted from this peer's tunnel (before the ingress filter), and their bytes.
-    pub received: Traffic,
-    /// Handshakes with this peer: its initiations this node answered, and its responses that
-    /// completed this node's initiations (an initiation it sends again counts again).
-    pub handshakes: u64,
-}
-
-/// Packets and their bytes (whole IP packets, before encryption or after decryption).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Packets.
-    pub packets: u64,
-    /// Bytes.
-    pub bytes: u64,
-}
-
-impl Traffic {
-    fn add(&mut self, len: usize) {
-        self.packets += 1;
-        self.bytes += len as u64;
-    }
-}
-
 /// What applying a configuration changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -103,29 +60,15 @@ pub struct ApplyReport {
     pub flows_cut: usize,
 }
 
-struct PeerState {
-    name: String,
-    address: Ipv4Addr,
-    key: [u8; 32],
-    tunnel: Tunnel,
-    tables: Tables,
-    sent: Traffic,
-    received: Traffic,
-}
-
 /// One identity's data plane.
 pub struct Node {
     wg: WireGuard,
+    peers: Peers,
     filter: Filter,
     /// The rest of the configuration in force, to tell when a new one is the same.
     peer_configs: BTreeMap<String, PeerConfig>,
     keepalive: Option<u16>,
-    peers: Vec<PeerState>,
-    by_address: HashMap<Ipv4Addr, usize, ahash::RandomState>,
-    by_key: HashMap<[u8; 32], usize, ahash::RandomState>,
-    /// Tunnel index (the upper 24 bits of WireGuard receiver indices) to peer.
-    by_index: HashMap<u32, usize, ahash::RandomState>,
-    next_index: u32,
+    epoch: u64,
     counters: Counters,
     buf: Vec<u8>,
 }
@@ -137,6 +80,7 @@ impl std::fmt::Debug for Node {
                 "public_key",
                 &format_args!("{:02x?}…", &self.wg.public_key()[..4]),
             )
+            .field("epoch", &self.epoch)
             .field("peers", &self.peers.len())
             .field("flows", &self.filter.flow_count())
             .finish()
@@ -148,14 +92,11 @@ impl Node {
     pub fn new(private_key: [u8; 32], flow_capacity: usize) -> Node {
         Node {
             wg: WireGuard::new(private_key),
+            peers: Peers::default(),
             filter: Filter::new(flow_capacity),
             peer_configs: BTreeMap::new(),
             keepalive: None,
-            peers: Vec::new(),
-            by_address: HashMap::default(),
-            by_key: HashMap::default(),
-            by_index: HashMap::default(),
-            next_index: 1,
+            epoch: 0,
             counters: Counters::default(),
             buf: vec![0; BUFFER],
         }
@@ -169,6 +110,21 @@ impl Node {
     /// The allowlist in force, if any.
     pub fn allowlist(&self) -> Option<&Allowlist> {
         self.filter.allowlist()
+    }
+
+    /// The generation of what the node enforces: 0 before the first [`Node::apply`], then one
+    /// more with every apply that changes anything, every [`Node::clear`], and every rule
+    /// window that opens or closes (flows and tunnels are checked again then). It never goes
+    /// down. Work that outlives one call (a packet queued for another thread, with the
+    /// [`PeerId`] it was classified under) is still valid if the epoch has not moved; if it
+    /// has, the peer and the rules must be looked up again.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The id of the peer with this name, if it has a tunnel.
+    pub fn peer_id(&self, name: &str) -> Option<PeerId> {
+        self.peers.iter().find(|p| p.name == name).map(|p| p.id)
     }
 
     /// DropReason counters.
@@ -223,55 +179,19 @@ impl Node {
                 ..ApplyReport::default()
             };
         }
-        let mut report = ApplyReport::default();
-        let mut old: HashMap<String, PeerState> =
-            self.peers.drain(..).map(|p| (p.name.clone(), p)).collect();
-        let list = &config.allowlist;
-        for peer in &list.peers {
-            let Some(info) = config.peers.get(&*peer.name) else {
-                continue;
-            };
-            if info.public_key == self.public_key() {
-                continue; // never a tunnel to oneself
-            }
-            let state = match old.remove(&*peer.name) {
-                Some(mut p) if p.key == info.public_key => {
-                    p.address = peer.address;
-                    p.tunnel.set_endpoint(info.endpoint);
-                    p.tables = Tables::of(peer);
-                    p
-                }
-                _ => {
-                    report.added.push(peer.name.to_string());
-                    let index = self.next_index;
-                    self.next_index = (self.next_index + 1) & 0x00ff_ffff;
-                    PeerState {
-                        name: peer.name.to_string(),
-                        address: peer.address,
-                        key: info.public_key,
-                        tunnel: Tunnel::new(
-                            &self.wg,
-                            info.public_key,
-                            info.endpoint,
-                            config.keepalive,
-                            index,
-                        ),
-                        tables: Tables::of(peer),
-                        sent: Traffic::default(),
-                        received: Traffic::default(),
-                    }
-                }
-            };
-            self.peers.push(state);
-        }
-        report.removed = old.into_keys().collect();
-        report.removed.sort();
+        let changes =
+            self.peers
+                .update(&config.allowlist, &config.peers, config.keepalive, &self.wg);
         self.filter.set(config.allowlist);
         self.peer_configs = config.peers;
         self.keepalive = config.keepalive;
-        self.reindex();
-        report.flows_cut = self.revalidate(now);
-        report
+        self.epoch += 1;
+        ApplyReport {
+            unchanged: false,
+            added: changes.added,
+            removed: changes.removed,
+            flows_cut: self.revalidate(now),
+        }
     }
 
     /// Forgets the configuration: every tunnel goes, every flow is cut, and nothing passes until
@@ -279,18 +199,7 @@ impl Node {
     pub fn clear(&mut self) {
         self.filter.clear();
         self.peers.clear();
-        self.reindex();
-    }
-
-    fn reindex(&mut self) {
-        self.by_address.clear();
-        self.by_key.clear();
-        self.by_index.clear();
-        for (i, p) in self.peers.iter().enumerate() {
-            self.by_address.insert(p.address, i);
-            self.by_key.insert(p.key, i);
-            self.by_index.insert(p.tunnel.index(), i);
-        }
+        self.epoch += 1;
     }
 
     /// Checks every tracked flow against the allowlist at `now` and cuts those it no longer
@@ -299,125 +208,69 @@ impl Node {
         if self.filter.allowlist().is_none() {
             return 0;
         }
-        let (by_address, peers) = (&self.by_address, &self.peers);
-        let cut = self
-            .filter
-            .revalidate(|a| by_address.get(&a).map(|&i| peers[i].tables), now);
+        let peers = &self.peers;
+        let cut = self.filter.revalidate(
+            |a| {
+                peers
+                    .by_address(a)
+                    .and_then(|id| peers.get(id))
+                    .map(|p| p.tables)
+            },
+            now,
+        );
         // A peer whose every rule has expired keeps no tunnel: it cannot come back without a new
         // allowlist, since rules that open later are only sent when they open.
-        let before = self.peers.len();
         let filter = &self.filter;
         self.peers.retain(|p| filter.allows_any(p.tables, now));
-        if self.peers.len() != before {
-            self.reindex();
-        }
         cut
-    }
-
-    fn drop(
-        &mut self,
-        egress: bool,
-        why: DropReason,
-        key: Option<FlowKey>,
-        peer: Option<usize>,
-        sink: &mut impl Sink,
-    ) {
-        let direction = if egress {
-            Direction::Egress
-        } else {
-            Direction::Ingress
-        };
-        *self
-            .counters
-            .dropped
-            .entry((direction, why.reason()))
-            .or_default() += 1;
-        if let DropReason::DeniedByRule(r) = &why {
-            *self.counters.denied_by_rule.entry(r.clone()).or_default() += 1;
-        }
-        sink.event(Event::Dropped {
-            egress,
-            reason: &why,
-            key,
-            peer: peer.map(|i| self.peers[i].name.as_str()),
-        });
-    }
-
-    /// Decides whether `p` may pass between this node and peer `i`, tracking flows. `egress` is
-    /// the direction. Returns the drop reason if not.
-    fn admit(
-        &mut self,
-        i: usize,
-        p: &Ipv4,
-        egress: bool,
-        now: Now,
-        sink: &mut impl Sink,
-    ) -> Result<(), (DropReason, FlowKey)> {
-        match self.filter.admit(self.peers[i].tables, p, egress, now)? {
-            Admitted::Tracked => {}
-            Admitted::Opened {
-                initiator,
-                key,
-                rule,
-            } => {
-                self.counters.flows_started += 1;
-                sink.event(Event::FlowStarted {
-                    initiator,
-                    key,
-                    peer: &self.peers[i].name,
-                    rule,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Handles one packet read from the TUN device: filter, then encrypt to its peer.
     pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
+        let counters = &mut self.counters;
         let Some(me) = self.filter.allowlist().map(|l| l.address) else {
-            return self.drop(true, DropReason::NoAllowlist, None, None, sink);
+            return dropped(counters, sink, true, DropReason::NoAllowlist, None, None);
         };
         let p = match packet::classify(pkt) {
             Ok(Packet::V4(p)) => p,
-            Ok(Packet::V6) => return self.drop(true, DropReason::Ipv6, None, None, sink),
-            Err(m) => return self.drop(true, DropReason::Malformed(m), None, None, sink),
+            Ok(Packet::V6) => return dropped(counters, sink, true, DropReason::Ipv6, None, None),
+            Err(m) => {
+                return dropped(counters, sink, true, DropReason::Malformed(m), None, None);
+            }
         };
+        let key = Some(FlowKey::egress(&p));
         if p.src != me {
-            return self.drop(
-                true,
-                DropReason::WrongSource,
-                Some(FlowKey::egress(&p)),
-                None,
-                sink,
-            );
+            return dropped(counters, sink, true, DropReason::WrongSource, key, None);
         }
-        let Some(&i) = self.by_address.get(&p.dst) else {
-            return self.drop(
-                true,
-                DropReason::NotAPeer,
-                Some(FlowKey::egress(&p)),
-                None,
-                sink,
-            );
+        let peers = &mut self.peers;
+        let Some(peer) = peers.by_address(p.dst).and_then(|id| peers.get_mut(id)) else {
+            return dropped(counters, sink, true, DropReason::NotAPeer, key, None);
         };
-        if let Err((why, key)) = self.admit(i, &p, true, now, sink) {
-            return self.drop(true, why, Some(key), Some(i), sink);
+        if let Err((why, key)) = admit(&mut self.filter, counters, peer, &p, true, now, sink) {
+            return dropped(counters, sink, true, why, Some(key), Some(&peer.name));
         }
-        let peer = &mut self.peers[i];
         match peer.tunnel.encapsulate(pkt, &mut self.buf) {
             Encapsulated::Send(to, out) => {
                 peer.sent.add(pkt.len());
                 sink.to_network(to, out)
             }
             Encapsulated::Queued => peer.sent.add(pkt.len()),
-            Encapsulated::NoEndpoint => self.drop(
+            Encapsulated::NoEndpoint => dropped(
+                counters,
+                sink,
                 true,
                 DropReason::NoEndpoint,
-                Some(FlowKey::egress(&p)),
-                Some(i),
-                sink,
+                key,
+                Some(&peer.name),
             ),
-            Encapsulated::Failed => self.drop(true, DropReason::Tunnel, None, Some(i), sink),
+            Encapsulated::Failed => dropped(
+                counters,
+                sink,
+                true,
+                DropReason::Tunnel,
+                None,
+                Some(&peer.name),
+            ),
         }
     }
 
@@ -429,65 +282,57 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) {
+        let counters = &mut self.counters;
         let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
             Screened::Answered => return,
-            Screened::Invalid => return self.drop(false, DropReason::Tunnel, None, None, sink),
+            Screened::Invalid => {
+                return dropped(counters, sink, false, DropReason::Tunnel, None, None);
+            }
             Screened::Message { sent_by, handshake } => (sent_by, handshake),
         };
-        let peer = match sent_by {
-            SentBy::Key(key) => self.by_key.get(&key).copied(),
-            SentBy::Tunnel(index) => self.by_index.get(&index).copied(),
+        let peers = &mut self.peers;
+        let id = match sent_by {
+            SentBy::Key(key) => peers.by_key(&key),
+            SentBy::Tunnel(index) => peers.by_tunnel(index),
             SentBy::Unknown => None,
         };
-        let Some(i) = peer else {
-            return self.drop(false, DropReason::UnknownPeer, None, None, sink);
+        let Some(peer) = id.and_then(|id| peers.get_mut(id)) else {
+            return dropped(counters, sink, false, DropReason::UnknownPeer, None, None);
         };
-        // The buffer is taken out so the decrypted packet can be filtered without a copy.
-        let mut buf = std::mem::take(&mut self.buf);
-        let peer = &mut self.peers[i];
+        // Decrypted in place, and filtered where it lies.
+        let buf = &mut self.buf;
         match peer
             .tunnel
-            .decapsulate(from, datagram, handshake, &mut buf, sink)
+            .decapsulate(from, datagram, handshake, buf, sink)
         {
             Decapsulated::Nothing => {}
             Decapsulated::V4 { len, src } => {
                 peer.received.add(len);
-                self.ingress(i, &buf[..len], src, now, sink);
+                let pkt = &buf[..len];
+                match ingress(&mut self.filter, counters, peer, pkt, src, now, sink) {
+                    Ok(()) => sink.to_tun(pkt),
+                    Err((why, key)) => dropped(counters, sink, false, why, key, Some(&peer.name)),
+                }
             }
             Decapsulated::V6 { len } => {
                 peer.received.add(len);
-                self.drop(false, DropReason::Ipv6, None, Some(i), sink);
+                dropped(
+                    counters,
+                    sink,
+                    false,
+                    DropReason::Ipv6,
+                    None,
+                    Some(&peer.name),
+                );
             }
-            Decapsulated::Failed => self.drop(false, DropReason::Tunnel, None, Some(i), sink),
-        }
-        self.buf = buf;
-    }
-
-    fn ingress(&mut self, i: usize, pkt: &[u8], src: Ipv4Addr, now: Now, sink: &mut impl Sink) {
-        let Some(me) = self.filter.allowlist().map(|l| l.address) else {
-            return self.drop(false, DropReason::NoAllowlist, None, Some(i), sink);
-        };
-        let p = match packet::classify(pkt) {
-            Ok(Packet::V4(p)) => p,
-            Ok(Packet::V6) => return self.drop(false, DropReason::Ipv6, None, Some(i), sink),
-            Err(m) => return self.drop(false, DropReason::Malformed(m), None, Some(i), sink),
-        };
-        let key = FlowKey::ingress(&p);
-        if p.src != self.peers[i].address || src != p.src {
-            return self.drop(false, DropReason::Spoofed, Some(key), Some(i), sink);
-        }
-        if p.dst != me {
-            return self.drop(
-                false,
-                DropReason::WrongDestination,
-                Some(key),
-                Some(i),
+            Decapsulated::Failed => dropped(
+                counters,
                 sink,
-            );
-        }
-        match self.admit(i, &p, false, now, sink) {
-            Ok(()) => sink.to_tun(pkt),
-            Err((why, key)) => self.drop(false, why, Some(key), Some(i), sink),
+                false,
+                DropReason::Tunnel,
+                None,
+                Some(&peer.name),
+            ),
         }
     }
 
@@ -495,12 +340,99 @@ impl Node {
     /// or close. Call it a few times a second.
     pub fn tick(&mut self, now: Now, sink: &mut impl Sink) {
         self.wg.tick(now.instant);
-        for p in &mut self.peers {
-            p.tunnel.tick(&mut self.buf, sink);
-        }
+        let buf = &mut self.buf;
+        self.peers.for_each_mut(|p| p.tunnel.tick(buf, sink));
         self.filter.expire(now);
         if self.filter.window_passed(now) {
             self.revalidate(now);
+            self.epoch += 1;
         }
     }
+}
+
+/// Counts a dropped packet and tells the sink.
+fn dropped(
+    counters: &mut Counters,
+    sink: &mut impl Sink,
+    egress: bool,
+    why: DropReason,
+    key: Option<FlowKey>,
+    peer: Option<&str>,
+) {
+    let direction = if egress {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    *counters
+        .dropped
+        .entry((direction, why.reason()))
+        .or_default() += 1;
+    if let DropReason::DeniedByRule(r) = &why {
+        *counters.denied_by_rule.entry(r.clone()).or_default() += 1;
+    }
+    sink.event(Event::Dropped {
+        egress,
+        reason: &why,
+        key,
+        peer,
+    });
+}
+
+/// Runs `p` through the filter, between this node and `peer`, and reports a flow it opens.
+fn admit(
+    filter: &mut Filter,
+    counters: &mut Counters,
+    peer: &Peer,
+    p: &Ipv4,
+    egress: bool,
+    now: Now,
+    sink: &mut impl Sink,
+) -> Result<(), (DropReason, FlowKey)> {
+    match filter.admit(peer.tables, p, egress, now)? {
+        Admitted::Tracked => {}
+        Admitted::Opened {
+            initiator,
+            key,
+            rule,
+        } => {
+            counters.flows_started += 1;
+            sink.event(Event::FlowStarted {
+                initiator,
+                key,
+                peer: &peer.name,
+                rule,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The checks on a packet decrypted from `peer`'s tunnel (`src` is its source as boringtun read
+/// it): it must come from the peer's own address, be for this node, and pass the filter.
+fn ingress(
+    filter: &mut Filter,
+    counters: &mut Counters,
+    peer: &Peer,
+    pkt: &[u8],
+    src: Ipv4Addr,
+    now: Now,
+    sink: &mut impl Sink,
+) -> Result<(), (DropReason, Option<FlowKey>)> {
+    let Some(me) = filter.allowlist().map(|l| l.address) else {
+        return Err((DropReason::NoAllowlist, None));
+    };
+    let p = match packet::classify(pkt) {
+        Ok(Packet::V4(p)) => p,
+        Ok(Packet::V6) => return Err((DropReason::Ipv6, None)),
+        Err(m) => return Err((DropReason::Malformed(m), None)),
+    };
+    let key = FlowKey::ingress(&p);
+    if p.src != peer.address || src != p.src {
+        return Err((DropReason::Spoofed, Some(key)));
+    }
+    if p.dst != me {
+        return Err((DropReason::WrongDestination, Some(key)));
+    }
+    admit(filter, counters, peer, &p, false, now, sink).map_err(|(why, key)| (why, Some(key)))
 }

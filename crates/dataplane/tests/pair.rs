@@ -516,3 +516,70 @@ fn garbage_never_panics_and_is_counted() {
     // The same garbage arriving on the UDP socket is counted as ingress (it never decrypts).
     assert!(c.dropped.contains_key(&(Direction::Ingress, "tunnel")));
 }
+
+#[test]
+fn peers_keep_their_ids_across_applies_and_an_id_is_never_given_twice() {
+    let mut w = world();
+    let now = w.now;
+    let i = w.idx("db");
+    let ids = |w: &World| {
+        let n = &w.hosts[i].node;
+        (n.peer_id("web"), n.peer_id("ops"), n.epoch())
+    };
+    let (web, ops, epoch) = ids(&w);
+    let (web, ops) = (
+        web.expect("web has a tunnel"),
+        ops.expect("ops has a tunnel"),
+    );
+    assert_ne!(web, ops);
+    assert_eq!(epoch, 1, "one apply so far");
+    let mut seen = vec![web, ops];
+
+    // A new allowlist that keeps both peers: same ids, a new epoch.
+    let renamed = allowlists(&POLICY.replace("name: web-db,", "name: web-db-v2,"), T0);
+    let cfg = w.config(renamed["db"].clone());
+    w.hosts[i].node.apply(cfg.clone(), now);
+    assert_eq!(ids(&w), (Some(web), Some(ops), 2));
+    // The same configuration again changes nothing, not even the epoch.
+    assert!(w.hosts[i].node.apply(cfg.clone(), now).unchanged);
+    assert_eq!(ids(&w), (Some(web), Some(ops), 2));
+
+    // web comes back with a new key: a new tunnel under a new id.
+    let mut rekeyed = cfg.clone();
+    rekeyed.peers.get_mut("web").expect("web").public_key = PrivateKey::generate().public_key().0;
+    w.hosts[i].node.apply(rekeyed, now);
+    let (web2, ops2, epoch) = ids(&w);
+    let web2 = web2.expect("web has a tunnel");
+    assert!(!seen.contains(&web2), "a new key never gets an old id");
+    assert_eq!((ops2, epoch), (Some(ops), 3));
+    seen.push(web2);
+
+    // Cleared and applied again: every peer is new, and so is every id.
+    w.hosts[i].node.clear();
+    assert_eq!(ids(&w), (None, None, 4));
+    w.hosts[i].node.apply(cfg, now);
+    let (web3, ops3, epoch) = ids(&w);
+    assert_eq!(epoch, 5);
+    for id in [web3, ops3] {
+        let id = id.expect("a tunnel again");
+        assert!(!seen.contains(&id), "{id:?} was given before");
+        seen.push(id);
+    }
+
+    // The tunnels under the new ids work.
+    let (web_a, db_a) = (w.addr("web"), w.addr("db"));
+    w.send("web", &build::tcp(web_a, db_a, 40000, 5432, tcp::SYN));
+    assert_eq!(w.take_tun("db").len(), 1);
+}
+
+#[test]
+fn a_rule_window_closing_moves_the_epoch() {
+    let mut w = world();
+    let i = w.idx("web");
+    assert_eq!(w.hosts[i].node.epoch(), 1);
+    w.tick(Duration::from_secs(1));
+    assert_eq!(w.hosts[i].node.epoch(), 1, "nothing opened or closed");
+    // web-ssh-temp expires ten seconds after T0.
+    w.tick(Duration::from_secs(11));
+    assert_eq!(w.hosts[i].node.epoch(), 2);
+}

@@ -1,0 +1,238 @@
+//! The peer registry: the peers this node keeps a tunnel to, each under a [`PeerId`] that
+//! outlives applies, and found by overlay address (egress), static key (handshake initiations)
+//! and tunnel index (every other WireGuard message).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use bulkhead_allowlist::Allowlist;
+
+use crate::filter::Tables;
+use crate::node::PeerConfig;
+use crate::tunnel::{Tunnel, WireGuard};
+
+/// A peer's identity within one node. It is given when the peer first gets a tunnel and kept
+/// across applies for as long as the peer keeps its key; it is never given to another key in
+/// the node's life. So a packet that carries a `PeerId` across an apply can only ever meet the
+/// peer it came from, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(u32);
+
+/// A peer as `wg show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's name.
+    pub name: String,
+    /// Its public key.
+    pub public_key: [u8; 32],
+    /// Its overlay address, the only one allowed from its tunnel.
+    pub address: Ipv4Addr,
+    /// Where it is reached.
+    pub endpoint: Option<SocketAddr>,
+    /// Time since the last handshake.
+    pub since_handshake: Option<Duration>,
+    /// Payload bytes sent, as WireGuard counts them (for `wg show`).
+    pub tx_bytes: u64,
+    /// Payload bytes received, as WireGuard counts them.
+    pub rx_bytes: u64,
+    /// Persistent keepalive, in seconds.
+    pub keepalive: Option<u16>,
+    /// Packets that passed the egress filter into this peer's tunnel, and their bytes (one
+    /// queued while a handshake is under way counts when queued).
+    pub sent: Traffic,
+    /// Packets decrypted from this peer's tunnel (before the ingress filter), and their bytes.
+    pub received: Traffic,
+    /// Handshakes with this peer: its initiations this node answered, and its responses that
+    /// completed this node's initiations (an initiation it sends again counts again).
+    pub handshakes: u64,
+}
+
+/// Packets and their bytes (whole IP packets, before encryption or after decryption).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl Traffic {
+    pub(crate) fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// One peer with a tunnel.
+pub(crate) struct Peer {
+    pub(crate) id: PeerId,
+    pub(crate) name: String,
+    pub(crate) address: Ipv4Addr,
+    pub(crate) key: [u8; 32],
+    pub(crate) tunnel: Tunnel,
+    pub(crate) tables: Tables,
+    pub(crate) sent: Traffic,
+    pub(crate) received: Traffic,
+}
+
+/// The peers with a tunnel, and the indexes that find them.
+#[derive(Default)]
+pub(crate) struct Peers {
+    peers: HashMap<PeerId, Peer, ahash::RandomState>,
+    /// In the allowlist's order, which is by name.
+    order: Vec<PeerId>,
+    by_address: HashMap<Ipv4Addr, PeerId, ahash::RandomState>,
+    by_key: HashMap<[u8; 32], PeerId, ahash::RandomState>,
+    /// Tunnel index (the upper 24 bits of WireGuard receiver indexes) to peer.
+    by_tunnel: HashMap<u32, PeerId, ahash::RandomState>,
+    /// The last `PeerId` given; 0 is never one.
+    last_id: u32,
+}
+
+/// Which peers an update added and removed, by name.
+pub(crate) struct Changes {
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
+}
+
+impl Peers {
+    pub(crate) fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub(crate) fn get(&self, id: PeerId) -> Option<&Peer> {
+        self.peers.get(&id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        self.peers.get_mut(&id)
+    }
+
+    /// The peer with this overlay address.
+    pub(crate) fn by_address(&self, address: Ipv4Addr) -> Option<PeerId> {
+        self.by_address.get(&address).copied()
+    }
+
+    /// The peer with this static key.
+    pub(crate) fn by_key(&self, key: &[u8; 32]) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The peer whose tunnel has this index.
+    pub(crate) fn by_tunnel(&self, index: u32) -> Option<PeerId> {
+        self.by_tunnel.get(&index).copied()
+    }
+
+    /// The peers, in name order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.order.iter().filter_map(|id| self.peers.get(id))
+    }
+
+    /// Runs `f` on every peer, in name order.
+    pub(crate) fn for_each_mut(&mut self, mut f: impl FnMut(&mut Peer)) {
+        for id in &self.order {
+            if let Some(p) = self.peers.get_mut(id) {
+                f(p);
+            }
+        }
+    }
+
+    /// Makes the registry hold exactly the peers of `list` that `configs` has a key for (never
+    /// this node itself). A peer that stays with the same key keeps its id, its tunnel and its
+    /// session, and takes its new address, tables and endpoint; a new name, or a new key for an
+    /// old name, gets a new id and a new tunnel.
+    pub(crate) fn update(
+        &mut self,
+        list: &Allowlist,
+        configs: &BTreeMap<String, PeerConfig>,
+        keepalive: Option<u16>,
+        wg: &WireGuard,
+    ) -> Changes {
+        let mut added = Vec::new();
+        let mut old: HashMap<String, Peer> = self
+            .peers
+            .drain()
+            .map(|(_, p)| (p.name.clone(), p))
+            .collect();
+        self.order.clear();
+        for entry in &list.peers {
+            let Some(config) = configs.get(&*entry.name) else {
+                continue;
+            };
+            if config.public_key == wg.public_key() {
+                continue; // never a tunnel to oneself
+            }
+            let peer = match old.remove(&*entry.name) {
+                Some(mut p) if p.key == config.public_key => {
+                    p.address = entry.address;
+                    p.tunnel.set_endpoint(config.endpoint);
+                    p.tables = Tables::of(entry);
+                    p
+                }
+                _ => {
+                    // Ids run out after 2^32 - 2 tunnels: from then on, no new tunnels rather
+                    // than an id given twice.
+                    let Some(id) = self.last_id.checked_add(1).map(PeerId) else {
+                        continue;
+                    };
+                    self.last_id = id.0;
+                    added.push(entry.name.to_string());
+                    Peer {
+                        id,
+                        name: entry.name.to_string(),
+                        address: entry.address,
+                        key: config.public_key,
+                        tunnel: Tunnel::new(
+                            wg,
+                            config.public_key,
+                            config.endpoint,
+                            keepalive,
+                            id.0,
+                        ),
+                        tables: Tables::of(entry),
+                        sent: Traffic::default(),
+                        received: Traffic::default(),
+                    }
+                }
+            };
+            self.order.push(peer.id);
+            self.peers.insert(peer.id, peer);
+        }
+        let mut removed: Vec<String> = old.into_keys().collect();
+        removed.sort();
+        self.reindex();
+        Changes { added, removed }
+    }
+
+    /// Keeps only the peers `keep` says yes to. Returns whether any went.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Peer) -> bool) -> bool {
+        let before = self.peers.len();
+        self.peers.retain(|_, p| keep(p));
+        if self.peers.len() == before {
+            return false;
+        }
+        let peers = &self.peers;
+        self.order.retain(|id| peers.contains_key(id));
+        self.reindex();
+        true
+    }
+
+    /// No peers. Their ids are not given again.
+    pub(crate) fn clear(&mut self) {
+        self.retain(|_| false);
+    }
+
+    /// Rebuilds the indexes whole, in name order: applies are rare, and should two peers ever
+    /// share an address or a key, the later by name is the one found, whatever came before.
+    fn reindex(&mut self) {
+        self.by_address.clear();
+        self.by_key.clear();
+        self.by_tunnel.clear();
+        for p in self.order.iter().filter_map(|id| self.peers.get(id)) {
+            self.by_address.insert(p.address, p.id);
+            self.by_key.insert(p.key, p.id);
+            self.by_tunnel.insert(p.tunnel.index(), p.id);
+        }
+    }
+}
