@@ -200,7 +200,8 @@ impl Sink for Out {
                 reason,
                 key,
                 peer,
-            } => log.dropped(now_ms, *egress, reason, *key, *peer),
+                rule,
+            } => log.dropped(now_ms, *egress, reason, *rule, *key, *peer),
         }
         drop(log);
         match e {
@@ -223,6 +224,7 @@ impl Sink for Out {
                 reason,
                 key,
                 peer,
+                ..
             } => tracing::debug!(egress, reason = reason.reason(), ?key, peer, "drop"),
         }
     }
@@ -456,7 +458,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 let _ = reply.send(Snapshot {
                     revision: node.allowlist().map(|a| a.revision),
                     peers: node.peers(),
-                    counters: node.counters().clone(),
+                    counters: node.counters(),
                     flows_tracked: node.flow_count(),
                     flow_capacity: s.flow_capacity,
                     flow_log_entries,

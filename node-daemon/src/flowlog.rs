@@ -64,17 +64,19 @@ impl FlowLog {
         });
     }
 
-    /// A packet was dropped; recorded if it was a new flow refused by the policy.
+    /// A packet was dropped; recorded if it was a new flow refused by the policy. `rule` names
+    /// the deny rule of a [`DropReason::DeniedByRule`].
     pub fn dropped(
         &mut self,
         now_ms: i64,
         egress: bool,
         reason: &DropReason,
+        rule: Option<&str>,
         key: Option<FlowKey>,
         peer: Option<&str>,
     ) {
         let rule = match reason {
-            DropReason::DeniedByRule(r) => Some(r.clone()),
+            DropReason::DeniedByRule(_) => rule.map(str::to_string),
             DropReason::NotAllowed | DropReason::NotAPeer => None,
             _ => return,
         };
@@ -157,6 +159,7 @@ mod tests {
                 at,
                 true,
                 &DropReason::NotAllowed,
+                None,
                 Some(key(22)),
                 Some("db-1"),
             );
@@ -170,10 +173,11 @@ mod tests {
             3000,
             false,
             &DropReason::NoFlow,
+            None,
             Some(key(22)),
             Some("db-1"),
         );
-        l.dropped(3000, false, &DropReason::Tunnel, None, None);
+        l.dropped(3000, false, &DropReason::Tunnel, None, None, None);
         assert_eq!(l.len(), 1);
         // After the window it is a new attempt.
         syn(&mut l, 61_000);
@@ -190,7 +194,7 @@ mod tests {
                 peer_port: (p / 60000) as u16 + 1,
                 ..key(1)
             };
-            l.dropped(100_000, true, &DropReason::NotAllowed, Some(k), None);
+            l.dropped(100_000, true, &DropReason::NotAllowed, None, Some(k), None);
         }
         assert_eq!(l.len(), CAPACITY);
         let (got, dropped) = l.take(usize::MAX);
@@ -200,5 +204,22 @@ mod tests {
         assert_eq!(l.dropped_total(), 500);
         assert!(l.is_empty());
         assert!(l.recent.len() <= DEDUP_KEYS);
+    }
+
+    #[test]
+    fn a_denial_by_a_deny_rule_names_the_rule() {
+        let mut l = FlowLog::default();
+        l.dropped(
+            0,
+            true,
+            &DropReason::DeniedByRule(3),
+            Some("no-telnet"),
+            Some(key(23)),
+            Some("db-1"),
+        );
+        let (got, _) = l.take(10);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].rule.as_deref(), Some("no-telnet"));
+        assert_eq!(got[0].reason.as_deref(), Some("denied_by_rule"));
     }
 }

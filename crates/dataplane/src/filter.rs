@@ -2,6 +2,7 @@
 //! between this node and one peer may pass (a tracked flow, or the peer's port table for new
 //! ones), and cuts the flows that a new allowlist or the passing time no longer allows.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
@@ -11,12 +12,18 @@ use crate::node::Now;
 use crate::packet::Ipv4;
 use crate::sink::DropReason;
 
-/// The allowlist in force and the flow table.
+/// The allowlist in force, the flow table, and what they decided.
 pub(crate) struct Filter {
     allowlist: Option<Allowlist>,
     conntrack: Conntrack,
     /// When a rule window next opens or closes: flows and peers are checked again then.
     next_boundary: Option<UnixTime>,
+    /// Packets denied by each rule of the allowlist in force, by its index: counting by index
+    /// costs no allocation, where counting by name would cost one per denied packet.
+    denied: Vec<u64>,
+    /// Packets denied under earlier allowlists, by rule name.
+    denied_before: BTreeMap<String, u64>,
+    flows_started: u64,
 }
 
 /// Which port tables of the allowlist govern one peer, as indexes into its `tables`. Copied
@@ -58,6 +65,9 @@ impl Filter {
             allowlist: None,
             conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
             next_boundary: None,
+            denied: Vec::new(),
+            denied_before: BTreeMap::new(),
+            flows_started: 0,
         }
     }
 
@@ -67,12 +77,16 @@ impl Filter {
 
     /// Puts `allowlist` in force. Flows stay until [`Filter::revalidate`] checks them.
     pub(crate) fn set(&mut self, allowlist: Allowlist) {
+        self.fold_denials();
+        self.denied.resize(allowlist.rules.len(), 0);
         self.allowlist = Some(allowlist);
         self.next_boundary = None;
     }
 
     /// No allowlist, no flows: nothing passes.
     pub(crate) fn clear(&mut self) {
+        self.fold_denials();
+        self.denied.clear();
         self.allowlist = None;
         self.conntrack.retain(|_, _| None);
         self.next_boundary = None;
@@ -114,16 +128,17 @@ impl Filter {
         let rule = match decide(list, tables, from, p.proto, key.service_port(from), now) {
             Decision::Allow { rule } => &list.rules[rule as usize].name,
             Decision::Deny { rule: Some(r) } => {
-                return Err((
-                    DropReason::DeniedByRule(list.rules[r as usize].name.clone()),
-                    key,
-                ));
+                if let Some(n) = self.denied.get_mut(r as usize) {
+                    *n += 1;
+                }
+                return Err((DropReason::DeniedByRule(r), key));
             }
             Decision::Deny { rule: None } => return Err((DropReason::NotAllowed, key)),
         };
         if !self.conntrack.open(key, from, rule, now.instant) {
             return Err((DropReason::TableFull, key));
         }
+        self.flows_started += 1;
         Ok(Admitted::Opened {
             initiator: from,
             key,
@@ -165,6 +180,45 @@ impl Filter {
     /// Whether a rule window opened or closed since the last [`Filter::revalidate`].
     pub(crate) fn window_passed(&self, now: Now) -> bool {
         self.next_boundary.is_some_and(|t| now.unix >= t)
+    }
+
+    /// The name of the deny rule behind a [`DropReason::DeniedByRule`].
+    pub(crate) fn deny_rule(&self, why: DropReason) -> Option<&str> {
+        let DropReason::DeniedByRule(r) = why else {
+            return None;
+        };
+        let list = self.allowlist.as_ref()?;
+        list.rules.get(r as usize).map(|rule| rule.name.as_str())
+    }
+
+    /// Packets denied by each deny rule, by name, under this allowlist and the earlier ones.
+    pub(crate) fn denied_by_rule(&self) -> BTreeMap<String, u64> {
+        let mut all = self.denied_before.clone();
+        if let Some(list) = &self.allowlist {
+            for (rule, &n) in list.rules.iter().zip(&self.denied) {
+                if n > 0 {
+                    *all.entry(rule.name.clone()).or_default() += n;
+                }
+            }
+        }
+        all
+    }
+
+    /// Flows admitted.
+    pub(crate) fn flows_started(&self) -> u64 {
+        self.flows_started
+    }
+
+    /// Moves the counts by rule index into the counts by name, before the rules change.
+    fn fold_denials(&mut self) {
+        let Some(list) = &self.allowlist else {
+            return;
+        };
+        for (rule, n) in list.rules.iter().zip(&mut self.denied) {
+            if *n > 0 {
+                *self.denied_before.entry(rule.name.clone()).or_default() += std::mem::take(n);
+            }
+        }
     }
 
     /// Drops idle flows.

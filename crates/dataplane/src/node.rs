@@ -69,7 +69,8 @@ pub struct Node {
     peer_configs: BTreeMap<String, PeerConfig>,
     keepalive: Option<u16>,
     epoch: u64,
-    counters: Counters,
+    /// Drops by direction and reason.
+    drops: BTreeMap<(Direction, &'static str), u64>,
     buf: Vec<u8>,
 }
 
@@ -97,7 +98,7 @@ impl Node {
             peer_configs: BTreeMap::new(),
             keepalive: None,
             epoch: 0,
-            counters: Counters::default(),
+            drops: BTreeMap::new(),
             buf: vec![0; BUFFER],
         }
     }
@@ -127,9 +128,13 @@ impl Node {
         self.peers.iter().find(|p| p.name == name).map(|p| p.id)
     }
 
-    /// DropReason counters.
-    pub fn counters(&self) -> &Counters {
-        &self.counters
+    /// A copy of the counters.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            dropped: self.drops.clone(),
+            denied_by_rule: self.filter.denied_by_rule(),
+            flows_started: self.filter.flows_started(),
+        }
     }
 
     /// Number of tracked flows.
@@ -227,27 +232,77 @@ impl Node {
 
     /// Handles one packet read from the TUN device: filter, then encrypt to its peer.
     pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
-        let counters = &mut self.counters;
+        let drops = &mut self.drops;
         let Some(me) = self.filter.allowlist().map(|l| l.address) else {
-            return dropped(counters, sink, true, DropReason::NoAllowlist, None, None);
+            return dropped(
+                drops,
+                sink,
+                &self.filter,
+                true,
+                DropReason::NoAllowlist,
+                None,
+                None,
+            );
         };
         let p = match packet::classify(pkt) {
             Ok(Packet::V4(p)) => p,
-            Ok(Packet::V6) => return dropped(counters, sink, true, DropReason::Ipv6, None, None),
+            Ok(Packet::V6) => {
+                return dropped(
+                    drops,
+                    sink,
+                    &self.filter,
+                    true,
+                    DropReason::Ipv6,
+                    None,
+                    None,
+                );
+            }
             Err(m) => {
-                return dropped(counters, sink, true, DropReason::Malformed(m), None, None);
+                return dropped(
+                    drops,
+                    sink,
+                    &self.filter,
+                    true,
+                    DropReason::Malformed(m),
+                    None,
+                    None,
+                );
             }
         };
         let key = Some(FlowKey::egress(&p));
         if p.src != me {
-            return dropped(counters, sink, true, DropReason::WrongSource, key, None);
+            return dropped(
+                drops,
+                sink,
+                &self.filter,
+                true,
+                DropReason::WrongSource,
+                key,
+                None,
+            );
         }
         let peers = &mut self.peers;
         let Some(peer) = peers.by_address(p.dst).and_then(|id| peers.get_mut(id)) else {
-            return dropped(counters, sink, true, DropReason::NotAPeer, key, None);
+            return dropped(
+                drops,
+                sink,
+                &self.filter,
+                true,
+                DropReason::NotAPeer,
+                key,
+                None,
+            );
         };
-        if let Err((why, key)) = admit(&mut self.filter, counters, peer, &p, true, now, sink) {
-            return dropped(counters, sink, true, why, Some(key), Some(&peer.name));
+        if let Err((why, key)) = admit(&mut self.filter, peer, &p, true, now, sink) {
+            return dropped(
+                drops,
+                sink,
+                &self.filter,
+                true,
+                why,
+                Some(key),
+                Some(&peer.name),
+            );
         }
         match peer.tunnel.encapsulate(pkt, &mut self.buf) {
             Encapsulated::Send(to, out) => {
@@ -256,16 +311,18 @@ impl Node {
             }
             Encapsulated::Queued => peer.sent.add(pkt.len()),
             Encapsulated::NoEndpoint => dropped(
-                counters,
+                drops,
                 sink,
+                &self.filter,
                 true,
                 DropReason::NoEndpoint,
                 key,
                 Some(&peer.name),
             ),
             Encapsulated::Failed => dropped(
-                counters,
+                drops,
                 sink,
+                &self.filter,
                 true,
                 DropReason::Tunnel,
                 None,
@@ -282,11 +339,19 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) {
-        let counters = &mut self.counters;
+        let drops = &mut self.drops;
         let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
             Screened::Answered => return,
             Screened::Invalid => {
-                return dropped(counters, sink, false, DropReason::Tunnel, None, None);
+                return dropped(
+                    drops,
+                    sink,
+                    &self.filter,
+                    false,
+                    DropReason::Tunnel,
+                    None,
+                    None,
+                );
             }
             Screened::Message { sent_by, handshake } => (sent_by, handshake),
         };
@@ -297,7 +362,15 @@ impl Node {
             SentBy::Unknown => None,
         };
         let Some(peer) = id.and_then(|id| peers.get_mut(id)) else {
-            return dropped(counters, sink, false, DropReason::UnknownPeer, None, None);
+            return dropped(
+                drops,
+                sink,
+                &self.filter,
+                false,
+                DropReason::UnknownPeer,
+                None,
+                None,
+            );
         };
         // Decrypted in place, and filtered where it lies.
         let buf = &mut self.buf;
@@ -309,16 +382,19 @@ impl Node {
             Decapsulated::V4 { len, src } => {
                 peer.received.add(len);
                 let pkt = &buf[..len];
-                match ingress(&mut self.filter, counters, peer, pkt, src, now, sink) {
+                match ingress(&mut self.filter, peer, pkt, src, now, sink) {
                     Ok(()) => sink.to_tun(pkt),
-                    Err((why, key)) => dropped(counters, sink, false, why, key, Some(&peer.name)),
+                    Err((why, key)) => {
+                        dropped(drops, sink, &self.filter, false, why, key, Some(&peer.name))
+                    }
                 }
             }
             Decapsulated::V6 { len } => {
                 peer.received.add(len);
                 dropped(
-                    counters,
+                    drops,
                     sink,
+                    &self.filter,
                     false,
                     DropReason::Ipv6,
                     None,
@@ -326,8 +402,9 @@ impl Node {
                 );
             }
             Decapsulated::Failed => dropped(
-                counters,
+                drops,
                 sink,
+                &self.filter,
                 false,
                 DropReason::Tunnel,
                 None,
@@ -352,8 +429,9 @@ impl Node {
 
 /// Counts a dropped packet and tells the sink.
 fn dropped(
-    counters: &mut Counters,
+    drops: &mut BTreeMap<(Direction, &'static str), u64>,
     sink: &mut impl Sink,
+    filter: &Filter,
     egress: bool,
     why: DropReason,
     key: Option<FlowKey>,
@@ -364,25 +442,19 @@ fn dropped(
     } else {
         Direction::Ingress
     };
-    *counters
-        .dropped
-        .entry((direction, why.reason()))
-        .or_default() += 1;
-    if let DropReason::DeniedByRule(r) = &why {
-        *counters.denied_by_rule.entry(r.clone()).or_default() += 1;
-    }
+    *drops.entry((direction, why.reason())).or_default() += 1;
     sink.event(Event::Dropped {
         egress,
         reason: &why,
         key,
         peer,
+        rule: filter.deny_rule(why),
     });
 }
 
 /// Runs `p` through the filter, between this node and `peer`, and reports a flow it opens.
 fn admit(
     filter: &mut Filter,
-    counters: &mut Counters,
     peer: &Peer,
     p: &Ipv4,
     egress: bool,
@@ -396,7 +468,6 @@ fn admit(
             key,
             rule,
         } => {
-            counters.flows_started += 1;
             sink.event(Event::FlowStarted {
                 initiator,
                 key,
@@ -412,7 +483,6 @@ fn admit(
 /// it): it must come from the peer's own address, be for this node, and pass the filter.
 fn ingress(
     filter: &mut Filter,
-    counters: &mut Counters,
     peer: &Peer,
     pkt: &[u8],
     src: Ipv4Addr,
@@ -434,5 +504,5 @@ fn ingress(
     if p.dst != me {
         return Err((DropReason::WrongDestination, Some(key)));
     }
-    admit(filter, counters, peer, &p, false, now, sink).map_err(|(why, key)| (why, Some(key)))
+    admit(filter, peer, &p, false, now, sink).map_err(|(why, key)| (why, Some(key)))
 }

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use crate::conntrack::{FlowKey, Initiator};
 use crate::packet::Malformed;
 
-/// Why a packet was dropped.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Why a packet was dropped. Small and without heap data: a flood of denied packets must not
+/// cost an allocation each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// Not a well-formed IP packet.
     Malformed(Malformed),
@@ -24,8 +25,9 @@ pub enum DropReason {
     Spoofed,
     /// Ingress for an address other than this node's.
     WrongDestination,
-    /// A deny rule forbids it.
-    DeniedByRule(String),
+    /// A deny rule forbids it: the rule's index in the allowlist's `rules`. [`Event::Dropped`]
+    /// names it.
+    DeniedByRule(u32),
     /// No rule allows it.
     NotAllowed,
     /// A packet that needs a tracked flow (a reply) and has none.
@@ -86,6 +88,8 @@ pub enum Event<'a> {
         key: Option<FlowKey>,
         /// The peer involved, if known.
         peer: Option<&'a str>,
+        /// For [`DropReason::DeniedByRule`], the deny rule's name.
+        rule: Option<&'a str>,
     },
 }
 
@@ -118,12 +122,14 @@ impl Direction {
     }
 }
 
-/// Counters of dropped packets, by reason and by deciding deny rule.
+/// Counters of dropped packets, by reason and by deciding deny rule: a copy, taken by
+/// [`Node::counters`](crate::Node::counters).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Drops by direction and [`DropReason::reason`].
     pub dropped: BTreeMap<(Direction, &'static str), u64>,
-    /// Drops by the deny rule that decided them.
+    /// Drops by the deny rule that decided them, by name: a rule keeps its count across
+    /// allowlists that keep its name.
     pub denied_by_rule: BTreeMap<String, u64>,
     /// Flows admitted.
     pub flows_started: u64,

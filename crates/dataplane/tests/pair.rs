@@ -583,3 +583,49 @@ fn a_rule_window_closing_moves_the_epoch() {
     w.tick(Duration::from_secs(11));
     assert_eq!(w.hosts[i].node.epoch(), 2);
 }
+
+#[test]
+fn a_deny_rule_is_named_and_keeps_its_count_when_the_rules_change() {
+    /// The deny rule named by each drop.
+    #[derive(Default)]
+    struct Named(Vec<Option<String>>);
+    impl Sink for Named {
+        fn to_network(&mut self, _: SocketAddr, _: &[u8]) {}
+        fn to_tun(&mut self, _: &[u8]) {}
+        fn event(&mut self, e: Event<'_>) {
+            if let Event::Dropped { rule, .. } = e {
+                self.0.push(rule.map(str::to_string));
+            }
+        }
+    }
+    let mut w = world();
+    let (ops, db) = (w.addr("ops"), w.addr("db"));
+    let (i, now) = (w.idx("ops"), w.now);
+    let telnet = build::tcp(ops, db, 40000, 23, tcp::SYN);
+    let mut named = Named::default();
+    w.hosts[i].node.handle_tun(&telnet, now, &mut named);
+    // A rule ahead of it moves it in the allowlist's rule table.
+    let moved = allowlists(
+        &POLICY.replace(
+            "rules:\n",
+            "rules:\n  - { name: a-first, from: [opss], to: [dbs], ports: [udp/9] }\n",
+        ),
+        T0,
+    );
+    let cfg = w.config(moved["ops"].clone());
+    assert!(!w.hosts[i].node.apply(cfg, now).unchanged);
+    w.hosts[i].node.handle_tun(&telnet, now, &mut named);
+    assert_eq!(named.0, vec![Some("no-ops-telnet".to_string()); 2]);
+    let counted = |w: &World| {
+        w.hosts[i]
+            .node
+            .counters()
+            .denied_by_rule
+            .get("no-ops-telnet")
+            .copied()
+    };
+    assert_eq!(counted(&w), Some(2));
+    // Counts outlive the allowlist.
+    w.hosts[i].node.clear();
+    assert_eq!(counted(&w), Some(2));
+}
