@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bulkhead_dataplane::{Config, Event, Node, Now, PeerConfig, Sink};
 use bulkhead_proto::NodeConfig;
-use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,6 +18,7 @@ use crate::metrics::Snapshot;
 use crate::state::{Enrollment, StateDir};
 use crate::tun::Interface;
 use crate::uapi;
+use crate::udp::Udp;
 
 /// How `bulkheadd run` was asked to run.
 #[derive(Debug, Clone)]
@@ -65,55 +65,6 @@ struct Out {
     flows: Arc<Mutex<FlowLog>>,
 }
 
-/// The UDP socket, with quinn-udp's GSO (one send, many datagrams) and GRO (one receive, many
-/// datagrams) where the kernel has them.
-struct Udp {
-    socket: UdpSocket,
-    state: quinn_udp::UdpSocketState,
-    max_segments: usize,
-}
-
-impl Udp {
-    fn new(socket: UdpSocket) -> anyhow::Result<Udp> {
-        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
-        let max_segments = state.max_gso_segments().max(1);
-        Ok(Udp {
-            socket,
-            state,
-            max_segments,
-        })
-    }
-
-    /// Sends `contents`, cut into datagrams of `segment_size` if given. Waits while the socket
-    /// is full; other errors drop the datagrams (UDP makes no promise anyway).
-    async fn send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
-        let t = quinn_udp::Transmit {
-            destination: to,
-            ecn: None,
-            contents,
-            segment_size,
-            src_ip: None,
-        };
-        loop {
-            let r = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &t)
-            });
-            match r {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if self.socket.writable().await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, %to, "udp send");
-                    return;
-                }
-            }
-        }
-    }
-}
-
 /// The virtio-net header every TUN read and write carries with offloads on.
 const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
@@ -139,7 +90,7 @@ impl Out {
             let (to, size) = (self.net[i].0, self.net[i].1.len());
             let mut j = i + 1;
             while j < self.net_len
-                && j - i < udp.max_segments
+                && j - i < udp.max_segments()
                 && self.net[j].0 == to
                 && self.net[j - 1].1.len() == size
                 && self.net[j].1.len() <= size
@@ -322,11 +273,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let metrics = bulkhead_proto::metrics::bind(s.metrics).await?;
 
     let mut tun = Interface::create(&s.interface).await?;
-    let udp = Udp::new(
-        UdpSocket::bind(("0.0.0.0", s.listen_port))
-            .await
-            .with_context(|| format!("cannot bind UDP port {}", s.listen_port))?,
-    )?;
+    let mut udp = Udp::bind(SocketAddr::from(([0, 0, 0, 0], s.listen_port))).await?;
     let (uapi_tx, mut uapi_rx) = mpsc::channel(16);
     let socket = uapi::serve(&s.interface, uapi_tx)?;
     let _cleanup = RemoveOnDrop(socket);
@@ -398,8 +345,6 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut tun_super = vec![0u8; VNET + 65535];
     let mut tun_bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
     let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut udp_bufs = vec![vec![0u8; 65536]; quinn_udp::BATCH_SIZE.min(8)];
-    let mut udp_meta = vec![quinn_udp::RecvMeta::default(); udp_bufs.len()];
     let mut out = Out {
         flows,
         ..Out::default()
@@ -414,33 +359,10 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     node.handle_tun(&b[..len], t, &mut out);
                 }
             }
-            r = udp.socket.readable() => {
+            r = udp.readable() => {
                 r.context("UDP socket")?;
                 let t = now();
-                // A few receives per wake-up; each can bring many datagrams (recvmmsg, GRO).
-                for _ in 0..8 {
-                    let mut slices: Vec<std::io::IoSliceMut<'_>> =
-                        udp_bufs.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
-                    let r = udp.socket.try_io(tokio::io::Interest::READABLE, || {
-                        udp.state.recv((&udp.socket).into(), &mut slices, &mut udp_meta)
-                    });
-                    let n = match r {
-                        Ok(n) => n,
-                        Err(e) => {
-                            if e.kind() != std::io::ErrorKind::WouldBlock {
-                                tracing::debug!(error = %e, "udp read");
-                            }
-                            break;
-                        }
-                    };
-                    drop(slices);
-                    for (meta, buf) in udp_meta.iter().zip(&udp_bufs).take(n) {
-                        let stride = meta.stride.max(1);
-                        for d in buf[..meta.len].chunks(stride) {
-                            node.handle_udp(meta.addr, d, t, &mut out);
-                        }
-                    }
-                }
+                udp.receive(|from, d| node.handle_udp(from, d, t, &mut out));
             }
             _ = tick.tick() => node.tick(now(), &mut out),
             Some(reply) = uapi_rx.recv() => {

@@ -9,6 +9,7 @@ pub mod posture;
 pub mod state;
 pub mod tun;
 pub mod uapi;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
