@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod flowlog;
 pub mod link;
 pub mod metrics;
+mod output;
 pub mod posture;
 pub mod state;
 pub mod tun;
