@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bulkhead_dataplane::{Config, Node, Now, PeerConfig};
+use bulkhead_dataplane::{Node, Now};
 use bulkhead_proto::NodeConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::flowlog::FlowLog;
+use crate::host::{self, Host};
 use crate::link::{self, Applied, Update};
 use crate::metrics::Snapshot;
 use crate::output::{Out, VNET};
@@ -59,36 +60,17 @@ pub fn read_config(path: &Path) -> anyhow::Result<NodeConfig> {
         .with_context(|| format!("{}: not a valid configuration", path.display()))
 }
 
-/// What the data-plane core takes, from what the controller sent.
-fn core_config(cfg: NodeConfig) -> Config {
-    Config {
-        allowlist: cfg.allowlist,
-        peers: cfg
-            .peers
-            .into_iter()
-            .map(|(name, p)| {
-                let peer = PeerConfig {
-                    public_key: p.public_key.0,
-                    endpoint: p.endpoint,
-                };
-                (name, peer)
-            })
-            .collect(),
-        keepalive: cfg.keepalive,
-    }
-}
-
-async fn apply(node: &mut Node, tun: &mut Interface, cfg: NodeConfig) -> anyhow::Result<Applied> {
-    let (addr, net) = (cfg.allowlist.address, cfg.allowlist.network);
+async fn apply(node: &mut Node, host: &mut Host, cfg: NodeConfig) -> anyhow::Result<Applied> {
     let revision = cfg.allowlist.revision;
     let digest = Some(cfg.allowlist.digest.clone()).filter(|d| !d.is_empty());
-    let report = node.apply(core_config(cfg), now());
+    let (core, wanted) = host::split(cfg);
+    let report = node.apply(core, now());
     let applied = Applied {
         revision: Some(revision),
         digest,
         peers: node.peers().len(),
     };
-    tun.set_address(addr, net.prefix_len).await?;
+    host.configure(wanted).await?;
     tracing::info!(
         revision,
         unchanged = report.unchanged,
@@ -142,7 +124,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     let metrics = bulkhead_proto::metrics::bind(s.metrics).await?;
 
-    let mut tun = Interface::create(&s.interface).await?;
+    let tun = Interface::create(&s.interface).await?;
+    let mut host = Host::new(&tun);
     let mut udp = Udp::bind(SocketAddr::from(([0, 0, 0, 0], s.listen_port))).await?;
     let (uapi_tx, mut uapi_rx) = mpsc::channel(16);
     let socket = uapi::serve(&s.interface, uapi_tx)?;
@@ -173,7 +156,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 "enforcing the cached allowlist until the controller answers"
             );
         }
-        applied_tx.send_replace(apply(&mut node, &mut tun, cfg).await?);
+        applied_tx.send_replace(apply(&mut node, &mut host, cfg).await?);
     } else {
         tracing::warn!("no allowlist yet: nothing passes");
     }
@@ -260,7 +243,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                     if let Err(e) = state.save_config(&cfg) {
                         tracing::error!(error = %format!("{e:#}"), "cannot cache the allowlist");
                     }
-                    applied_tx.send_replace(apply(&mut node, &mut tun, *cfg).await?);
+                    applied_tx.send_replace(apply(&mut node, &mut host, *cfg).await?);
                 }
                 Update::NoPolicy | Update::Revoked => {
                     tracing::warn!("the controller has no allowlist for this node: nothing passes");
@@ -275,7 +258,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 if let Source::File(path) = &source {
                     match read_config(path) {
                         Ok(cfg) => {
-                            apply(&mut node, &mut tun, cfg).await?;
+                            apply(&mut node, &mut host, cfg).await?;
                         }
                         Err(e) => {
                             // Never fail open: an allowlist that cannot be read lets nothing pass.

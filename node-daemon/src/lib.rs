@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod flowlog;
+pub mod host;
 pub mod link;
 pub mod metrics;
 mod output;

@@ -1,9 +1,7 @@
-//! The TUN device: created with tun-rs, addressed and brought up over netlink (rtnetlink).
-
-use std::net::{IpAddr, Ipv4Addr};
+//! The TUN device: created with tun-rs and brought up over netlink (rtnetlink). Its address is
+//! host configuration (`host.rs`).
 
 use anyhow::{Context, anyhow};
-use futures_util::TryStreamExt;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 /// WireGuard's usual MTU: 1500 minus 80 bytes of outer IPv6, UDP and WireGuard headers.
@@ -17,7 +15,6 @@ pub struct Interface {
     pub name: String,
     index: u32,
     netlink: rtnetlink::Handle,
-    address: Option<(Ipv4Addr, u8)>,
 }
 
 impl std::fmt::Debug for Interface {
@@ -25,7 +22,6 @@ impl std::fmt::Debug for Interface {
         f.debug_struct("Interface")
             .field("name", &self.name)
             .field("index", &self.index)
-            .field("address", &self.address)
             .finish()
     }
 }
@@ -66,39 +62,16 @@ impl Interface {
             name: name.to_string(),
             index,
             netlink,
-            address: None,
         })
     }
 
-    /// Gives the interface this overlay address, replacing the one it had. The prefix makes the
-    /// kernel route the whole overlay network into the tunnel.
-    pub async fn set_address(&mut self, addr: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
-        if self.address == Some((addr, prefix)) {
-            return Ok(());
-        }
-        if self.address.take().is_some() {
-            let mut list = self
-                .netlink
-                .address()
-                .get()
-                .set_link_index_filter(self.index)
-                .execute();
-            while let Some(msg) = list.try_next().await.map_err(|e| anyhow!("netlink: {e}"))? {
-                self.netlink
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| anyhow!("cannot remove the old address: {e}"))?;
-            }
-        }
-        self.netlink
-            .address()
-            .add(self.index, IpAddr::V4(addr), prefix)
-            .execute()
-            .await
-            .map_err(|e| anyhow!("cannot give {} the address {addr}/{prefix}: {e}", self.name))?;
-        self.address = Some((addr, prefix));
-        Ok(())
+    /// Its index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// A handle on the netlink connection that configures it.
+    pub fn netlink(&self) -> rtnetlink::Handle {
+        self.netlink.clone()
     }
 }
