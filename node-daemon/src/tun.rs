@@ -75,3 +75,44 @@ impl Interface {
         self.netlink.clone()
     }
 }
+
+/// Buffers for reading the device a batch at a time: one read brings a segment of up to 64 KiB
+/// (TSO), which tun-rs splits into packets.
+#[derive(Debug)]
+pub struct Reads {
+    segment: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    n: usize,
+}
+
+impl Default for Reads {
+    fn default() -> Reads {
+        Reads {
+            segment: vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535],
+            bufs: vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE],
+            sizes: vec![0usize; tun_rs::IDEAL_BATCH_SIZE],
+            n: 0,
+        }
+    }
+}
+
+impl Reads {
+    /// Reads the next batch from `dev`.
+    pub async fn read(&mut self, dev: &AsyncDevice) -> std::io::Result<()> {
+        self.n = 0;
+        self.n = dev
+            .recv_multiple(&mut self.segment, &mut self.bufs, &mut self.sizes, 0)
+            .await?;
+        Ok(())
+    }
+
+    /// The packets of the last batch.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs
+            .iter()
+            .zip(&self.sizes)
+            .take(self.n)
+            .map(|(b, &len)| &b[..len])
+    }
+}
