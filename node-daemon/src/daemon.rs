@@ -110,7 +110,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         listen_port: s.listen_port,
         flow_capacity: s.flow_capacity,
     };
-    d.start(first).await?;
+    d.start(first).await;
     let mut updates = d.spawn_link(&s, applied_rx, flows);
     tracing::info!(
         interface = %s.interface,
@@ -139,11 +139,11 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 let t = now();
                 udp.receive(|from, dg| d.node.handle_udp(from, dg, t, &mut d.out));
             }
-            _ = tick.tick() => d.node.tick(now(), &mut d.out),
+            _ = tick.tick() => d.tick().await,
             Some(reply) = uapi_rx.recv() => d.answer_uapi(reply),
             Some(reply) = metrics_rx.recv() => d.answer_metrics(reply),
-            Some(u) = next_update(&mut updates) => d.update(u).await?,
-            _ = hup.recv() => d.reload().await?,
+            Some(u) = next_update(&mut updates) => d.update(u).await,
+            _ = hup.recv() => d.reload().await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -170,10 +170,10 @@ struct Daemon {
 
 impl Daemon {
     /// Enforces the configuration the daemon starts with, if any: the file, or the cached one.
-    async fn start(&mut self, first: Option<NodeConfig>) -> anyhow::Result<()> {
+    async fn start(&mut self, first: Option<NodeConfig>) {
         let Some(cfg) = first else {
             tracing::warn!("no allowlist yet: nothing passes");
-            return Ok(());
+            return;
         };
         if matches!(self.source, Source::Controller(_)) {
             tracing::info!(
@@ -181,9 +181,7 @@ impl Daemon {
                 "enforcing the cached allowlist until the controller answers"
             );
         }
-        let applied = self.apply(cfg).await?;
-        self.applied.send_replace(applied);
-        Ok(())
+        self.apply(cfg).await;
     }
 
     /// Starts the link to the controller, and posture checks, if a controller is the source.
@@ -240,15 +238,27 @@ impl Daemon {
         });
     }
 
+    /// Timers: the core's, and a host configuration to try again.
+    async fn tick(&mut self) {
+        self.node.tick(now(), &mut self.out);
+        if self.host.retry().await {
+            let problem = self.host.problem().map(str::to_string);
+            self.applied.send_if_modified(|a| {
+                let changed = a.problem != problem;
+                a.problem = problem;
+                changed
+            });
+        }
+    }
+
     /// What the controller said.
-    async fn update(&mut self, u: Update) -> anyhow::Result<()> {
+    async fn update(&mut self, u: Update) {
         match u {
             Update::Config(cfg) => {
                 if let Err(e) = self.state.save_config(&cfg) {
                     tracing::error!(error = %format!("{e:#}"), "cannot cache the allowlist");
                 }
-                let applied = self.apply(*cfg).await?;
-                self.applied.send_replace(applied);
+                self.apply(*cfg).await;
             }
             Update::NoPolicy | Update::Revoked => {
                 tracing::warn!("the controller has no allowlist for this node: nothing passes");
@@ -256,41 +266,33 @@ impl Daemon {
                 if let Err(e) = self.state.clear_config() {
                     tracing::error!(error = %e, "cannot remove the cached allowlist");
                 }
-                self.applied.send_replace(Applied::default());
+                self.applied.send_replace(self.applied());
             }
         }
-        Ok(())
     }
 
     /// SIGHUP: reads the `--allowlist` file again.
-    async fn reload(&mut self) -> anyhow::Result<()> {
+    async fn reload(&mut self) {
         let Source::File(path) = &self.source else {
-            return Ok(());
+            return;
         };
         match read_config(path) {
-            Ok(cfg) => {
-                self.apply(cfg).await?;
-            }
+            Ok(cfg) => self.apply(cfg).await,
             Err(e) => {
                 // Never fail open: an allowlist that cannot be read lets nothing pass.
                 tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");
                 self.node.clear();
+                self.applied.send_replace(self.applied());
             }
         }
-        Ok(())
     }
 
-    async fn apply(&mut self, cfg: NodeConfig) -> anyhow::Result<Applied> {
+    /// Applies a configuration: the core's part first, so the new allowlist is what filters
+    /// whatever becomes of the host's part. Reports what is in force, and what went wrong.
+    async fn apply(&mut self, cfg: NodeConfig) {
         let revision = cfg.allowlist.revision;
-        let digest = Some(cfg.allowlist.digest.clone()).filter(|d| !d.is_empty());
         let (core, wanted) = host::split(cfg);
         let report = self.node.apply(core, now());
-        let applied = Applied {
-            revision: Some(revision),
-            digest,
-            peers: self.node.peers().len(),
-        };
-        self.host.configure(wanted).await?;
         tracing::info!(
             revision,
             unchanged = report.unchanged,
@@ -299,7 +301,19 @@ impl Daemon {
             flows_cut = report.flows_cut,
             "allowlist applied"
         );
-        Ok(applied)
+        self.host.configure(wanted).await;
+        self.applied.send_replace(self.applied());
+    }
+
+    /// What is in force, for the link's reports.
+    fn applied(&self) -> Applied {
+        let list = self.node.allowlist();
+        Applied {
+            revision: list.map(|l| l.revision),
+            digest: list.map(|l| l.digest.clone()).filter(|d| !d.is_empty()),
+            peers: self.node.peers().len(),
+            problem: self.host.problem().map(str::to_string),
+        }
     }
 }
 

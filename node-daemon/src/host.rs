@@ -5,11 +5,13 @@
 //! steps of [`Host::configure`].
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use bulkhead_dataplane::{Config, PeerConfig};
 use bulkhead_proto::NodeConfig;
 use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 
 use crate::tun::Interface;
 
@@ -46,19 +48,39 @@ pub fn split(cfg: NodeConfig) -> (Config, HostConfig) {
     (core, host)
 }
 
+/// How often a host configuration the kernel refused is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often the same failure is logged again while it lasts.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// The host's side of the overlay: the interface, configured over netlink.
+///
+/// The host never stops the daemon: what the kernel refuses is logged, reported as the node's
+/// status, and tried again. Meanwhile the core enforces the new allowlist whatever the host
+/// holds, so a failure here can only keep traffic out, never let more in.
 pub struct Host {
     netlink: rtnetlink::Handle,
     interface: String,
     index: u32,
+    wanted: Option<HostConfig>,
     in_place: Option<HostConfig>,
+    failure: Option<Failure>,
+}
+
+/// A host configuration the kernel refused.
+struct Failure {
+    error: String,
+    tried: Instant,
+    logged: Instant,
 }
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
             .field("interface", &self.interface)
+            .field("wanted", &self.wanted)
             .field("in_place", &self.in_place)
+            .field("failure", &self.failure.as_ref().map(|f| &f.error))
             .finish()
     }
 }
@@ -70,47 +92,126 @@ impl Host {
             netlink: tun.netlink(),
             interface: tun.name.clone(),
             index: tun.index(),
+            wanted: None,
             in_place: None,
+            failure: None,
         }
     }
 
-    /// Brings the host to `wanted`. The interface gets its address, replacing the one it had.
-    pub async fn configure(&mut self, wanted: HostConfig) -> anyhow::Result<()> {
-        if self.in_place == Some(wanted) {
-            return Ok(());
+    /// Brings the host to `wanted`, or, if the kernel refuses, records why, to try again on
+    /// [`Host::retry`].
+    pub async fn configure(&mut self, wanted: HostConfig) {
+        self.wanted = Some(wanted);
+        self.reconcile().await;
+    }
+
+    /// Tries again if the last attempt failed and a while has passed since. Returns whether it
+    /// tried.
+    pub async fn retry(&mut self) -> bool {
+        let due = self
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.tried.elapsed() >= RETRY_EVERY);
+        if due {
+            self.reconcile().await;
         }
+        due
+    }
+
+    /// What keeps the host from the configuration in force, if anything.
+    pub fn problem(&self) -> Option<&str> {
+        self.failure.as_ref().map(|f| f.error.as_str())
+    }
+
+    async fn reconcile(&mut self) {
+        let Some(wanted) = self.wanted else {
+            return;
+        };
+        if self.in_place == Some(wanted) {
+            self.failure = None;
+            return;
+        }
+        match self.set_address(wanted).await {
+            Ok(()) => {
+                self.in_place = Some(wanted);
+                if self.failure.take().is_some() {
+                    tracing::info!(interface = %self.interface, "host configuration in place");
+                }
+            }
+            Err(e) => {
+                // Part of it may be in place: the next attempt looks at the host afresh.
+                self.in_place = None;
+                let error = format!("{e:#}");
+                let now = Instant::now();
+                let log = match &self.failure {
+                    Some(f) => f.error != error || now.duration_since(f.logged) >= LOG_EVERY,
+                    None => true,
+                };
+                let logged = match &self.failure {
+                    Some(f) if !log => f.logged,
+                    _ => now,
+                };
+                if log {
+                    tracing::error!(
+                        interface = %self.interface,
+                        error = %error,
+                        retry_every = ?RETRY_EVERY,
+                        "host configuration failed; the allowlist is enforced, retrying"
+                    );
+                }
+                self.failure = Some(Failure {
+                    error,
+                    tried: now,
+                    logged,
+                });
+            }
+        }
+    }
+
+    /// Gives the interface `address/prefix_len` and then removes every other address it has:
+    /// an address the kernel refuses leaves the one that worked, and a retry picks up where a
+    /// failure stopped.
+    async fn set_address(&self, wanted: HostConfig) -> anyhow::Result<()> {
         let HostConfig {
             address,
             prefix_len,
         } = wanted;
-        if self.in_place.take().is_some() {
-            let mut list = self
-                .netlink
-                .address()
-                .get()
-                .set_link_index_filter(self.index)
-                .execute();
-            while let Some(msg) = list.try_next().await.map_err(|e| anyhow!("netlink: {e}"))? {
-                self.netlink
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| anyhow!("cannot remove the old address: {e}"))?;
-            }
-        }
-        self.netlink
+        let is_wanted = |m: &AddressMessage| {
+            m.header.prefix_len == prefix_len
+                && m.attributes
+                    .contains(&AddressAttribute::Address(IpAddr::V4(address)))
+        };
+        let mut current = Vec::new();
+        let mut list = self
+            .netlink
             .address()
-            .add(self.index, IpAddr::V4(address), prefix_len)
-            .execute()
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot give {} the address {address}/{prefix_len}: {e}",
-                    self.interface
-                )
-            })?;
-        self.in_place = Some(wanted);
+            .get()
+            .set_link_index_filter(self.index)
+            .execute();
+        while let Some(msg) = list.try_next().await.map_err(|e| anyhow!("netlink: {e}"))? {
+            current.push(msg);
+        }
+        if !current.iter().any(is_wanted) {
+            self.netlink
+                .address()
+                .add(self.index, IpAddr::V4(address), prefix_len)
+                .execute()
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot give {} the address {address}/{prefix_len}: {e}",
+                        self.interface
+                    )
+                })?;
+        }
+        for old in current.into_iter().filter(|m| !is_wanted(m)) {
+            self.netlink
+                .address()
+                .del(old)
+                .execute()
+                .await
+                .map_err(|e| anyhow!("cannot remove the old address: {e}"))?;
+        }
         Ok(())
     }
 }

@@ -64,6 +64,9 @@ pub struct Applied {
     pub digest: Option<String>,
     /// Peers with a tunnel.
     pub peers: usize,
+    /// What keeps the node from its configuration, if anything (the kernel refused the
+    /// interface's address, say); reported as the node's status, which is `ok` otherwise.
+    pub problem: Option<String>,
 }
 
 /// Most flow log entries per batch.
@@ -268,10 +271,36 @@ impl Session<'_> {
             listen_port: self.listen_port,
             revision: a.revision,
             digest: a.digest.clone(),
-            status: "ok".into(),
+            status: a.problem.clone().unwrap_or_else(|| "ok".into()),
             peers: a.peers,
             version: env!("CARGO_PKG_VERSION").into(),
             facts: facts.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_says_ok_or_what_is_wrong() {
+        let (updates, _rx) = mpsc::channel(1);
+        let flows = Mutex::new(FlowLog::default());
+        let session = Session {
+            listen_port: 51820,
+            endpoint: None,
+            updates: &updates,
+            flows: &flows,
+        };
+        let mut applied = Applied {
+            revision: Some(3),
+            ..Applied::default()
+        };
+        assert_eq!(session.report(&applied, &Facts::new()).status, "ok");
+        applied.problem = Some("cannot give bh0 the address 10.0.0.1/33".into());
+        let report = session.report(&applied, &Facts::new());
+        assert_eq!(report.status, "cannot give bh0 the address 10.0.0.1/33");
+        assert_eq!(report.revision, Some(3));
     }
 }

@@ -383,3 +383,71 @@ fn sigterm_removes_the_interface_and_socket_and_a_corrupt_key_refuses_to_start()
         "nothing created"
     );
 }
+
+/// The kernel refusing the host's side of a configuration (here a /33 network, which netlink
+/// rejects) must not end the daemon: the new allowlist filters at once, the failure is logged,
+/// and a good configuration later is applied whole.
+#[test]
+fn a_host_configuration_the_kernel_refuses_neither_stops_the_daemon_nor_lets_anything_through() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = Overlay::start(POLICY, &["web", "db"]);
+    o.listen("db", 5432);
+    o.listen("db", 6432);
+    assert!(o.connect_eventually("web", "db", 5432));
+
+    // db alone moves the rule to tcp/6432, in a configuration whose address netlink refuses.
+    let moved = POLICY.replace("tcp/5432, icmp", "tcp/6432, icmp");
+    let mut bad = configs(&moved, &o.lab, &o.keys)
+        .remove("db")
+        .expect("config");
+    bad.allowlist.network.prefix_len = 33;
+    o.write_config("db", &bad);
+    o.reload("db");
+    let log = || o.lab.log("db", "bulkheadd");
+    assert!(
+        Lab::until(Duration::from_secs(5), || log().contains("/33")),
+        "the failure is logged:\n{}",
+        log()
+    );
+    assert_eq!(
+        o.lab.wait("db", "bulkheadd", Duration::from_secs(1)),
+        None,
+        "db's daemon is still running:\n{}",
+        o.lab.log("db", "bulkheadd")
+    );
+    // web still lets tcp/5432 out; db's new allowlist is what stops it.
+    assert!(
+        !o.connect("web", "db", 5432),
+        "db enforces its new allowlist"
+    );
+    assert!(
+        o.ping_eventually("web", "db"),
+        "and still passes what it allows"
+    );
+
+    // A good configuration on both ends: everything is in place again.
+    for name in ["web", "db"] {
+        let cfg = configs(&moved, &o.lab, &o.keys)
+            .remove(name)
+            .expect("config");
+        o.write_config(name, &cfg);
+        o.reload(name);
+    }
+    assert!(
+        o.connect_eventually("web", "db", 6432),
+        "{}",
+        o.lab.log("db", "bulkheadd")
+    );
+    assert!(!o.connect("web", "db", 5432), "the old port stays closed");
+    let addr = o.lab.exec(
+        "db",
+        &["ip", "-4", "addr", "show", &o.lab.host("db").interface],
+    );
+    let shown = String::from_utf8_lossy(&addr.stdout);
+    assert!(
+        shown.contains(&format!("{}/24", o.addr("db"))),
+        "db's interface has its address:\n{shown}"
+    );
+}
