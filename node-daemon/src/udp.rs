@@ -16,13 +16,14 @@ const BATCH: usize = if quinn_udp::BATCH_SIZE < 8 {
     8
 };
 
-/// The socket, and the buffers it receives into, reused from wake-up to wake-up.
+/// The socket, and the buffers it receives into, reused from wake-up to wake-up: receiving
+/// allocates nothing.
 pub struct Udp {
     socket: UdpSocket,
     state: quinn_udp::UdpSocketState,
     max_segments: usize,
-    bufs: Vec<Vec<u8>>,
-    meta: Vec<quinn_udp::RecvMeta>,
+    bufs: [Vec<u8>; BATCH],
+    meta: [quinn_udp::RecvMeta; BATCH],
 }
 
 impl std::fmt::Debug for Udp {
@@ -46,8 +47,8 @@ impl Udp {
             socket,
             state,
             max_segments,
-            bufs: vec![vec![0u8; 65536]; BATCH],
-            meta: vec![quinn_udp::RecvMeta::default(); BATCH],
+            bufs: std::array::from_fn(|_| vec![0u8; 65536]),
+            meta: [quinn_udp::RecvMeta::default(); BATCH],
         })
     }
 
@@ -70,11 +71,8 @@ impl Udp {
     /// with its sender. A GRO run is cut back into its datagrams at the kernel's stride.
     pub fn receive(&mut self, mut each: impl FnMut(SocketAddr, &[u8])) {
         for _ in 0..RECEIVES {
-            let mut slices: Vec<std::io::IoSliceMut<'_>> = self
-                .bufs
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
+            // On the stack: a Vec here would be an allocation per receive.
+            let mut slices = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
             let (socket, state, meta) = (&self.socket, &self.state, &mut self.meta);
             let r = socket.try_io(tokio::io::Interest::READABLE, || {
                 state.recv(socket.into(), &mut slices, meta)
@@ -88,7 +86,6 @@ impl Udp {
                     return;
                 }
             };
-            drop(slices);
             for (meta, buf) in self.meta.iter().zip(&self.bufs).take(n) {
                 let stride = meta.stride.max(1);
                 for d in buf[..meta.len].chunks(stride) {
