@@ -2,7 +2,7 @@
 //! runs each packet through them in order; what each does is in its own module.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use bulkhead_allowlist::{Allowlist, UnixTime};
@@ -232,102 +232,8 @@ impl Node {
 
     /// Handles one packet read from the TUN device: filter, then encrypt to its peer.
     pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
-        let drops = &mut self.drops;
-        let Some(me) = self.filter.allowlist().map(|l| l.address) else {
-            return dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                DropReason::NoAllowlist,
-                None,
-                None,
-            );
-        };
-        let p = match packet::classify(pkt) {
-            Ok(Packet::V4(p)) => p,
-            Ok(Packet::V6) => {
-                return dropped(
-                    drops,
-                    sink,
-                    &self.filter,
-                    true,
-                    DropReason::Ipv6,
-                    None,
-                    None,
-                );
-            }
-            Err(m) => {
-                return dropped(
-                    drops,
-                    sink,
-                    &self.filter,
-                    true,
-                    DropReason::Malformed(m),
-                    None,
-                    None,
-                );
-            }
-        };
-        let key = Some(FlowKey::egress(&p));
-        if p.src != me {
-            return dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                DropReason::WrongSource,
-                key,
-                None,
-            );
-        }
-        let peers = &mut self.peers;
-        let Some(peer) = peers.by_address(p.dst).and_then(|id| peers.get_mut(id)) else {
-            return dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                DropReason::NotAPeer,
-                key,
-                None,
-            );
-        };
-        if let Err((why, key)) = admit(&mut self.filter, peer, &p, true, now, sink) {
-            return dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                why,
-                Some(key),
-                Some(&peer.name),
-            );
-        }
-        match peer.tunnel.encapsulate(pkt, &mut self.buf) {
-            Encapsulated::Send(to, out) => {
-                peer.sent.add(pkt.len());
-                sink.to_network(to, out)
-            }
-            Encapsulated::Queued => peer.sent.add(pkt.len()),
-            Encapsulated::NoEndpoint => dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                DropReason::NoEndpoint,
-                key,
-                Some(&peer.name),
-            ),
-            Encapsulated::Failed => dropped(
-                drops,
-                sink,
-                &self.filter,
-                true,
-                DropReason::Tunnel,
-                None,
-                Some(&peer.name),
-            ),
+        if let Err(d) = self.egress(pkt, now, sink) {
+            self.report(Direction::Egress, d, sink);
         }
     }
 
@@ -339,77 +245,8 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) {
-        let drops = &mut self.drops;
-        let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
-            Screened::Answered => return,
-            Screened::Invalid => {
-                return dropped(
-                    drops,
-                    sink,
-                    &self.filter,
-                    false,
-                    DropReason::Tunnel,
-                    None,
-                    None,
-                );
-            }
-            Screened::Message { sent_by, handshake } => (sent_by, handshake),
-        };
-        let peers = &mut self.peers;
-        let id = match sent_by {
-            SentBy::Key(key) => peers.by_key(&key),
-            SentBy::Tunnel(index) => peers.by_tunnel(index),
-            SentBy::Unknown => None,
-        };
-        let Some(peer) = id.and_then(|id| peers.get_mut(id)) else {
-            return dropped(
-                drops,
-                sink,
-                &self.filter,
-                false,
-                DropReason::UnknownPeer,
-                None,
-                None,
-            );
-        };
-        // Decrypted in place, and filtered where it lies.
-        let buf = &mut self.buf;
-        match peer
-            .tunnel
-            .decapsulate(from, datagram, handshake, buf, sink)
-        {
-            Decapsulated::Nothing => {}
-            Decapsulated::V4 { len, src } => {
-                peer.received.add(len);
-                let pkt = &buf[..len];
-                match ingress(&mut self.filter, peer, pkt, src, now, sink) {
-                    Ok(()) => sink.to_tun(pkt),
-                    Err((why, key)) => {
-                        dropped(drops, sink, &self.filter, false, why, key, Some(&peer.name))
-                    }
-                }
-            }
-            Decapsulated::V6 { len } => {
-                peer.received.add(len);
-                dropped(
-                    drops,
-                    sink,
-                    &self.filter,
-                    false,
-                    DropReason::Ipv6,
-                    None,
-                    Some(&peer.name),
-                );
-            }
-            Decapsulated::Failed => dropped(
-                drops,
-                sink,
-                &self.filter,
-                false,
-                DropReason::Tunnel,
-                None,
-                Some(&peer.name),
-            ),
+        if let Err(d) = self.ingress(from, datagram, now, sink) {
+            self.report(Direction::Ingress, d, sink);
         }
     }
 
@@ -425,31 +262,147 @@ impl Node {
             self.epoch += 1;
         }
     }
+
+    fn egress(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) -> Result<(), Dropped> {
+        let me = self.filter.allowlist().map(|l| l.address);
+        let me = me.ok_or(Dropped::from(DropReason::NoAllowlist))?;
+        let p = classify(pkt)?;
+        let key = FlowKey::egress(&p);
+        if p.src != me {
+            return Err(Dropped::from(DropReason::WrongSource).key(key));
+        }
+        let peers = &mut self.peers;
+        let peer = peers.by_address(p.dst).and_then(|id| peers.get_mut(id));
+        let peer = peer.ok_or(Dropped::from(DropReason::NotAPeer).key(key))?;
+        admit(&mut self.filter, peer, &p, true, now, sink)?;
+        let why = match peer.tunnel.encapsulate(pkt, &mut self.buf) {
+            Encapsulated::Send(to, out) => {
+                peer.sent.add(pkt.len());
+                sink.to_network(to, out);
+                return Ok(());
+            }
+            Encapsulated::Queued => {
+                peer.sent.add(pkt.len());
+                return Ok(());
+            }
+            Encapsulated::NoEndpoint => Dropped::from(DropReason::NoEndpoint).key(key),
+            Encapsulated::Failed => Dropped::from(DropReason::Tunnel),
+        };
+        Err(why.peer(peer.id))
+    }
+
+    fn ingress(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Now,
+        sink: &mut impl Sink,
+    ) -> Result<(), Dropped> {
+        let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
+            Screened::Answered => return Ok(()),
+            Screened::Invalid => return Err(Dropped::from(DropReason::Tunnel)),
+            Screened::Message { sent_by, handshake } => (sent_by, handshake),
+        };
+        let peers = &mut self.peers;
+        let id = match sent_by {
+            SentBy::Key(key) => peers.by_key(&key),
+            SentBy::Tunnel(index) => peers.by_tunnel(index),
+            SentBy::Unknown => None,
+        };
+        let peer = id.and_then(|id| peers.get_mut(id));
+        let peer = peer.ok_or(Dropped::from(DropReason::UnknownPeer))?;
+        // Decrypted in place, and filtered where it lies.
+        let buf = &mut self.buf;
+        let (len, src) = match peer
+            .tunnel
+            .decapsulate(from, datagram, handshake, buf, sink)
+        {
+            Decapsulated::Nothing => return Ok(()),
+            Decapsulated::V4 { len, src } => (len, src),
+            Decapsulated::V6 { len } => {
+                peer.received.add(len);
+                return Err(Dropped::from(DropReason::Ipv6).peer(peer.id));
+            }
+            Decapsulated::Failed => return Err(Dropped::from(DropReason::Tunnel).peer(peer.id)),
+        };
+        peer.received.add(len);
+        let pkt = &buf[..len];
+        let id = peer.id;
+        let me = self.filter.allowlist().map(|l| l.address);
+        let me = me.ok_or(Dropped::from(DropReason::NoAllowlist).peer(id))?;
+        let p = classify(pkt).map_err(|d| d.peer(id))?;
+        let key = FlowKey::ingress(&p);
+        // The receiver decides: the source must be the address of the peer whose key decrypted
+        // the packet, never what the sender claims.
+        if p.src != peer.address || src != p.src {
+            return Err(Dropped::from(DropReason::Spoofed).key(key).peer(id));
+        }
+        if p.dst != me {
+            return Err(Dropped::from(DropReason::WrongDestination)
+                .key(key)
+                .peer(id));
+        }
+        admit(&mut self.filter, peer, &p, false, now, sink)?;
+        sink.to_tun(pkt);
+        Ok(())
+    }
+
+    /// Counts a dropped packet and tells the sink.
+    fn report(&mut self, direction: Direction, d: Dropped, sink: &mut impl Sink) {
+        *self.drops.entry((direction, d.why.reason())).or_default() += 1;
+        sink.event(Event::Dropped {
+            egress: direction == Direction::Egress,
+            reason: &d.why,
+            key: d.key,
+            peer: d
+                .peer
+                .and_then(|id| self.peers.get(id))
+                .map(|p| p.name.as_str()),
+            rule: self.filter.deny_rule(d.why),
+        });
+    }
 }
 
-/// Counts a dropped packet and tells the sink.
-fn dropped(
-    drops: &mut BTreeMap<(Direction, &'static str), u64>,
-    sink: &mut impl Sink,
-    filter: &Filter,
-    egress: bool,
+/// A dropped packet: why, and what is known of it, until [`Node::report`] counts and reports it.
+struct Dropped {
     why: DropReason,
     key: Option<FlowKey>,
-    peer: Option<&str>,
-) {
-    let direction = if egress {
-        Direction::Egress
-    } else {
-        Direction::Ingress
-    };
-    *drops.entry((direction, why.reason())).or_default() += 1;
-    sink.event(Event::Dropped {
-        egress,
-        reason: &why,
-        key,
-        peer,
-        rule: filter.deny_rule(why),
-    });
+    peer: Option<PeerId>,
+}
+
+impl From<DropReason> for Dropped {
+    fn from(why: DropReason) -> Dropped {
+        Dropped {
+            why,
+            key: None,
+            peer: None,
+        }
+    }
+}
+
+impl Dropped {
+    fn key(self, key: FlowKey) -> Dropped {
+        Dropped {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    fn peer(self, peer: PeerId) -> Dropped {
+        Dropped {
+            peer: Some(peer),
+            ..self
+        }
+    }
+}
+
+/// The packet as the filter sees it: IPv4, parsed.
+fn classify(pkt: &[u8]) -> Result<Ipv4, Dropped> {
+    match packet::classify(pkt) {
+        Ok(Packet::V4(p)) => Ok(p),
+        Ok(Packet::V6) => Err(Dropped::from(DropReason::Ipv6)),
+        Err(m) => Err(Dropped::from(DropReason::Malformed(m))),
+    }
 }
 
 /// Runs `p` through the filter, between this node and `peer`, and reports a flow it opens.
@@ -460,8 +413,9 @@ fn admit(
     egress: bool,
     now: Now,
     sink: &mut impl Sink,
-) -> Result<(), (DropReason, FlowKey)> {
-    match filter.admit(peer.tables, p, egress, now)? {
+) -> Result<(), Dropped> {
+    let admitted = filter.admit(peer.tables, p, egress, now);
+    match admitted.map_err(|(why, key)| Dropped::from(why).key(key).peer(peer.id))? {
         Admitted::Tracked => {}
         Admitted::Opened {
             initiator,
@@ -477,32 +431,4 @@ fn admit(
         }
     }
     Ok(())
-}
-
-/// The checks on a packet decrypted from `peer`'s tunnel (`src` is its source as boringtun read
-/// it): it must come from the peer's own address, be for this node, and pass the filter.
-fn ingress(
-    filter: &mut Filter,
-    peer: &Peer,
-    pkt: &[u8],
-    src: Ipv4Addr,
-    now: Now,
-    sink: &mut impl Sink,
-) -> Result<(), (DropReason, Option<FlowKey>)> {
-    let Some(me) = filter.allowlist().map(|l| l.address) else {
-        return Err((DropReason::NoAllowlist, None));
-    };
-    let p = match packet::classify(pkt) {
-        Ok(Packet::V4(p)) => p,
-        Ok(Packet::V6) => return Err((DropReason::Ipv6, None)),
-        Err(m) => return Err((DropReason::Malformed(m), None)),
-    };
-    let key = FlowKey::ingress(&p);
-    if p.src != peer.address || src != p.src {
-        return Err((DropReason::Spoofed, Some(key)));
-    }
-    if p.dst != me {
-        return Err((DropReason::WrongDestination, Some(key)));
-    }
-    admit(filter, peer, &p, false, now, sink).map_err(|(why, key)| (why, Some(key)))
 }
