@@ -1,74 +1,20 @@
 //! A flood of denied packets costs no allocation: once the node is warm, a packet that a deny
 //! rule refuses is counted and reported without touching the heap (Tailscale's filter has the
-//! same test, `TestNoAllocs`). A binary of its own, because it replaces the global allocator.
+//! same test, `TestNoAllocs`). A binary of its own, because it installs a counting global allocator.
 
-#![allow(unsafe_code)] // the counting allocator
 #![allow(clippy::unwrap_used)] // test code
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bulkhead_allowlist::{Action, Allowlist, Network, Peer, PortSpec, PortTable, RuleRef, Window};
+use bulkhead_counting_alloc::{Counting, allocations};
 use bulkhead_dataplane::packet::{build, tcp};
 use bulkhead_dataplane::{Config, Event, Node, Now, PeerConfig, Sink};
 use bulkhead_proto::PrivateKey;
 
-/// Counts the allocations of the threads that asked to be counted: the test harness's own
-/// threads allocate as they please.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static COUNTED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn note() {
-    if COUNTED.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call goes straight to the system allocator; counting touches no heap memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// How many allocations `f` makes on this thread.
-fn allocations(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTED.with(|c| c.set(true));
-    f();
-    COUNTED.with(|c| c.set(false));
-    ALLOCATIONS.load(Ordering::Relaxed) - before
-}
 
 const ME: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const DB: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
