@@ -177,6 +177,16 @@ impl Overlay {
         (0..3).any(|_| self.connect(from, to, port))
     }
 
+    /// Gives each of `names` its configuration under `policy`, and waits until it took it.
+    fn enforce(&self, policy: &str, names: &[&str]) {
+        let mut cfgs = configs(policy, &self.lab, &self.keys);
+        for name in names {
+            let cfg = cfgs.remove(*name).expect("config");
+            self.write_config(name, &cfg);
+            self.reload(name);
+        }
+    }
+
     /// Sends SIGHUP to a daemon and waits until it has taken the new file in, by its log.
     fn reload(&self, name: &str) {
         let seen = |o: &Overlay| {
@@ -301,13 +311,7 @@ fn a_new_allowlist_is_enforced_and_an_unreadable_one_lets_nothing_through() {
 
     // The rule moves to another port on both ends.
     let moved = POLICY.replace("tcp/5432, icmp", "tcp/6432, icmp");
-    for name in ["web", "db"] {
-        let cfg = configs(&moved, &o.lab, &o.keys)
-            .remove(name)
-            .expect("config");
-        o.write_config(name, &cfg);
-        o.reload(name);
-    }
+    o.enforce(&moved, &["web", "db"]);
     assert!(!o.connect("web", "db", 5432), "the old port is closed");
     assert!(o.ping_eventually("web", "db"), "icmp is still allowed");
 
@@ -428,13 +432,7 @@ fn a_host_configuration_the_kernel_refuses_neither_stops_the_daemon_nor_lets_any
     );
 
     // A good configuration on both ends: everything is in place again.
-    for name in ["web", "db"] {
-        let cfg = configs(&moved, &o.lab, &o.keys)
-            .remove(name)
-            .expect("config");
-        o.write_config(name, &cfg);
-        o.reload(name);
-    }
+    o.enforce(&moved, &["web", "db"]);
     assert!(
         o.connect_eventually("web", "db", 6432),
         "{}",
