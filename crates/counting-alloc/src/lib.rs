@@ -1,7 +1,7 @@
 //! A global allocator that counts allocations, for tests that a hot path allocates nothing once
 //! warm (as Tailscale's `TestNoAllocs` does for its filter). A test binary installs it:
 //!
-//! ```ignore
+//! ```text
 //! #[global_allocator]
 //! static GLOBAL: bulkhead_counting_alloc::Counting = bulkhead_counting_alloc::Counting;
 //! ```
