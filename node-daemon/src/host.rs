@@ -168,19 +168,8 @@ impl Host {
         }
     }
 
-    /// Gives the interface `address/prefix_len` and then removes every other address it has:
-    /// an address the kernel refuses leaves the one that worked, and a retry picks up where a
-    /// failure stopped.
-    async fn set_address(&self, wanted: HostConfig) -> anyhow::Result<()> {
-        let HostConfig {
-            address,
-            prefix_len,
-        } = wanted;
-        let is_wanted = |m: &AddressMessage| {
-            m.header.prefix_len == prefix_len
-                && m.attributes
-                    .contains(&AddressAttribute::Address(IpAddr::V4(address)))
-        };
+    /// The interface's addresses now.
+    async fn addresses(&self) -> anyhow::Result<Vec<AddressMessage>> {
         let mut current = Vec::new();
         let mut list = self
             .netlink
@@ -191,6 +180,25 @@ impl Host {
         while let Some(msg) = list.try_next().await.map_err(|e| anyhow!("netlink: {e}"))? {
             current.push(msg);
         }
+        Ok(current)
+    }
+
+    /// Gives the interface exactly `address/prefix_len`: the wanted address is added first, then
+    /// every other one is removed, and the result is checked. An address the kernel refuses
+    /// leaves the one that worked, and a retry picks up from what is there. (Removing a primary
+    /// address also removes the secondaries of its subnet unless `promote_secondaries` is set,
+    /// which `tun.rs` does; the check at the end catches a kernel that does otherwise.)
+    async fn set_address(&self, wanted: HostConfig) -> anyhow::Result<()> {
+        let HostConfig {
+            address,
+            prefix_len,
+        } = wanted;
+        let is_wanted = |m: &AddressMessage| {
+            m.header.prefix_len == prefix_len
+                && m.attributes
+                    .contains(&AddressAttribute::Address(IpAddr::V4(address)))
+        };
+        let current = self.addresses().await?;
         if !current.iter().any(is_wanted) {
             self.netlink
                 .address()
@@ -211,6 +219,13 @@ impl Host {
                 .execute()
                 .await
                 .map_err(|e| anyhow!("cannot remove the old address: {e}"))?;
+        }
+        let now = self.addresses().await?;
+        if now.len() != 1 || !now.iter().any(is_wanted) {
+            anyhow::bail!(
+                "{} does not hold exactly {address}/{prefix_len} after configuring it",
+                self.interface
+            );
         }
         Ok(())
     }

@@ -51,6 +51,12 @@ impl Interface {
         tokio::spawn(conn);
         // The overlay is IPv4; keep the kernel from sending IPv6 chatter into the tunnel.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // A new address in the old one's subnet is added before the old one goes (host.rs):
+        // promoted, not removed with it.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{name}/promote_secondaries"),
+            "1",
+        );
         netlink
             .link()
             .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())

@@ -449,3 +449,38 @@ fn a_host_configuration_the_kernel_refuses_neither_stops_the_daemon_nor_lets_any
         "db's interface has its address:\n{shown}"
     );
 }
+
+/// An identity whose address moves within the overlay network ends up with the new address
+/// alone. (Linux removes an address's secondaries with it by default: a new address added
+/// before the old one in its subnet is removed would go with it.)
+#[test]
+fn an_address_that_moves_within_the_network_is_the_only_one_left() {
+    if !netns_ok() {
+        return;
+    }
+    let at = |a: &str| {
+        POLICY.replace(
+            "db: { labels: { app: db } }",
+            &format!("db: {{ labels: {{ app: db }}, address: {a} }}"),
+        )
+    };
+    let mut o = Overlay::start(&at("10.77.0.50"), &["web", "db"]);
+    assert!(o.ping_eventually("web", "db"));
+    o.enforce(&at("10.77.0.51"), &["web", "db"]);
+    o.addresses.insert("db".into(), "10.77.0.51".into());
+    let shown = || {
+        let out = o.lab.exec(
+            "db",
+            &["ip", "-4", "addr", "show", &o.lab.host("db").interface],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        Lab::until(Duration::from_secs(5), || shown().contains("10.77.0.51/24")),
+        "db's interface has its new address:\n{}\n{}",
+        shown(),
+        o.lab.log("db", "bulkheadd")
+    );
+    assert!(!shown().contains("10.77.0.50"), "and not the old one");
+    assert!(o.ping_eventually("web", "db"));
+}
