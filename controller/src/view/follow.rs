@@ -12,9 +12,10 @@ use super::mirror::Touched;
 use super::{Shared, View, lock, unix_now};
 
 /// One step: `take_in` changes the mirror under the lock; the compile it calls for runs with
-/// the lock released; the result is swapped in and pushed under the lock again. Returns how
+/// the lock released, on a blocking thread (a full compile takes a runtime worker for as long
+/// as it lasts otherwise); the result is swapped in and pushed under the lock again. Returns how
 /// many nodes were sent something, and the credential generation.
-fn step(view: &Shared, take_in: impl FnOnce(&mut View) -> Touched) -> (usize, u64) {
+async fn step(view: &Shared, take_in: impl FnOnce(&mut View) -> Touched) -> (usize, u64) {
     let now = unix_now();
     let (t, job) = {
         let mut v = lock(view);
@@ -22,7 +23,18 @@ fn step(view: &Shared, take_in: impl FnOnce(&mut View) -> Touched) -> (usize, u6
         let job = v.job(&mut t, now);
         (t, job)
     };
-    let outcome = job.run();
+    let outcome = if job.is_heavy() {
+        match tokio::task::spawn_blocking(move || job.run()).await {
+            Ok(o) => o,
+            Err(e) => {
+                // A panic in the compiler: keep what is live, and say so.
+                tracing::error!(error = %e, "compiling the policy failed; the live one stays");
+                super::live::Outcome::Unchanged
+            }
+        }
+    } else {
+        job.run()
+    };
     let mut v = lock(view);
     let sent = v.finish(t, outcome);
     (sent, v.cred_generation)
@@ -53,7 +65,7 @@ pub async fn sync(
                 continue;
             }
         };
-        let (sent, generation) = step(&view, |v| v.reset(&snap.kvs));
+        let (sent, generation) = step(&view, |v| v.reset(&snap.kvs)).await;
         announce(generation);
         tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
         applied.send_replace(snap.revision);
@@ -85,7 +97,8 @@ pub async fn sync(
                     let (sent, _) = step(&view, |_| Touched {
                         conditions: true,
                         ..Touched::default()
-                    });
+                    })
+                    .await;
                     if sent > 0 {
                         tracing::info!(nodes = sent, "conditions changed (time): pushed");
                     }
@@ -95,7 +108,7 @@ pub async fn sync(
             match msg {
                 Some(WatchMessage::Events(events)) => {
                     let fresh = events.iter().filter(|e| e.revision() > seen);
-                    let (sent, generation) = step(&view, |v| v.take(fresh));
+                    let (sent, generation) = step(&view, |v| v.take(fresh)).await;
                     seen = events
                         .iter()
                         .map(Event::revision)

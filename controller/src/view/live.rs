@@ -69,7 +69,27 @@ pub enum Outcome {
     Patch { changed: Vec<ConditionChange> },
 }
 
+/// Whether a rule's window opened or closed between the compile's time and `now`.
+fn crossed(m: &Model, compiled_at: i64, now: i64) -> bool {
+    m.rules().iter().any(|r| {
+        r.window
+            .next_boundary(compiled_at)
+            .is_some_and(|b| b <= now)
+    })
+}
+
+/// Whether condition changes for `changed` identities are better done by a full compile.
+fn too_many(m: &Model, changed: usize) -> bool {
+    changed > 16 && changed * 4 > m.identity_count()
+}
+
 impl Job {
+    /// Whether running the job may take long (a compile, or a policy's conditions): worth a
+    /// thread of its own.
+    pub fn is_heavy(&self) -> bool {
+        self.record.is_some() || self.conditions
+    }
+
     /// Compiles what needs compiling.
     pub fn run(self) -> Outcome {
         let Job {
@@ -80,18 +100,17 @@ impl Job {
             inputs,
             old,
         } = self;
-        if let Some(record) = record {
-            return match compile(record, prepared, &inputs) {
-                Some(live) => {
-                    let (allowlists, changed) = allowlists_of(&live, &old);
-                    Outcome::Replace {
-                        live: Box::new(live),
-                        allowlists,
-                        changed,
-                        new_policy: true,
-                    }
-                }
-                None => Outcome::Unchanged,
+        // A stored policy that does not resolve leaves the live one, and conditions that changed
+        // meanwhile still apply to it (below).
+        if let Some(record) = record
+            && let Some(live) = compile(record, prepared, &inputs)
+        {
+            let (allowlists, changed) = allowlists_of(&live, &old);
+            return Outcome::Replace {
+                live: Box::new(live),
+                allowlists,
+                changed,
+                new_policy: true,
             };
         }
         let Some(base) = base.filter(|_| check) else {
@@ -100,11 +119,7 @@ impl Job {
         let m = &*base.model;
         let state = m.state(&conditions::conditions(m, &inputs));
         let old_state = base.compiled.state();
-        let crossed = m.rules().iter().any(|r| {
-            r.window
-                .next_boundary(old_state.now)
-                .is_some_and(|b| b <= inputs.now)
-        });
+        let crossed = crossed(m, old_state.now, inputs.now);
         if !crossed
             && state.failing == old_state.failing
             && state.quarantined == old_state.quarantined
@@ -114,7 +129,7 @@ impl Job {
         let changed = changes(&state, old_state);
         // A window affects any number of pairs: a full compile. So are changes to so many
         // identities at once that one is as cheap.
-        if crossed || (changed.len() > 16 && changed.len() * 4 > m.identity_count()) {
+        if crossed || too_many(m, changed.len()) {
             let live = Live {
                 record: base.record.clone(),
                 model: base.model.clone(),
@@ -146,11 +161,18 @@ fn changes(state: &State, old: &State) -> Vec<ConditionChange> {
 fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Option<Live> {
     match prepared {
         Some(mut p) if p.record == record => {
-            // Compiled without the nodes' posture and quarantines: bring those in.
+            // Compiled without the nodes' posture and quarantines, at the time it was validated:
+            // bring those in, and compile again if a window opened or closed since, or if so
+            // many identities' conditions differ that a full compile is as cheap.
             let m = p.model.clone();
             let state = m.state(&conditions::conditions(&m, inputs));
-            for (id, failing, quarantined) in changes(&state, p.compiled.state()) {
-                p.compiled.set_conditions(&m, id, &failing, quarantined);
+            let changed = changes(&state, p.compiled.state());
+            if crossed(&m, p.compiled.state().now, inputs.now) || too_many(&m, changed.len()) {
+                p.compiled = Compiled::new(&m, state);
+            } else {
+                for (id, failing, quarantined) in changed {
+                    p.compiled.set_conditions(&m, id, &failing, quarantined);
+                }
             }
             Some(p)
         }

@@ -157,22 +157,26 @@ fn only_affected_nodes_are_sent_anything() {
     let mut t = Touched::default();
     v.put(&kv("nodes/a", b"garbage".to_vec(), 7), &mut t);
     assert_eq!(v.mirror.nodes["a"], node("a", 1));
-    // An older policy revision never replaces a newer one.
+    // An older policy revision never replaces a newer one (a valid policy, so that only the
+    // revision refuses it).
     let mut old = rec.clone();
     old.revision = 0;
-    old.text = "identities: {}\n".into();
+    old.text = POLICY_TEXT.replace("tcp/80", "tcp/81");
     let (head, chunks) = old.split();
     let mut t = Touched::default();
     for (k, b) in chunks {
         v.put(&kv(&k, b, 8), &mut t);
     }
     v.put(&kv(POLICY, encode(&head), 8), &mut t);
+    v.distribute(t);
     assert_eq!(v.revision(), 1);
     // A head whose chunks are not there is refused.
     let mut newer = rec.clone();
     newer.revision = 2;
     newer.text.push_str("# more\n");
+    let mut t = Touched::default();
     v.put(&kv(POLICY, encode(&newer.split().0), 9), &mut t);
+    v.distribute(t);
     assert_eq!(v.revision(), 1);
 }
 
@@ -445,4 +449,75 @@ rules:
     v.distribute(t);
     assert_eq!(rules(&mut ra), ["ba"], "stale facts count as failing");
     assert!(v.next_event(unix_now()).is_none());
+}
+
+/// A policy this controller prepared (validated and compiled when applied) and a rule window
+/// that opened between then and the store's confirmation: the window is in the allowlists.
+#[test]
+fn a_prepared_policy_is_compiled_again_when_a_window_opened_meanwhile() {
+    let now = unix_now();
+    let text = POLICY_TEXT.replace(
+        "ports: [tcp/80]}",
+        &format!(
+            "ports: [tcp/80], not_before: {}}}",
+            jiff::Timestamp::from_second(now - 5).unwrap()
+        ),
+    );
+    let (rec, kvs) = stored_policy(&text);
+    let loaded = bulkhead_policy::load(&text, now - 10, &rec.addresses);
+    let model = loaded.model.unwrap();
+    let compiled = Compiled::new(
+        &model,
+        model.state(&bulkhead_policy::Conditions::at(now - 10)),
+    );
+    assert!(
+        compiled.allowlist(&model, 0, 1).peers.is_empty(),
+        "compiled before the window opened"
+    );
+    let mut v = View::default();
+    v.prepare(Live {
+        record: rec,
+        model: Arc::new(model),
+        compiled,
+    });
+    v.load(&kvs);
+    assert_eq!(
+        v.allowlists["a"].peers.len(),
+        1,
+        "the rule is in force now: {:?}",
+        v.allowlists["a"]
+    );
+}
+
+/// A stored policy that does not resolve keeps the live one, and a quarantine that arrived in
+/// the same batch still applies to it.
+#[test]
+fn conditions_apply_even_when_a_stored_policy_does_not_resolve() {
+    let mut v = View::default();
+    let (rec, kvs) = stored_policy(POLICY_TEXT);
+    v.load(&kvs);
+    assert_eq!(v.allowlists["a"].peers.len(), 1);
+    let mut broken = rec.clone();
+    broken.revision = 2;
+    broken.text = "version: 1\nnot a policy\n".into();
+    let (head, chunks) = broken.split();
+    let mut t = Touched::default();
+    for (k, b) in chunks {
+        v.put(&kv(&k, b, 2), &mut t);
+    }
+    v.put(&kv(POLICY, encode(&head), 2), &mut t);
+    let q = Quarantine {
+        since: unix_now(),
+        until: None,
+        reason: "by hand".into(),
+        by: "admin".into(),
+    };
+    v.put(&kv("quarantine/b", encode(&q), 3), &mut t);
+    v.distribute(t);
+    assert_eq!(v.revision(), 1, "the live policy stays");
+    assert!(
+        v.allowlists["a"].peers.is_empty(),
+        "b's quarantine applies: {:?}",
+        v.allowlists["a"]
+    );
 }

@@ -13,6 +13,9 @@ pub enum Verdict {
     Allow,
     /// Denied.
     Deny,
+    /// A verdict this version does not know (sent by a newer controller).
+    #[serde(other)]
+    Unknown,
 }
 
 impl std::fmt::Display for Verdict {
@@ -20,6 +23,7 @@ impl std::fmt::Display for Verdict {
         f.write_str(match self {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
+            Verdict::Unknown => "unknown",
         })
     }
 }
@@ -191,5 +195,10 @@ mod tests {
             serde_json::to_string(&Verdict::Deny).ok().as_deref(),
             Some("\"deny\"")
         );
+        // What a newer controller may send reads, as unknown.
+        let v: Result<Verdict, _> = serde_json::from_str("\"would-deny\"");
+        assert_eq!(v.ok(), Some(Verdict::Unknown));
+        let a: Result<crate::AuditAction, _> = serde_json::from_str("\"admin.add\"");
+        assert_eq!(a.ok(), Some(crate::AuditAction::Unknown));
     }
 }

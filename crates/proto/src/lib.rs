@@ -223,6 +223,9 @@ pub enum AuditAction {
     /// A quarantine ended.
     #[serde(rename = "release")]
     Release,
+    /// An action this version does not know (written by a newer controller).
+    #[serde(other)]
+    Unknown,
 }
 
 impl AuditAction {
@@ -235,6 +238,7 @@ impl AuditAction {
             AuditAction::NodeRevoke => "node.revoke",
             AuditAction::Quarantine => "quarantine",
             AuditAction::Release => "release",
+            AuditAction::Unknown => "unknown",
         }
     }
 }
