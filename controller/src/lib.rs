@@ -140,7 +140,9 @@ fn url_host(url: &str) -> Option<String> {
 
 /// Opens the store, sets up the PKI, binds the API and starts serving.
 pub async fn start(s: Settings) -> anyhow::Result<Handle> {
-    std::fs::create_dir_all(&s.state)
+    // The store holds the CA's key: the directory and everything in it are private from the
+    // moment they exist, whatever the umask.
+    bulkhead_proto::private::create_dir(&s.state)
         .with_context(|| format!("cannot create state directory {}", s.state.display()))?;
     let store: Arc<dyn Store> = match &s.store {
         None => Arc::new(Embedded::open(&s.state.join("store.redb"))?),

@@ -9,12 +9,10 @@
 //! Any of them that does not parse is an error: the daemon refuses to start rather than run
 //! with an identity or a policy it did not mean to have.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use bulkhead_proto::{NodeConfig, PrivateKey};
+use bulkhead_proto::{NodeConfig, PrivateKey, private};
 use serde::{Deserialize, Serialize};
 
 const KEY_FILE: &str = "private.key";
@@ -23,27 +21,13 @@ const CONFIG_FILE: &str = "config.json";
 
 /// Creates the state directory with mode 0700.
 fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
+    private::create_dir(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))
 }
 
-/// Writes `data` to `path` with mode 0600: a temporary file, fsync, rename. A crash leaves the
-/// old file or the new one, never half of one.
+/// Writes `data` to `path` with mode 0600 from its creation, atomically.
 pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    private::write_file(path, data).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Reads the node's private key from `dir`, creating the directory (0700) and a new key (0600)
@@ -139,6 +123,8 @@ impl StateDir {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

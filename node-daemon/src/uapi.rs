@@ -81,8 +81,16 @@ pub fn serve(interface: &str, requests: mpsc::Sender<GetRequest>) -> anyhow::Res
     let path = socket_path(interface);
     // The TUN interface was created first, so no live daemon owns this name: the file is stale.
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // Bound in a directory only root can enter, made 0600 there, then moved into place: the
+    // socket is never reachable with the umask's permissions, not even for an instant.
+    let staging = Path::new(SOCKET_DIR).join(format!(".{interface}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    bulkhead_proto::private::create_dir(&staging)?;
+    let bound = staging.join("sock");
+    let listener = UnixListener::bind(&bound)?;
+    std::fs::set_permissions(&bound, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::rename(&bound, &path)?;
+    let _ = std::fs::remove_dir(&staging);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let requests = requests.clone();

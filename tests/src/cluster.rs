@@ -47,6 +47,9 @@ pub struct Cluster {
     pub daemons: BTreeMap<String, String>,
     /// Overlay address of each identity, as `bulkhead nodes` reports it.
     pub addresses: BTreeMap<String, String>,
+    /// A command the controller and the daemons are started through (e.g. a shell that sets a
+    /// umask first); empty: started directly.
+    pub wrap: Vec<String>,
 }
 
 impl Cluster {
@@ -60,6 +63,7 @@ impl Cluster {
             controller: String::new(),
             daemons: BTreeMap::new(),
             addresses: BTreeMap::new(),
+            wrap: Vec::new(),
         }
     }
 
@@ -85,7 +89,8 @@ impl Cluster {
         let b = bin("bulkhead-controller").display().to_string();
         let state = self.state("ctl");
         let listen = format!("{CTL}:7443");
-        let mut args = vec![
+        let mut args: Vec<&str> = self.wrap.iter().map(String::as_str).collect();
+        args.extend([
             b.as_str(),
             "--listen",
             &listen,
@@ -93,7 +98,7 @@ impl Cluster {
             &state,
             "--policy",
             policy,
-        ];
+        ]);
         args.extend_from_slice(extra);
         self.lab.spawn("ctl", label, &args);
         self.controller = label.to_string();
@@ -122,7 +127,8 @@ impl Cluster {
         let b = bin("bulkheadd").display().to_string();
         let state = self.state(name);
         let iface = self.lab.host(name).interface.clone();
-        let mut args = vec![
+        let mut args: Vec<&str> = self.wrap.iter().map(String::as_str).collect();
+        args.extend([
             b.as_str(),
             "run",
             "--state",
@@ -131,7 +137,7 @@ impl Cluster {
             &iface,
             "--listen-port",
             "51820",
-        ];
+        ]);
         if let Some(t) = token {
             args.extend(["--token", t]);
         }

@@ -1,8 +1,6 @@
 //! The CLI's configuration file (`admin.yaml`, `~/.config/bulkhead/config.yaml`): the controller
 //! URL, the CA certificate and the administrator's credential.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -34,19 +32,8 @@ impl CliConfig {
     /// Writes the configuration with mode 0600, replacing any file there atomically.
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let text = serde_saphyr::to_string(self).map_err(|e| e.to_string())?;
-        let tmp = path.with_extension("yaml.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| format!("cannot write {}: {e}", path.display()))
+        crate::private::write_file(path, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// A client for this configuration.

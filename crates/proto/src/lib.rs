@@ -28,6 +28,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 mod node;
+pub mod private;
 pub mod tls;
 pub mod token;
 

@@ -10,6 +10,7 @@
 //! [`WatchMessage::Resync`].
 
 use std::collections::VecDeque;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -79,7 +80,21 @@ fn encode(rev: Revision, value: &[u8]) -> Vec<u8> {
 impl Embedded {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Embedded, Error> {
-        let db = Database::create(path).map_err(|e| {
+        // Created 0600, never wider: the store holds the CA's key.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
+        if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            tracing::warn!(path = %path.display(), "the store was readable by others: now 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::Unavailable(format!("{}: {e}", path.display())))?;
+        }
+        let db = redb::Builder::new().create_file(file).map_err(|e| {
             Error::Unavailable(format!(
                 "{}: {e} (is another controller using this state directory?)",
                 path.display()
