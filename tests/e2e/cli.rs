@@ -369,3 +369,40 @@ fn completions_and_man_page() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(dir.path().join("bulkhead-policy-explain.1").exists());
 }
+
+#[test]
+fn an_alias_bomb_is_refused_quickly_with_its_position() {
+    // 378 bytes that would expand to 9^9 values: the "billion laughs".
+    let mut text = "a: &a [x, x, x, x, x, x, x, x, x]\n".to_string();
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for w in names.windows(2) {
+        let alias = format!("*{}", w[0]);
+        text += &format!("{}: &{} [{}]\n", w[1], w[1], vec![alias; 9].join(", "));
+    }
+    let dir = TempDir::new("bomb");
+    let f = dir.write("bomb.yaml", &text);
+    let started = std::time::Instant::now();
+    let r = bulkhead(&["policy", "check", &f]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("{f}:6:4: error: the policy holds more than")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A file far past the limit is refused by its size, without reading all of it.
+    let big = dir.write("big.yaml", &"# padding\n".repeat(1_000_000));
+    let r = bulkhead(&["policy", "check", &big]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("error: the policy is larger than 8 MiB"),
+        "{}",
+        r.stderr
+    );
+}

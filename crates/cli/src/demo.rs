@@ -260,10 +260,7 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
     bulkhead_netlab::available()
         .map_err(|e| anyhow!("the demo needs root, `ip netns` (iproute2) and /dev/net/tun: {e}"))?;
     let (text, source) = match policy {
-        Some(p) => (
-            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
-            p.display().to_string(),
-        ),
+        Some(p) => (crate::policy::read_text(p)?, p.display().to_string()),
         None => (
             EXAMPLE.to_string(),
             "deploy/examples/three-tier.yaml".to_string(),

@@ -8,7 +8,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use bulkhead_proto::{
     ApiError, ApplyResponse, AuditEntry, CliConfig, Connection, FlowView, NodeView, PlanResponse,
     PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, RevokeResponse, StatusView,
@@ -111,8 +111,7 @@ fn refused<T>(r: Result<T, ApiError>) -> anyhow::Result<Result<T, Outcome>> {
 
 fn read_policy(file: &Path) -> anyhow::Result<PolicyRequest> {
     Ok(PolicyRequest {
-        text: std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?,
+        text: crate::policy::read_text(file)?,
         source: file.display().to_string(),
         base_revision: None,
     })

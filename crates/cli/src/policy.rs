@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow};
 use bulkhead_policy::{
-    Compiled, Conditions, Diagnostic, Inactive, Loaded, Model, Severity, evaluate, parse_probe,
-    parse_time, reach,
+    Compiled, Conditions, Diagnostic, Inactive, Loaded, MAX_BYTES, Model, Severity, evaluate,
+    parse_probe, parse_time, reach,
 };
 use serde::Serialize;
 
@@ -23,8 +23,7 @@ struct Source {
 impl Source {
     /// Reads and loads a policy, printing every diagnostic to stderr.
     fn load(path: &Path, now: i64, prior: &BTreeMap<String, Ipv4Addr>) -> anyhow::Result<Source> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = read_text(path)?;
         let loaded = bulkhead_policy::load(&text, now, prior);
         let path = path.display().to_string();
         for d in &loaded.diagnostics {
@@ -52,6 +51,31 @@ impl Source {
     fn invalid(&self) -> anyhow::Result<Outcome> {
         eprintln!("{}: invalid policy, {} error(s)", self.path, self.errors());
         Ok(Outcome::Failed)
+    }
+}
+
+/// Reads a policy file, but no more of it than a policy may be: a longer file is cut a little
+/// past [`MAX_BYTES`], so that loading it reports the size, with a position, without reading a
+/// file of any size into memory first.
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let cannot = || format!("cannot read {}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .with_context(cannot)?
+        // Room for a character cut in two at the end to still leave MAX_BYTES + 1 whole bytes.
+        .take(MAX_BYTES as u64 + 4)
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(text),
+        Err(e) if e.as_bytes().len() > MAX_BYTES && e.utf8_error().error_len().is_none() => {
+            let valid = e.utf8_error().valid_up_to();
+            let mut bytes = e.into_bytes();
+            bytes.truncate(valid);
+            String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8 text", cannot()))
+        }
+        Err(_) => Err(anyhow!("{}: not UTF-8 text", cannot())),
     }
 }
 

@@ -37,6 +37,7 @@ pub use diag::{Diagnostic, Pos, Severity};
 pub use eval::{Conditions, Decision, Inactive, State, evaluate, ports_cover};
 pub use model::{CheckId, EVERYONE, IdentityId, Model, QUARANTINED, Rule, RuleId, SegmentId, Side};
 pub use parse::{is_valid_name, parse_duration, parse_port_spec, parse_probe, parse_time};
+pub use yaml::{MAX_BYTES, MAX_DEPTH, MAX_NODES};
 
 /// The result of loading a policy.
 #[derive(Debug)]

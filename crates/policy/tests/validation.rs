@@ -33,8 +33,36 @@ fn base(extra: &str) -> String {
     format!("{BASE}{extra}")
 }
 
+/// A "billion laughs": each list holds nine aliases of the one before; `levels` of them hold
+/// 9^levels values once expanded.
+fn alias_bomb(levels: usize) -> String {
+    let mut s = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n".to_string();
+    for i in 1..levels {
+        let p = i - 1;
+        s += &format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        );
+    }
+    s
+}
+
 fn cases() -> Vec<Case> {
     vec![
+        Case {
+            name: "alias bomb",
+            text: alias_bomb(12),
+            errors: &[(6, 5, "the policy holds more than 1000000 YAML values here")],
+        },
+        Case {
+            name: "nesting too deep",
+            text: base(&format!("tests: {}\n", "[".repeat(70))),
+            errors: &[(11, 71, "values nest more than 64 levels deep here")],
+        },
+        Case {
+            name: "policy too large",
+            text: base(&"# padding\n".repeat(900_000)),
+            errors: &[(838_847, 10, "the policy is larger than 8 MiB")],
+        },
         Case {
             name: "yaml syntax",
             text: "version: 1\nnetwork: { cidr: [10.0.0.0/24 }\n".into(),
