@@ -406,3 +406,35 @@ fn an_alias_bomb_is_refused_quickly_with_its_position() {
         r.stderr
     );
 }
+
+/// Runs `bulkhead ARGS` with stdout a pipe whose reader is already gone, as in
+/// `bulkhead … | head -c1` once `head` has had its byte.
+fn with_closed_stdout(args: &[&str]) -> bulkhead_e2e::Run {
+    let (reader, writer) = std::io::pipe().unwrap_or_else(|e| panic!("pipe: {e}"));
+    drop(reader);
+    std::process::Command::new(bulkhead_e2e::bin("bulkhead"))
+        .args(args)
+        .current_dir(bulkhead_e2e::root())
+        .stdout(writer)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bulkhead: {e}"))
+        .into()
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    for args in [
+        vec!["policy", "compile", COMPANY, "-o", "json"],
+        vec!["policy", "compile", COMPANY],
+        vec!["policy", "matrix", THREE_TIER],
+        vec!["policy", "check", THREE_TIER, "-o", "yaml"],
+        vec!["policy", "explain", THREE_TIER, "api-1", "db-1", "tcp/5432"],
+        vec!["completions", "bash"],
+        vec!["man"],
+    ] {
+        let r = with_closed_stdout(&args);
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains("Broken pipe"), "{args:?}: {}", r.stderr);
+        assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+    }
+}

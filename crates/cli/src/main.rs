@@ -6,7 +6,6 @@ mod online;
 mod output;
 mod policy;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -216,6 +215,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(outcome) => outcome.into(),
+        // Whoever read our output has stopped: done, quietly, like any Unix tool.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bulkhead: {e:#}");
             ExitCode::from(2)
@@ -290,22 +291,20 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 when,
             } => policy::compile(&file, identity.as_deref(), &when, fmt),
         },
+        // Both generators panic on a failed write, so they write to memory first.
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "bulkhead",
-                &mut std::io::stdout(),
-            );
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bulkhead", &mut script);
+            output::print(&String::from_utf8_lossy(&script))?;
             Ok(Outcome::Ok)
         }
         Command::Man { dir } => {
             let cmd = Cli::command();
             match dir {
                 None => {
-                    let mut out = std::io::stdout().lock();
-                    clap_mangen::Man::new(cmd).render(&mut out)?;
-                    out.flush()?;
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(cmd).render(&mut page)?;
+                    output::print(&String::from_utf8_lossy(&page))?;
                 }
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)?;

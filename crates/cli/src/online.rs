@@ -148,7 +148,7 @@ pub fn apply(r: &mut Remote, file: &Path, yes: bool, fmt: Format) -> anyhow::Res
         plan_table(&p.plan)
     );
     if fmt == Format::Table {
-        print!("{shown}");
+        crate::output::print(&shown)?;
     } else {
         eprint!("{shown}");
     }

@@ -1,5 +1,6 @@
 //! Output formats and exit codes shared by every command.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use serde::Serialize;
@@ -51,8 +52,26 @@ pub fn emit<T: Serialize>(
         Format::Json => serde_json::to_string_pretty(value)? + "\n",
         Format::Yaml => serde_saphyr::to_string(value)?,
     };
-    print!("{text}");
+    print(&text)
+}
+
+/// Writes `text` to stdout. Unlike `print!`, which panics, a failed write is an error: a closed
+/// pipe (`bulkhead … | head`) comes back as one, which `main` ends on quietly
+/// ([`is_broken_pipe`]).
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
     Ok(())
+}
+
+/// Whether `e` is stdout's reader having gone away: the end of the command, not a failure, as
+/// for every Unix tool (which SIGPIPE ends quietly; Rust ignores SIGPIPE, so we see EPIPE).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Lays out rows in aligned columns, two spaces apart; the last column is not padded.
@@ -97,6 +116,14 @@ mod tests {
             vec!["ddd".to_string(), "e".into(), "f".into()],
         ];
         assert_eq!(columns(&rows), "a    bb  c\nddd  e   f\n");
+    }
+
+    #[test]
+    fn a_broken_pipe_is_recognised_through_context() {
+        let e = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+            .context("writing the table");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("cannot read p.yaml")));
     }
 
     #[test]
