@@ -22,6 +22,61 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+/// The shortest prefix an overlay network may have. Every node routes the whole network into its
+/// overlay interface, so the range must hold nothing else it needs to reach; the largest
+/// private range, 10.0.0.0/8, is a /8, and anything shorter necessarily takes in public or
+/// special addresses (and 16 million identities is far beyond any deployment).
+pub const MIN_PREFIX_LEN: u8 = 8;
+
+const fn net(a: u8, b: u8, prefix_len: u8) -> Network {
+    Network {
+        address: Ipv4Addr::new(a, b, 0, 0),
+        prefix_len,
+    }
+}
+
+/// Ranges that can never be overlay addresses, with what they are (RFC 6890).
+const SPECIAL: &[(Network, &str)] = &[
+    (net(0, 0, 8), "unspecified (\"this network\")"),
+    (net(127, 0, 8), "loopback"),
+    (net(169, 254, 16), "link-local"),
+    (net(224, 0, 4), "multicast"),
+    (net(240, 0, 4), "reserved and broadcast"),
+];
+
+/// The private (RFC 1918) and shared carrier-grade NAT (RFC 6598) ranges: where an overlay
+/// belongs.
+pub const PRIVATE: &[Network] = &[
+    net(10, 0, 8),
+    net(172, 16, 12),
+    net(192, 168, 16),
+    net(100, 64, 10),
+];
+
+fn overlaps(a: Network, b: Network) -> bool {
+    let shorter = if a.prefix_len <= b.prefix_len { a } else { b };
+    let longer = if a.prefix_len <= b.prefix_len { b } else { a };
+    shorter.contains(longer.address)
+}
+
+/// The special range `net` overlaps, if any: loopback, multicast, link-local, unspecified,
+/// reserved and broadcast.
+pub fn special_range(net: Network) -> Option<(Network, &'static str)> {
+    SPECIAL.iter().copied().find(|&(s, _)| overlaps(s, net))
+}
+
+/// The special range `addr` is in, if any (see [`special_range`]).
+pub fn special_address(addr: Ipv4Addr) -> Option<(Network, &'static str)> {
+    SPECIAL.iter().copied().find(|(s, _)| s.contains(addr))
+}
+
+/// Whether `net` lies wholly inside one private or CGNAT range ([`PRIVATE`]).
+pub fn is_private(net: Network) -> bool {
+    PRIVATE
+        .iter()
+        .any(|p| p.prefix_len <= net.prefix_len && p.contains(net.address))
+}
+
 /// How many host addresses the network has: all but the network and broadcast addresses.
 pub fn capacity(net: Network) -> u64 {
     (1u64 << (32 - u32::from(net.prefix_len))).saturating_sub(2)
@@ -77,6 +132,62 @@ pub fn allocate(
 
 #[cfg(test)]
 mod tests {
+    fn cidr(s: &str) -> Network {
+        let (a, n) = s.split_once('/').unwrap();
+        Network {
+            address: a.parse().unwrap(),
+            prefix_len: n.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn special_and_private_ranges() {
+        for (s, what) in [
+            ("0.0.0.0/0", "unspecified (\"this network\")"),
+            ("127.0.0.0/8", "loopback"),
+            ("127.1.0.0/16", "loopback"),
+            ("169.254.0.0/16", "link-local"),
+            ("224.0.0.0/24", "multicast"),
+            ("239.0.0.0/8", "multicast"),
+            ("255.255.255.252/30", "reserved and broadcast"),
+            ("126.0.0.0/7", "loopback"),
+        ] {
+            assert_eq!(special_range(cidr(s)).map(|r| r.1), Some(what), "{s}");
+        }
+        for s in [
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "8.8.8.0/24",
+            "169.253.0.0/16",
+        ] {
+            assert_eq!(special_range(cidr(s)), None, "{s}");
+        }
+        let what = |a: &str| special_address(a.parse().unwrap()).map(|r| r.1);
+        assert_eq!(what("127.0.0.1"), Some("loopback"));
+        assert_eq!(what("255.255.255.255"), Some("reserved and broadcast"));
+        assert_eq!(what("10.0.0.1"), None);
+        for s in [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "172.16.0.0/12",
+            "172.31.0.0/16",
+            "192.168.50.0/28",
+            "100.64.0.0/10",
+            "100.127.0.0/16",
+        ] {
+            assert!(is_private(cidr(s)), "{s}");
+        }
+        for s in [
+            "8.8.8.0/24",
+            "172.0.0.0/8",
+            "100.0.0.0/8",
+            "192.0.2.0/24",
+            "172.32.0.0/16",
+        ] {
+            assert!(!is_private(cidr(s)), "{s}");
+        }
+    }
+
     use super::*;
 
     fn net(s: &str, p: u8) -> Network {

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 
 use bulkhead_allowlist::{Action, Network, PortSpec, UnixTime, Window, proto};
 
+use crate::addr;
 use crate::ast::*;
 use crate::diag::{Diags, Pos};
 use crate::posture::{self, Condition, FactKind, Op, Version};
@@ -150,6 +151,20 @@ fn parse_cidr(s: &str) -> Result<Network, String> {
     if base != address {
         return Err(format!(
             "bad cidr {s:?}: host bits are set; did you mean {base}/{prefix_len}?"
+        ));
+    }
+    if prefix_len < addr::MIN_PREFIX_LEN {
+        return Err(format!(
+            "bad cidr {s:?}: a /{prefix_len} is too large; every node routes the whole network \
+             into the overlay, so use /{} or longer, e.g. a range of 10.0.0.0/8",
+            addr::MIN_PREFIX_LEN
+        ));
+    }
+    if let Some((range, what)) = addr::special_range(net) {
+        return Err(format!(
+            "bad cidr {s:?}: it overlaps {}/{}, the {what} range; an overlay needs unicast \
+             addresses, e.g. a range of 10.0.0.0/8",
+            range.address, range.prefix_len
         ));
     }
     Ok(net)
@@ -450,7 +465,19 @@ fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, P
     }
     let cidr = r.required(&f, "cidr", "network").and_then(|v| {
         let s = r.string(v, "network.cidr")?;
-        parse_cidr(s).map_err(|e| r.d.error(v.pos, e)).ok()
+        let net = parse_cidr(s).map_err(|e| r.d.error(v.pos, e)).ok()?;
+        if !addr::is_private(net) {
+            r.d.warning(
+                v.pos,
+                format!(
+                    "network {s} is public address space, not a private (10.0.0.0/8, \
+                     172.16.0.0/12, 192.168.0.0/16) or CGNAT (100.64.0.0/10) range: every node \
+                     sends its traffic for {s} into the overlay, so real hosts there become \
+                     unreachable"
+                ),
+            );
+        }
+        Some(net)
     });
     (name, cidr, cidr_pos)
 }
@@ -479,12 +506,22 @@ fn read_identities(r: &mut Reader, node: &Node) -> Vec<IdentityDef> {
                 && let Some(s) = r.string(a, "address")
             {
                 match s.parse::<Ipv4Addr>() {
-                    Ok(ip) => {
-                        def.address = Some(Spanned {
-                            pos: a.pos,
-                            value: ip,
-                        })
-                    }
+                    Ok(ip) => match addr::special_address(ip) {
+                        Some((range, what)) => r.d.error(
+                            a.pos,
+                            format!(
+                                "address {ip} is in {}/{}, the {what} range; an identity needs \
+                                 a unicast address inside the network",
+                                range.address, range.prefix_len
+                            ),
+                        ),
+                        None => {
+                            def.address = Some(Spanned {
+                                pos: a.pos,
+                                value: ip,
+                            })
+                        }
+                    },
                     Err(_) => r.d.error(
                         a.pos,
                         format!("bad address {s:?}: expected an IPv4 address"),

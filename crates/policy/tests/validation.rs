@@ -298,6 +298,58 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "cidr too large",
+            text: BASE.replace("10.0.0.0/24", "0.0.0.0/0"),
+            errors: &[(2, 18, "bad cidr \"0.0.0.0/0\": a /0 is too large")],
+        },
+        Case {
+            name: "cidr shorter than /8",
+            text: BASE.replace("10.0.0.0/24", "10.0.0.0/7"),
+            errors: &[(2, 18, "a /7 is too large; every node routes the whole network")],
+        },
+        Case {
+            name: "loopback cidr",
+            text: BASE.replace("10.0.0.0/24", "127.0.0.0/8"),
+            errors: &[(2, 18, "it overlaps 127.0.0.0/8, the loopback range")],
+        },
+        Case {
+            name: "multicast cidr",
+            text: BASE.replace("10.0.0.0/24", "239.1.0.0/16"),
+            errors: &[(2, 18, "it overlaps 224.0.0.0/4, the multicast range")],
+        },
+        Case {
+            name: "link-local cidr",
+            text: BASE.replace("10.0.0.0/24", "169.254.0.0/16"),
+            errors: &[(2, 18, "it overlaps 169.254.0.0/16, the link-local range")],
+        },
+        Case {
+            name: "unspecified cidr",
+            text: BASE.replace("10.0.0.0/24", "0.0.0.0/8"),
+            errors: &[(2, 18, "it overlaps 0.0.0.0/8, the unspecified (\"this network\") range")],
+        },
+        Case {
+            name: "broadcast cidr",
+            text: BASE.replace("10.0.0.0/24", "255.255.255.0/24"),
+            errors: &[(2, 18, "it overlaps 240.0.0.0/4, the reserved and broadcast range")],
+        },
+        Case {
+            name: "special identity addresses",
+            text: BASE
+                .replace("{ labels: { app: web } }", "{ address: 127.0.0.1 }")
+                .replace(
+                    "  db-1: { labels: { app: db } }\n",
+                    "  db-1: { address: 255.255.255.255 }\n  ci-1: { address: 224.0.0.1 }\n  \
+                     ci-2: { address: 0.0.0.0 }\n  ci-3: { address: 169.254.1.1 }\n",
+                ),
+            errors: &[
+                (4, 21, "address 127.0.0.1 is in 127.0.0.0/8, the loopback range"),
+                (5, 20, "address 255.255.255.255 is in 240.0.0.0/4, the reserved and broadcast"),
+                (6, 20, "address 224.0.0.1 is in 224.0.0.0/4, the multicast range"),
+                (7, 20, "address 0.0.0.0 is in 0.0.0.0/8, the unspecified"),
+                (8, 20, "address 169.254.1.1 is in 169.254.0.0/16, the link-local range"),
+            ],
+        },
+        Case {
             name: "network too small",
             text: BASE.replace("10.0.0.0/24", "10.0.0.0/31"),
             errors: &[(2, 18, "a /31 leaves no room")],
@@ -364,6 +416,33 @@ fn rendered_form_is_file_line_col() {
         l.diagnostics[0].render("p.yaml"),
         "p.yaml:1:10: error: unsupported policy version 3; this bulkhead reads version 1"
     );
+}
+
+#[test]
+fn a_public_network_is_warned_about_but_valid() {
+    for (cidr, warned) in [
+        ("8.8.0.0/16", true),
+        ("192.0.2.0/24", true),
+        ("172.32.0.0/16", true),
+        ("100.64.0.0/16", false),
+        ("172.20.0.0/16", false),
+        ("192.168.1.0/24", false),
+    ] {
+        let l = load(&BASE.replace("10.0.0.0/24", cidr), NOW, &BTreeMap::new());
+        assert!(l.is_valid(), "{cidr}: {:?}", l.diagnostics);
+        let w: Vec<_> = l
+            .diagnostics
+            .iter()
+            .filter(|d| d.message.contains("is public address space"))
+            .map(|d| (d.severity, d.pos.line, d.pos.col))
+            .collect();
+        let want = if warned {
+            vec![(Severity::Warning, 2, 18)]
+        } else {
+            vec![]
+        };
+        assert_eq!(w, want, "{cidr}");
+    }
 }
 
 #[test]
