@@ -782,6 +782,27 @@ fn read_condition(r: &mut Reader, fact: &str, kind: FactKind, node: &Node) -> Op
                         }
                     }
                 }
+                None if kind == FactKind::Version => {
+                    // Compared as text, "6.1" would never equal "6.1.0-18-amd64": say so rather
+                    // than lock everyone out.
+                    let op: String = text.chars().take_while(|c| "~!=<>^".contains(*c)).collect();
+                    r.d.error(
+                        node.pos,
+                        if op.is_empty() {
+                            format!(
+                                "{fact} is a version: compare it with >=, >, <=, < or ==, e.g. \
+                                 \"== {text}\" or \">= {text}\"; a list such as [\"{text}\"] \
+                                 matches the exact text"
+                            )
+                        } else {
+                            format!(
+                                "unknown operator {op:?} for {fact}: versions compare with \
+                                 >=, >, <=, < or =="
+                            )
+                        },
+                    );
+                    None
+                }
                 None => Some(Condition::Equals(text.clone())),
             }
         }

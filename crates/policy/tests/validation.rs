@@ -260,6 +260,18 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "version conditions without a known operator",
+            text: BASE.replace(
+                "  patched: { kernel.release: \">= 6.1\" }\n",
+                "  patched:\n    kernel.release: \"~> 6.1\"\n    os.version_id: \"12\"\n    daemon.version: 0.1\n    os.id: debian\n",
+            ),
+            errors: &[
+                (11, 21, "unknown operator \"~>\" for kernel.release"),
+                (12, 20, "os.version_id is a version: compare it with >=, >, <=, < or =="),
+                (13, 21, "daemon.version is a version"),
+            ],
+        },
+        Case {
             name: "bad quarantine",
             text: base("quarantine: { denied_per_minute: 0, duration: 15 }\n"),
             errors: &[
