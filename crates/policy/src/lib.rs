@@ -104,7 +104,8 @@ pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Lo
         return loaded;
     };
     let model = Model::resolve(policy, prior, &mut diags);
-    // Tests are evaluated only on a policy that is otherwise valid; their names are always checked.
+    // Tests run even on a policy with errors, so that one run reports everything; a failure
+    // there says the other errors may be why.
     let clean = !diags.has_errors();
     loaded.tests = run_tests(&model, now, &mut diags, clean);
     loaded.model = clean.then_some(model);
@@ -112,12 +113,7 @@ pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Lo
     loaded
 }
 
-fn run_tests(
-    m: &Model,
-    now: UnixTime,
-    d: &mut diag::Diags,
-    evaluate_them: bool,
-) -> Vec<TestOutcome> {
+fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags, clean: bool) -> Vec<TestOutcome> {
     let mut out = Vec::new();
     for t in &m.policy().tests {
         let ident = |n: &ast::Spanned<String>, d: &mut diag::Diags| {
@@ -140,7 +136,7 @@ fn run_tests(
                 cond.quarantined.insert(q.value.clone());
             }
         }
-        let (Some(a), Some(b), true) = (from, to, evaluate_them) else {
+        let (Some(a), Some(b)) = (from, to) else {
             continue;
         };
         let dec = evaluate(m, a, b, t.probe, &m.state(&cond));
@@ -169,10 +165,15 @@ fn run_tests(
                 None if dec.self_traffic => "traffic to itself is outside the policy".into(),
                 None => "no rule allows it".into(),
             };
+            let caveat = if clean {
+                ""
+            } else {
+                "; the policy has other errors, which may be why"
+            };
             d.error(
                 t.pos,
                 format!(
-                    "test failed: {} -> {} {}: expected {}, got {} ({why})",
+                    "test failed: {} -> {} {}: expected {}, got {} ({why}){caveat}",
                     t.from.value,
                     t.to.value,
                     t.probe,

@@ -373,7 +373,8 @@ impl Reader {
 }
 
 /// Reads a whole policy document. Returns what could be read, leaving out what was malformed, so
-/// that later checks can report their problems too; `None` only if the network is unusable.
+/// that later checks can report their problems too; `None` only if the document is not a
+/// mapping.
 /// The diagnostics say whether anything was wrong.
 pub(crate) fn read(root: &Node) -> (Option<Policy>, Diags) {
     let mut r = Reader {
@@ -434,10 +435,20 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
     let quarantine = top.get("quarantine").and_then(|n| read_quarantine(r, n));
     let tests = top.get("tests").map_or_else(Vec::new, |n| read_tests(r, n));
 
+    let mut identities = identities;
+    let cidr = cidr.unwrap_or_else(|| {
+        // The network is missing or bad, and that is reported. Read on with a stand-in, so that
+        // the rest of the file is checked in the same run; fixed addresses mean nothing against
+        // it and are left out. The policy is invalid whatever comes next.
+        for i in &mut identities {
+            i.address = None;
+        }
+        STAND_IN_NETWORK
+    });
     Some(Policy {
         version,
         network_name,
-        cidr: cidr?,
+        cidr,
         cidr_pos,
         identities,
         segments,
@@ -447,6 +458,13 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
         tests,
     })
 }
+
+/// The network a policy is read with when its own is missing or bad: large enough that addresses
+/// never run out.
+const STAND_IN_NETWORK: Network = Network {
+    address: Ipv4Addr::new(10, 0, 0, 0),
+    prefix_len: 8,
+};
 
 fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, Pos) {
     let mut name = "default".to_string();

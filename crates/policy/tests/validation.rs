@@ -272,6 +272,21 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "a misspelt network hides nothing after it",
+            text: BASE.replace("network:", "netwrok:")
+                + "rules:\n  - { name: r1, from: [web, ghost], to: [db], ports: [tcp/5432] }\ntests:\n  - { from: db-1, to: web-1, port: tcp/5432, expect: allow }\n",
+            errors: &[
+                (1, 1, "the policy is missing the required key \"network\""),
+                (2, 1, "unknown key \"netwrok\" in the policy"),
+                (12, 29, "undefined segment or identity \"ghost\""),
+                (
+                    14,
+                    5,
+                    "test failed: db-1 -> web-1 tcp/5432: expected allow, got deny (no rule allows it); the policy has other errors, which may be why",
+                ),
+            ],
+        },
+        Case {
             name: "bad quarantine",
             text: base("quarantine: { denied_per_minute: 0, duration: 15 }\n"),
             errors: &[
