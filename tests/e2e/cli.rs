@@ -438,3 +438,83 @@ fn a_closed_stdout_ends_the_command_quietly() {
         assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
     }
 }
+
+#[test]
+fn diff_and_matrix_show_conditions_of_access() {
+    let dir = TempDir::new("conditions");
+    let text = std::fs::read_to_string(bulkhead_e2e::root().join(COMPANY)).unwrap_or_default();
+    // admin-ssh loses its posture; the contractor's expiry moves by 70 years.
+    let new = text
+        .replace("    posture: [patched, disk-encrypted]\n", "")
+        .replace(
+            "expires: 2030-06-30T17:00:00Z",
+            "expires: 2100-06-30T17:00:00Z",
+        );
+    let new = new[..new.find("\ntests:").unwrap_or(new.len())].to_string();
+    assert_ne!(text, new);
+    let f = dir.write("new.yaml", &new);
+    let at = ["--at", "2027-01-01T00:00:00Z"];
+
+    let r = bulkhead(&["policy", "diff", COMPANY, &f, at[0], at[1]]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        !r.stdout.contains("no change in reachability"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("posture patched+disk-encrypted"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("until 2100-06-30T17:00:00Z"),
+        "{}",
+        r.stdout
+    );
+
+    let r = bulkhead(&["policy", "diff", COMPANY, &f, at[0], at[1], "-o", "json"]);
+    let j = r.json();
+    assert_eq!(j["changes"].as_array().map(Vec::len), Some(0), "{j}");
+    let conditions = j["conditions"].as_array().cloned().unwrap_or_default();
+    let contractor = conditions
+        .iter()
+        .find(|c| c["from"] == "contractor")
+        .unwrap_or_else(|| panic!("{j}"));
+    assert_eq!(contractor["before"][0]["expires"], "2030-06-30T17:00:00Z");
+    assert_eq!(contractor["after"][0]["expires"], "2100-06-30T17:00:00Z");
+    let admin = conditions
+        .iter()
+        .find(|c| c["from"] == "admin-alice")
+        .unwrap_or_else(|| panic!("{j}"));
+    assert_eq!(admin["before"][0]["posture"][0], "patched");
+    assert_eq!(admin["after"], serde_json::json!([]));
+
+    // The matrix marks access that is not permanent.
+    let r = bulkhead(&["policy", "matrix", COMPANY, at[0], at[1], "-o", "json"]);
+    let j = r.json();
+    let pair = |from: &str, to: &str| {
+        j["pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["from"] == from && p["to"] == to)
+            .cloned()
+            .unwrap_or_else(|| panic!("{from} -> {to}: {j}"))
+    };
+    assert_eq!(
+        pair("contractor", "dev-web-1")["conditions"][0]["expires"],
+        "2030-06-30T17:00:00Z"
+    );
+    assert_eq!(
+        pair("ci-runner", "dev-web-1")["conditions"],
+        serde_json::json!([])
+    );
+    let r = bulkhead(&["policy", "matrix", COMPANY, at[0], at[1]]);
+    assert!(
+        r.stdout.contains("posture patched+disk-encrypted"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("1*"), "{}", r.stdout);
+}

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bulkhead_allowlist::AccessSet;
-use bulkhead_policy::reach::Reach;
+use bulkhead_policy::reach::{Caveat, Reach};
 use bulkhead_policy::{IdentityId, Model, RuleId};
 use serde::Serialize;
 
@@ -18,9 +18,13 @@ pub struct Matrix<'a> {
     m: &'a Model,
     file: &'a str,
     groups: Vec<Group>,
-    cells: HashMap<(IdentityId, IdentityId), (&'a AccessSet, &'a [RuleId])>,
+    cells: HashMap<(IdentityId, IdentityId), Cell<'a>>,
     reach: &'a [Reach],
 }
+
+/// What one pair may open: the ports, the rules granting them, and the conditions some of it
+/// holds under (derived from the rules, so equal rules mean equal conditions).
+type Cell<'a> = (&'a AccessSet, &'a [RuleId], &'a [Caveat]);
 
 struct Group {
     label: String,
@@ -48,6 +52,8 @@ struct PairJson {
     to: String,
     ports: AccessSet,
     rules: Vec<String>,
+    /// Empty if all of it is unconditional.
+    conditions: Vec<Caveat>,
 }
 
 const MAX_LISTED: usize = 6;
@@ -86,7 +92,10 @@ impl<'a> Matrix<'a> {
         }
         let cells = reach
             .iter()
-            .map(|r| ((r.from, r.to), (&r.access, r.rules.as_slice())))
+            .map(|r| {
+                let cell = (&r.access, r.rules.as_slice(), r.caveats.as_slice());
+                ((r.from, r.to), cell)
+            })
             .collect();
         Matrix {
             m,
@@ -157,7 +166,7 @@ impl<'a> Matrix<'a> {
         out += &columns(&rows);
 
         // One key per distinct (ports, rules).
-        let mut keys: Vec<(&AccessSet, &[RuleId])> = Vec::new();
+        let mut keys: Vec<Cell> = Vec::new();
         let mut grid = vec![vec!["FROM \\ TO".to_string()]];
         grid[0].extend((0..self.groups.len()).map(letter));
         for from in 0..self.groups.len() {
@@ -172,7 +181,9 @@ impl<'a> Matrix<'a> {
                                 keys.push(v);
                                 keys.len() - 1
                             });
-                            (k + 1).to_string()
+                            // Marked: access behind posture or a time window is not permanent.
+                            let mark = if v.2.is_empty() { "" } else { "*" };
+                            format!("{}{mark}", k + 1)
                         }
                     },
                 };
@@ -182,22 +193,38 @@ impl<'a> Matrix<'a> {
         }
         out += "\n";
         out += &columns(&grid);
-        out +=
-            "(a row opens connections to a column; '.' nothing, '-' only itself, N see below)\n\n";
+        out += "(a row opens connections to a column; '.' nothing, '-' only itself, N see below;\n \
+                N* only under conditions: posture checks or a time window)\n\n";
         if keys.is_empty() {
             out += "no identity can reach another\n";
             return out;
         }
-        let mut legend = vec![vec!["KEY".to_string(), "PORTS".into(), "RULES".into()]];
-        for (i, (access, rules)) in keys.iter().enumerate() {
+        let mut legend = vec![vec![
+            "KEY".to_string(),
+            "PORTS".into(),
+            "RULES".into(),
+            "CONDITIONS".into(),
+        ]];
+        for (i, (access, rules, caveats)) in keys.iter().enumerate() {
             let names: Vec<&str> = rules
                 .iter()
                 .map(|&r| self.m.rule(r).name.as_str())
                 .collect();
+            let conditions = if caveats.is_empty() {
+                "-".to_string()
+            } else {
+                caveats
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let mark = if caveats.is_empty() { "" } else { "*" };
             legend.push(vec![
-                (i + 1).to_string(),
+                format!("{}{mark}", i + 1),
                 access.to_string(),
                 names.join(", "),
+                conditions,
             ]);
         }
         out += &columns(&legend);
@@ -228,6 +255,7 @@ impl<'a> Matrix<'a> {
                     to: m.identity_name(r.to).to_string(),
                     ports: r.access.clone(),
                     rules: r.rules.iter().map(|&x| m.rule(x).name.clone()).collect(),
+                    conditions: r.caveats.clone(),
                 })
                 .collect(),
         }

@@ -428,7 +428,9 @@ pub fn diff(old: &Path, new: &Path, when: &When, fmt: Format) -> anyhow::Result<
         new: &b.path,
         plan: reach::plan(Some((ma, &ca)), (mb, &cb)),
     };
-    emit(fmt, &report, || plan_table(&wire_plan(&report.plan)))?;
+    emit(fmt, &report, || {
+        plan_table(&wire_plan(&report.plan), &report.plan.conditions)
+    })?;
     Ok(Outcome::Ok)
 }
 
@@ -450,8 +452,9 @@ pub fn wire_plan(p: &reach::Plan) -> bulkhead_proto::Plan {
     }
 }
 
-/// Reachability gained and lost, pair by pair, for people.
-pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
+/// Reachability gained and lost, pair by pair, for people; then the pairs whose access holds
+/// under other conditions (the controller's plan does not carry those yet: `&[]`).
+pub fn plan_table(p: &bulkhead_proto::Plan, conditions: &[reach::ConditionChange]) -> String {
     let mut s = String::new();
     for n in &p.identities_added {
         s += &format!("+ identity {n}\n");
@@ -459,35 +462,71 @@ pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
     for n in &p.identities_removed {
         s += &format!("- identity {n}\n");
     }
-    if p.changes.is_empty() {
+    if p.changes.is_empty() && conditions.is_empty() {
         s += "no change in reachability\n";
         return s;
     }
-    let mut rows = vec![vec![
-        "FROM".to_string(),
-        "TO".into(),
-        "GAINED".into(),
-        "LOST".into(),
-    ]];
-    let join = |v: &[String]| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            v.join(", ")
+    if !p.changes.is_empty() {
+        let mut rows = vec![vec![
+            "FROM".to_string(),
+            "TO".into(),
+            "GAINED".into(),
+            "LOST".into(),
+        ]];
+        let join = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        for c in &p.changes {
+            rows.push(vec![
+                c.from.clone(),
+                c.to.clone(),
+                join(&c.gained),
+                join(&c.lost),
+            ]);
         }
-    };
-    for c in &p.changes {
-        rows.push(vec![
-            c.from.clone(),
-            c.to.clone(),
-            join(&c.gained),
-            join(&c.lost),
-        ]);
+        let gained = p.changes.iter().filter(|c| !c.gained.is_empty()).count();
+        let lost = p.changes.iter().filter(|c| !c.lost.is_empty()).count();
+        s += &columns(&rows);
+        s += &format!("{gained} pair(s) gain access, {lost} pair(s) lose access\n");
     }
-    let gained = p.changes.iter().filter(|c| !c.gained.is_empty()).count();
-    let lost = p.changes.iter().filter(|c| !c.lost.is_empty()).count();
-    s += &columns(&rows);
-    s += &format!("{gained} pair(s) gain access, {lost} pair(s) lose access\n");
+    if !conditions.is_empty() {
+        if !p.changes.is_empty() {
+            s += "\n";
+        }
+        let mut rows = vec![vec![
+            "FROM".to_string(),
+            "TO".into(),
+            "CONDITIONS BEFORE".into(),
+            "CONDITIONS AFTER".into(),
+        ]];
+        let list = |v: &[reach::Caveat]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        };
+        for c in conditions {
+            rows.push(vec![
+                c.from.clone(),
+                c.to.clone(),
+                list(&c.before),
+                list(&c.after),
+            ]);
+        }
+        s += &columns(&rows);
+        s += &format!(
+            "{} pair(s) reach each other under other conditions (posture, time windows)\n",
+            conditions.len()
+        );
+    }
     s
 }
 
