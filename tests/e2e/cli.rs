@@ -518,3 +518,61 @@ fn diff_and_matrix_show_conditions_of_access() {
     );
     assert!(r.stdout.contains("1*"), "{}", r.stdout);
 }
+
+#[test]
+fn explain_and_test_take_sample_facts() {
+    let dir = TempDir::new("facts");
+    let old_kernel = dir.write(
+        "old.yaml",
+        "admin-alice: { os.id: debian, kernel.release: 5.10.0-28-amd64, root_fs.encrypted: true }\n",
+    );
+    let good = dir.write(
+        "good.yaml",
+        "admin-alice: { os.id: debian, kernel.release: 6.1.0-18-amd64, root_fs.encrypted: true }\n",
+    );
+    let r = explain(
+        COMPANY,
+        "admin-alice",
+        "prod-db-1",
+        "tcp/22",
+        &["--facts", &old_kernel, "-o", "json"],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["verdict"], "deny");
+    assert_eq!(
+        j["facts"][0],
+        "admin-alice fails patched: kernel.release 5.10.0-28-amd64 < 6.1"
+    );
+    let r = explain(
+        COMPANY,
+        "admin-alice",
+        "prod-db-1",
+        "tcp/22",
+        &["--facts", &good],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+
+    // The tests run against the facts too: the one expecting alice's access now fails.
+    let r = bulkhead(&["policy", "test", COMPANY, "--facts", &old_kernel]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stdout.contains("1 of 20 tests fail"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains(&format!(
+            "{COMPANY}:106:5: error: test failed: admin-alice -> prod-db-1 tcp/22"
+        )),
+        "{}",
+        r.stderr
+    );
+    let r = bulkhead(&["policy", "test", COMPANY, "--facts", &good]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+
+    let nobody = dir.write("nobody.yaml", "mallory: { os.id: debian }\n");
+    let r = bulkhead(&["policy", "test", COMPANY, "--facts", &nobody]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no identity named \"mallory\""),
+        "{}",
+        r.stderr
+    );
+}

@@ -149,6 +149,10 @@ enum PolicyCommand {
         file: PathBuf,
         #[command(flatten)]
         when: When,
+        /// Sample facts per identity (YAML: IDENTITY: { FACT: VALUE, ... }): an identity listed
+        /// there fails the posture checks its facts fail; others pass them.
+        #[arg(long, value_name = "FILE")]
+        facts: Option<PathBuf>,
     },
     /// Explain the verdict for one connection and the rule that decides it; exit 1 on deny.
     Explain {
@@ -168,6 +172,10 @@ enum PolicyCommand {
         /// Assume this identity is quarantined (repeatable).
         #[arg(long, value_name = "IDENTITY")]
         quarantined: Vec<String>,
+        /// Sample facts per identity (YAML: IDENTITY: { FACT: VALUE, ... }): FROM fails the
+        /// posture checks its facts fail.
+        #[arg(long, value_name = "FILE")]
+        facts: Option<PathBuf>,
     },
     /// Show who can reach whom, with the ports, grouped by segment.
     Matrix {
@@ -259,7 +267,9 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }),
         Command::Policy(p) => match p {
             PolicyCommand::Check { file, when } => policy::check(&file, &when, fmt),
-            PolicyCommand::Test { file, when } => policy::test(&file, &when, fmt),
+            PolicyCommand::Test { file, when, facts } => {
+                policy::test(&file, &when, facts.as_deref(), fmt)
+            }
             PolicyCommand::Explain {
                 file,
                 from,
@@ -268,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 when,
                 failing,
                 quarantined,
+                facts,
             } => policy::explain(
                 &file,
                 policy::Query {
@@ -276,6 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     port,
                     failing,
                     quarantined,
+                    facts,
                 },
                 &when,
                 fmt,

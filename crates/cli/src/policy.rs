@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, anyhow};
 use bulkhead_policy::{
     Compiled, Conditions, Diagnostic, Inactive, Loaded, MAX_BYTES, Model, Severity, evaluate,
-    parse_probe, parse_time, reach,
+    parse_probe, parse_time, posture, reach,
 };
 use serde::Serialize;
 
@@ -24,12 +24,19 @@ impl Source {
     /// Reads and loads a policy, printing every diagnostic to stderr.
     fn load(path: &Path, now: i64, prior: &BTreeMap<String, Ipv4Addr>) -> anyhow::Result<Source> {
         let text = read_text(path)?;
-        let loaded = bulkhead_policy::load(&text, now, prior);
+        Ok(Source::report(
+            path,
+            bulkhead_policy::load(&text, now, prior),
+        ))
+    }
+
+    /// A loaded policy, its diagnostics printed.
+    fn report(path: &Path, loaded: Loaded) -> Source {
         let path = path.display().to_string();
         for d in &loaded.diagnostics {
             eprintln!("{}", d.render(&path));
         }
-        Ok(Source { path, loaded })
+        Source { path, loaded }
     }
 
     /// The model, if the policy is valid; `None` after diagnostics were printed.
@@ -136,8 +143,29 @@ struct TestReport<'a> {
 }
 
 /// `bulkhead policy test FILE`.
-pub fn test(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
-    let src = Source::load(file, now(when)?, &BTreeMap::new())?;
+pub fn test(
+    file: &Path,
+    when: &When,
+    facts: Option<&Path>,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let now = now(when)?;
+    let src = match facts {
+        None => Source::load(file, now, &BTreeMap::new())?,
+        Some(facts) => {
+            // The checks are the policy's, so read it once quietly to know them.
+            let text = read_text(file)?;
+            let first = bulkhead_policy::load(&text, now, &BTreeMap::new());
+            let failing = match &first.model {
+                Some(m) => SampleFacts::read(facts)?.failing(m, &file.display().to_string())?,
+                None => Default::default(),
+            };
+            Source::report(
+                file,
+                bulkhead_policy::load_assuming(&text, now, &BTreeMap::new(), &failing),
+            )
+        }
+    };
     if src.loaded.model.is_none() {
         return src.invalid();
     }
@@ -194,6 +222,80 @@ pub struct Query {
     pub port: String,
     pub failing: Vec<String>,
     pub quarantined: Vec<String>,
+    pub facts: Option<std::path::PathBuf>,
+}
+
+/// `--facts FILE`: sample facts per identity, as daemons would report them.
+struct SampleFacts(BTreeMap<String, posture::Facts>);
+
+/// One fact's value as YAML writes it: `6.1.0-18-amd64`, `true`, `12`.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum FactValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl SampleFacts {
+    fn read(path: &Path) -> anyhow::Result<SampleFacts> {
+        let text = read_text(path)?;
+        let raw: BTreeMap<String, BTreeMap<String, FactValue>> = serde_saphyr::from_str(&text)
+            .map_err(|e| {
+                anyhow!(
+                    "{}: expected IDENTITY: {{ FACT: VALUE, ... }}: {e}",
+                    path.display()
+                )
+            })?;
+        Ok(SampleFacts(
+            raw.into_iter()
+                .map(|(id, facts)| {
+                    let facts = facts
+                        .into_iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                FactValue::Bool(b) => b.to_string(),
+                                FactValue::Int(n) => n.to_string(),
+                                FactValue::Float(x) => x.to_string(),
+                                FactValue::Text(t) => t,
+                            };
+                            (k, v)
+                        })
+                        .collect();
+                    (id, facts)
+                })
+                .collect(),
+        ))
+    }
+
+    /// Each `(identity, check)` that fails on the identity's facts, with the reason. An
+    /// identity the file does not list is not judged (it passes, as without `--facts`).
+    fn judge(&self, m: &Model, policy: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for (id, facts) in &self.0 {
+            m.identity(id)
+                .ok_or_else(|| anyhow!("--facts: {policy} has no identity named {id:?}"))?;
+            for check in &m.policy().posture {
+                if let Err(why) = posture::evaluate(check, facts) {
+                    out.push((id.clone(), check.name.clone(), why));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn failing(
+        &self,
+        m: &Model,
+        policy: &str,
+    ) -> anyhow::Result<std::collections::BTreeSet<(String, String)>> {
+        Ok(self
+            .judge(m, policy)?
+            .into_iter()
+            .map(|(id, check, _)| (id, check))
+            .collect())
+    }
 }
 
 #[derive(Serialize)]
@@ -235,6 +337,9 @@ struct Explanation {
     depends_on: Vec<Depends>,
     also: Vec<RuleAt>,
     not_in_force: Vec<InactiveRule>,
+    /// With `--facts`: the posture checks FROM fails on its facts, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    facts: Vec<String>,
 }
 
 /// `bulkhead policy explain FILE FROM TO PORT`.
@@ -259,6 +364,15 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
     for i in &q.quarantined {
         ident(i)?;
         cond.quarantined.insert(i.clone());
+    }
+    let mut from_facts = Vec::new();
+    if let Some(f) = &q.facts {
+        for (id, check, why) in SampleFacts::read(f)?.judge(m, &src.path)? {
+            if id == q.from {
+                from_facts.push(format!("{id} fails {check}: {why}"));
+                cond.failing.insert((id, check));
+            }
+        }
     }
     let d = evaluate(m, a, b, probe, &m.state(&cond));
     let loc = |r: u32| format!("{}:{}", src.path, m.rule_line(r));
@@ -341,6 +455,7 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
                 reason: why(w),
             })
             .collect(),
+        facts: from_facts,
     };
     emit(fmt, &e, || explain_table(&e))?;
     Ok(Outcome::ok_if(d.allowed))
@@ -375,6 +490,12 @@ fn explain_table(e: &Explanation) -> String {
         s += "  also matched by:\n";
         for r in &e.also {
             s += &format!("    - {} ({})\n", r.rule, r.location);
+        }
+    }
+    if !e.facts.is_empty() {
+        s += "  from --facts:\n";
+        for f in &e.facts {
+            s += &format!("    - {f}\n");
         }
     }
     if !e.not_in_force.is_empty() {

@@ -25,7 +25,7 @@ pub mod posture;
 pub mod reach;
 mod yaml;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use bulkhead_allowlist::UnixTime;
@@ -86,6 +86,18 @@ pub struct TestOutcome {
 /// Parses, validates and tests a policy. `now` is the time for tests without `at`; `prior` holds
 /// addresses identities had before (see [`addr`]), empty if unknown.
 pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Loaded {
+    load_assuming(text, now, prior, &BTreeSet::new())
+}
+
+/// [`load`], with the policy's tests run assuming that each `(identity, check)` in `failing`
+/// fails, besides the checks each test lists: how `bulkhead policy test --facts` tries the
+/// tests against the facts nodes would report.
+pub fn load_assuming(
+    text: &str,
+    now: UnixTime,
+    prior: &BTreeMap<String, Ipv4Addr>,
+    failing: &BTreeSet<(String, String)>,
+) -> Loaded {
     let mut loaded = Loaded {
         model: None,
         diagnostics: Vec::new(),
@@ -107,13 +119,19 @@ pub fn load(text: &str, now: UnixTime, prior: &BTreeMap<String, Ipv4Addr>) -> Lo
     // Tests run even on a policy with errors, so that one run reports everything; a failure
     // there says the other errors may be why.
     let clean = !diags.has_errors();
-    loaded.tests = run_tests(&model, now, &mut diags, clean);
+    loaded.tests = run_tests(&model, now, failing, &mut diags, clean);
     loaded.model = clean.then_some(model);
     loaded.diagnostics = diags.into_sorted();
     loaded
 }
 
-fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags, clean: bool) -> Vec<TestOutcome> {
+fn run_tests(
+    m: &Model,
+    now: UnixTime,
+    failing: &BTreeSet<(String, String)>,
+    d: &mut diag::Diags,
+    clean: bool,
+) -> Vec<TestOutcome> {
     let mut out = Vec::new();
     for t in &m.policy().tests {
         let ident = |n: &ast::Spanned<String>, d: &mut diag::Diags| {
@@ -125,6 +143,7 @@ fn run_tests(m: &Model, now: UnixTime, d: &mut diag::Diags, clean: bool) -> Vec<
         };
         let (from, to) = (ident(&t.from, d), ident(&t.to, d));
         let mut cond = Conditions::at(t.at.unwrap_or(now));
+        cond.failing.extend(failing.iter().cloned());
         for c in &t.failing {
             if m.check(&c.value).is_none() {
                 d.error(c.pos, format!("undefined posture check {:?}", c.value));
