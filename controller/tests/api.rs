@@ -737,3 +737,35 @@ async fn every_route_answers_only_the_callers_it_is_for() {
         }
     }
 }
+
+/// A plan shows a change of conditions (here a new expiry) even when no port changes: the
+/// operator must not read "no change" for access that will now end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_shows_changed_conditions() {
+    let f = Fixture::new("plan-conditions").await;
+    f.apply(POLICY).await.unwrap();
+    let expiring = POLICY.replace(
+        "ports: [tcp/5432]}",
+        "ports: [tcp/5432], expires: 2999-01-01T00:00:00Z}",
+    );
+    let p: bulkhead_proto::PlanResponse = f
+        .admin()
+        .await
+        .post(
+            "/v1/policy/plan",
+            &PolicyRequest {
+                text: expiring.clone(),
+                source: "p.yaml".into(),
+                base_revision: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(p.plan.changes.is_empty(), "{:?}", p.plan.changes);
+    assert_eq!(p.plan.conditions.len(), 1, "{:?}", p.plan.conditions);
+    let c = &p.plan.conditions[0];
+    assert_eq!((c.from.as_str(), c.to.as_str()), ("web-1", "db-1"));
+    assert!(c.before.is_empty() && c.after[0].contains("2999"), "{c:?}");
+    let r = f.apply(&expiring).await.unwrap();
+    assert_eq!(r.summary.pairs_conditions_changed, 1);
+}

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::{
-    ApplyResponse, AuditAction, AuditEntry, Boundary, PairChange, Plan, PlanResponse, PlanSummary,
-    PolicyRequest, PolicyView,
+    ApplyResponse, AuditAction, AuditEntry, Boundary, ConditionChange, PairChange, Plan,
+    PlanResponse, PlanSummary, PolicyRequest, PolicyView,
 };
 use bulkhead_store::{Compare, Op};
 
@@ -34,6 +34,19 @@ fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> P
                 to: c.to,
                 gained: c.gained.to_strings(),
                 lost: c.lost.to_strings(),
+            })
+            .collect(),
+        conditions: p
+            .conditions
+            .into_iter()
+            .map(|c| {
+                let strings = |v: Vec<reach::Caveat>| v.iter().map(ToString::to_string).collect();
+                ConditionChange {
+                    from: c.from,
+                    to: c.to,
+                    before: strings(c.before),
+                    after: strings(c.after),
+                }
             })
             .collect(),
     }

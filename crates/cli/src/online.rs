@@ -128,7 +128,7 @@ pub fn plan(r: &mut Remote, file: &Path, fmt: Format) -> anyhow::Result<Outcome>
         format!(
             "against live revision {}:\n{}",
             p.base_revision,
-            plan_table(&p.plan, &[])
+            plan_table(&p.plan)
         )
     })?;
     Ok(Outcome::Ok)
@@ -145,7 +145,7 @@ pub fn apply(r: &mut Remote, file: &Path, yes: bool, fmt: Format) -> anyhow::Res
     let shown = format!(
         "against live revision {}:\n{}",
         p.base_revision,
-        plan_table(&p.plan, &[])
+        plan_table(&p.plan)
     );
     if fmt == Format::Table {
         crate::output::print(&shown)?;

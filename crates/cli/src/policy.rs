@@ -549,9 +549,7 @@ pub fn diff(old: &Path, new: &Path, when: &When, fmt: Format) -> anyhow::Result<
         new: &b.path,
         plan: reach::plan(Some((ma, &ca)), (mb, &cb)),
     };
-    emit(fmt, &report, || {
-        plan_table(&wire_plan(&report.plan), &report.plan.conditions)
-    })?;
+    emit(fmt, &report, || plan_table(&wire_plan(&report.plan)))?;
     Ok(Outcome::Ok)
 }
 
@@ -570,12 +568,26 @@ pub fn wire_plan(p: &reach::Plan) -> bulkhead_proto::Plan {
                 lost: c.lost.to_strings(),
             })
             .collect(),
+        conditions: p
+            .conditions
+            .iter()
+            .map(|c| {
+                let strings = |v: &[reach::Caveat]| v.iter().map(ToString::to_string).collect();
+                bulkhead_proto::ConditionChange {
+                    from: c.from.clone(),
+                    to: c.to.clone(),
+                    before: strings(&c.before),
+                    after: strings(&c.after),
+                }
+            })
+            .collect(),
     }
 }
 
 /// Reachability gained and lost, pair by pair, for people; then the pairs whose access holds
-/// under other conditions (the controller's plan does not carry those yet: `&[]`).
-pub fn plan_table(p: &bulkhead_proto::Plan, conditions: &[reach::ConditionChange]) -> String {
+/// under other conditions.
+pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
+    let conditions = &p.conditions;
     let mut s = String::new();
     for n in &p.identities_added {
         s += &format!("+ identity {n}\n");
@@ -624,14 +636,11 @@ pub fn plan_table(p: &bulkhead_proto::Plan, conditions: &[reach::ConditionChange
             "CONDITIONS BEFORE".into(),
             "CONDITIONS AFTER".into(),
         ]];
-        let list = |v: &[reach::Caveat]| {
+        let list = |v: &[String]| {
             if v.is_empty() {
                 "none".to_string()
             } else {
-                v.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                v.join("; ")
             }
         };
         for c in conditions {

@@ -319,6 +319,22 @@ pub struct Plan {
     pub identities_removed: Vec<String>,
     /// Pair by pair: what is gained and lost.
     pub changes: Vec<PairChange>,
+    /// Pairs whose access holds under other conditions (windows, posture) than before.
+    #[serde(default)]
+    pub conditions: Vec<ConditionChange>,
+}
+
+/// One ordered pair whose access holds under other conditions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConditionChange {
+    /// Initiator.
+    pub from: String,
+    /// Responder.
+    pub to: String,
+    /// The conditions before, as `bulkhead policy diff` writes them; empty: none.
+    pub before: Vec<String>,
+    /// The conditions after.
+    pub after: Vec<String>,
 }
 
 impl Plan {
@@ -329,6 +345,7 @@ impl Plan {
             identities_removed: self.identities_removed.len(),
             pairs_gaining: self.changes.iter().filter(|c| !c.gained.is_empty()).count(),
             pairs_losing: self.changes.iter().filter(|c| !c.lost.is_empty()).count(),
+            pairs_conditions_changed: self.conditions.len(),
         }
     }
 }
@@ -344,6 +361,9 @@ pub struct PlanSummary {
     pub pairs_gaining: usize,
     /// Ordered pairs that lose some access.
     pub pairs_losing: usize,
+    /// Ordered pairs whose access holds under other conditions.
+    #[serde(default)]
+    pub pairs_conditions_changed: usize,
 }
 
 /// One ordered pair's change.
