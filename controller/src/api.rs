@@ -216,7 +216,7 @@ async fn node_flows(
 ) -> Response {
     let r = async {
         let batch: bulkhead_proto::FlowBatch = body(&b)?;
-        c.flows_from(&id, batch).await;
+        c.flows_from(&id, batch).await?;
         Ok(serde_json::json!({}))
     };
     json(r.await)

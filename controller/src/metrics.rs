@@ -211,6 +211,17 @@ impl Metrics {
                 .dropped_by_nodes
                 .load(std::sync::atomic::Ordering::Relaxed)),
         );
+        counter(
+            &mut r,
+            "bulkhead_flow_entries_refused",
+            "Flow-log entries this controller refused: malformed, about a non-peer, or in a batch too large",
+            None,
+            c.flows
+                .refused
+                .counts()
+                .into_iter()
+                .map(|(reason, n)| (vec![("reason", reason.to_string())], n)),
+        );
         r
     }
 }

@@ -96,11 +96,45 @@ pub struct PresenceRecord {
 /// quarantine counts what all nodes saw, whichever controller they report to.
 pub const DENIALS: &str = "denials/";
 
-/// One controller's count of an initiator's denials, per second of the last minute.
+/// One controller's count of an initiator's denials, per second of the last minute: those the
+/// initiator's own node reported (its egress filter refused them), and those each peer reported
+/// (its ingress filter refused them), apart: a peer's report is a claim about another identity,
+/// and counts only up to a cap ([`Tally::total`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DenialRecord {
-    /// `(unix second, denials in it)`, oldest first; only seconds with denials.
+    /// `(unix second, denials in it)`, oldest first; only seconds with denials. Reported by the
+    /// initiator's own node.
     pub seconds: Vec<(i64, u32)>,
+    /// The same, per peer that reported them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub witnesses: BTreeMap<String, Vec<(i64, u32)>>,
+}
+
+/// Denials of one initiator within a minute: its own, and each witness's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Reported by the initiator's own node.
+    pub own: u64,
+    /// Reported by each peer.
+    pub witnesses: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    /// Adds another controller's tally.
+    pub fn add(&mut self, other: &Tally) {
+        self.own += other.own;
+        for (w, n) in &other.witnesses {
+            *self.witnesses.entry(w.clone()).or_default() += n;
+        }
+    }
+
+    /// The count that decides an automatic quarantine: the initiator's own denials, and each
+    /// witness's up to `threshold / 2`. So no single node can get another identity quarantined
+    /// (nor two: it takes the initiator's own denials, or three peers' reports).
+    pub fn total(&self, threshold: u32) -> u64 {
+        let cap = u64::from(threshold / 2);
+        self.own + self.witnesses.values().map(|&n| n.min(cap)).sum::<u64>()
+    }
 }
 
 /// Whether a denial counted at `t_ms` is still within the minute at `now_ms`: the current second
@@ -109,14 +143,31 @@ pub fn in_minute(now_ms: i64, t_ms: i64) -> bool {
     now_ms.div_euclid(1000) - t_ms.div_euclid(1000) < 60
 }
 
+fn within(seconds: &[(i64, u32)], now_ms: i64) -> u64 {
+    seconds
+        .iter()
+        .filter(|(s, _)| in_minute(now_ms, s.saturating_mul(1000)))
+        .map(|(_, n)| u64::from(*n))
+        .sum()
+}
+
 impl DenialRecord {
-    /// Denials within the minute at `now_ms` ([`in_minute`]).
+    /// The initiator's own denials within the minute at `now_ms` ([`in_minute`]).
     pub fn within(&self, now_ms: i64) -> u64 {
-        self.seconds
-            .iter()
-            .filter(|(s, _)| in_minute(now_ms, s.saturating_mul(1000)))
-            .map(|(_, n)| u64::from(*n))
-            .sum()
+        within(&self.seconds, now_ms)
+    }
+
+    /// Own and witnessed denials within the minute at `now_ms`.
+    pub fn tally(&self, now_ms: i64) -> Tally {
+        Tally {
+            own: self.within(now_ms),
+            witnesses: self
+                .witnesses
+                .iter()
+                .map(|(w, s)| (w.clone(), within(s, now_ms)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        }
     }
 }
 

@@ -664,9 +664,14 @@ async fn a_quarantine_ends_exactly_once_across_controllers() {
     }
 }
 
-/// Posts `n` ingress denials of new flows from web-1 (distinct ports from `first_port`), as a
-/// node's flow log would.
-async fn denials_from_web(node: &mut bulkhead_proto::Connection, first_port: u16, n: u16) {
+/// Posts `n` ingress denials of new flows from web-1 at `web` (distinct ports from
+/// `first_port`), as a node's flow log would.
+async fn denials_from_web(
+    node: &mut bulkhead_proto::Connection,
+    web: std::net::Ipv4Addr,
+    first_port: u16,
+    n: u16,
+) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -676,7 +681,7 @@ async fn denials_from_web(node: &mut bulkhead_proto::Connection, first_port: u16
             at: now + i64::from(i),
             outbound: false,
             peer: Some("web-1".into()),
-            peer_address: "10.79.0.1".parse().unwrap(),
+            peer_address: web,
             proto: bulkhead_proto::Protocol::Tcp,
             port: first_port + i,
             allowed: false,
@@ -701,6 +706,7 @@ identities:
   web-1: {labels: {tier: web}}
   db-1: {labels: {tier: db}}
   db-2: {labels: {tier: db}}
+  db-3: {labels: {tier: db}}
 segments:
   web: {match: {tier: web}}
   db: {match: {tier: db}}
@@ -709,8 +715,9 @@ rules:
   - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
 ";
     let (server, mut a, mut b) = two_controllers("spread", POLICY).await;
-    // web-1 is compromised and talks to both databases directly: each denies it at ingress and
-    // reports to the controller it is connected to, db-1 to A, db-2 to B.
+    // web-1 is compromised and talks to the databases directly: each denies it at ingress and
+    // reports to the controller it is connected to, db-1 and db-3 to A, db-2 to B. A peer's
+    // reports are its word against web-1: each counts for at most half the threshold.
     let mut db1 = node_client(&token(&mut a.c, "db-1").await, &a.url)
         .await
         .connect()
@@ -721,16 +728,36 @@ rules:
         .connect()
         .await
         .unwrap();
+    let mut db3 = node_client(&token(&mut a.c, "db-3").await, &a.url)
+        .await
+        .connect()
+        .await
+        .unwrap();
+    let nodes: Vec<NodeView> = a.c.get("/v1/nodes").await.unwrap();
+    let web_address = nodes
+        .iter()
+        .find(|n| n.identity == "web-1")
+        .and_then(|n| n.address)
+        .unwrap();
+    let not_quarantined = |nodes: &[NodeView]| {
+        let web = nodes.iter().find(|n| n.identity == "web-1");
+        web.is_none_or(|n| n.quarantine.is_none())
+    };
 
     // 30 through A: below the threshold, on A and everywhere.
-    denials_from_web(&mut db1, 1000, 30).await;
+    denials_from_web(&mut db1, web_address, 1000, 30).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let nodes: Vec<NodeView> = b.c.get("/v1/nodes").await.unwrap();
-    let web = nodes.iter().find(|n| n.identity == "web-1");
-    assert!(web.is_none_or(|n| n.quarantine.is_none()), "{web:?}");
+    assert!(not_quarantined(&nodes), "{nodes:?}");
 
-    // 30 more through B: 60 in the cluster, above 50. Quarantined once, by the sum.
-    denials_from_web(&mut db2, 2000, 30).await;
+    // 30 more through B: two peers' words, 25 + 25, are not above 50.
+    denials_from_web(&mut db2, web_address, 2000, 30).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let nodes: Vec<NodeView> = a.c.get("/v1/nodes").await.unwrap();
+    assert!(not_quarantined(&nodes), "{nodes:?}");
+
+    // A third peer through A: 75 in the cluster, above 50. Quarantined once, by the sum.
+    denials_from_web(&mut db3, web_address, 3000, 30).await;
     wait_node(&mut a.c, "web-1", |n| n.quarantine.is_some()).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let log: Vec<AuditEntry> = a.c.get("/v1/audit").await.unwrap();

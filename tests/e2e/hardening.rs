@@ -82,3 +82,143 @@ fn state_is_private_whatever_the_umask() {
         assert!(l.is_empty(), "readable by others: {l:?}");
     }
 }
+
+/// Posts a flow batch to the controller as `node`, with its own credential (from its state
+/// directory), the way a compromised node could; returns the HTTP status.
+fn post_flows_as(c: &Cluster, node: &str, batch: &serde_json::Value) -> u16 {
+    let state = c.state(node);
+    let enrollment: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{state}/enrollment.json")).expect("enrollment"),
+    )
+    .expect("enrollment json");
+    let pem = |field: &str| {
+        c.files.write(
+            &format!("{node}-{field}.pem"),
+            enrollment[field].as_str().expect("pem"),
+        )
+    };
+    let (cert, key, ca) = (pem("certificate"), pem("key"), pem("ca"));
+    let body = c
+        .files
+        .write(&format!("{node}-batch.json"), &batch.to_string());
+    let url = format!("https://{}:7443/v1/node/flows", bulkhead_e2e::cluster::CTL);
+    let out = c.lab.exec(
+        node,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{body}"),
+            &url,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// `n` inbound denials of new flows by `from` (at `address`), as a node's flow log writes them.
+fn inbound_denials(from: &str, address: &str, n: usize) -> serde_json::Value {
+    let now = bulkhead_e2e::cluster::unix_ms() as i64;
+    let flows: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "at": now + i as i64, "outbound": false, "peer": from, "peer_address": address,
+                "proto": "tcp", "port": 20000 + i, "allowed": false, "reason": "not_allowed"
+            })
+        })
+        .collect();
+    serde_json::json!({ "flows": flows, "dropped": 0 })
+}
+
+/// A node can get nobody quarantined by reporting lies about them: not when the identity is
+/// not its peer (the entries are refused), and not when it is (one node's word counts for at
+/// most half the threshold). db-1's allowed flow from web-1 works throughout.
+#[test]
+fn a_node_cannot_get_another_identity_quarantined() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1", "dev-1"]);
+    let policy = "version: 1
+network: { name: forge, cidr: 10.94.0.0/24 }
+identities:
+  web-1: { labels: { tier: web } }
+  db-1: { labels: { tier: db } }
+  dev-1: { labels: { tier: dev } }
+segments:
+  web: { match: { tier: web } }
+  db: { match: { tier: db } }
+quarantine: { denied_per_minute: 50, duration: 1h }
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
+";
+    let policy = c.files.write("policy.yaml", policy);
+    c.start_controller("controller", &policy, &[]);
+    for n in ["web-1", "db-1", "dev-1"] {
+        let t = c.token(n);
+        c.start_daemon(n, "bulkheadd", Some(&t));
+    }
+    c.converge(&["web-1", "db-1", "dev-1"]);
+    let db = c.addresses["db-1"].clone();
+    c.lab.spawn(
+        "db-1",
+        "listen",
+        &[
+            &bulkhead_e2e::bin("bh-probe").display().to_string(),
+            "listen",
+            "5432",
+            "60",
+        ],
+    );
+    assert!(c.connect_eventually("web-1", "db-1", 5432));
+
+    // dev-1 has no rules, so no peers: 200 "db-1 attacked me" entries are refused.
+    assert_eq!(
+        post_flows_as(&c, "dev-1", &inbound_denials("db-1", &db, 200)),
+        200
+    );
+    // web-1 is db-1's peer: its 200 are counted, but as one witness's, at most 25 of 50.
+    assert_eq!(
+        post_flows_as(&c, "web-1", &inbound_denials("db-1", &db, 200)),
+        200
+    );
+    // A batch larger than any daemon's flow log is refused whole.
+    assert_eq!(
+        post_flows_as(&c, "web-1", &inbound_denials("db-1", &db, 10_001)),
+        400
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let db1 = c
+        .nodes()
+        .into_iter()
+        .find(|n| n["identity"] == "db-1")
+        .expect("db-1");
+    assert!(db1["quarantine"].is_null(), "db-1 was quarantined: {db1}");
+    assert!(
+        c.connect("web-1", "db-1", 5432),
+        "db-1's allowed flow still works"
+    );
+    // The flow log holds web-1's counted entries, none of dev-1's.
+    let r = c.cli(&["flows", "-o", "json", "--limit", "100000"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let flows = r.json().as_array().cloned().unwrap_or_default();
+    let from = |node: &str| flows.iter().filter(|f| f["node"] == node).count();
+    assert_eq!(from("dev-1"), 0, "dev-1's claims are not kept");
+    assert!(from("web-1") >= 200, "web-1's are, as its word");
+}

@@ -1,33 +1,83 @@
-//! A node's flow batch: each entry gets both ends named, is kept, and its denials counted.
+//! A node's flow batch: each entry checked, both ends named, kept, and its denials counted.
 //!
-//! What a node sends is a claim about itself: the controller names the node's end from the
-//! node's own credential, and the peer's end from the live policy.
+//! What a node sends is a claim about itself, never a fact about another identity:
+//! - the node's own end is the identity of its credential;
+//! - a peer's end is named from the node's own allowlist, by address; a node's name for it is
+//!   not used. An entry about traffic with a peer (anything inbound, and an admitted outbound
+//!   flow) must be about one of the node's peers, or it is refused and counted: a tunnel only
+//!   ever carries a peer's packets. Only the node's own denied attempts may name any address;
+//! - a denial the node's egress filter made counts against the node itself; one its ingress
+//!   filter made is the node's word against a peer, and counts only up to a cap
+//!   ([`crate::records::Tally::total`]);
+//! - a batch, its strings and its entries are bounded.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bulkhead_policy::Model;
 use bulkhead_proto::{FlowBatch, FlowEntry, FlowView, Verdict};
 
 use super::quarantine::Rule;
 use crate::Controller;
+use crate::ops::Error;
 use crate::view::lock;
 
-/// Names both ends of a node's entries: the node by its identity, a peer by the name the node
-/// gives or, failing that, by the identity that has its address in the policy.
+/// Most entries one batch may carry: a daemon's whole flow-log buffer.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest name (peer, rule) an entry may carry; identity and rule names are shorter.
+const MAX_NAME: usize = 64;
+/// Longest drop reason an entry may carry.
+const MAX_REASON: usize = 32;
+
+/// Flow entries refused, by why.
+#[derive(Debug, Default)]
+pub struct Refused {
+    /// A string longer than any name or reason.
+    pub malformed: AtomicU64,
+    /// About an address that is not one of the reporting node's peers.
+    pub not_a_peer: AtomicU64,
+    /// In a batch over [`MAX_BATCH`].
+    pub too_many: AtomicU64,
+}
+
+impl Refused {
+    /// `(reason, count)` for metrics.
+    pub fn counts(&self) -> [(&'static str, u64); 3] {
+        [
+            ("malformed", self.malformed.load(Ordering::Relaxed)),
+            ("not_a_peer", self.not_a_peer.load(Ordering::Relaxed)),
+            ("batch_too_large", self.too_many.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// Why an entry is refused, if it is.
+fn refusal(e: &FlowEntry, peer: Option<&str>) -> Option<&'static str> {
+    let long = |s: &Option<String>, max: usize| s.as_ref().is_some_and(|s| s.len() > max);
+    if long(&e.peer, MAX_NAME) || long(&e.rule, MAX_NAME) || long(&e.reason, MAX_REASON) {
+        return Some("malformed");
+    }
+    // Traffic with a peer went through its tunnel; only the node's own refused attempts may
+    // name any address.
+    let own_denied = e.outbound && !e.allowed;
+    if peer.is_none() && !own_denied {
+        return Some("not_a_peer");
+    }
+    None
+}
+
+/// Names the ends of one node's entries: the node by its identity, a peer from the node's
+/// allowlist, any other address by the identity that has it in the policy, if one does.
 struct Namer<'a> {
+    node: &'a str,
+    address: Ipv4Addr,
+    peers: HashMap<Ipv4Addr, String>,
     model: Option<&'a Model>,
     by_address: Option<HashMap<Ipv4Addr, String>>,
 }
 
 impl Namer<'_> {
-    fn address_of(&self, name: &str) -> Ipv4Addr {
-        self.model
-            .and_then(|m| m.identity(name).map(|i| m.address(i)))
-            .unwrap_or(Ipv4Addr::UNSPECIFIED)
-    }
-
     /// One index per batch, only if the batch needs it.
     fn name_of(&mut self, addr: Ipv4Addr) -> String {
         let model = self.model;
@@ -44,18 +94,16 @@ impl Namer<'_> {
             .unwrap_or_else(|| addr.to_string())
     }
 
-    fn view(&mut self, node: &str, e: FlowEntry) -> FlowView {
-        let me = (node.to_string(), self.address_of(node));
-        let peer = (
-            e.peer
-                .clone()
-                .unwrap_or_else(|| self.name_of(e.peer_address)),
+    fn view(&mut self, e: FlowEntry, peer: Option<String>) -> FlowView {
+        let me = (self.node.to_string(), self.address);
+        let other = (
+            peer.unwrap_or_else(|| self.name_of(e.peer_address)),
             e.peer_address,
         );
-        let (src, dst) = if e.outbound { (me, peer) } else { (peer, me) };
+        let (src, dst) = if e.outbound { (me, other) } else { (other, me) };
         FlowView {
             at: e.at,
-            node: node.to_string(),
+            node: self.node.to_string(),
             src: src.0,
             src_address: src.1,
             dst: dst.0,
@@ -74,9 +122,20 @@ impl Namer<'_> {
 }
 
 impl Controller {
-    /// Takes a node's batch: names both ends, keeps the flows, counts denials, quarantines
-    /// whoever crosses the policy's threshold.
-    pub async fn flows_from(&self, node: &str, batch: FlowBatch) {
+    /// Takes a node's batch: checks each entry, names both ends, keeps the flows, counts
+    /// denials, quarantines whoever crosses the policy's threshold. A batch over [`MAX_BATCH`]
+    /// is refused whole.
+    pub async fn flows_from(&self, node: &str, batch: FlowBatch) -> Result<(), Error> {
+        let refused = &self.flows.refused;
+        if batch.flows.len() > MAX_BATCH {
+            refused
+                .too_many
+                .fetch_add(batch.flows.len() as u64, Ordering::Relaxed);
+            return Err(Error::BadRequest(format!(
+                "a flow batch carries at most {MAX_BATCH} entries, not {}",
+                batch.flows.len()
+            )));
+        }
         if batch.dropped > 0 {
             self.flows
                 .dropped_by_nodes
@@ -85,41 +144,118 @@ impl Controller {
         }
         let now = crate::ops::unix_ms();
         let mut over: Vec<(String, u64)> = Vec::new();
+        let (mut malformed, mut not_a_peer) = (0u64, 0u64);
         let (threshold, views) = {
             let v = lock(&self.view);
             let live = v.live();
+            let model = live.as_ref().map(|l| &*l.model);
+            let list = v.allowlist(node);
             let mut namer = Namer {
-                model: live.as_ref().map(|l| &*l.model),
+                node,
+                address: list.as_ref().map_or(Ipv4Addr::UNSPECIFIED, |l| l.address),
+                peers: list
+                    .iter()
+                    .flat_map(|l| &l.peers)
+                    .map(|p| (p.address, p.name.to_string()))
+                    .collect(),
+                model,
                 by_address: None,
             };
-            let views: Vec<FlowView> = batch
-                .flows
-                .into_iter()
-                .map(|e| namer.view(node, e))
-                .collect();
             let rule = Rule::now(&v, &self.id, now);
-            if let Some(rule) = &rule {
-                for f in views.iter().filter(|f| f.verdict == Verdict::Deny) {
-                    if !rule.counts(&f.src) {
+            let mut views = Vec::with_capacity(batch.flows.len());
+            for e in batch.flows {
+                let peer = namer.peers.get(&e.peer_address).cloned();
+                match refusal(&e, peer.as_deref()) {
+                    Some("malformed") => {
+                        malformed += 1;
                         continue;
                     }
+                    Some(_) => {
+                        not_a_peer += 1;
+                        continue;
+                    }
+                    None => {}
+                }
+                // A denial the node's own egress filter made counts against the node; one its
+                // ingress filter made is its word against the peer.
+                let denial = (!e.allowed).then(|| match (&peer, e.outbound) {
+                    (Some(p), false) => (p.clone(), Some(node)),
+                    _ => (node.to_string(), None),
+                });
+                let f = namer.view(e, peer);
+                if let (Some(rule), Some((initiator, witness))) = (&rule, denial)
+                    && rule.counts(&initiator)
+                {
                     // Counted when received: node clocks need not agree with ours or each
                     // other (batches ship every second).
-                    let own = self.flows.denials.denied(&f.src, now) as u64;
-                    if let Some(n) = rule.over(&f.src, own)
-                        && !over.iter().any(|(s, _)| *s == f.src)
+                    let here = self.flows.denials.denied(&initiator, witness, now);
+                    if let Some(n) = rule.over(&initiator, &here)
+                        && !over.iter().any(|(s, _)| *s == initiator)
                     {
-                        over.push((f.src.clone(), n));
+                        over.push((initiator, n));
                     }
                 }
+                views.push(f);
             }
             (rule.map(|r| r.threshold), views)
         };
+        if malformed + not_a_peer > 0 {
+            refused.malformed.fetch_add(malformed, Ordering::Relaxed);
+            refused.not_a_peer.fetch_add(not_a_peer, Ordering::Relaxed);
+            tracing::warn!(
+                node,
+                malformed,
+                not_a_peer,
+                "flow entries refused: a node reports only about itself and its peers"
+            );
+        }
         for f in views {
             self.flows.history.add(f);
         }
         for (id, n) in over {
             self.auto_quarantine(&id, n, threshold.unwrap_or(0)).await;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_proto::Protocol;
+
+    use super::*;
+
+    fn entry(outbound: bool, allowed: bool) -> FlowEntry {
+        FlowEntry {
+            at: 0,
+            outbound,
+            peer: None,
+            peer_address: Ipv4Addr::new(10, 0, 0, 9),
+            proto: Protocol::Tcp,
+            port: 22,
+            allowed,
+            rule: None,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn a_node_reports_about_its_peers_and_its_own_attempts_only() {
+        // Anything about a peer is taken.
+        for (out, ok) in [(true, true), (true, false), (false, true), (false, false)] {
+            assert_eq!(refusal(&entry(out, ok), Some("db-1")), None);
+        }
+        // About a non-peer: only the node's own refused attempt.
+        assert_eq!(refusal(&entry(true, false), None), None);
+        assert_eq!(refusal(&entry(false, false), None), Some("not_a_peer"));
+        assert_eq!(refusal(&entry(false, true), None), Some("not_a_peer"));
+        assert_eq!(refusal(&entry(true, true), None), Some("not_a_peer"));
+        // Strings are bounded.
+        let mut e = entry(true, false);
+        e.rule = Some("r".repeat(MAX_NAME + 1));
+        assert_eq!(refusal(&e, Some("db-1")), Some("malformed"));
+        e.rule = None;
+        e.reason = Some("x".repeat(MAX_REASON + 1));
+        assert_eq!(refusal(&e, None), Some("malformed"));
     }
 }

@@ -12,7 +12,7 @@
 //! `--follow`, what arrives next).
 
 mod history;
-mod ingest;
+pub mod ingest;
 mod quarantine;
 
 use std::sync::atomic::AtomicU64;
@@ -31,6 +31,8 @@ pub struct Flows {
     denials: quarantine::Denials,
     /// Entries nodes dropped because their buffers were full (reported in their batches).
     pub dropped_by_nodes: AtomicU64,
+    /// Entries this controller refused.
+    pub refused: ingest::Refused,
 }
 
 impl Flows {
@@ -40,6 +42,7 @@ impl Flows {
             history: History::new(cap),
             denials: quarantine::Denials::default(),
             dropped_by_nodes: AtomicU64::new(0),
+            refused: ingest::Refused::default(),
         }
     }
 }

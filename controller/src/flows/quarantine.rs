@@ -14,7 +14,7 @@
 //! its own count plus everyone else's. Creating the quarantine record only if absent makes it
 //! happen once. Once an identity is quarantined, every controller starts its count over.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_proto::QuarantineRequest;
@@ -22,27 +22,52 @@ use bulkhead_store::Op;
 
 use crate::Controller;
 use crate::ops::{Actor, Error};
-use crate::records::{self, DENIALS, DenialRecord};
+use crate::records::{self, DENIALS, DenialRecord, Tally};
 use crate::view::{Live, View, lock};
 
-/// Denied new flows per initiator: their times within the window.
+/// One denied new flow: when it was counted, and the peer that reported it (`None`: the
+/// initiator's own node did).
+type Denial = (i64, Option<String>);
+
+/// Denied new flows per initiator: their times within the window, and who reported them.
 #[derive(Debug, Default)]
-pub(super) struct Denials(Mutex<HashMap<String, VecDeque<i64>>>);
+pub(super) struct Denials(Mutex<HashMap<String, VecDeque<Denial>>>);
+
+/// `(unix second, count)` runs of millisecond times.
+fn per_second(mut times: Vec<i64>) -> Vec<(i64, u32)> {
+    times.sort_unstable();
+    let mut seconds: Vec<(i64, u32)> = Vec::new();
+    for s in times.into_iter().map(|t| t.div_euclid(1000)) {
+        match seconds.last_mut() {
+            Some((last, n)) if *last == s => *n += 1,
+            _ => seconds.push((s, 1)),
+        }
+    }
+    seconds
+}
 
 impl Denials {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<i64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Denial>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts a denial by `initiator` at `at`; returns how many it has in the window.
-    pub(super) fn denied(&self, initiator: &str, at: i64) -> usize {
+    /// Counts a denial of `initiator` at `at`, reported by `witness` (a peer) or by the
+    /// initiator's own node; returns its tally in the window.
+    pub(super) fn denied(&self, initiator: &str, witness: Option<&str>, at: i64) -> Tally {
         let mut d = self.lock();
         let q = d.entry(initiator.to_string()).or_default();
-        q.push_back(at);
-        while q.front().is_some_and(|&t| !records::in_minute(at, t)) {
+        q.push_back((at, witness.map(str::to_string)));
+        while q.front().is_some_and(|(t, _)| !records::in_minute(at, *t)) {
             q.pop_front();
         }
-        q.len()
+        let mut tally = Tally::default();
+        for (_, w) in q.iter() {
+            match w {
+                None => tally.own += 1,
+                Some(w) => *tally.witnesses.entry(w.clone()).or_default() += 1,
+            }
+        }
+        tally
     }
 
     /// Each initiator's denials in the minute before `now_ms`, per second; initiators with
@@ -50,21 +75,26 @@ impl Denials {
     fn per_second(&self, now_ms: i64) -> HashMap<String, DenialRecord> {
         let mut d = self.lock();
         d.retain(|_, q| {
-            q.retain(|&t| records::in_minute(now_ms, t));
+            q.retain(|(t, _)| records::in_minute(now_ms, *t));
             !q.is_empty()
         });
         d.iter()
             .map(|(id, q)| {
-                let mut by_second: Vec<i64> = q.iter().map(|t| t.div_euclid(1000)).collect();
-                by_second.sort_unstable();
-                let mut seconds: Vec<(i64, u32)> = Vec::new();
-                for s in by_second {
-                    match seconds.last_mut() {
-                        Some((last, n)) if *last == s => *n += 1,
-                        _ => seconds.push((s, 1)),
+                let own = q.iter().filter(|(_, w)| w.is_none()).map(|(t, _)| *t);
+                let mut by_witness: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+                for (t, w) in q {
+                    if let Some(w) = w {
+                        by_witness.entry(w.clone()).or_default().push(*t);
                     }
                 }
-                (id.clone(), DenialRecord { seconds })
+                let record = DenialRecord {
+                    seconds: per_second(own.collect()),
+                    witnesses: by_witness
+                        .into_iter()
+                        .map(|(w, times)| (w, per_second(times)))
+                        .collect(),
+                };
+                (id.clone(), record)
             })
             .collect()
     }
@@ -113,13 +143,15 @@ impl<'a> Rule<'a> {
         !self.quarantined.contains(id) && self.live.model.identity(id).is_some()
     }
 
-    /// The cluster's count of `id`'s denials, if it is over the threshold: `own` counted here,
-    /// the rest by other controllers.
-    pub(super) fn over(&self, id: &str, own: u64) -> Option<u64> {
+    /// The cluster's count of `id`'s denials ([`Tally::total`]), if it is over the threshold:
+    /// `here` counted by this controller, the rest by the others.
+    pub(super) fn over(&self, id: &str, here: &Tally) -> Option<u64> {
         if !self.counts(id) {
             return None;
         }
-        let n = own + self.view.records().others_denials(id, self.me, self.now_ms);
+        let mut all = self.view.records().others_denials(id, self.me, self.now_ms);
+        all.add(here);
+        let n = all.total(self.threshold);
         (n > u64::from(self.threshold)).then_some(n)
     }
 }
@@ -184,7 +216,7 @@ pub async fn share_denials(c: Arc<Controller>) {
             .filter(|(id, r)| {
                 written
                     .get(*id)
-                    .is_none_or(|w| w.within(now) != r.within(now))
+                    .is_none_or(|w| w.tally(now) != r.tally(now))
             })
             .map(|(id, r)| Op::Put(key(id), records::encode(r)))
             .collect();
@@ -204,7 +236,7 @@ pub async fn share_denials(c: Arc<Controller>) {
                     let live = records
                         .controllers
                         .contains_key(&format!("{}{ctl}", records::CONTROLLERS));
-                    if !live && r.within(now) == 0 {
+                    if !live && r.tally(now) == Tally::default() {
                         ops.push(Op::Delete(format!("{DENIALS}{id}/{ctl}")));
                     }
                 }
@@ -237,8 +269,8 @@ pub async fn share_denials(c: Arc<Controller>) {
             let over: Vec<(String, u64)> = candidates
                 .into_iter()
                 .filter_map(|id| {
-                    let own = mine.get(id).map_or(0, |r| r.within(now));
-                    rule.over(id, own).map(|n| (id.clone(), n))
+                    let here = mine.get(id).map(|r| r.tally(now)).unwrap_or_default();
+                    rule.over(id, &here).map(|n| (id.clone(), n))
                 })
                 .collect();
             (rule.threshold, over)
@@ -256,15 +288,16 @@ mod tests {
     #[test]
     fn denials_slide() {
         let f = Denials::default();
-        assert_eq!(f.denied("a", 0), 1);
-        assert_eq!(f.denied("a", 30_000), 2);
-        assert_eq!(f.denied("a", 61_000), 2, "the first left the window");
+        let own = |f: &Denials, id: &str, at: i64| f.denied(id, None, at).own;
+        assert_eq!(own(&f, "a", 0), 1);
+        assert_eq!(own(&f, "a", 30_000), 2);
+        assert_eq!(own(&f, "a", 61_000), 2, "the first left the window");
         f.reset("a");
-        assert_eq!(f.denied("a", 61_001), 1);
+        assert_eq!(own(&f, "a", 61_001), 1);
         // The window is the current second and the 59 before, as for shared counts.
-        assert_eq!(f.denied("b", 0), 1);
-        assert_eq!(f.denied("b", 59_999), 2);
-        assert_eq!(f.denied("b", 60_000), 2, "second 0 left at second 60");
+        assert_eq!(own(&f, "b", 0), 1);
+        assert_eq!(own(&f, "b", 59_999), 2);
+        assert_eq!(own(&f, "b", 60_000), 2, "second 0 left at second 60");
         let shared = &f.per_second(60_000)["b"];
         assert_eq!(shared.within(60_000), 2);
     }
@@ -274,7 +307,7 @@ mod tests {
         let f = Denials::default();
         // Batches from two nodes arrive out of order.
         for at in [10_100, 10_900, 12_000, 10_500, 69_000] {
-            f.denied("web-1", at);
+            f.denied("web-1", None, at);
         }
         let r = &f.per_second(69_500)["web-1"];
         assert_eq!(r.seconds, [(10, 3), (12, 1), (69, 1)]);
@@ -284,5 +317,25 @@ mod tests {
         assert_eq!(r.within(129_000), 0);
         // Once nothing is left in the window, the initiator is forgotten.
         assert!(f.per_second(200_000).is_empty());
+    }
+
+    #[test]
+    fn a_peer_s_reports_count_apart_and_only_up_to_half_the_threshold() {
+        let f = Denials::default();
+        for i in 0..200 {
+            f.denied("db-1", Some("dev-1"), 1_000 + i);
+        }
+        let t = f.denied("db-1", None, 1_500);
+        assert_eq!((t.own, t.witnesses["dev-1"]), (1, 200));
+        assert_eq!(t.total(50), 1 + 25, "one witness counts at most 25 of 50");
+        let r = &f.per_second(2_000)["db-1"];
+        assert_eq!(r.tally(2_000), t, "shared as counted");
+        // Two more witnesses: 25 + 25 + 25 + 1.
+        let mut all = t.clone();
+        all.add(&Tally {
+            own: 0,
+            witnesses: [("web-1".to_string(), 30), ("web-2".to_string(), 30)].into(),
+        });
+        assert_eq!(all.total(50), 76);
     }
 }

@@ -13,7 +13,7 @@ use bulkhead_store::{KeyValue, Revision};
 use crate::records::{
     self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, DENIALS, DenialRecord,
     ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PresenceRecord,
-    QUARANTINE,
+    QUARANTINE, Tally,
 };
 
 /// What a batch of store events touched.
@@ -215,13 +215,18 @@ impl Mirror {
 
     /// Denials of `initiator` in the minute before `now_ms` that controllers other than `me`
     /// counted.
-    pub fn others_denials(&self, initiator: &str, me: &str, now_ms: i64) -> u64 {
-        self.denials.get(initiator).map_or(0, |by| {
-            by.iter()
-                .filter(|(ctl, _)| *ctl != me)
-                .map(|(_, r)| r.within(now_ms))
-                .sum()
-        })
+    pub fn others_denials(&self, initiator: &str, me: &str, now_ms: i64) -> Tally {
+        let mut t = Tally::default();
+        for (_, r) in self
+            .denials
+            .get(initiator)
+            .into_iter()
+            .flatten()
+            .filter(|(ctl, _)| *ctl != me)
+        {
+            t.add(&r.tally(now_ms));
+        }
+        t
     }
 
     /// Quarantines in force at `now`.

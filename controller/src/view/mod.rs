@@ -100,6 +100,11 @@ impl View {
             }
     }
 
+    /// The allowlist the live policy gives `identity` now.
+    pub fn allowlist(&self, identity: &str) -> Option<Arc<bulkhead_allowlist::Allowlist>> {
+        self.allowlists.get(identity).cloned()
+    }
+
     /// What conditions are computed from at `now`, to evaluate after letting go of the lock.
     pub fn inputs(&self, now: i64) -> Inputs {
         Inputs::at(&self.mirror, now, true)
