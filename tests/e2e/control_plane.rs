@@ -1,5 +1,6 @@
-//! Attacks and failures from the hardening review (issue 13), run against the real binaries in
-//! network namespaces: each test is the attack, and checks that it no longer works.
+//! Attacks on the control plane and on private state from the hardening review (issue 13), run
+//! against the real binaries in network namespaces: each test is the attack, and checks that it
+//! no longer works. (The data plane's are in `hardening.rs`.)
 //!
 //! Needs root, `ip netns` and `/dev/net/tun` (`scripts/test.sh` installs the tools).
 
