@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod scrape;
+pub mod standalone;
 pub use bulkhead_netlab as netns;
 
 use std::path::{Path, PathBuf};

@@ -14,6 +14,10 @@
 //!   socket to ADDR, cycling the destination port over 1–65535 (each a distinct flow), at most
 //!   PER_SECOND a second (default: as fast as the socket takes them), stopping early after
 //!   SECONDS; print how many were sent. Exit 0.
+//! - `serve PORT BYTES SECONDS`: accept TCP connections and send each BYTES of a fixed pattern,
+//!   then close it; exit after SECONDS.
+//! - `fetch ADDR PORT BYTES SECONDS`: connect and read to the end, for at most SECONDS; print
+//!   how many bytes came. Exit 0 if exactly BYTES came and every one was the pattern's, else 1.
 //!
 //! Every loop is bounded in time, so a probe never outlives its caller by more than SECONDS.
 
@@ -56,6 +60,24 @@ pub fn run(args: &[String]) -> u8 {
             }
             Err(_) => 2,
         },
+        "serve" => serve(
+            arg(1).parse().unwrap_or(0),
+            arg(2).parse().unwrap_or(0),
+            Duration::from_secs(arg(3).parse().unwrap_or(10)),
+        ),
+        "fetch" => match arg(1).parse::<IpAddr>() {
+            Ok(ip) => {
+                let want = arg(3).parse().unwrap_or(0);
+                let (got, intact) = fetch(
+                    ip,
+                    arg(2).parse().unwrap_or(0),
+                    Duration::from_secs(arg(4).parse().unwrap_or(10)),
+                );
+                println!("{got} bytes, intact: {intact}");
+                u8::from(!(got == want && intact))
+            }
+            Err(_) => 2,
+        },
         "connect" => match arg(1).parse::<IpAddr>() {
             Ok(ip) => u8::from(!connect(
                 ip,
@@ -86,7 +108,7 @@ pub fn run(args: &[String]) -> u8 {
         },
         _ => {
             eprintln!(
-                "usage: probe listen PORT[,PORT...] SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS | scan ADDR FIRST LAST TIMEOUT_MS | flood ADDR COUNT SECONDS"
+                "usage: probe listen PORT[,PORT...] SECONDS | connect ADDR PORT TIMEOUT_MS | hold ADDR PORT SECONDS | scan ADDR FIRST LAST TIMEOUT_MS | flood ADDR COUNT SECONDS | serve PORT BYTES SECONDS | fetch ADDR PORT BYTES SECONDS"
             );
             2
         }
@@ -221,6 +243,86 @@ pub fn flood(ip: IpAddr, count: u64, limit: Duration, per_second: Option<u64>) -
         }
     }
     sent
+}
+
+/// The byte at `offset` of what `serve` sends: not constant, so a lost or repeated chunk
+/// shows.
+fn pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+/// Sends `bytes` of the pattern on every connection accepted until `limit` passes. Exit code 2
+/// if the port cannot be bound.
+pub fn serve(port: u16, bytes: u64, limit: Duration) -> u8 {
+    let Ok(l) = TcpListener::bind(("0.0.0.0", port)) else {
+        eprintln!("probe: cannot listen on {port}");
+        return 2;
+    };
+    let _ = l.set_nonblocking(true);
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        match l.accept() {
+            Ok((s, _)) => {
+                std::thread::spawn(move || {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                    let mut s = s;
+                    let mut chunk = [0u8; 16384];
+                    let mut sent = 0;
+                    while sent < bytes && Instant::now() < end {
+                        let n = chunk.len().min((bytes - sent) as usize);
+                        for (i, b) in chunk[..n].iter_mut().enumerate() {
+                            *b = pattern(sent + i as u64);
+                        }
+                        match s.write(&chunk[..n]) {
+                            Ok(w) => sent += w as u64,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    0
+}
+
+/// Reads one connection to its end, for at most `limit`; returns the bytes read and whether
+/// each was the pattern's.
+pub fn fetch(ip: IpAddr, port: u16, limit: Duration) -> (u64, bool) {
+    use std::io::Read;
+    let end = Instant::now() + limit;
+    let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(2))
+    else {
+        return (0, false);
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let (mut got, mut intact) = (0u64, true);
+    let mut buf = [0u8; 16384];
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                intact &= buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(got + i as u64));
+                got += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    (got, intact)
 }
 
 /// Keeps one connection busy for `limit`; `Err` when an exchange fails (500 ms each).
