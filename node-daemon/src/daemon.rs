@@ -12,13 +12,14 @@ use bulkhead_proto::{NodeConfig, PrivateKey};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::faults::{Faults, Op};
 use crate::flowlog::FlowLog;
 use crate::host::{self, Host};
 use crate::link::{self, Applied, Update};
 use crate::metrics::Snapshot;
 use crate::output::Out;
 use crate::state::{Enrollment, StateDir};
-use crate::tun::{Interface, Reads};
+use crate::tun::{Interface, Read, Reads};
 use crate::uapi;
 use crate::udp::Udp;
 
@@ -109,6 +110,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         key,
         listen_port: s.listen_port,
         flow_capacity: s.flow_capacity,
+        faults: Faults::default(),
     };
     d.start(first).await;
     let mut updates = d.spawn_link(&s, applied_rx, flows);
@@ -127,17 +129,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut reads = Reads::default();
     loop {
         tokio::select! {
-            r = reads.read(&tun.dev) => {
-                r.context("TUN read")?;
-                let t = now();
-                for p in reads.packets() {
-                    d.node.handle_tun(p, t, &mut d.out);
-                }
-            }
+            r = reads.read(&tun.dev) => d.tun_read(r, &reads)?,
             r = udp.readable() => {
                 r.context("UDP socket")?;
                 let t = now();
-                udp.receive(|from, dg| d.node.handle_udp(from, dg, t, &mut d.out));
+                let r = udp.receive(|from, dg| d.node.handle_udp(from, dg, t, &mut d.out));
+                if let Err(e) = r {
+                    d.faults.record(Op::UdpRecv, &e, t.instant);
+                }
             }
             _ = tick.tick() => d.tick().await,
             Some(reply) = uapi_rx.recv() => d.answer_uapi(reply),
@@ -147,7 +146,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        d.out.flush(&udp, &tun.dev).await;
+        d.out.flush(&udp, &tun.dev, &mut d.faults).await;
     }
     drop(metrics_tx);
     tracing::info!("bulkheadd stopping");
@@ -166,9 +165,28 @@ struct Daemon {
     key: PrivateKey,
     listen_port: u16,
     flow_capacity: usize,
+    faults: Faults,
 }
 
 impl Daemon {
+    /// A read from the TUN device: its packets to the core. A read that brought nothing usable
+    /// is counted and the loop goes on; only a failure of the device itself ends the daemon.
+    fn tun_read(&mut self, r: Read, reads: &Reads) -> anyhow::Result<()> {
+        let t = now();
+        match r {
+            Read::Batch => {
+                for p in reads.packets() {
+                    self.node.handle_tun(p, t, &mut self.out);
+                }
+            }
+            Read::Dropped(e) => {
+                self.faults.record(Op::TunRead, &e, t.instant);
+            }
+            Read::Failed(e) => return Err(e).context("TUN read"),
+        }
+        Ok(())
+    }
+
     /// Enforces the configuration the daemon starts with, if any: the file, or the cached one.
     async fn start(&mut self, first: Option<NodeConfig>) {
         let Some(cfg) = first else {
@@ -234,6 +252,11 @@ impl Daemon {
             flow_capacity: self.flow_capacity,
             flow_log_entries,
             flow_log_dropped,
+            io_errors: self
+                .faults
+                .totals()
+                .map(|(op, n)| (op.as_str(), n))
+                .collect(),
             at: SystemTime::now(),
         });
     }

@@ -2,6 +2,7 @@
 //! (`bulkhead-dataplane`) over it and a UDP socket, and serves the WireGuard UAPI socket.
 
 pub mod daemon;
+pub mod faults;
 pub mod flowlog;
 pub mod host;
 pub mod link;

@@ -25,6 +25,9 @@ pub struct Snapshot {
     pub flow_log_entries: usize,
     /// Flow-log entries dropped because the buffer was full, since the start.
     pub flow_log_dropped: u64,
+    /// I/O errors on the packet path, by operation (`tun_read`, `udp_send`, …): each dropped
+    /// a packet or a batch.
+    pub io_errors: Vec<(&'static str, u64)>,
     /// When it was taken.
     pub at: SystemTime,
 }
@@ -106,6 +109,15 @@ pub fn registry(s: &Snapshot) -> Registry {
                 *n,
             )
         }),
+    );
+    counter(
+        &mut r,
+        "bulkhead_io_errors",
+        "I/O errors on the packet path, by operation; each dropped a packet or a batch, and the daemon went on",
+        None,
+        s.io_errors
+            .iter()
+            .map(|(op, n)| (vec![("op", (*op).into())], *n)),
     );
     counter(
         &mut r,
@@ -202,6 +214,7 @@ mod tests {
             flow_capacity: 100,
             flow_log_entries: 0,
             flow_log_dropped: 9,
+            io_errors: vec![("tun_read", 3)],
             at,
         };
         let text = bulkhead_proto::metrics::encode(registry(&s)).unwrap();
@@ -211,6 +224,7 @@ mod tests {
             "bulkhead_peer_received_packets_total{peer=\"db-1\"} 2",
             "bulkhead_peer_received_bytes_total{peer=\"db-1\"} 120",
             "bulkhead_peer_handshakes_total{peer=\"db-1\"} 1",
+            "bulkhead_io_errors_total{op=\"tun_read\"} 3",
             "bulkhead_peer_last_handshake_timestamp_seconds{peer=\"db-1\"} 990.0",
             "bulkhead_packets_dropped_total{direction=\"egress\",reason=\"not_allowed\"} 7",
             "bulkhead_packets_denied_by_rule_total{rule=\"no-telnet\"} 2",

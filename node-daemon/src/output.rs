@@ -4,10 +4,11 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_dataplane::{Event, Sink};
 
+use crate::faults::{Faults, Op};
 use crate::flowlog::FlowLog;
 use crate::udp::Udp;
 
@@ -54,8 +55,14 @@ impl Out {
         }
     }
 
-    /// Writes the batch out: datagrams to the UDP socket, packets to the TUN device.
-    pub(crate) async fn flush(&mut self, udp: &Udp, tun: &tun_rs::AsyncDevice) {
+    /// Writes the batch out: datagrams to the UDP socket, packets to the TUN device. What the
+    /// socket or the device refuses is dropped and counted in `faults`.
+    pub(crate) async fn flush(
+        &mut self,
+        udp: &Udp,
+        tun: &tun_rs::AsyncDevice,
+        faults: &mut Faults,
+    ) {
         // Runs of datagrams to one destination, all of one size but the last, go out as one
         // GSO send: one system call for up to `max_segments` datagrams.
         let mut i = 0;
@@ -76,7 +83,9 @@ impl Out {
                 self.gso.extend_from_slice(d);
             }
             let segment_size = (j - i > 1).then_some(size);
-            udp.send(to, &self.gso, segment_size).await;
+            if let Err(e) = udp.send(to, &self.gso, segment_size).await {
+                faults.record(Op::UdpSend, &e, Instant::now());
+            }
             i = j;
         }
         if self.tun_len > 0
@@ -84,7 +93,7 @@ impl Out {
                 .send_multiple(&mut self.gro, &mut self.tun[..self.tun_len], VNET)
                 .await
         {
-            tracing::debug!(error = %e, "TUN write");
+            faults.record(Op::TunWrite, &e, Instant::now());
         }
         self.net_len = 0;
         self.tun_len = 0;

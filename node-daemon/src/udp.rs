@@ -68,8 +68,10 @@ impl Udp {
     }
 
     /// Receives what is waiting, without waiting for more, and hands each datagram to `each`
-    /// with its sender. A GRO run is cut back into its datagrams at the kernel's stride.
-    pub fn receive(&mut self, mut each: impl FnMut(SocketAddr, &[u8])) {
+    /// with its sender. A GRO run is cut back into its datagrams at the kernel's stride. An
+    /// error (an ICMP error a peer provoked, say) ends this wake-up's receives and is returned;
+    /// the socket is still fine.
+    pub fn receive(&mut self, mut each: impl FnMut(SocketAddr, &[u8])) -> std::io::Result<()> {
         for _ in 0..RECEIVES {
             // On the stack: a Vec here would be an allocation per receive.
             let mut slices = self.bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
@@ -79,12 +81,8 @@ impl Udp {
             });
             let n = match r {
                 Ok(n) => n,
-                Err(e) => {
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        tracing::debug!(error = %e, "udp read");
-                    }
-                    return;
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
             };
             for (meta, buf) in self.meta.iter().zip(&self.bufs).take(n) {
                 let stride = meta.stride.max(1);
@@ -93,11 +91,17 @@ impl Udp {
                 }
             }
         }
+        Ok(())
     }
 
     /// Sends `contents`, cut into datagrams of `segment_size` if given. Waits while the socket
-    /// is full; other errors drop the datagrams (UDP makes no promise anyway).
-    pub async fn send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+    /// is full; other errors drop the datagrams (UDP makes no promise anyway) and are returned.
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> std::io::Result<()> {
         let t = quinn_udp::Transmit {
             destination: to,
             ecn: None,
@@ -110,16 +114,11 @@ impl Udp {
                 self.state.try_send((&self.socket).into(), &t)
             });
             match r {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if self.socket.writable().await.is_err() {
-                        return;
-                    }
+                    self.socket.writable().await?;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, %to, "udp send");
-                    return;
-                }
+                Err(e) => return Err(e),
             }
         }
     }

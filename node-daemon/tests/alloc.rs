@@ -29,6 +29,7 @@ async fn round(udp: &mut Udp, sender: &std::net::UdpSocket, n: usize) -> usize {
                         assert_eq!(d.len(), 100);
                         got += 1;
                     })
+                    .expect("receive")
                 });
             }
         }

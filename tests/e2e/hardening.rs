@@ -1,0 +1,91 @@
+//! Attacks on the data plane by a compromised peer, run against real `bulkheadd` processes in
+//! network namespaces: the daemon must survive them, keep serving the other peers, and go on
+//! dropping what its rules do not allow.
+//!
+//! Needs root, `ip netns` and `/dev/net/tun`.
+
+use std::time::Duration;
+
+use bulkhead_e2e::standalone::Overlay;
+use bulkhead_e2e::{bin, netns_ok};
+
+const POLICY: &str = "
+version: 1
+network: { cidr: 10.78.0.0/24 }
+identities:
+  client: { labels: { app: client } }
+  server: { labels: { app: server } }
+segments:
+  clients: { match: { app: client } }
+  servers: { match: { app: server } }
+rules:
+  - { name: bulk, from: [clients], to: [servers], ports: [tcp/9000, tcp/5432] }
+";
+
+/// A lab confirmed it: a client whose route to the server advertises an MSS of 88 made the
+/// server's TUN reads bring super-packets of ~745 segments, more than the read had buffers
+/// for, and the daemon exited on the read error, taking its interface with it.
+#[test]
+fn a_tiny_mss_neither_ends_the_daemon_nor_stops_the_transfer() {
+    if !netns_ok() {
+        return;
+    }
+    const BYTES: u64 = 4 << 20;
+    let mut o = Overlay::start(POLICY, &["client", "server"]);
+    let (server, iface) = (
+        o.addr("server").to_string(),
+        o.lab.host("client").interface.clone(),
+    );
+    let route = o.lab.exec(
+        "client",
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{server}/32"),
+            "dev",
+            &iface,
+            "advmss",
+            "88",
+        ],
+    );
+    assert!(route.status.success(), "{route:?}");
+    o.listen("server", 5432);
+    let probe = bin("bh-probe").display().to_string();
+    let bytes = BYTES.to_string();
+    o.lab
+        .spawn("server", "serve", &[&probe, "serve", "9000", &bytes, "90"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(o.connect_eventually("client", "server", 5432));
+
+    let fetch = o
+        .lab
+        .exec("client", &[&probe, "fetch", &server, "9000", &bytes, "40"]);
+    let said = String::from_utf8_lossy(&fetch.stdout).into_owned();
+    assert_eq!(
+        o.lab
+            .wait("server", "bulkheadd", Duration::from_millis(100)),
+        None,
+        "the server's daemon is still running:\n{}",
+        o.lab.log("server", "bulkheadd")
+    );
+    assert!(
+        fetch.status.success(),
+        "every byte came, intact: {said}\n{}",
+        o.lab.log("server", "bulkheadd")
+    );
+    assert!(said.starts_with(&format!("{BYTES} bytes")), "{said}");
+    let log = o.lab.log("server", "bulkheadd");
+    assert!(
+        log.contains("more buffers"),
+        "the segments were too long for the first buffers (else the test tests nothing):\n{log}"
+    );
+
+    // And the filter still filters.
+    assert!(
+        !o.connect("server", "client", 5432),
+        "no rule from server to client"
+    );
+    assert!(!o.ping("client", "server"), "no rule for icmp");
+    assert!(o.connect_eventually("client", "server", 5432));
+}
