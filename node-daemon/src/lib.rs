@@ -61,7 +61,8 @@ enum Command {
         /// reread on SIGHUP. For tests and for running without a controller.
         #[arg(long, value_name = "FILE")]
         allowlist: Option<PathBuf>,
-        /// Most connections tracked at once; new ones are refused beyond it.
+        /// Most connections tracked at once. Each peer may hold a quarter of them; a new one
+        /// that finds no room evicts the oldest half-open one, else it is refused.
         #[arg(long, default_value_t = 65536)]
         flow_capacity: usize,
         /// Daemon configuration (YAML): `posture_checks: {NAME: {command: [...], interval: 30s}}`.

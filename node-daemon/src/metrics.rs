@@ -146,9 +146,30 @@ pub fn registry(s: &Snapshot) -> Registry {
     gauge(
         &mut r,
         "bulkhead_flows_capacity",
-        "Most flows tracked at once; new ones are refused beyond it",
+        "Most flows tracked at once; each peer may hold a quarter of them",
         None,
         one(s.flow_capacity as f64),
+    );
+    gauge(
+        &mut r,
+        "bulkhead_peer_flows",
+        "Flows tracked now with the peer, whichever side opened them",
+        None,
+        s.peers.iter().map(|p| (peer(p), p.flows.tracked as f64)),
+    );
+    counter(
+        &mut r,
+        "bulkhead_peer_flow_table_full",
+        "New flows with the peer refused because its share of the flow table, or the table, was full of flows that could not be evicted",
+        None,
+        per_peer(s, |p| p.flows.refused),
+    );
+    counter(
+        &mut r,
+        "bulkhead_peer_flows_evicted",
+        "Half-open flows with the peer evicted to make room for new ones",
+        None,
+        per_peer(s, |p| p.flows.evicted),
     );
     gauge(
         &mut r,
@@ -177,7 +198,7 @@ pub fn registry(s: &Snapshot) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_dataplane::{Direction, Traffic};
+    use bulkhead_dataplane::{Direction, FlowShare, Traffic};
 
     #[test]
     fn a_snapshot_renders_every_family() {
@@ -208,6 +229,11 @@ mod tests {
                     bytes: 120,
                 },
                 handshakes: 1,
+                flows: FlowShare {
+                    tracked: 1,
+                    refused: 6,
+                    evicted: 2,
+                },
             }],
             counters,
             flows_tracked: 1,
@@ -225,6 +251,9 @@ mod tests {
             "bulkhead_peer_received_bytes_total{peer=\"db-1\"} 120",
             "bulkhead_peer_handshakes_total{peer=\"db-1\"} 1",
             "bulkhead_io_errors_total{op=\"tun_read\"} 3",
+            "bulkhead_peer_flows{peer=\"db-1\"} 1.0",
+            "bulkhead_peer_flow_table_full_total{peer=\"db-1\"} 6",
+            "bulkhead_peer_flows_evicted_total{peer=\"db-1\"} 2",
             "bulkhead_peer_last_handshake_timestamp_seconds{peer=\"db-1\"} 990.0",
             "bulkhead_packets_dropped_total{direction=\"egress\",reason=\"not_allowed\"} 7",
             "bulkhead_packets_denied_by_rule_total{rule=\"no-telnet\"} 2",

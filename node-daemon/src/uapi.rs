@@ -174,6 +174,7 @@ mod tests {
                 keepalive: None,
                 sent: Default::default(),
                 received: Default::default(),
+                flows: Default::default(),
                 handshakes: 1,
             }],
         };

@@ -15,11 +15,14 @@ network: { cidr: 10.78.0.0/24 }
 identities:
   client: { labels: { app: client } }
   server: { labels: { app: server } }
+  attacker: { labels: { app: attacker } }
 segments:
   clients: { match: { app: client } }
   servers: { match: { app: server } }
+  attackers: { match: { app: attacker } }
 rules:
   - { name: bulk, from: [clients], to: [servers], ports: [tcp/9000, tcp/5432] }
+  - { name: noisy, from: [attackers], to: [servers], ports: [udp, tcp/5432] }
 ";
 
 /// A lab confirmed it: a client whose route to the server advertises an MSS of 88 made the
@@ -88,4 +91,45 @@ fn a_tiny_mss_neither_ends_the_daemon_nor_stops_the_transfer() {
     );
     assert!(!o.ping("client", "server"), "no rule for icmp");
     assert!(o.connect_eventually("client", "server", 5432));
+}
+
+/// Before: one peer opening as many flows as the table held refused every new flow on the
+/// node, from every peer, for as long as it kept them open.
+#[test]
+fn a_peer_flooding_new_flows_does_not_keep_another_peer_out() {
+    if !netns_ok() {
+        return;
+    }
+    const CAPACITY: u64 = 400;
+    let capacity = CAPACITY.to_string();
+    let mut o = Overlay::start_with(
+        POLICY,
+        &["client", "server", "attacker"],
+        &["--flow-capacity", &capacity],
+    );
+    o.listen("server", 5432);
+    o.listen("server", 22);
+    assert!(o.connect_eventually("attacker", "server", 5432));
+    let probe = bin("bh-probe").display().to_string();
+    let server = o.addr("server").to_string();
+    let count = (5 * CAPACITY).to_string();
+    let flood = o.lab.exec(
+        "attacker",
+        &[&probe, "flood", &server, &count, "10", "2000"],
+    );
+    let said = String::from_utf8_lossy(&flood.stdout);
+    assert!(said.contains(&format!("{count} sent")), "{said}");
+
+    assert!(
+        o.connect_eventually("client", "server", 5432),
+        "the client's new connection gets in:\n{}",
+        o.lab.log("server", "bulkheadd")
+    );
+    assert!(!o.connect("attacker", "server", 22), "no rule for tcp/22");
+    assert!(!o.connect("client", "server", 22), "no rule for tcp/22");
+    assert_eq!(
+        o.lab
+            .wait("server", "bulkheadd", Duration::from_millis(100)),
+        None
+    );
 }

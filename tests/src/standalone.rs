@@ -21,6 +21,7 @@ pub struct Overlay {
     /// Each daemon's public key, by identity.
     pub keys: BTreeMap<String, PublicKey>,
     addresses: BTreeMap<String, String>,
+    daemon_args: Vec<String>,
 }
 
 pub(crate) fn now() -> i64 {
@@ -67,6 +68,11 @@ pub fn configs(
 
 impl Overlay {
     pub fn start(policy: &str, names: &[&str]) -> Overlay {
+        Overlay::start_with(policy, names, &[])
+    }
+
+    /// Like [`Overlay::start`], with more arguments for every `bulkheadd run`.
+    pub fn start_with(policy: &str, names: &[&str], daemon_args: &[&str]) -> Overlay {
         let lab = Lab::new(names);
         let mut keys = BTreeMap::new();
         for h in &lab.hosts {
@@ -85,6 +91,7 @@ impl Overlay {
             lab,
             keys,
             addresses: BTreeMap::new(),
+            daemon_args: daemon_args.iter().map(|a| a.to_string()).collect(),
         };
         let cfgs = configs(policy, &o.lab, &o.keys);
         for (name, cfg) in cfgs.iter().filter(|(n, _)| names.contains(&n.as_str())) {
@@ -111,22 +118,20 @@ impl Overlay {
             h.interface.clone(),
         );
         let bulkheadd = bin("bulkheadd").display().to_string();
-        self.lab.spawn(
-            name,
-            "bulkheadd",
-            &[
-                &bulkheadd,
-                "run",
-                "--state",
-                &state,
-                "--interface",
-                &iface,
-                "--listen-port",
-                "51820",
-                "--allowlist",
-                &cfg,
-            ],
-        );
+        let mut args = vec![
+            bulkheadd.as_str(),
+            "run",
+            "--state",
+            &state,
+            "--interface",
+            &iface,
+            "--listen-port",
+            "51820",
+            "--allowlist",
+            &cfg,
+        ];
+        args.extend(self.daemon_args.iter().map(String::as_str));
+        self.lab.spawn(name, "bulkheadd", &args);
         let up = Lab::until(Duration::from_secs(10), || {
             run("bulkheadd", &["status", "--interface", &iface]).code == Some(0)
         });

@@ -2,8 +2,11 @@
 //! the first packet of a connection meets the rules.
 //!
 //! Flows are keyed from the node's own point of view (protocol, peer address, local port, peer
-//! port), so a packet and its reply find the same flow. The table is bounded: when it is full,
-//! expired flows are swept, and if none are, the new flow is refused, never an old one evicted.
+//! port), so a packet and its reply find the same flow. A TCP flow is established only once its
+//! handshake completes (SYN, SYN-ACK, ACK); until then it is half-open and lives seconds. The
+//! table is bounded, and each peer may hold only its share of it (`share.rs`): a new flow that
+//! finds no room evicts the oldest half-open flow, never an established one, and is refused if
+//! there is none.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 use bulkhead_allowlist::proto;
 
 use crate::packet::{Ipv4, tcp};
+use crate::share::{FlowShare, Shares};
 
 /// Who opened a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,12 +69,14 @@ impl FlowKey {
     }
 }
 
-/// Where a TCP flow is in its life, which decides its timeout.
+/// Where a flow is in its life, which decides its timeout and whether it may be evicted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Opened; no packet seen from the answering side yet.
     Opening,
-    /// Both sides have spoken.
+    /// TCP: the SYN was answered with a SYN-ACK; the initiator's ACK has not come.
+    SynAcked,
+    /// TCP: the handshake completed. Others: both sides have spoken.
     Established,
     /// A FIN or RST was seen.
     Closing,
@@ -85,13 +91,24 @@ pub struct Flow {
     pub rule: String,
     stage: Stage,
     last_seen: Instant,
+    /// Which opening of this key it is, to tell it from a later flow under the same key.
+    serial: u64,
+}
+
+impl Flow {
+    /// Opened, but not answered (TCP: the handshake is not complete).
+    pub fn half_open(&self) -> bool {
+        matches!(self.stage, Stage::Opening | Stage::SynAcked)
+    }
 }
 
 /// How long an idle flow is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// A flow opened but never answered.
+    /// A UDP or ICMP flow opened but never answered.
     pub opening: Duration,
+    /// A TCP flow whose handshake has not completed.
+    pub tcp_half_open: Duration,
     /// A TCP connection both sides have spoken on.
     pub tcp_established: Duration,
     /// A TCP connection after FIN or RST.
@@ -106,6 +123,9 @@ impl Default for Timeouts {
     fn default() -> Timeouts {
         Timeouts {
             opening: Duration::from_secs(30),
+            // SYNs are sent again after 1, 3, 7… s; one that comes after the flow went opens
+            // it again, so a short timeout costs a legitimate connection nothing.
+            tcp_half_open: Duration::from_secs(5),
             tcp_established: Duration::from_secs(2 * 3600),
             tcp_closing: Duration::from_secs(10),
             udp: Duration::from_secs(180),
@@ -120,6 +140,11 @@ pub struct Conntrack {
     flows: HashMap<FlowKey, Flow, ahash::RandomState>,
     capacity: usize,
     timeouts: Timeouts,
+    shares: Shares,
+    serial: u64,
+    /// When a full table last swept out expired flows: at most once a second, since a sweep
+    /// walks the whole table.
+    swept: Option<Instant>,
 }
 
 /// What tracking made of a packet.
@@ -135,12 +160,27 @@ pub enum Tracked {
 
 fn timeout(t: &Timeouts, key: &FlowKey, f: &Flow) -> Duration {
     match (key.proto, f.stage) {
-        (_, Stage::Opening) => t.opening,
+        (proto::TCP, Stage::Opening | Stage::SynAcked) => t.tcp_half_open,
+        (_, Stage::Opening | Stage::SynAcked) => t.opening,
         (proto::TCP, Stage::Closing) => t.tcp_closing,
         (proto::TCP, _) => t.tcp_established,
         (proto::ICMP, _) => t.icmp,
         _ => t.udp,
     }
+}
+
+/// Least time between two sweeps of a full table.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// Whether the flow under `key` is still the half-open one opened under `serial`.
+fn is_half_open(
+    flows: &HashMap<FlowKey, Flow, ahash::RandomState>,
+    key: &FlowKey,
+    serial: u64,
+) -> bool {
+    flows
+        .get(key)
+        .is_some_and(|f| f.serial == serial && f.half_open())
 }
 
 /// Whether a packet can be the first of a flow.
@@ -153,13 +193,21 @@ pub fn can_open(p: &Ipv4) -> bool {
 }
 
 impl Conntrack {
-    /// A table holding at most `capacity` flows.
-    pub fn new(capacity: usize, timeouts: Timeouts) -> Conntrack {
+    /// A table holding at most `capacity` flows, at most `per_peer` of them with any one peer.
+    pub fn new(capacity: usize, per_peer: usize, timeouts: Timeouts) -> Conntrack {
         Conntrack {
             flows: HashMap::default(),
             capacity,
             timeouts,
+            shares: Shares::new(per_peer),
+            serial: 0,
+            swept: None,
         }
+    }
+
+    /// The flows of the peer at `addr`, and what the table refused and evicted of them.
+    pub fn share(&self, addr: Ipv4Addr) -> FlowShare {
+        self.shares.of(addr)
     }
 
     /// Number of flows.
@@ -188,27 +236,40 @@ impl Conntrack {
         };
         if now.saturating_duration_since(f.last_seen) > timeout(&self.timeouts, &key, f) {
             self.flows.remove(&key);
+            self.shares.removed(key.peer);
             return fresh();
         }
         f.last_seen = now;
-        if from != f.initiator && f.stage == Stage::Opening {
+        let answer = from != f.initiator;
+        if key.proto == proto::TCP {
+            let flags = p.tcp_flags & (tcp::SYN | tcp::ACK | tcp::FIN | tcp::RST);
+            f.stage = match (f.stage, answer, flags) {
+                (_, _, f) if f & (tcp::FIN | tcp::RST) != 0 => Stage::Closing,
+                (Stage::Opening, true, f) if f == tcp::SYN | tcp::ACK => Stage::SynAcked,
+                // The initiator's ACK of the SYN-ACK completes the handshake.
+                (Stage::SynAcked, false, tcp::ACK) => Stage::Established,
+                (stage, _, _) => stage,
+            };
+        } else if answer && f.stage == Stage::Opening {
             f.stage = Stage::Established;
-        }
-        if key.proto == proto::TCP && p.tcp_flags & (tcp::FIN | tcp::RST) != 0 {
-            f.stage = Stage::Closing;
         }
         Tracked::Known(f.initiator)
     }
 
-    /// Records a new flow. Fails, leaving the table as it was, when it is full even after expired
-    /// flows are swept.
+    /// Records a new flow, half-open. When the peer's share or the table is full, the oldest
+    /// half-open flow makes room: the peer's own if its share is full, else the largest
+    /// peer's; a full table also sweeps out expired flows (at most once a second). Fails,
+    /// counting `flow_table_full` against the peer, when there is still no room; the table
+    /// is then as it was.
     pub fn open(&mut self, key: FlowKey, initiator: Initiator, rule: &str, now: Instant) -> bool {
-        if self.flows.len() >= self.capacity {
-            self.expire(now);
-            if self.flows.len() >= self.capacity {
-                return false;
-            }
+        if self.flows.contains_key(&key) {
+            self.remove(&key);
         }
+        if !self.make_room(key.peer, now) {
+            self.shares.refused(key.peer);
+            return false;
+        }
+        self.serial += 1;
         self.flows.insert(
             key,
             Flow {
@@ -216,17 +277,77 @@ impl Conntrack {
                 rule: rule.to_string(),
                 stage: Stage::Opening,
                 last_seen: now,
+                serial: self.serial,
             },
         );
+        let flows = &self.flows;
+        self.shares
+            .opened(key, self.serial, |k, s| is_half_open(flows, k, s));
         true
+    }
+
+    /// Makes room for one more flow of the peer at `peer`, if it can: in its share, then in
+    /// the table.
+    fn make_room(&mut self, peer: Ipv4Addr, now: Instant) -> bool {
+        if self.shares.full(peer) && !self.evict_from(peer) {
+            self.sweep(now);
+            if self.shares.full(peer) {
+                return false;
+            }
+        }
+        if self.flows.len() >= self.capacity {
+            let evicted = self.shares.largest().is_some_and(|v| self.evict_from(v));
+            if !evicted {
+                self.sweep(now);
+            }
+        }
+        self.flows.len() < self.capacity
+    }
+
+    /// Sweeps out expired flows, unless that was done less than a second ago.
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .swept
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP)
+        {
+            self.swept = Some(now);
+            self.expire(now);
+        }
+    }
+
+    /// Evicts the oldest half-open flow of the peer at `addr`, if it has one.
+    fn evict_from(&mut self, addr: Ipv4Addr) -> bool {
+        let flows = &self.flows;
+        match self
+            .shares
+            .oldest_half_open(addr, |k, s| is_half_open(flows, k, s))
+        {
+            Some(key) => {
+                self.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&mut self, key: &FlowKey) {
+        if self.flows.remove(key).is_some() {
+            self.shares.removed(key.peer);
+        }
     }
 
     /// Drops idle flows. Returns how many.
     pub fn expire(&mut self, now: Instant) -> usize {
         let before = self.flows.len();
-        let t = self.timeouts;
-        self.flows
-            .retain(|k, f| now.saturating_duration_since(f.last_seen) <= timeout(&t, k, f));
+        let (t, shares) = (self.timeouts, &mut self.shares);
+        self.flows.retain(|k, f| {
+            let live = now.saturating_duration_since(f.last_seen) <= timeout(&t, k, f);
+            if !live {
+                shares.removed(k.peer);
+            }
+            live
+        });
+        shares.forget_idle();
         before - self.flows.len()
     }
 
@@ -234,12 +355,16 @@ impl Conntrack {
     /// how many were cut.
     pub fn retain(&mut self, mut still: impl FnMut(&FlowKey, &Flow) -> Option<String>) -> usize {
         let before = self.flows.len();
+        let shares = &mut self.shares;
         self.flows.retain(|k, f| match still(k, f) {
             Some(rule) => {
                 f.rule = rule;
                 true
             }
-            None => false,
+            None => {
+                shares.removed(k.peer);
+                false
+            }
         });
         before - self.flows.len()
     }
@@ -267,7 +392,7 @@ mod tests {
 
     #[test]
     fn a_reply_finds_the_flow_of_its_request() {
-        let mut ct = Conntrack::new(10, Timeouts::default());
+        let mut ct = Conntrack::new(10, 10, Timeouts::default());
         let t0 = Instant::now();
         let syn = v4(build::tcp(A, B, 40000, 22, tcp::SYN));
         assert_eq!(
@@ -286,7 +411,7 @@ mod tests {
 
     #[test]
     fn only_a_syn_or_echo_request_opens_a_flow() {
-        let mut ct = Conntrack::new(10, Timeouts::default());
+        let mut ct = Conntrack::new(10, 10, Timeouts::default());
         let t0 = Instant::now();
         for (pkt, opens) in [
             (build::tcp(A, B, 1, 22, tcp::SYN), true),
@@ -314,29 +439,30 @@ mod tests {
     #[test]
     fn idle_flows_expire_by_stage() {
         let t = Timeouts::default();
-        let mut ct = Conntrack::new(10, t);
+        let mut ct = Conntrack::new(10, 10, t);
         let t0 = Instant::now();
         let syn = v4(build::tcp(A, B, 1, 22, tcp::SYN));
         let k = FlowKey::egress(&syn);
         ct.open(k, Initiator::Local, "r", t0);
-        // Unanswered: gone after the opening timeout.
+        // Unanswered: gone after the half-open timeout.
         let ack = v4(build::tcp(A, B, 1, 22, tcp::ACK));
         assert_eq!(
             ct.track(
                 k,
                 &ack,
                 Initiator::Local,
-                t0 + t.opening + Duration::from_secs(1)
+                t0 + t.tcp_half_open + Duration::from_secs(1)
             ),
             Tracked::CannotOpen
         );
-        // Answered: lives for the established timeout.
+        // Answered, and the handshake completed: lives for the established timeout.
         ct.open(k, Initiator::Local, "r", t0);
         let back = v4(build::tcp(B, A, 22, 1, tcp::SYN | tcp::ACK));
         assert_eq!(
             ct.track(k, &back, Initiator::Peer, t0),
             Tracked::Known(Initiator::Local)
         );
+        ct.track(k, &ack, Initiator::Local, t0);
         let later = t0 + Duration::from_secs(3600);
         assert_eq!(
             ct.track(k, &ack, Initiator::Local, later),
@@ -351,7 +477,7 @@ mod tests {
     #[test]
     fn a_full_table_refuses_new_flows_but_sweeps_expired_ones_first() {
         let t = Timeouts::default();
-        let mut ct = Conntrack::new(2, t);
+        let mut ct = Conntrack::new(2, 2, t);
         let t0 = Instant::now();
         let key = |port| FlowKey {
             proto: proto::UDP,
@@ -361,20 +487,26 @@ mod tests {
         };
         assert!(ct.open(key(1), Initiator::Local, "r", t0));
         assert!(ct.open(key(2), Initiator::Local, "r", t0));
+        // Both answered: neither may be evicted.
+        for port in [1, 2] {
+            let reply = v4(build::udp(B, A, 53, port, b""));
+            ct.track(key(port), &reply, Initiator::Peer, t0);
+        }
         assert!(!ct.open(key(3), Initiator::Local, "r", t0));
+        assert_eq!(ct.share(B).refused, 1);
         assert_eq!(ct.len(), 2);
         assert!(ct.open(
             key(3),
             Initiator::Local,
             "r",
-            t0 + t.opening + Duration::from_secs(1)
+            t0 + t.udp + Duration::from_secs(1)
         ));
         assert_eq!(ct.len(), 1);
     }
 
     #[test]
     fn retain_cuts_and_relabels() {
-        let mut ct = Conntrack::new(10, Timeouts::default());
+        let mut ct = Conntrack::new(10, 10, Timeouts::default());
         let t0 = Instant::now();
         for port in [1, 2, 3] {
             let k = FlowKey {
@@ -388,5 +520,122 @@ mod tests {
         let cut = ct.retain(|k, _| (k.local_port != 2).then(|| "new".to_string()));
         assert_eq!(cut, 1);
         assert!(ct.iter().all(|(_, f)| f.rule == "new"));
+    }
+
+    const C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+
+    fn syn(peer: Ipv4Addr, port: u16) -> (FlowKey, Ipv4) {
+        let p = v4(build::tcp(peer, A, port, 5432, tcp::SYN));
+        (FlowKey::ingress(&p), p)
+    }
+
+    /// Opens the flow of a peer's SYN as the filter would.
+    fn peer_syn(ct: &mut Conntrack, peer: Ipv4Addr, port: u16, now: Instant) -> bool {
+        let (k, p) = syn(peer, port);
+        assert_eq!(ct.track(k, &p, Initiator::Peer, now), Tracked::New);
+        ct.open(k, Initiator::Peer, "r", now)
+    }
+
+    /// The attack: a SYN answered with a SYN-ACK used to make a flow established for two
+    /// hours, so a peer that never completed a handshake filled the table for that long.
+    #[test]
+    fn a_syn_answered_but_never_acknowledged_stays_half_open_and_expires_in_seconds() {
+        let t = Timeouts::default();
+        let mut ct = Conntrack::new(10, 10, t);
+        let t0 = Instant::now();
+        assert!(peer_syn(&mut ct, B, 1000, t0));
+        let (k, _) = syn(B, 1000);
+        let synack = v4(build::tcp(A, B, 5432, 1000, tcp::SYN | tcp::ACK));
+        assert_eq!(
+            ct.track(k, &synack, Initiator::Local, t0),
+            Tracked::Known(Initiator::Peer)
+        );
+        assert!(ct.iter().all(|(_, f)| f.half_open()));
+        assert!(t.tcp_half_open <= Duration::from_secs(10));
+        assert_eq!(ct.expire(t0 + t.tcp_half_open + Duration::from_secs(1)), 1);
+
+        // The same, acknowledged: established, and kept.
+        assert!(peer_syn(&mut ct, B, 1001, t0));
+        let (k, _) = syn(B, 1001);
+        let synack = v4(build::tcp(A, B, 5432, 1001, tcp::SYN | tcp::ACK));
+        let ack = v4(build::tcp(B, A, 1001, 5432, tcp::ACK));
+        ct.track(k, &synack, Initiator::Local, t0);
+        // An ACK from the side that sent the SYN-ACK does not complete it.
+        ct.track(k, &ack, Initiator::Local, t0);
+        assert!(ct.iter().all(|(_, f)| f.half_open()));
+        ct.track(k, &ack, Initiator::Peer, t0);
+        assert!(ct.iter().all(|(_, f)| !f.half_open()));
+        assert_eq!(ct.expire(t0 + Duration::from_secs(60)), 0);
+    }
+
+    /// The attack: one peer opening as many flows as the table holds refused every new flow
+    /// on the node, from every peer and from local processes.
+    #[test]
+    fn one_peer_cannot_take_more_than_its_share() {
+        let mut ct = Conntrack::new(8, 4, Timeouts::default());
+        let t0 = Instant::now();
+        // B floods: it keeps its four newest flows, evicting its own oldest half-open ones.
+        for port in 0..100 {
+            assert!(peer_syn(&mut ct, B, 1000 + port, t0));
+        }
+        assert_eq!(ct.share(B).tracked, 4);
+        assert_eq!(ct.share(B).evicted, 96);
+        assert!(ct.iter().all(|(k, _)| k.peer_port >= 1096));
+        // C, and this node's own connections to C, still get in.
+        assert!(peer_syn(&mut ct, C, 1000, t0));
+        let out = v4(build::tcp(A, C, 40000, 22, tcp::SYN));
+        assert!(ct.open(FlowKey::egress(&out), Initiator::Local, "r", t0));
+        assert_eq!(ct.share(C).tracked, 2);
+        assert_eq!(ct.share(C).refused + ct.share(B).refused, 0);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_half_open_flow_of_the_largest_peer() {
+        let mut ct = Conntrack::new(4, 3, Timeouts::default());
+        let t0 = Instant::now();
+        for port in 0..3 {
+            assert!(peer_syn(&mut ct, B, 1000 + port, t0));
+        }
+        assert!(peer_syn(&mut ct, C, 1000, t0));
+        // Full: C's next flow evicts B's oldest, not C's own.
+        assert!(peer_syn(&mut ct, C, 1001, t0));
+        assert_eq!((ct.share(B).tracked, ct.share(B).evicted), (2, 1));
+        assert!(!ct.iter().any(|(k, _)| k.peer == B && k.peer_port == 1000));
+        assert_eq!(ct.share(C).tracked, 2);
+    }
+
+    #[test]
+    fn established_flows_are_never_evicted_and_a_refusal_is_counted_against_the_peer() {
+        let mut ct = Conntrack::new(2, 2, Timeouts::default());
+        let t0 = Instant::now();
+        for port in [1000, 1001] {
+            assert!(peer_syn(&mut ct, B, port, t0));
+            let (k, _) = syn(B, port);
+            let synack = v4(build::tcp(A, B, 5432, port, tcp::SYN | tcp::ACK));
+            let ack = v4(build::tcp(B, A, port, 5432, tcp::ACK));
+            ct.track(k, &synack, Initiator::Local, t0);
+            ct.track(k, &ack, Initiator::Peer, t0);
+        }
+        assert!(!peer_syn(&mut ct, C, 1000, t0));
+        assert_eq!(ct.share(C).refused, 1);
+        assert_eq!(ct.share(B).tracked, 2);
+        assert_eq!(ct.share(B).evicted, 0);
+    }
+
+    #[test]
+    fn the_eviction_queues_stay_bounded_when_flows_complete() {
+        let mut ct = Conntrack::new(100, 100, Timeouts::default());
+        let t0 = Instant::now();
+        for port in 0..10_000u16 {
+            let p = v4(build::udp(A, B, port, 53, b""));
+            let k = FlowKey::egress(&p);
+            assert!(ct.open(k, Initiator::Local, "r", t0));
+            let reply = v4(build::udp(B, A, 53, port, b""));
+            ct.track(k, &reply, Initiator::Peer, t0);
+            ct.retain(|k, _| (k.local_port == port).then(|| "r".to_string()));
+        }
+        // A few, not one per flow ever opened.
+        let queued: usize = ct.shares.queued(B);
+        assert!(queued <= 2 * (ct.len() + 1) + 16, "{queued}");
     }
 }

@@ -10,7 +10,11 @@ use bulkhead_allowlist::{Allowlist, Decision, UnixTime};
 use crate::conntrack::{Conntrack, Flow, FlowKey, Initiator, Timeouts, Tracked};
 use crate::node::Now;
 use crate::packet::Ipv4;
+use crate::share::FlowShare;
 use crate::sink::DropReason;
+
+/// Into how many shares the flow table is cut: the most one peer may hold is one of them.
+pub(crate) const PEER_SHARES: usize = 4;
 
 /// The allowlist in force, the flow table, and what they decided.
 pub(crate) struct Filter {
@@ -59,11 +63,16 @@ pub(crate) enum Admitted<'a> {
 }
 
 impl Filter {
-    /// Nothing passes until an allowlist is set.
+    /// Nothing passes until an allowlist is set. Each peer may hold a quarter of the
+    /// `flow_capacity` flows (rounded up), so it takes at least four peers to fill the table.
     pub(crate) fn new(flow_capacity: usize) -> Filter {
         Filter {
             allowlist: None,
-            conntrack: Conntrack::new(flow_capacity, Timeouts::default()),
+            conntrack: Conntrack::new(
+                flow_capacity,
+                flow_capacity.div_ceil(PEER_SHARES),
+                Timeouts::default(),
+            ),
             next_boundary: None,
             denied: Vec::new(),
             denied_before: BTreeMap::new(),
@@ -98,6 +107,11 @@ impl Filter {
 
     pub(crate) fn flows(&self) -> impl Iterator<Item = (&FlowKey, &Flow)> {
         self.conntrack.iter()
+    }
+
+    /// The flows of the peer at `addr`, and what the table refused and evicted of them.
+    pub(crate) fn share(&self, addr: Ipv4Addr) -> FlowShare {
+        self.conntrack.share(addr)
     }
 
     /// Decides whether `p` may pass between this node and a peer governed by `tables`, and

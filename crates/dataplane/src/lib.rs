@@ -24,12 +24,14 @@ mod filter;
 mod node;
 pub mod packet;
 mod peers;
+mod share;
 mod sink;
 mod tunnel;
 
 pub use conntrack::{FlowKey, Initiator};
 pub use node::{ApplyReport, Config, Node, Now, PeerConfig};
 pub use peers::{PeerId, PeerStatus, Traffic};
+pub use share::FlowShare;
 pub use sink::{Counters, Direction, DropReason, Event, Sink};
 
 /// Whether this build skips the filter (the `unfiltered` benchmark feature).

@@ -165,6 +165,7 @@ impl Node {
                     sent: p.sent,
                     received: p.received,
                     handshakes: p.tunnel.handshakes(),
+                    flows: self.filter.share(p.address),
                 }
             })
             .collect()

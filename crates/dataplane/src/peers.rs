@@ -10,6 +10,7 @@ use bulkhead_allowlist::Allowlist;
 
 use crate::filter::Tables;
 use crate::node::PeerConfig;
+use crate::share::FlowShare;
 use crate::tunnel::{Tunnel, WireGuard};
 
 /// A peer's identity within one node. It is given when the peer first gets a tunnel and kept
@@ -46,6 +47,8 @@ pub struct PeerStatus {
     /// Handshakes with this peer: its initiations this node answered, and its responses that
     /// completed this node's initiations (an initiation it sends again counts again).
     pub handshakes: u64,
+    /// Its flows in the flow table, and how many the table refused or evicted.
+    pub flows: FlowShare,
 }
 
 /// Packets and their bytes (whole IP packets, before encryption or after decryption).
