@@ -24,6 +24,7 @@ mod filter;
 mod node;
 pub mod packet;
 mod peers;
+mod ratelimit;
 mod share;
 mod sink;
 mod tunnel;

@@ -299,10 +299,11 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) -> Result<(), Dropped> {
-        let (sent_by, handshake) = match self.wg.screen(from, datagram, sink) {
+        let (sent_by, kind) = match self.wg.screen(from, datagram, now.instant, sink) {
             Screened::Answered => return Ok(()),
             Screened::Invalid => return Err(Dropped::from(DropReason::Tunnel)),
-            Screened::Message { sent_by, handshake } => (sent_by, handshake),
+            Screened::Limited => return Err(Dropped::from(DropReason::HandshakeRateLimited)),
+            Screened::Message { sent_by, kind } => (sent_by, kind),
         };
         let peers = &mut self.peers;
         let id = match sent_by {
@@ -314,10 +315,7 @@ impl Node {
         let peer = peer.ok_or(Dropped::from(DropReason::UnknownPeer))?;
         // Decrypted in place, and filtered where it lies.
         let buf = &mut self.buf;
-        let (len, src) = match peer
-            .tunnel
-            .decapsulate(from, datagram, handshake, buf, sink)
-        {
+        let (len, src) = match peer.tunnel.decapsulate(from, datagram, kind, buf, sink) {
             Decapsulated::Nothing => return Ok(()),
             Decapsulated::V4 { len, src } => (len, src),
             Decapsulated::V6 { len } => {

@@ -40,6 +40,8 @@ pub enum DropReason {
     Tunnel,
     /// A WireGuard datagram from a key that is not a peer.
     UnknownPeer,
+    /// A handshake under load from a source address that has had its share this second.
+    HandshakeRateLimited,
 }
 
 impl DropReason {
@@ -60,6 +62,7 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::Tunnel => "tunnel",
             DropReason::UnknownPeer => "unknown_peer",
+            DropReason::HandshakeRateLimited => "handshake_rate_limited",
         }
     }
 }

@@ -1,7 +1,15 @@
 //! WireGuard, through boringtun: the node's own side ([`WireGuard`]: its static key, and the
-//! handshake rate limiter every tunnel shares) and one session per peer ([`Tunnel`]: handshakes,
-//! encryption and decryption, timers). No filtering happens here; the node filters the packets
-//! before they go in and after they come out.
+//! handshake rate limiting) and one session per peer ([`Tunnel`]: handshakes, encryption and
+//! decryption, timers). No filtering happens here; the node filters the packets before they go
+//! in and after they come out.
+//!
+//! Every datagram meets the node's rate limiter once, in [`WireGuard::screen`]: past
+//! [`HANDSHAKE_RATE_LIMIT`] handshake messages a second (under load) a handshake needs a cookie
+//! (mac2) or is answered with one, and one with a valid cookie is then limited per source
+//! address (`ratelimit.rs`). The tunnels' own boringtun limiter checks mac1 only and never
+//! limits, so no message is charged twice. A peer's endpoint moves only to the address of a
+//! message that authenticated as that peer: a handshake boringtun completed, or data it
+//! decrypted; never a cookie reply, which anyone who knows a public key can make.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,12 +18,17 @@ use std::time::{Duration, Instant};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet as WgPacket, Tunn, TunnResult};
+
+use crate::ratelimit::Sources;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::Sink;
 
 /// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// The message type of a cookie reply: what a rate limiter answers instead of a handshake.
+const COOKIE_REPLY: u8 = 3;
 
 /// Tunnel indexes fill the upper 24 bits of WireGuard receiver indexes; boringtun keeps the
 /// lower 8 for its sessions.
@@ -25,8 +38,33 @@ const TUNNEL_INDEX_BITS: u32 = 0x00ff_ffff;
 pub(crate) struct WireGuard {
     secret: StaticSecret,
     public: PublicKey,
+    /// The node's limiter: cookies under load.
     rate_limiter: Arc<RateLimiter>,
+    /// The tunnels' limiter: checks mac1, never limits (the node's has screened the datagram).
+    unlimited: Arc<RateLimiter>,
+    /// Handshake messages with a valid mac1 this second, as the node's limiter counts them.
+    handshakes: u64,
+    sources: Sources,
     last_rate_reset: Option<Instant>,
+}
+
+/// What kind of WireGuard message a datagram is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A handshake initiation.
+    Init,
+    /// A handshake response.
+    Response,
+    /// A cookie reply: proves nothing about who sent it.
+    CookieReply,
+    /// Transport data (or a keepalive).
+    Data,
+}
+
+impl Kind {
+    fn handshake(self) -> bool {
+        matches!(self, Kind::Init | Kind::Response)
+    }
 }
 
 /// Which tunnel a datagram that passed the rate limiter belongs to, as far as it says.
@@ -45,12 +83,14 @@ pub(crate) enum Screened {
     Answered,
     /// Not WireGuard, or not valid.
     Invalid,
+    /// A handshake, under load, from a source that has had its share this second.
+    Limited,
     /// A message for one of the tunnels.
     Message {
         /// Whose.
         sent_by: SentBy,
-        /// A handshake initiation or response.
-        handshake: bool,
+        /// What it is.
+        kind: Kind,
     },
 }
 
@@ -60,6 +100,9 @@ impl WireGuard {
         let public = PublicKey::from(&secret);
         WireGuard {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            handshakes: 0,
+            sources: Sources::default(),
             secret,
             public,
             last_rate_reset: None,
@@ -70,12 +113,14 @@ impl WireGuard {
         self.public.to_bytes()
     }
 
-    /// Passes a datagram through the rate limiter, which answers it with a cookie under load,
-    /// and says which tunnel it is for.
+    /// Passes a datagram through the rate limiters: under load, a handshake without a valid
+    /// cookie is answered with one, and one with a cookie is limited per source address. Says
+    /// which tunnel the datagram is for.
     pub(crate) fn screen(
-        &self,
+        &mut self,
         from: SocketAddr,
         datagram: &[u8],
+        now: Instant,
         sink: &mut impl Sink,
     ) -> Screened {
         let mut cookie = [0u8; 64];
@@ -90,10 +135,20 @@ impl WireGuard {
             }
             Err(_) => return Screened::Invalid,
         };
-        let handshake = matches!(
-            packet,
-            WgPacket::HandshakeInit(_) | WgPacket::HandshakeResponse(_)
-        );
+        let kind = match packet {
+            WgPacket::HandshakeInit(_) => Kind::Init,
+            WgPacket::HandshakeResponse(_) => Kind::Response,
+            WgPacket::PacketCookieReply(_) => Kind::CookieReply,
+            WgPacket::PacketData(_) => Kind::Data,
+        };
+        if kind.handshake() {
+            // Counted as the limiter counted it: past the limit, it has checked the cookie,
+            // so the source address is the sender's own.
+            self.handshakes += 1;
+            if self.handshakes > HANDSHAKE_RATE_LIMIT && !self.sources.allow(from.ip(), now) {
+                return Screened::Limited;
+            }
+        }
         let sent_by = match packet {
             WgPacket::HandshakeInit(ref init) => {
                 match parse_handshake_anon(&self.secret, &self.public, init) {
@@ -105,16 +160,18 @@ impl WireGuard {
             WgPacket::PacketCookieReply(c) => SentBy::Tunnel(c.receiver_idx >> 8),
             WgPacket::PacketData(d) => SentBy::Tunnel(d.receiver_idx >> 8),
         };
-        Screened::Message { sent_by, handshake }
+        Screened::Message { sent_by, kind }
     }
 
-    /// Lets the rate limiter count afresh once a second.
+    /// Lets the rate limiter count afresh once a second, and forgets idle sources.
     pub(crate) fn tick(&mut self, now: Instant) {
         if self
             .last_rate_reset
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
         {
             self.rate_limiter.reset_count();
+            self.handshakes = 0;
+            self.sources.forget_idle(now);
             self.last_rate_reset = Some(now);
         }
     }
@@ -182,7 +239,7 @@ impl Tunnel {
                 None,
                 keepalive,
                 index,
-                Some(wg.rate_limiter.clone()),
+                Some(wg.unlimited.clone()),
             ),
             index,
             endpoint,
@@ -233,24 +290,33 @@ impl Tunnel {
         }
     }
 
-    /// Decrypts a datagram from `from` into `buf`. A valid message makes `from` the endpoint.
+    /// Decrypts a datagram of `kind` from `from` into `buf`. A message that authenticates as
+    /// the peer (a handshake boringtun completed, data it decrypted) makes `from` the
+    /// endpoint; nothing else moves it.
     pub(crate) fn decapsulate(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        handshake: bool,
+        kind: Kind,
         buf: &mut [u8],
         sink: &mut impl Sink,
     ) -> Decapsulated {
         let ip: IpAddr = from.ip();
         match self.tunn.decapsulate(Some(ip), datagram, buf) {
             TunnResult::WriteToNetwork(out) => {
-                self.endpoint = Some(from);
-                self.handshakes += u64::from(handshake);
+                // A cookie reply answers a message that was not checked: it proves nothing.
+                // (The tunnel's limiter never limits; this is the second lock.)
+                let completed = kind.handshake() && out.first() != Some(&COOKIE_REPLY);
                 sink.to_network(from, out);
-                // A completed handshake releases packets queued while it was under way.
-                while let TunnResult::WriteToNetwork(out) = self.tunn.decapsulate(None, &[], buf) {
-                    sink.to_network(from, out);
+                if completed {
+                    self.endpoint = Some(from);
+                    self.handshakes += 1;
+                    // A completed handshake releases packets queued while it was under way.
+                    while let TunnResult::WriteToNetwork(out) =
+                        self.tunn.decapsulate(None, &[], buf)
+                    {
+                        sink.to_network(from, out);
+                    }
                 }
                 Decapsulated::Nothing
             }
@@ -262,9 +328,12 @@ impl Tunnel {
                 }
             }
             TunnResult::WriteToTunnelV6(out, _) => Decapsulated::V6 { len: out.len() },
+            // A cookie reply boringtun took (it decrypts with the peer's public key and a mac1
+            // anyone on the path saw): not the peer speaking. A keepalive or a handshake is.
+            TunnResult::Done if kind == Kind::CookieReply => Decapsulated::Nothing,
             TunnResult::Done => {
                 self.endpoint = Some(from);
-                self.handshakes += u64::from(handshake);
+                self.handshakes += u64::from(kind.handshake());
                 Decapsulated::Nothing
             }
             TunnResult::Err(_) => Decapsulated::Failed,

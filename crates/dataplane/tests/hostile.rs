@@ -5,10 +5,35 @@
 
 mod world;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use boringtun::noise::TunnResult;
+use boringtun::noise::rate_limiter::RateLimiter;
 use bulkhead_dataplane::packet::{build, tcp};
-use world::World;
+use world::{Out, World};
+
+/// Somewhere the attacker receives, which is none of the hosts.
+fn attacker() -> SocketAddr {
+    "127.0.0.2:49999".parse().unwrap()
+}
+
+/// Where `on` sends to its peer `name`.
+fn endpoint(w: &World, on: &str, name: &str) -> Option<SocketAddr> {
+    let peers = w.hosts[w.idx(on)].node.peers();
+    peers.into_iter().find(|p| p.name == name).unwrap().endpoint
+}
+
+/// The first handshake initiation `from` sends `to`, taken off the wire before delivery, as
+/// anyone on the path sees it.
+fn initiation(w: &mut World, from: &str, to: &str) -> Vec<u8> {
+    let (i, to) = (w.idx(from), w.hosts[w.idx(to)].udp);
+    let mut out = Out::default();
+    let now = w.now;
+    w.hosts[i].node.tick(now, &mut out);
+    let init = out.net.iter().find(|(dst, d)| *dst == to && d[0] == 1);
+    init.unwrap().1.clone()
+}
 
 /// ops may open anything to db; web only tcp/5432.
 const POLICY: &str = "
@@ -82,4 +107,94 @@ fn one_peer_flooding_new_flows_does_not_starve_the_others() {
         w.take_dropped("db")
     );
     assert_eq!(share(&w, "web").tracked, 1);
+}
+
+/// Before: boringtun took a cookie reply as a finished handshake and the node moved the peer's
+/// endpoint to wherever it came from. A cookie reply needs only the peer's public key and the
+/// mac1 of an initiation seen on the path, so anyone could redirect a node's traffic for a peer.
+#[test]
+fn a_cookie_reply_from_elsewhere_does_not_move_a_peer() {
+    let mut w = World::new(POLICY, &["web", "db", "ops"]);
+    let init = initiation(&mut w, "db", "web");
+    let web_key = w.hosts[w.idx("web")].key.public_key().0;
+    // What web's rate limiter would answer under load, made by the attacker.
+    let forger = RateLimiter::new(&boringtun::x25519::PublicKey::from(web_key), 0);
+    let mut buf = [0u8; 256];
+    let cookie = match forger.verify_packet(Some(attacker().ip()), &init, &mut buf) {
+        Err(TunnResult::WriteToNetwork(c)) => c.to_vec(),
+        _ => panic!("a cookie reply"),
+    };
+    let (i, web) = (w.idx("db"), w.hosts[w.idx("web")].udp);
+    let mut out = Out::default();
+    let now = w.now;
+    w.hosts[i]
+        .node
+        .handle_udp(attacker(), &cookie, now, &mut out);
+    assert_eq!(
+        endpoint(&w, "db", "web"),
+        Some(web),
+        "db still sends to web"
+    );
+    let peers = w.hosts[i].node.peers();
+    let to_web = peers.iter().find(|p| p.name == "web").unwrap();
+    assert_eq!(to_web.handshakes, 0, "no handshake");
+}
+
+/// Before: the node and every tunnel shared one rate limiter and charged it twice per
+/// message; once it was over its limit, the tunnel answered a replayed initiation with a
+/// cookie, which the node took for a completed handshake: the peer's endpoint moved to the
+/// replayer. Now a flood of replays from elsewhere leaves the tunnel as it was.
+#[test]
+fn a_flood_of_replayed_handshakes_leaves_an_established_tunnel_alone() {
+    let mut w = World::new(POLICY, &["web", "db", "ops"]);
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    let init = initiation(&mut w, "web", "db");
+    let (from, to) = (w.hosts[w.idx("web")].udp, w.hosts[w.idx("db")].udp);
+    w.wire.push((from, to, init.clone()));
+    w.run();
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::SYN));
+    assert_eq!(w.take_tun("db").len(), 1, "the tunnel is up");
+
+    // One initiation from a key of the attacker's own, which db counts once: the attacker
+    // needs only db's public key for it.
+    let db_key = w.hosts[w.idx("db")].key.public_key().0;
+    let mut stranger = boringtun::noise::Tunn::new(
+        boringtun::x25519::StaticSecret::from([7u8; 32]),
+        boringtun::x25519::PublicKey::from(db_key),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(own) = stranger.format_handshake_initiation(&mut buf, false)
+    else {
+        panic!("an initiation");
+    };
+    let i = w.idx("db");
+    let mut out = Out::default();
+    let now = w.now;
+    w.hosts[i].node.handle_udp(attacker(), own, now, &mut out);
+    for _ in 0..300 {
+        let now = w.now;
+        w.hosts[i].node.handle_udp(attacker(), &init, now, &mut out);
+    }
+    assert_eq!(
+        endpoint(&w, "db", "web"),
+        Some(from),
+        "db still sends to web"
+    );
+    let cookies = out
+        .net
+        .iter()
+        .filter(|(to, d)| *to == attacker() && d[0] == 3);
+    assert!(
+        cookies.count() >= 100,
+        "past the limit, replays get cookies"
+    );
+
+    w.send("db", &build::tcp(db, web, 5432, 40000, tcp::SYN | tcp::ACK));
+    assert_eq!(w.take_tun("web").len(), 1, "db's reply reaches web");
+    w.send("web", &build::tcp(web, db, 40000, 5432, tcp::ACK));
+    assert_eq!(w.take_tun("db").len(), 1);
 }
