@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use bulkhead_e2e::standalone::Overlay;
+use bulkhead_e2e::scrape::scrape;
+use bulkhead_e2e::standalone::{Overlay, PORT};
 use bulkhead_e2e::{bin, netns_ok};
 
 const POLICY: &str = "
@@ -127,6 +128,99 @@ fn a_peer_flooding_new_flows_does_not_keep_another_peer_out() {
     );
     assert!(!o.connect("attacker", "server", 22), "no rule for tcp/22");
     assert!(!o.connect("client", "server", 22), "no rule for tcp/22");
+    assert_eq!(
+        o.lab
+            .wait("server", "bulkheadd", Duration::from_millis(100)),
+        None
+    );
+}
+
+/// A stranger who knows the server's public key floods it with handshake initiations, at
+/// `RATE` a second for a few seconds. The
+/// established tunnel must keep passing traffic, the client's endpoint must not move, and
+/// `wg show` and `/metrics` must answer during the flood.
+#[test]
+fn a_handshake_flood_leaves_the_tunnel_uapi_and_metrics_working() {
+    if !netns_ok() {
+        return;
+    }
+    const RATE: u64 = 20_000;
+    let mut o = Overlay::start_with(
+        POLICY,
+        &["client", "server", "attacker"],
+        &["--metrics", "127.0.0.1:9190"],
+    );
+    o.listen("server", 5432);
+    assert!(o.connect_eventually("client", "server", 5432));
+    let probe = bin("bh-probe").display().to_string();
+    let server = format!("{}:{}", o.lab.host("server").underlay, PORT);
+    let key = o.keys["server"].to_base64();
+    let (server_ip, client_underlay) = (
+        o.addr("server").to_string(),
+        o.lab.host("client").underlay.clone(),
+    );
+    o.lab
+        .spawn("client", "hold", &[&probe, "hold", &server_ip, "5432", "6"]);
+    o.lab.spawn(
+        "attacker",
+        "flood",
+        &[
+            &probe,
+            "handshake-flood",
+            &server,
+            &key,
+            &(4 * RATE).to_string(),
+            "5",
+            &RATE.to_string(),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // During the flood.
+    let shown = o.wg_show("server");
+    assert!(
+        shown.contains(&format!("endpoint: {client_underlay}:{PORT}")),
+        "the client's endpoint did not move:\n{shown}"
+    );
+    let m = scrape(&o.lab, "server", "http://127.0.0.1:9190/metrics");
+    let dropped = |m: &bulkhead_e2e::scrape::Scrape, reason: &str| -> f64 {
+        m.samples
+            .iter()
+            .filter(|(n, l, _, _)| {
+                n == "bulkhead_packets_dropped_total"
+                    && l.get("reason").map(String::as_str) == Some(reason)
+            })
+            .map(|(_, _, v, _)| v)
+            .sum()
+    };
+    assert!(dropped(&m, "unknown_peer") > 0.0, "the flood is arriving");
+
+    let held = o.lab.wait("client", "hold", Duration::from_secs(15));
+    assert_eq!(
+        o.lab.wait("attacker", "flood", Duration::from_secs(10)),
+        Some(0)
+    );
+    let said = o.lab.log("attacker", "flood");
+    eprintln!("handshake flood: {}", said.trim());
+    assert_eq!(
+        held,
+        Some(0),
+        "the held connection never broke: {}",
+        o.lab.log("client", "hold")
+    );
+    let m = scrape(&o.lab, "server", "http://127.0.0.1:9190/metrics");
+    eprintln!(
+        "server: unknown_peer {} tunnel {}",
+        dropped(&m, "unknown_peer"),
+        dropped(&m, "tunnel")
+    );
+    let shown = o.wg_show("server");
+    assert!(
+        shown.contains(&format!("endpoint: {client_underlay}:{PORT}")),
+        "{shown}"
+    );
+    assert!(o.connect_eventually("client", "server", 5432));
+    assert!(!o.connect("attacker", "server", 22), "no rule for tcp/22");
     assert_eq!(
         o.lab
             .wait("server", "bulkheadd", Duration::from_millis(100)),

@@ -4,6 +4,7 @@
 //! does); a test that finds none fails with that advice rather than testing something stale.
 
 pub mod cluster;
+pub mod handshake_flood;
 pub mod scrape;
 pub mod standalone;
 pub use bulkhead_netlab as netns;

@@ -40,7 +40,8 @@ pub enum DropReason {
     Tunnel,
     /// A WireGuard datagram from a key that is not a peer.
     UnknownPeer,
-    /// A handshake under load from a source address that has had its share this second.
+    /// A handshake under load from a source address that has had its share this second, or
+    /// past the most handshake messages the node reads in a second.
     HandshakeRateLimited,
 }
 

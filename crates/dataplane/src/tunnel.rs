@@ -27,6 +27,13 @@ use crate::Sink;
 /// Handshakes per second before the node answers with cookies (WireGuard's DoS defence).
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
+/// Handshake messages a second past which the node drops them unread, without even the mac1
+/// check or a cookie: a flood at line rate must not cost more than the socket can drain, or
+/// it drowns the data packets that share the socket. Kernel WireGuard does the same when its
+/// handshake queue is full. Established sessions carry on; a handshake during such a flood
+/// waits for it to pass.
+pub(crate) const HANDSHAKE_SHED: u64 = 10 * HANDSHAKE_RATE_LIMIT;
+
 /// The message type of a cookie reply: what a rate limiter answers instead of a handshake.
 const COOKIE_REPLY: u8 = 3;
 
@@ -44,6 +51,8 @@ pub(crate) struct WireGuard {
     unlimited: Arc<RateLimiter>,
     /// Handshake messages with a valid mac1 this second, as the node's limiter counts them.
     handshakes: u64,
+    /// Datagrams that look like handshake messages this second, valid or not.
+    arrivals: u64,
     sources: Sources,
     last_rate_reset: Option<Instant>,
 }
@@ -102,6 +111,7 @@ impl WireGuard {
             rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
             handshakes: 0,
+            arrivals: 0,
             sources: Sources::default(),
             secret,
             public,
@@ -123,6 +133,12 @@ impl WireGuard {
         now: Instant,
         sink: &mut impl Sink,
     ) -> Screened {
+        if looks_like_handshake(datagram) {
+            self.arrivals += 1;
+            if self.arrivals > HANDSHAKE_SHED {
+                return Screened::Limited;
+            }
+        }
         let mut cookie = [0u8; 64];
         let packet = match self
             .rate_limiter
@@ -171,10 +187,16 @@ impl WireGuard {
         {
             self.rate_limiter.reset_count();
             self.handshakes = 0;
+            self.arrivals = 0;
             self.sources.forget_idle(now);
             self.last_rate_reset = Some(now);
         }
     }
+}
+
+/// Whether a datagram has the type and size of a handshake initiation or response.
+fn looks_like_handshake(d: &[u8]) -> bool {
+    matches!((d.len(), d.first()), (148, Some(1)) | (92, Some(2)))
 }
 
 /// One peer's WireGuard session, and where to send its datagrams.
