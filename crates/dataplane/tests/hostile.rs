@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use boringtun::noise::TunnResult;
 use boringtun::noise::rate_limiter::RateLimiter;
-use bulkhead_dataplane::packet::{build, tcp};
+use bulkhead_dataplane::packet::{build, icmp, tcp};
 use world::{Out, World};
 
 /// Somewhere the attacker receives, which is none of the hosts.
@@ -35,7 +35,7 @@ fn initiation(w: &mut World, from: &str, to: &str) -> Vec<u8> {
     init.unwrap().1.clone()
 }
 
-/// ops may open anything to db; web only tcp/5432.
+/// ops may open anything to db; web only tcp/5432 and pings.
 const POLICY: &str = "
 version: 1
 network: { cidr: 10.9.0.0/24 }
@@ -48,7 +48,7 @@ segments:
   dbs: { match: { app: db } }
   opss: { match: { app: ops } }
 rules:
-  - { name: web-db, from: [webs], to: [dbs], ports: [tcp/5432] }
+  - { name: web-db, from: [webs], to: [dbs], ports: [tcp/5432, icmp] }
   - { name: ops-any, from: [opss], to: [dbs], ports: [any] }
 ";
 
@@ -197,4 +197,24 @@ fn a_flood_of_replayed_handshakes_leaves_an_established_tunnel_alone() {
     assert_eq!(w.take_tun("web").len(), 1, "db's reply reaches web");
     w.send("web", &build::tcp(web, db, 40000, 5432, tcp::ACK));
     assert_eq!(w.take_tun("db").len(), 1);
+}
+
+/// Before: an echo flow was keyed by the identifier alone, so once web pinged db, db could
+/// ping web with the same identifier, which no rule allows, riding on web's flow.
+#[test]
+fn a_reply_flow_does_not_open_the_other_direction() {
+    let mut w = World::new(POLICY, &["web", "db", "ops"]);
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    w.send("web", &build::icmp_echo(web, db, icmp::ECHO_REQUEST, 7, 1));
+    assert_eq!(w.take_tun("db").len(), 1);
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REPLY, 7, 1));
+    assert_eq!(w.take_tun("web").len(), 1, "the reply rides on web's flow");
+
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REQUEST, 7, 2));
+    assert!(w.take_tun("web").is_empty(), "db may not ping web");
+    assert_eq!(w.take_dropped("db"), vec!["no_flow"]);
+    // web's own exchange goes on.
+    w.send("web", &build::icmp_echo(web, db, icmp::ECHO_REQUEST, 7, 3));
+    w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REPLY, 7, 3));
+    assert_eq!(w.take_tun("web").len(), 1);
 }
