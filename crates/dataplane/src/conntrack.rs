@@ -388,14 +388,14 @@ impl Conntrack {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::packet::{Packet, build, classify, icmp};
 
-    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    pub(crate) const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    pub(crate) const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
-    fn v4(b: Vec<u8>) -> Ipv4 {
+    pub(crate) fn v4(b: Vec<u8>) -> Ipv4 {
         match classify(&b) {
             Ok(Packet::V4(p)) => p,
             other => panic!("{other:?}"),
@@ -534,13 +534,13 @@ mod tests {
         assert!(ct.iter().all(|(_, f)| f.rule == "new"));
     }
 
-    fn syn(peer: Ipv4Addr, port: u16) -> (FlowKey, Ipv4) {
+    pub(crate) fn syn(peer: Ipv4Addr, port: u16) -> (FlowKey, Ipv4) {
         let p = v4(build::tcp(peer, A, port, 5432, tcp::SYN));
         (FlowKey::ingress(&p), p)
     }
 
     /// Opens the flow of a peer's SYN as the filter would.
-    fn peer_syn(ct: &mut Conntrack, peer: Ipv4Addr, port: u16, now: Instant) -> bool {
+    pub(crate) fn peer_syn(ct: &mut Conntrack, peer: Ipv4Addr, port: u16, now: Instant) -> bool {
         let (k, p) = syn(peer, port);
         assert_eq!(ct.track(k, &p, Initiator::Peer, now), Tracked::New);
         ct.open(k, Initiator::Peer, "r", now)

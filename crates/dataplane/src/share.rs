@@ -133,31 +133,11 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::conntrack::{Conntrack, Initiator, Timeouts, Tracked};
-    use crate::packet::{Ipv4, Packet, build, classify, tcp};
+    use crate::conntrack::tests::{A, B, peer_syn, syn, v4};
+    use crate::conntrack::{Conntrack, Initiator, Timeouts};
+    use crate::packet::{build, tcp};
 
-    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
     const C: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
-
-    fn v4(b: Vec<u8>) -> Ipv4 {
-        match classify(&b) {
-            Ok(Packet::V4(p)) => p,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn syn(peer: Ipv4Addr, port: u16) -> (FlowKey, Ipv4) {
-        let p = v4(build::tcp(peer, A, port, 5432, tcp::SYN));
-        (FlowKey::ingress(&p), p)
-    }
-
-    /// Opens the flow of a peer's SYN as the filter would.
-    fn peer_syn(ct: &mut Conntrack, peer: Ipv4Addr, port: u16, now: Instant) -> bool {
-        let (k, p) = syn(peer, port);
-        assert_eq!(ct.track(k, &p, Initiator::Peer, now), Tracked::New);
-        ct.open(k, Initiator::Peer, "r", now)
-    }
 
     /// The attack: one peer opening as many flows as the table holds refused every new flow
     /// on the node, from every peer and from local processes.
