@@ -161,22 +161,29 @@ impl Filter {
     }
 
     /// Checks every tracked flow against the allowlist at `now` and cuts those it no longer
-    /// allows, or whose peer `tables_of` does not know. Returns how many were cut.
+    /// allows, or whose peer `tables_of` does not know; `cut_with` hears the peer address of
+    /// each. Returns how many were cut.
     pub(crate) fn revalidate(
         &mut self,
         tables_of: impl Fn(Ipv4Addr) -> Option<Tables>,
+        mut cut_with: impl FnMut(Ipv4Addr),
         now: Now,
     ) -> usize {
         let Some(list) = &self.allowlist else {
             return 0;
         };
         let cut = self.conntrack.retain(|k, f| {
-            let tables = tables_of(k.peer)?;
             let port = k.service_port(f.initiator);
-            match decide(list, tables, f.initiator, k.proto, port, now) {
-                Decision::Allow { rule } => Some(list.rules[rule as usize].name.clone()),
-                Decision::Deny { .. } => None,
+            let rule = tables_of(k.peer).and_then(|tables| {
+                match decide(list, tables, f.initiator, k.proto, port, now) {
+                    Decision::Allow { rule } => Some(list.rules[rule as usize].name.clone()),
+                    Decision::Deny { .. } => None,
+                }
+            });
+            if rule.is_none() {
+                cut_with(k.peer);
             }
+            rule
         });
         self.next_boundary = list.next_boundary(now.unix);
         cut

@@ -215,6 +215,7 @@ impl Node {
             return 0;
         }
         let peers = &self.peers;
+        let mut cut_with = Vec::new();
         let cut = self.filter.revalidate(
             |a| {
                 peers
@@ -222,8 +223,19 @@ impl Node {
                     .and_then(|id| peers.get(id))
                     .map(|p| p.tables)
             },
+            |a| cut_with.push(a),
             now,
         );
+        // Packets waiting in a tunnel for its handshake were let through under the old rules.
+        for a in cut_with {
+            if let Some(p) = self
+                .peers
+                .by_address(a)
+                .and_then(|id| self.peers.get_mut(id))
+            {
+                p.tunnel.discard_queued(&self.wg);
+            }
+        }
         // A peer whose every rule has expired keeps no tunnel: it cannot come back without a new
         // allowlist, since rules that open later are only sent when they open.
         let filter = &self.filter;

@@ -202,6 +202,9 @@ fn looks_like_handshake(d: &[u8]) -> bool {
 /// One peer's WireGuard session, and where to send its datagrams.
 pub(crate) struct Tunnel {
     tunn: Tunn,
+    peer_key: [u8; 32],
+    /// Packets may wait in boringtun's queue for a handshake under way.
+    queued: bool,
     index: u32,
     endpoint: Option<SocketAddr>,
     /// Start a handshake at the next tick: the peer is new, or its endpoint is. A node that
@@ -255,18 +258,37 @@ impl Tunnel {
     ) -> Tunnel {
         let index = index & TUNNEL_INDEX_BITS;
         Tunnel {
-            tunn: Tunn::new(
-                wg.secret.clone(),
-                PublicKey::from(peer_key),
-                None,
-                keepalive,
-                index,
-                Some(wg.unlimited.clone()),
-            ),
+            tunn: Self::tunn(wg, peer_key, keepalive, index),
+            peer_key,
+            queued: false,
             index,
             endpoint,
             greet: true,
             handshakes: 0,
+        }
+    }
+
+    fn tunn(wg: &WireGuard, peer_key: [u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
+        Tunn::new(
+            wg.secret.clone(),
+            PublicKey::from(peer_key),
+            None,
+            keepalive,
+            index,
+            Some(wg.unlimited.clone()),
+        )
+    }
+
+    /// Throws away the packets waiting in boringtun's queue for a handshake, if any may be:
+    /// they were let through under rules that have just cut their flows. boringtun cannot
+    /// empty its queue, so the session starts afresh (there is none yet anyway while packets
+    /// wait) and greets the peer again.
+    pub(crate) fn discard_queued(&mut self, wg: &WireGuard) {
+        if self.queued {
+            let keepalive = self.tunn.persistent_keepalive();
+            self.tunn = Self::tunn(wg, self.peer_key, keepalive, self.index);
+            self.queued = false;
+            self.greet = true;
         }
     }
 
@@ -306,9 +328,16 @@ impl Tunnel {
             return Encapsulated::NoEndpoint;
         };
         match self.tunn.encapsulate(packet, buf) {
-            TunnResult::WriteToNetwork(out) => Encapsulated::Send(to, out),
+            TunnResult::WriteToNetwork(out) => {
+                // An initiation instead of the packet: boringtun queued it for the handshake.
+                self.queued |= out.first() == Some(&1);
+                Encapsulated::Send(to, out)
+            }
             TunnResult::Err(_) => Encapsulated::Failed,
-            _ => Encapsulated::Queued,
+            _ => {
+                self.queued = true;
+                Encapsulated::Queued
+            }
         }
     }
 
@@ -333,6 +362,7 @@ impl Tunnel {
                 if completed {
                     self.endpoint = Some(from);
                     self.handshakes += 1;
+                    self.queued = false;
                     // A completed handshake releases packets queued while it was under way.
                     while let TunnResult::WriteToNetwork(out) =
                         self.tunn.decapsulate(None, &[], buf)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use boringtun::noise::TunnResult;
 use boringtun::noise::rate_limiter::RateLimiter;
 use bulkhead_dataplane::packet::{build, icmp, tcp};
-use world::{Out, World};
+use world::{Out, T0, World, allowlists};
 
 /// Somewhere the attacker receives, which is none of the hosts.
 fn attacker() -> SocketAddr {
@@ -217,4 +217,37 @@ fn a_reply_flow_does_not_open_the_other_direction() {
     w.send("web", &build::icmp_echo(web, db, icmp::ECHO_REQUEST, 7, 3));
     w.send("db", &build::icmp_echo(db, web, icmp::ECHO_REPLY, 7, 3));
     assert_eq!(w.take_tun("web").len(), 1);
+}
+
+/// Before: a packet boringtun queued while its handshake was under way went out when the
+/// handshake completed, even if a new allowlist had cut its flow in between.
+#[test]
+fn packets_waiting_for_a_handshake_go_with_the_flows_a_new_allowlist_cuts() {
+    let mut w = World::new(POLICY, &["web", "db", "ops"]);
+    let (web, db) = (w.addr("web"), w.addr("db"));
+    let (i, from) = (w.idx("web"), w.hosts[w.idx("web")].udp);
+    let mut out = Out::default();
+    let now = w.now;
+    w.hosts[i]
+        .node
+        .handle_tun(&build::tcp(web, db, 40000, 5432, tcp::SYN), now, &mut out);
+    // boringtun queued the SYN and sent an initiation instead, which the network holds.
+    assert!(!out.net.is_empty() && out.net.iter().all(|(_, d)| d[0] == 1));
+
+    let narrowed = allowlists(
+        &POLICY.replace("ports: [tcp/5432, icmp]", "ports: [icmp]"),
+        T0,
+    );
+    let cfg = w.config(narrowed["web"].clone());
+    assert_eq!(w.hosts[i].node.apply(cfg, now).flows_cut, 1);
+
+    // The initiation arrives; handshakes complete.
+    w.wire
+        .extend(out.net.into_iter().map(|(to, d)| (from, to, d)));
+    w.run();
+    w.tick(Duration::from_millis(300));
+    assert!(w.take_tun("db").is_empty(), "the cut flow's SYN never left");
+    // What is still allowed passes.
+    w.send("web", &build::icmp_echo(web, db, icmp::ECHO_REQUEST, 9, 1));
+    assert_eq!(w.take_tun("db").len(), 1);
 }
