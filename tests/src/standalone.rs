@@ -20,7 +20,8 @@ pub struct Overlay {
     pub lab: Lab,
     /// Each daemon's public key, by identity.
     pub keys: BTreeMap<String, PublicKey>,
-    addresses: BTreeMap<String, String>,
+    /// Each identity's overlay address (a test that moves one says so here).
+    pub addresses: BTreeMap<String, String>,
     daemon_args: Vec<String>,
 }
 
