@@ -104,9 +104,15 @@ pub fn serve(interface: &str, requests: mpsc::Sender<GetRequest>) -> anyhow::Res
     Ok(path)
 }
 
+/// Most bytes one connection may send: `wg` sends a few dozen per request; a `set` with many
+/// peers fits too. Past it, the connection reads as ended, so a request without a newline
+/// cannot grow a line without bound.
+const MAX_CONNECTION_BYTES: u64 = 64 * 1024;
+
 async fn connection(stream: UnixStream, requests: mpsc::Sender<GetRequest>) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
+    let mut lines = BufReader::new(r.take(MAX_CONNECTION_BYTES)).lines();
     while let Some(first) = lines.next_line().await? {
         // Read the rest of the request, up to its blank line, bounded.
         let mut n = 0;
@@ -155,6 +161,30 @@ pub async fn get(interface: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_request_is_bounded_even_without_a_newline() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let serving = tokio::spawn(connection(server, tx));
+        // 1 MiB without a newline, written while the server reads.
+        let writing = tokio::spawn(async move {
+            let mut client = client;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..16 {
+                if client.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let done = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        assert!(
+            done.is_ok(),
+            "the connection ends after 64 KiB, not at a newline"
+        );
+        drop(writing);
+    }
 
     #[test]
     fn get_follows_the_protocol() {
