@@ -271,7 +271,8 @@ async fn end_quarantines(c: Arc<Controller>) {
 
 /// `--policy FILE`: applies the file at start and whenever its contents change (checked every
 /// second), through the same validate-test-apply path as `bulkhead policy apply`. A bad file is
-/// refused with its errors in the log, and the last good policy stays.
+/// refused with its errors in the log, and the last good policy stays; an apply that failed for
+/// another reason (the store unavailable, a concurrent apply) is tried again every second.
 async fn follow_policy_file(c: Arc<Controller>, path: PathBuf) {
     let mut last: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -289,19 +290,31 @@ async fn follow_policy_file(c: Arc<Controller>, path: PathBuf) {
         if last.as_deref() == Some(text.as_str()) {
             continue;
         }
-        last = Some(text.clone());
-        apply_file(&c, &path, text).await;
+        if settled(&apply_file(&c, &path, text.clone()).await) {
+            last = Some(text);
+        }
     }
 }
 
-async fn apply_file(c: &Controller, path: &Path, text: String) {
+/// Whether an apply's outcome holds until the file changes: applied, unchanged, or refused as
+/// invalid. Anything else may go through on the next try.
+fn settled(r: &Result<bulkhead_proto::ApplyResponse, ops::Error>) -> bool {
+    matches!(r, Ok(_) | Err(ops::Error::InvalidPolicy { .. }))
+}
+
+async fn apply_file(
+    c: &Controller,
+    path: &Path,
+    text: String,
+) -> Result<bulkhead_proto::ApplyResponse, ops::Error> {
     let req = PolicyRequest {
         text,
         source: path.display().to_string(),
         base_revision: None,
     };
     let by = ops::Actor::File(path.display().to_string());
-    match c.apply(&req, &by).await {
+    let r = c.apply(&req, &by).await;
+    match &r {
         Ok(r) if r.changed => {
             tracing::info!(revision = r.revision, path = %path.display(), "policy file applied")
         }
@@ -310,11 +323,32 @@ async fn apply_file(c: &Controller, path: &Path, text: String) {
             tracing::error!(path = %path.display(), "policy file refused; the live policy stays: {f}")
         }
     }
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_policy_file_is_tried_again_unless_its_outcome_is_settled() {
+        let ok = bulkhead_proto::ApplyResponse {
+            revision: 1,
+            changed: true,
+            summary: Default::default(),
+        };
+        assert!(settled(&Ok(ok)));
+        let invalid = ops::Error::InvalidPolicy {
+            message: "x".into(),
+            details: vec![],
+        };
+        assert!(
+            settled(&Err(invalid)),
+            "the same text is refused again: wait for a change"
+        );
+        assert!(!settled(&Err(ops::Error::Unavailable("etcd".into()))));
+        assert!(!settled(&Err(ops::Error::Conflict("raced".into()))));
+    }
 
     #[test]
     fn urls() {

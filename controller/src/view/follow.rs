@@ -40,6 +40,17 @@ async fn step(view: &Shared, take_in: impl FnOnce(&mut View) -> Touched) -> (usi
     (sent, v.cred_generation)
 }
 
+/// How long from `now_ms` until just past the second `t` (Unix seconds) begins. Both come from
+/// what nodes and administrators wrote (facts' intervals, expiries): no arithmetic overflows,
+/// and the wait is at most a day (the loop looks again then).
+fn until(t: i64, now_ms: i64) -> Duration {
+    let ms = t
+        .saturating_mul(1000)
+        .saturating_sub(now_ms)
+        .clamp(0, 86_400_000);
+    Duration::from_millis(ms.unsigned_abs() + 5)
+}
+
 /// Follows the store forever: a full read, then the watch; a resync or an error starts over.
 /// `applied` holds the store revision the view has caught up with (-1 before the first full
 /// read), so that a write can wait until its effect is visible (read your writes).
@@ -83,10 +94,8 @@ pub async fn sync(
             let timer = async {
                 match wake {
                     Some(t) => {
-                        // Just past the second the boundary falls on.
                         let now_ms = jiff::Timestamp::now().as_millisecond();
-                        let ms = (t * 1000 - now_ms).max(0).unsigned_abs();
-                        tokio::time::sleep(Duration::from_millis(ms + 5)).await;
+                        tokio::time::sleep(until(t, now_ms)).await;
                     }
                     None => std::future::pending().await,
                 }
@@ -132,5 +141,18 @@ pub async fn sync(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timer_takes_any_time_without_overflow() {
+        assert_eq!(until(10, 9_000), Duration::from_millis(1_005));
+        assert_eq!(until(1, 9_000), Duration::from_millis(5), "past: at once");
+        assert_eq!(until(i64::MAX, 0), Duration::from_millis(86_400_005));
+        assert_eq!(until(i64::MIN, i64::MAX), Duration::from_millis(5));
     }
 }
