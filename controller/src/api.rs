@@ -29,8 +29,17 @@ use crate::ops::{Actor, Error};
 use crate::records::CredRecord;
 use crate::view::lock;
 
-/// Largest request body: a policy of tens of thousands of identities fits.
+/// Largest request body of an administrator's call: a policy of tens of thousands of identities
+/// fits.
 const MAX_BODY: usize = 32 << 20;
+/// Largest join request: a token's secret and two public keys.
+const MAX_JOIN_BODY: usize = 16 << 10;
+/// Largest node report (its facts are bounded too).
+const MAX_REPORT_BODY: usize = 256 << 10;
+/// Largest flow batch: 10,000 entries of a few hundred bytes.
+const MAX_FLOWS_BODY: usize = 4 << 20;
+/// Connections served at once; more wait in the kernel's backlog. Each node holds one.
+const MAX_CONNECTIONS: usize = 16_384;
 
 /// The HTTP status and the API's stable code of an error: the one place they are chosen.
 fn status_of(e: &Error) -> (StatusCode, &'static str) {
@@ -70,6 +79,35 @@ fn json<T: Serialize>(r: Result<T, Error>) -> Response {
     match r {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// A request body within its route's limit; over it, `413` with the API's JSON error
+/// (`too_large`). Read only after the permission layer let the caller through.
+#[derive(Debug)]
+pub struct Limited(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Limited {
+    type Rejection = Response;
+
+    async fn from_request(req: Request<Body>, state: &S) -> Result<Limited, Response> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Limited(b)),
+            Err(e) => {
+                let status = e.status();
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "bad_request"
+                };
+                let body = ErrorBody {
+                    code: code.into(),
+                    message: e.body_text(),
+                    details: Vec::new(),
+                };
+                Err((status, axum::Json(body)).into_response())
+            }
+        }
     }
 }
 
@@ -155,10 +193,17 @@ async fn authorize(
 /// The routes, each with who may call it.
 pub fn router(c: Ctl) -> Router {
     let layer = |access| middleware::from_fn_with_state((c.clone(), access), authorize);
+    let limit = DefaultBodyLimit::max;
     let node = Router::new()
         .route("/v1/node/stream", get(stream))
-        .route("/v1/node/report", post(report))
-        .route("/v1/node/flows", post(node_flows))
+        .route(
+            "/v1/node/report",
+            post(report).layer(limit(MAX_REPORT_BODY)),
+        )
+        .route(
+            "/v1/node/flows",
+            post(node_flows).layer(limit(MAX_FLOWS_BODY)),
+        )
         .route_layer(layer(Access::Node));
     let admin = Router::new()
         .route("/v1/flows", get(flows))
@@ -174,7 +219,7 @@ pub fn router(c: Ctl) -> Router {
         .route("/v1/status", get(status))
         .route_layer(layer(Access::Admin));
     Router::new()
-        .route("/v1/join", post(join))
+        .route("/v1/join", post(join).layer(limit(MAX_JOIN_BODY)))
         .merge(node)
         .merge(admin)
         .fallback(|| async { Error::NotFound("no such route".into()) })
@@ -185,7 +230,7 @@ pub fn router(c: Ctl) -> Router {
 type Admin = axum::Extension<Actor>;
 type Node = axum::Extension<NodeIdentity>;
 
-async fn join(State(c): State<Ctl>, b: Bytes) -> Response {
+async fn join(State(c): State<Ctl>, Limited(b): Limited) -> Response {
     let r = async {
         let req: JoinRequest = body(&b)?;
         c.join(&req).await
@@ -197,7 +242,7 @@ async fn report(
     State(c): State<Ctl>,
     axum::Extension(NodeIdentity(id)): Node,
     axum::Extension(p): axum::Extension<Peer>,
-    b: Bytes,
+    Limited(b): Limited,
 ) -> Response {
     let r = async {
         let rep: Report = body(&b)?;
@@ -212,7 +257,7 @@ async fn report(
 async fn node_flows(
     State(c): State<Ctl>,
     axum::Extension(NodeIdentity(id)): Node,
-    b: Bytes,
+    Limited(b): Limited,
 ) -> Response {
     let r = async {
         let batch: bulkhead_proto::FlowBatch = body(&b)?;
@@ -292,11 +337,11 @@ async fn policy(State(c): State<Ctl>, _: Admin) -> Response {
     json(c.policy().await)
 }
 
-async fn plan(State(c): State<Ctl>, _: Admin, b: Bytes) -> Response {
+async fn plan(State(c): State<Ctl>, _: Admin, Limited(b): Limited) -> Response {
     json(body(&b).and_then(|req| c.plan(&req)))
 }
 
-async fn apply(State(c): State<Ctl>, axum::Extension(who): Admin, b: Bytes) -> Response {
+async fn apply(State(c): State<Ctl>, axum::Extension(who): Admin, Limited(b): Limited) -> Response {
     let r = async {
         let req: PolicyRequest = body(&b)?;
         c.apply(&req, &who).await
@@ -304,8 +349,8 @@ async fn apply(State(c): State<Ctl>, axum::Extension(who): Admin, b: Bytes) -> R
     json(r.await)
 }
 
-async fn token(State(c): State<Ctl>, _: Admin, b: Bytes) -> Response {
-    let r = async { c.token(&body::<TokenRequest>(&b)?).await };
+async fn token(State(c): State<Ctl>, axum::Extension(who): Admin, Limited(b): Limited) -> Response {
+    let r = async { c.token(&body::<TokenRequest>(&b)?, &who).await };
     json(r.await)
 }
 
@@ -325,7 +370,7 @@ async fn quarantine(
     State(c): State<Ctl>,
     axum::Extension(who): Admin,
     Path(id): Path<String>,
-    b: Bytes,
+    Limited(b): Limited,
 ) -> Response {
     let r = async {
         let req: bulkhead_proto::QuarantineRequest = body(&b)?;
@@ -448,7 +493,12 @@ async fn stream(
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut conns = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // At the cap, connections wait in the kernel's backlog until one ends.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (tcp, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -463,6 +513,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
         let _ = tcp.set_nodelay(true);
         let (acceptor, router) = (acceptor.clone(), router.clone());
         conns.spawn(async move {
+            let _slot = slot;
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(t)) => t,
@@ -491,6 +542,10 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(10)))
                 .keep_alive_timeout(Duration::from_secs(10));
+            // An HTTP/1 client that sends no complete request head in 10 s is dropped.
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
             if let Err(e) = b.serve_connection(TokioIo::new(tls), svc).await {
                 tracing::debug!(%addr, error = %e, "connection ended");
             }

@@ -66,11 +66,29 @@ pub async fn admin_config(
     let rec = CredRecord::Admin {
         name: "admin".into(),
     };
-    bulkhead_store::put(
-        store,
-        &[Op::Put(format!("{CREDS}{fp}"), records::encode(&rec))],
-    )
-    .await?;
+    let entry = bulkhead_proto::AuditEntry {
+        at: jiff::Timestamp::now().as_millisecond(),
+        who: crate::ops::Actor::Controller.to_string(),
+        action: bulkhead_proto::AuditAction::AdminIssue,
+        identity: None,
+        revision: None,
+        detail: format!(
+            "administrator credential {} written to {}",
+            &fp[..16],
+            path.display()
+        ),
+    };
+    let (c, a) = records::audit(&entry);
+    let t = store
+        .txn(
+            &[c],
+            &[Op::Put(format!("{CREDS}{fp}"), records::encode(&rec)), a],
+        )
+        .await?;
+    anyhow::ensure!(
+        t.succeeded,
+        "cannot record the administrator's credential; try again"
+    );
     let cfg = CliConfig {
         url: url.to_string(),
         ca: ca.cert_pem.clone(),

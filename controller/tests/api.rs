@@ -769,3 +769,91 @@ async fn a_plan_shows_changed_conditions() {
     let r = f.apply(&expiring).await.unwrap();
     assert_eq!(r.summary.pairs_conditions_changed, 1);
 }
+
+/// A node cannot enroll with another node's WireGuard key (it would take over or break that
+/// node's tunnels); the same identity may enroll again with its own. Token creation and the
+/// administrator's credential are in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wireguard_key_in_use_is_refused_and_tokens_are_audited() {
+    let f = Fixture::new("key-reuse").await;
+    f.apply(POLICY).await.unwrap();
+    let web = join(&f.token("web-1", 60).await).await.unwrap();
+    let stolen = Token::decode(&f.token("db-1", 60).await).unwrap();
+    let e = bulkhead_proto::join(&stolen, web.wireguard)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    // The token was not spent: db-1 enrolls with a key of its own.
+    let own = bulkhead_proto::PrivateKey::generate().public_key();
+    bulkhead_proto::join(&stolen, own).await.unwrap();
+    // web-1 again, with its own key: a rebuilt server keeps its key.
+    let again = Token::decode(&f.token("web-1", 60).await).unwrap();
+    bulkhead_proto::join(&again, web.wireguard).await.unwrap();
+    let log: Vec<bulkhead_proto::AuditEntry> = f.admin().await.get("/v1/audit").await.unwrap();
+    let actions: Vec<String> = log.iter().map(|e| e.action.to_string()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "token.create").count(),
+        3,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| *a == "admin.issue").count(),
+        1,
+        "{actions:?}"
+    );
+    assert!(
+        log.iter().any(|e| e.action == "token.create"
+            && e.who == "admin"
+            && e.identity.as_deref() == Some("db-1")),
+        "{log:#?}"
+    );
+}
+
+/// Bodies are bounded by what each route needs, and read only after the caller is
+/// authenticated: an anonymous client cannot make the controller buffer megabytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_bounded_per_route_and_read_only_for_the_right_caller() {
+    let f = Fixture::new("bodies").await;
+    let anon = Client::new(
+        std::slice::from_ref(&f.admin.url),
+        &Trust::Ca(f.admin.ca.clone()),
+        None,
+    )
+    .unwrap();
+    let big = |n: usize| serde_json::json!({ "secret": "x".repeat(n) });
+    let post = |c: &Client, path: &'static str, body: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            c.connect()
+                .await
+                .unwrap()
+                .post::<_, serde_json::Value>(path, &body)
+                .await
+                .unwrap_err()
+                .code()
+                .map(str::to_string)
+        }
+    };
+    assert_eq!(
+        post(&anon, "/v1/join", big(100 << 10)).await.as_deref(),
+        Some("too_large")
+    );
+    assert_eq!(
+        post(&anon, "/v1/join", big(100)).await.as_deref(),
+        Some("bad_request")
+    );
+    assert_eq!(
+        post(&anon, "/v1/policy/apply", big(8 << 20))
+            .await
+            .as_deref(),
+        Some("unauthenticated"),
+        "refused before the body is read"
+    );
+    let node = join(&f.token("web-1", 60).await).await.unwrap();
+    assert_eq!(
+        post(&node.client(), "/v1/node/report", big(1 << 20))
+            .await
+            .as_deref(),
+        Some("too_large")
+    );
+}

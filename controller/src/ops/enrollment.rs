@@ -19,7 +19,7 @@ use crate::view::lock;
 
 impl Controller {
     /// A new one-time join token.
-    pub async fn token(&self, req: &TokenRequest) -> Result<TokenResponse, Error> {
+    pub async fn token(&self, req: &TokenRequest, by: &Actor) -> Result<TokenResponse, Error> {
         if !bulkhead_policy::is_valid_name(&req.identity) {
             return Err(Error::BadRequest(format!(
                 "{:?} is not a valid identity name",
@@ -39,9 +39,20 @@ impl Controller {
             created: now,
         };
         let key = format!("{TOKENS}{}", sha256_hex(secret.as_bytes()));
-        bulkhead_store::put(&*self.store, &[Op::Put(key, records::encode(&rec))])
-            .await
-            .map_err(Error::store)?;
+        let entry = AuditEntry {
+            at: unix_ms(),
+            who: by.to_string(),
+            action: AuditAction::TokenCreate,
+            identity: Some(req.identity.clone()),
+            revision: None,
+            detail: format!("join token valid until {} (Unix time)", rec.expires),
+        };
+        let put = vec![Op::Put(key, records::encode(&rec))];
+        if !self.commit_audited(Vec::new(), put, &entry).await? {
+            return Err(Error::Conflict(
+                "the token could not be stored; try again".into(),
+            ));
+        }
         let in_policy = lock(&self.view)
             .live()
             .is_some_and(|l| l.model.identity(&req.identity).is_some());
@@ -92,6 +103,20 @@ impl Controller {
             .map_err(|e| Error::internal(e.0))?;
         let fp = fingerprint(&cert_der(&cert).map_err(|e| Error::internal(e.0))?);
         let node_key = format!("{NODES}{}", tok.identity);
+        // A WireGuard key belongs to one node: another node's key here would let this one take
+        // over or break the other's tunnels. (The same identity may enroll again with its key.)
+        let nodes = self.store.range(NODES).await.map_err(Error::store)?;
+        let taken = nodes.kvs.iter().find_map(|kv| {
+            let n = records::decode::<NodeRecord>(&kv.key, &kv.value).ok()?;
+            (n.wireguard_key == req.wireguard_key && n.identity != tok.identity)
+                .then_some(n.identity)
+        });
+        if let Some(other) = taken {
+            tracing::warn!(identity = %tok.identity, holder = %other, "join refused: its WireGuard key is another node's");
+            return Err(Error::Conflict(
+                "this WireGuard key is already another node's: each node needs its own".into(),
+            ));
+        }
         let previous = self.store.get(&node_key).await.map_err(Error::store)?;
         let mut ops = vec![
             Op::Delete(key.clone()),

@@ -48,7 +48,8 @@ pub use token::Token;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// A stable, machine-readable code: `unauthenticated`, `forbidden`, `bad_request`,
-    /// `invalid_policy`, `conflict`, `not_found`, `token_invalid`, `unavailable`, `internal`.
+    /// `too_large`, `invalid_policy`, `conflict`, `not_found`, `token_invalid`, `unavailable`,
+    /// `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -224,6 +225,12 @@ pub enum AuditAction {
     /// A quarantine ended.
     #[serde(rename = "release")]
     Release,
+    /// A join token was created.
+    #[serde(rename = "token.create")]
+    TokenCreate,
+    /// An administrator's credential was issued.
+    #[serde(rename = "admin.issue")]
+    AdminIssue,
     /// An action this version does not know (written by a newer controller).
     #[serde(other)]
     Unknown,
@@ -231,7 +238,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// The name the audit log shows: `policy.apply`, `node.enroll`, `node.revoke`,
-    /// `quarantine`, `release`.
+    /// `quarantine`, `release`, `token.create`, `admin.issue`.
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::PolicyApply => "policy.apply",
@@ -239,6 +246,8 @@ impl AuditAction {
             AuditAction::NodeRevoke => "node.revoke",
             AuditAction::Quarantine => "quarantine",
             AuditAction::Release => "release",
+            AuditAction::TokenCreate => "token.create",
+            AuditAction::AdminIssue => "admin.issue",
             AuditAction::Unknown => "unknown",
         }
     }
