@@ -72,6 +72,8 @@ pub struct Controller {
     pub(crate) metrics: metrics::Metrics,
     /// This controller's id among the live ones: 16 hex digits of its URL's SHA-256.
     pub(crate) id: String,
+    /// When each node's endpoint last moved.
+    pub(crate) endpoint_moves: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl Controller {
@@ -197,6 +199,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         applied: applied.clone(),
         metrics: metrics::Metrics::default(),
         id: bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16].to_string(),
+        endpoint_moves: Default::default(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
     // Serve only once the view holds the store's state: never answer from an empty view.

@@ -233,11 +233,19 @@ pub async fn run(c: Arc<Controller>) {
                 .map(|(id, r, _)| Op::Put(format!("{PRESENCE}{id}"), records::encode(r)))
                 .collect();
             let rev = bulkhead_store::put(&*c.store, &ops).await;
-            if let Err(e) = &rev {
-                tracing::warn!(error = %e, "cannot write presence; retrying");
+            if rev.is_ok() {
+                for (id, r, _) in chunk {
+                    t.written(id, r.clone(), rev.as_ref().ok().copied());
+                }
+                continue;
             }
-            for (id, r, _) in chunk {
-                t.written(id, r.clone(), rev.as_ref().ok().copied());
+            // One by one, so that a record the store refuses fails alone, not its batch.
+            for ((id, r, _), op) in chunk.iter().zip(ops) {
+                let rev = bulkhead_store::put(&*c.store, &[op]).await;
+                if let Err(e) = &rev {
+                    tracing::warn!(identity = %id, error = %e, "cannot write presence; retrying");
+                }
+                t.written(id, r.clone(), rev.ok());
             }
         }
         // Fenced: only over the record this controller wrote last, or over one that no live

@@ -857,3 +857,51 @@ async fn bodies_are_bounded_per_route_and_read_only_for_the_right_caller() {
         Some("too_large")
     );
 }
+
+/// What a node reports about itself is bounded (facts, names, values), and its endpoint moves
+/// at most every few seconds: each move is a store write and a push to all its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_bounded_and_endpoints_do_not_flap() {
+    let f = Fixture::new("reports").await;
+    f.apply(POLICY).await.unwrap();
+    let node = join(&f.token("web-1", 60).await).await.unwrap();
+    let mut c = node.client().connect().await.unwrap();
+    let report = |endpoint: &str, facts: bulkhead_proto::Facts| Report {
+        endpoint: Some(endpoint.parse().unwrap()),
+        listen_port: 51820,
+        status: "ok".into(),
+        facts,
+        ..Report::default()
+    };
+    let fact = |v: &str| bulkhead_proto::Fact {
+        value: v.into(),
+        interval: 30,
+    };
+    let many: bulkhead_proto::Facts = (0..65)
+        .map(|i| (format!("check.c{i}"), fact("true")))
+        .collect();
+    let e = c
+        .post::<_, serde_json::Value>("/v1/node/report", &report("198.18.0.7:51820", many))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"), "{e}");
+    let long: bulkhead_proto::Facts = [("check.x".to_string(), fact(&"y".repeat(10_000)))].into();
+    let e = c
+        .post::<_, serde_json::Value>("/v1/node/report", &report("198.18.0.7:51820", long))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"), "{e}");
+    // Within bounds: taken. Its endpoint moves once; a second move at once is not written.
+    for ep in ["198.18.0.7:51820", "198.18.0.8:51820"] {
+        let _: serde_json::Value = c
+            .post(
+                "/v1/node/report",
+                &report(ep, [("check.x".to_string(), fact("true"))].into()),
+            )
+            .await
+            .unwrap();
+    }
+    let nodes: Vec<bulkhead_proto::NodeView> = f.admin().await.get("/v1/nodes").await.unwrap();
+    let web = nodes.iter().find(|n| n.identity == "web-1").unwrap();
+    assert_eq!(web.endpoint, Some("198.18.0.7:51820".parse().unwrap()));
+}

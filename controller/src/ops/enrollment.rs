@@ -17,7 +17,66 @@ use crate::records::{
 };
 use crate::view::lock;
 
+/// Most posture facts one report may carry (host facts and node-local checks).
+pub const MAX_FACTS: usize = 64;
+/// Longest fact name, and longest value.
+const MAX_FACT_NAME: usize = 64;
+const MAX_FACT_VALUE: usize = 256;
+/// Longest status and version a node may report.
+const MAX_STATUS: usize = 512;
+const MAX_VERSION: usize = 64;
+/// A node's endpoint moves at most this often: each move is a store write and a push to every
+/// peer of the node.
+const ENDPOINT_MOVE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a report stays within what a node may say about itself: presence records are written
+/// in batches, and one node's oversized record must not fail the others'.
+fn check_report(r: &Report) -> Result<(), Error> {
+    let bad = |what: String| Err(Error::BadRequest(what));
+    if r.facts.len() > MAX_FACTS {
+        return bad(format!("{} facts: at most {MAX_FACTS}", r.facts.len()));
+    }
+    if let Some((name, _)) = r
+        .facts
+        .iter()
+        .find(|(n, f)| n.len() > MAX_FACT_NAME || f.value.len() > MAX_FACT_VALUE)
+    {
+        return bad(format!(
+            "fact {:?}: names at most {MAX_FACT_NAME} bytes, values {MAX_FACT_VALUE}",
+            name.chars().take(MAX_FACT_NAME).collect::<String>()
+        ));
+    }
+    if r.status.len() > MAX_STATUS || r.version.len() > MAX_VERSION {
+        return bad(format!(
+            "status at most {MAX_STATUS} bytes, version {MAX_VERSION}"
+        ));
+    }
+    if r.digest.as_ref().is_some_and(|d| d.len() > 64) {
+        return bad("digest too long".into());
+    }
+    Ok(())
+}
+
 impl Controller {
+    /// Whether `identity`'s endpoint may move now (at most once per [`ENDPOINT_MOVE_EVERY`]);
+    /// if so, notes the move.
+    fn may_move(&self, identity: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut moves = self
+            .endpoint_moves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if moves.len() > 100_000 {
+            moves.retain(|_, t| now.duration_since(*t) < ENDPOINT_MOVE_EVERY);
+        }
+        match moves.get(identity) {
+            Some(t) if now.duration_since(*t) < ENDPOINT_MOVE_EVERY => false,
+            _ => {
+                moves.insert(identity.to_string(), now);
+                true
+            }
+        }
+    }
     /// A new one-time join token.
     pub async fn token(&self, req: &TokenRequest, by: &Actor) -> Result<TokenResponse, Error> {
         if !bulkhead_policy::is_valid_name(&req.identity) {
@@ -236,12 +295,17 @@ impl Controller {
 
     /// Takes a node's report; stores its endpoint if it moved.
     pub async fn report(&self, identity: &str, from: SocketAddr, r: Report) -> Result<(), Error> {
+        check_report(&r)?;
         let endpoint = r
             .endpoint
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
         self.presence.reported(identity, &r);
         self.metrics.reported(identity, r.digest.as_deref());
         let moved = lock(&self.view).records().endpoints.get(identity) != Some(&endpoint);
+        if moved && !self.may_move(identity) {
+            tracing::debug!(identity, %endpoint, "endpoint moved again too soon: kept the last");
+            return Ok(());
+        }
         if moved {
             bulkhead_store::put(
                 &*self.store,
