@@ -34,8 +34,17 @@ struct Cli {
 enum Command {
     /// Enroll with a one-time join token from `bulkhead token create`.
     Join {
-        /// The token.
-        token: String,
+        /// The token; better from `--token-file` or `$BULKHEAD_TOKEN`, since a command line is
+        /// readable by every user of the host (`/proc/*/cmdline`).
+        #[arg(
+            env = "BULKHEAD_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// State directory (keys, credential, cached allowlist).
         #[arg(long, default_value = "/var/lib/bulkheadd")]
         state: PathBuf,
@@ -45,9 +54,13 @@ enum Command {
         /// State directory (keys, credential, cached allowlist).
         #[arg(long, default_value = "/var/lib/bulkheadd")]
         state: PathBuf,
-        /// Enroll with this token first, unless already enrolled.
-        #[arg(long)]
+        /// Enroll with this token first, unless already enrolled; better from `--token-file` or
+        /// `$BULKHEAD_TOKEN`, since a command line is readable by every user of the host.
+        #[arg(long, env = "BULKHEAD_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Read the token to enroll with from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// TUN interface name.
         #[arg(long, default_value = "bh0")]
         interface: String,
@@ -103,12 +116,33 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The join token, from the command line, `$BULKHEAD_TOKEN` (clap reads both) or a file.
+fn token_from(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    match file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?;
+            Ok(Some(t.trim().to_string()))
+        }
+        None => Ok(token.map(|t| t.trim().to_string())),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Join { token, state } => {
+        Command::Join {
+            token,
+            token_file,
+            state,
+        } => {
+            let token = token_from(token, token_file.as_deref())?
+                .ok_or_else(|| anyhow::anyhow!("no token: give it, or --token-file"))?;
             let e = rt.block_on(link::join(&state::StateDir(state), &token))?;
             println!(
                 "enrolled as {} with {}",
@@ -120,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             state,
             token,
+            token_file,
             interface,
             listen_port,
             endpoint,
@@ -134,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => posture::DaemonConfig::default(),
             };
             let dir = state::StateDir(state.clone());
-            if let Some(t) = token
+            if let Some(t) = token_from(token, token_file.as_deref())?
                 && allowlist.is_none()
                 && dir.enrollment()?.is_none()
             {

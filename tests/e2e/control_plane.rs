@@ -222,4 +222,52 @@ rules:
     let from = |node: &str| flows.iter().filter(|f| f["node"] == node).count();
     assert_eq!(from("dev-1"), 0, "dev-1's claims are not kept");
     assert!(from("web-1") >= 200, "web-1's are, as its word");
+
+    // What a node reports reaches the operator's terminal escaped: a rule "name" with escape
+    // sequences (set the window title, clear the screen) is shown, not obeyed.
+    let evil = serde_json::json!({ "flows": [{
+        "at": bulkhead_e2e::cluster::unix_ms() as i64, "outbound": true, "peer_address": db,
+        "proto": "tcp", "port": 5432, "allowed": true, "rule": "x\u{1b}]0;pwned\u{7}\u{1b}[2J"
+    }], "dropped": 0 });
+    assert_eq!(post_flows_as(&c, "web-1", &evil), 200);
+    let r = c.cli(&["flows", "--limit", "5"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("x\\u{1b}]0;pwned") && !r.stdout.contains('\u{1b}'),
+        "{:?}",
+        r.stdout
+    );
+}
+
+/// A join token need not be on the command line, where every user of the host reads it
+/// (`/proc/*/cmdline`): `--token-file` and `$BULKHEAD_TOKEN` enroll as well.
+#[test]
+fn a_join_token_need_not_be_on_the_command_line() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&["web-1", "db-1"]);
+    let policy = c.files.write(
+        "policy.yaml",
+        &web_db_policy("token", "10.95.0.0/24", RULES),
+    );
+    c.start_controller("controller", &policy, &[]);
+    let (tw, td) = (c.token("web-1"), c.token("db-1"));
+    let file = c.files.write("web-1.token", &format!("{tw}\n"));
+    c.start_daemon_with("web-1", "bulkheadd", None, &["--token-file", &file]);
+    c.wrap = vec!["env".into(), format!("BULKHEAD_TOKEN={td}")];
+    c.start_daemon("db-1", "bulkheadd", None);
+    c.converge(&["web-1", "db-1"]);
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        for t in [&tw, &td] {
+            assert!(
+                !cmdline.contains(t.as_str()),
+                "a token on a command line: {cmdline}"
+            );
+        }
+    }
 }

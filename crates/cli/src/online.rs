@@ -15,7 +15,7 @@ use bulkhead_proto::{
     TokenRequest, TokenResponse,
 };
 
-use crate::output::{Format, Outcome, columns, emit, time};
+use crate::output::{Format, Outcome, columns, emit, escape_controls, time};
 use crate::policy::plan_table;
 
 /// Where the CLI's configuration is: `--config`, else `$BULKHEAD_CONFIG` (both handled by clap),
@@ -99,9 +99,9 @@ fn refused<T>(r: Result<T, ApiError>) -> anyhow::Result<Result<T, Outcome>> {
     match r {
         Ok(v) => Ok(Ok(v)),
         Err(ApiError::Api { status, body }) if !matches!(status, 401 | 403) && status < 500 => {
-            eprintln!("bulkhead: {}", body.message);
+            eprintln!("bulkhead: {}", escape_controls(&body.message, false));
             for d in &body.details {
-                eprintln!("{d}");
+                eprintln!("{}", escape_controls(d, false));
             }
             Ok(Err(Outcome::Failed))
         }
@@ -515,7 +515,7 @@ pub fn flows(
                 }
             }
             Err(e) => {
-                eprintln!("bulkhead: {e}");
+                eprintln!("bulkhead: {}", escape_controls(&e, false));
                 failed = true;
             }
         }

@@ -58,9 +58,13 @@ pub fn emit<T: Serialize>(
 /// Writes `text` to stdout. Unlike `print!`, which panics, a failed write is an error: a closed
 /// pipe (`bulkhead … | head`) comes back as one, which `main` ends on quietly
 /// ([`is_broken_pipe`]).
+///
+/// Control characters other than newlines and tabs are written escaped (`\u{1b}`): much of what
+/// the CLI shows comes from nodes (statuses, versions, fact values, flow fields), and a
+/// compromised node must not drive the operator's terminal with escape sequences.
 pub fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
+    out.write_all(escape_controls(text, true).as_bytes())?;
     out.flush()?;
     Ok(())
 }
@@ -76,6 +80,16 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// Lays out rows in aligned columns, two spaces apart; the last column is not padded.
 pub fn columns(rows: &[Vec<String>]) -> String {
+    // A cell is one line: a newline from a node would forge rows.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| escape_controls(c, false).into_owned())
+                .collect()
+        })
+        .collect();
+    let rows = &rows;
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; n];
     for r in rows {
@@ -100,6 +114,23 @@ pub fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `s` with control characters escaped as `\u{…}`; newlines and tabs kept if `lines`.
+pub fn escape_controls(s: &str, lines: bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && !(lines && (c == '\n' || c == '\t'));
+    if !s.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if bad(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Unix seconds as RFC 3339.
 pub fn time(t: i64) -> String {
     jiff::Timestamp::from_second(t).map_or_else(|_| t.to_string(), |ts| ts.to_string())
@@ -108,6 +139,20 @@ pub fn time(t: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_nodes_say_cannot_drive_the_terminal() {
+        let evil = "ok\u{1b}]0;pwned\u{7}\u{1b}[2J";
+        let shown = escape_controls(evil, true);
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{shown}"
+        );
+        assert!(shown.contains("\\u{1b}"), "visible: {shown}");
+        assert_eq!(escape_controls("a\tb\n", true), "a\tb\n");
+        let table = columns(&[vec!["x".into(), "line\nforged  row".into()]]);
+        assert_eq!(table.lines().count(), 1, "{table}");
+    }
 
     #[test]
     fn columns_align() {
