@@ -36,6 +36,8 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     bulkhead_proto::logging::init();
+    let files = bulkhead_proto::limits::raise_open_files();
+    tracing::debug!(?files, "open-files limit");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -107,6 +107,8 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     bulkhead_proto::logging::init();
+    let files = bulkhead_proto::limits::raise_open_files();
+    tracing::debug!(?files, "open-files limit");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -169,9 +171,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => posture::DaemonConfig::default(),
             };
             let dir = state::StateDir(state.clone());
-            if let Some(t) = token_from(token, token_file.as_deref())?
-                && allowlist.is_none()
+            // The token is read only when needed: once enrolled, a used token file may stay.
+            if allowlist.is_none()
                 && dir.enrollment()?.is_none()
+                && let Some(t) = token_from(token, token_file.as_deref())?
             {
                 let e = link::join(&dir, &t).await?;
                 tracing::info!(identity = %e.identity, "enrolled");

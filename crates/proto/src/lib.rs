@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 mod flow;
 pub mod keys;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 mod node;
