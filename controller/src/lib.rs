@@ -7,6 +7,7 @@
 //! - [`api`]: TLS, authentication, HTTP routes.
 //! - [`flows`]: the flow log and automatic quarantine.
 //! - [`presence`]: which nodes are connected where, shared through the store.
+//! - [`currency`]: whether this controller can vouch that its view is the store's.
 //! - [`metrics`]: what `--metrics` exposes to Prometheus.
 //! - [`pki`]: the CA and the administrator's credential, at first start.
 //!
@@ -14,6 +15,7 @@
 //! tests on port 0).
 
 pub mod api;
+pub mod currency;
 pub mod flows;
 pub mod metrics;
 pub mod ops;
@@ -74,6 +76,8 @@ pub struct Controller {
     pub(crate) id: String,
     /// When each node's endpoint last moved.
     pub(crate) endpoint_moves: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    /// Whether the view is confirmed to be the store's; when not, nodes are sent elsewhere.
+    pub(crate) currency: Arc<currency::Currency>,
 }
 
 impl Controller {
@@ -186,6 +190,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     let (applied_tx, mut applied) = watch::channel(-1);
     let (cred_tx, _) = watch::channel(0u64);
     let view = Arc::new(view::Shared::default());
+    let currency = Arc::new(currency::Currency::new(store.progress_every().is_some()));
     let controller = Arc::new(Controller {
         store: store.clone(),
         view: view.clone(),
@@ -200,11 +205,15 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         metrics: metrics::Metrics::default(),
         id: bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16].to_string(),
         endpoint_moves: Default::default(),
+        currency: currency.clone(),
     });
-    let mut tasks = vec![tokio::spawn(view::sync(store, view, applied_tx, cred_tx))];
+    let mut tasks = vec![tokio::spawn(view::sync(
+        store, view, applied_tx, cred_tx, currency,
+    ))];
     // Serve only once the view holds the store's state: never answer from an empty view.
     applied.wait_for(|r| *r >= 0).await?;
     tasks.push(tokio::spawn(presence::run(controller.clone())));
+    tasks.push(tokio::spawn(currency::watch_over(controller.clone())));
     tasks.push(tokio::spawn(end_quarantines(controller.clone())));
     tasks.push(tokio::spawn(flows::share_denials(controller.clone())));
     tasks.push(tokio::spawn(api::serve(

@@ -3,13 +3,14 @@
 //! of it to compile, and takes it again to swap in the result and push.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_store::{Event, Revision, Store, WatchMessage};
 use tokio::sync::watch;
 
 use super::mirror::Touched;
 use super::{Shared, View, lock, unix_now};
+use crate::currency::Currency;
 
 /// One step: `take_in` changes the mirror under the lock; the compile it calls for runs with
 /// the lock released, on a blocking thread (a full compile takes a runtime worker for as long
@@ -53,12 +54,14 @@ fn until(t: i64, now_ms: i64) -> Duration {
 
 /// Follows the store forever: a full read, then the watch; a resync or an error starts over.
 /// `applied` holds the store revision the view has caught up with (-1 before the first full
-/// read), so that a write can wait until its effect is visible (read your writes).
+/// read), so that a write can wait until its effect is visible (read your writes). Each full
+/// read and each progress the watch confirms is recorded in `currency` once the view holds it.
 pub async fn sync(
     store: Arc<dyn Store>,
     view: Arc<Shared>,
     applied: watch::Sender<Revision>,
     creds: watch::Sender<u64>,
+    currency: Arc<Currency>,
 ) {
     let announce = |generation: u64| {
         creds.send_if_modified(|g| {
@@ -68,6 +71,8 @@ pub async fn sync(
         });
     };
     loop {
+        // Taken before the read: the snapshot is the store's state at some moment after it.
+        let asked = Instant::now();
         let snap = match store.range("").await {
             Ok(s) => s,
             Err(e) => {
@@ -80,6 +85,7 @@ pub async fn sync(
         announce(generation);
         tracing::debug!(revision = snap.revision, sent, "view loaded from the store");
         applied.send_replace(snap.revision);
+        currency.confirm(asked);
         let mut w = match store.watch("", snap.revision).await {
             Ok(w) => w,
             Err(e) => {
@@ -129,6 +135,14 @@ pub async fn sync(
                     if sent > 0 {
                         tracing::info!(store_revision = seen, nodes = sent, "pushed");
                     }
+                }
+                // Everything before it on the watch has been taken in, by the steps above: the
+                // view is the store's as of now. Its revision may be above `seen` for writes
+                // outside this controller's keys (and, before etcd 3.4.25, for events still in
+                // flight), so it moves neither `seen` nor `applied`.
+                Some(WatchMessage::Progress(revision)) => {
+                    tracing::trace!(revision, "store confirms the watch is current");
+                    currency.confirm(Instant::now());
                 }
                 Some(WatchMessage::Resync) => {
                     tracing::warn!("store watch lost events: reloading everything");

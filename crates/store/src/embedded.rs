@@ -374,6 +374,10 @@ impl Store for Embedded {
         })))
     }
 
+    fn progress_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     fn describe(&self) -> String {
         format!("embedded {}", self.inner.path)
     }

@@ -12,7 +12,12 @@
 //! - a broken watch stream (leader change, lost member, #17529 starvation) ends the [`Watch`]
 //!   after a `Resync`, and the reader starts over with a full read;
 //! - a watch that goes back in time after a partition (#15271): events at or below a revision
-//!   already delivered are dropped here, so a reader never sees the past again.
+//!   already delivered are dropped here, so a reader never sees the past again;
+//! - a cut-off or blackholed connection leaves a watch silent, as a quiet cluster does: the watch
+//!   asks for a progress notification every [`PROGRESS_EVERY`] and passes each on as
+//!   [`WatchMessage::Progress`], so the reader can tell silence from a cut. Before etcd 3.4.25 and
+//!   3.5.8 (#15220) a progress notification may overtake events still in flight on the stream;
+//!   its revision is therefore never used to skip events, only as a sign of contact.
 
 use std::time::Duration;
 
@@ -29,6 +34,9 @@ use crate::{
 
 /// The default key namespace.
 pub const NAMESPACE: &str = "/bulkhead/";
+
+/// How often a watch asks etcd to confirm it is current ([`WatchMessage::Progress`]).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Largest response the client accepts.
 const MAX_MESSAGE: usize = 1 << 30;
@@ -186,18 +194,42 @@ impl Store for Etcd {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(after + 1);
-        let mut stream = self
+        let stream = self
             .watcher
             .clone()
             .watch(self.key(prefix), Some(opts))
             .await
             .map_err(unavailable)?;
+        let (mut requests, mut responses) = stream.split();
         let (tx, out) = mpsc::channel(64);
         let me = self.clone();
         tokio::spawn(async move {
             let mut seen = after;
+            let mut ask = tokio::time::interval_at(
+                tokio::time::Instant::now() + PROGRESS_EVERY,
+                PROGRESS_EVERY,
+            );
+            ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let resp = match stream.message().await {
+                let resp = tokio::select! {
+                    r = responses.message() => r,
+                    _ = ask.tick() => {
+                        // Only queued on the watch's own stream; bounded all the same, since a
+                        // blackholed connection stops draining it. An unanswered request is
+                        // what the reader notices, by the progress that does not come.
+                        match tokio::time::timeout(PROGRESS_EVERY, requests.request_progress())
+                            .await
+                        {
+                            Ok(Ok(())) | Err(_) => {}
+                            Ok(Err(_)) => {
+                                let _ = tx.send(WatchMessage::Resync).await;
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let resp = match resp {
                     Ok(Some(r)) => r,
                     Ok(None) | Err(_) => {
                         // The stream broke: the reader must start over.
@@ -238,6 +270,14 @@ impl Store for Etcd {
                 if let Some(last) = events.last() {
                     seen = last.revision();
                     if tx.send(WatchMessage::Events(events)).await.is_err() {
+                        return;
+                    }
+                } else if resp.events().is_empty() && !resp.created() {
+                    // A progress notification: everything up to its header revision was sent
+                    // (the creation answer is not one: history may still follow it). `seen` is
+                    // left alone: see the module's note on etcd before 3.4.25.
+                    let rev = header_revision(resp.header());
+                    if tx.send(WatchMessage::Progress(rev)).await.is_err() {
                         return;
                     }
                 }
@@ -297,6 +337,10 @@ impl Store for Etcd {
                 }
             }
         })))
+    }
+
+    fn progress_every(&self) -> Option<Duration> {
+        Some(PROGRESS_EVERY)
     }
 
     fn describe(&self) -> String {

@@ -10,6 +10,11 @@
 //! A watch may lose events (a lagging reader, an etcd compaction). It then says so with
 //! [`WatchMessage::Resync`] and the reader must read the whole prefix again: never a silent gap.
 //!
+//! A store that other processes write too (etcd) can also be cut off: its watch then goes quiet
+//! exactly as it does on a quiet cluster. Such a backend's watch says that it is current with
+//! [`WatchMessage::Progress`] every [`Store::progress_every`], so that a reader can tell the two
+//! apart; silence past a few of those means the reader can no longer vouch for what it holds.
+//!
 //! Values are opaque here; the controller encodes them (JSON) and refuses ones it cannot read.
 
 #![forbid(unsafe_code)]
@@ -19,6 +24,7 @@ pub mod etcd;
 pub mod suite;
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -114,6 +120,10 @@ pub enum WatchMessage {
     /// Events were lost; read the prefix again with [`Store::range`] and go on watching. Events
     /// at or below the new snapshot's revision that still arrive must be ignored.
     Resync,
+    /// The store confirms that this watch is current: it has delivered every change up to this
+    /// store revision, and the store answered a moment ago. Sent only by backends with a
+    /// [`Store::progress_every`], that often while the store is reachable.
+    Progress(Revision),
 }
 
 /// A stream of changes under a prefix. It ends (`None`) when the backend's stream ends (the
@@ -172,6 +182,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// so a controller that dies disappears within `ttl`. The embedded store (one controller)
     /// keeps it until the `Held` is dropped, or until the next `open` if the process died.
     async fn hold(&self, key: &str, value: Vec<u8>, ttl: i64) -> Result<Held, Error>;
+    /// How often this store's watch confirms it is current ([`WatchMessage::Progress`]), or
+    /// `None` if it never needs to: the embedded store is written only by this process, through
+    /// this very object, so its watch cannot fall behind without saying `Resync`.
+    fn progress_every(&self) -> Option<Duration>;
     /// Where the data lives, for logs and `bulkhead status`.
     fn describe(&self) -> String;
     /// Each place the data lives (a file, or each etcd endpoint) and how it is: `Ok` with a

@@ -20,6 +20,7 @@ pub async fn run_all(store: Arc<dyn Store>, prefix: &str) {
     compare_and_swap(&*store, &format!("{prefix}/cas/")).await;
     one_winner(store.clone(), &format!("{prefix}/race/")).await;
     watch_in_order(&*store, &format!("{prefix}/watch/")).await;
+    quiet_watch_confirms_progress(&*store, &format!("{prefix}/quiet/")).await;
     held_keys(&*store, &format!("{prefix}/held/")).await;
 }
 
@@ -178,6 +179,7 @@ pub async fn watch_in_order(s: &dyn Store, p: &str) {
             .expect("watch ended");
         match msg {
             WatchMessage::Events(ev) => seen.extend(ev),
+            WatchMessage::Progress(_) => {}
             WatchMessage::Resync => {
                 // Allowed only if the backend cannot replay; then the state must be readable.
                 let snap = s.range(p).await.unwrap();
@@ -194,10 +196,42 @@ pub async fn watch_in_order(s: &dyn Store, p: &str) {
         seen[1].revision() > r1.revision + 1,
         "the unrelated write took a revision"
     );
+    let more = async {
+        loop {
+            match w.next().await {
+                Some(WatchMessage::Progress(_)) => continue,
+                other => return other,
+            }
+        }
+    };
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), w.next())
+        tokio::time::timeout(Duration::from_millis(200), more)
             .await
             .is_err(),
         "nothing more, and nothing from outside the prefix"
     );
+}
+
+/// A watch on a quiet prefix of a backend with `progress_every` confirms it is current that
+/// often, at a revision no older than its start; a backend without never sends progress.
+pub async fn quiet_watch_confirms_progress(s: &dyn Store, p: &str) {
+    let start = s.range(p).await.unwrap().revision;
+    let mut w = s.watch(p, start).await.unwrap();
+    match s.progress_every() {
+        Some(every) => {
+            for _ in 0..2 {
+                let m = tokio::time::timeout(every * 3, w.next())
+                    .await
+                    .expect("no progress on a quiet watch");
+                assert!(
+                    matches!(m, Some(WatchMessage::Progress(r)) if r >= start),
+                    "{m:?}"
+                );
+            }
+        }
+        None => {
+            let m = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+            assert!(m.is_err(), "{m:?}");
+        }
+    }
 }

@@ -44,7 +44,7 @@ async fn suite_passes_and_etcd_specifics_hold() {
         .unwrap();
     raw.compact(r.revision + 1, None).await.unwrap();
     let mut w = s.watch("c/", r.revision - 1).await.unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), w.next())
+    let m = tokio::time::timeout(Duration::from_secs(10), change(&mut w))
         .await
         .unwrap();
     assert_eq!(m, Some(WatchMessage::Resync));
@@ -55,10 +55,20 @@ async fn suite_passes_and_etcd_specifics_hold() {
         .await
         .unwrap();
     drop(server);
-    let m = tokio::time::timeout(Duration::from_secs(30), w.next())
+    let m = tokio::time::timeout(Duration::from_secs(30), change(&mut w))
         .await
         .unwrap();
     assert_eq!(m, Some(WatchMessage::Resync));
+}
+
+/// The next message of a watch that is not a progress notification.
+async fn change(w: &mut bulkhead_store::Watch) -> Option<WatchMessage> {
+    loop {
+        match w.next().await {
+            Some(WatchMessage::Progress(_)) => continue,
+            m => return m,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
