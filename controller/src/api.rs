@@ -190,9 +190,32 @@ async fn authorize(
     next.run(req).await
 }
 
+/// Refuses what a controller that cannot vouch for its view must not do
+/// ([`crate::currency`]), before anything else: nodes are sent away (`503 unavailable`, which
+/// a daemon answers by trying the next controller), since a stale view may still hold a
+/// revoked credential or an old allowlist; administrators' changes and plans are refused with
+/// the reason; administrators' reads answer from the view as it was, and `status` says it is
+/// not current.
+async fn current_only(
+    State((c, access)): State<(Ctl, Access)>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    let refuse = match access {
+        Access::Node => true,
+        Access::Admin => req.method() != axum::http::Method::GET,
+    };
+    if refuse && !c.currency.current() {
+        return Error::Unavailable(c.currency.why_stale()).into_response();
+    }
+    next.run(req).await
+}
+
 /// The routes, each with who may call it.
 pub fn router(c: Ctl) -> Router {
     let layer = |access| middleware::from_fn_with_state((c.clone(), access), authorize);
+    // Added after `authorize`, so it runs before it.
+    let current = |access| middleware::from_fn_with_state((c.clone(), access), current_only);
     let limit = DefaultBodyLimit::max;
     let node = Router::new()
         .route("/v1/node/stream", get(stream))
@@ -204,7 +227,8 @@ pub fn router(c: Ctl) -> Router {
             "/v1/node/flows",
             post(node_flows).layer(limit(MAX_FLOWS_BODY)),
         )
-        .route_layer(layer(Access::Node));
+        .route_layer(layer(Access::Node))
+        .route_layer(current(Access::Node));
     let admin = Router::new()
         .route("/v1/flows", get(flows))
         .route("/v1/policy", get(policy))
@@ -217,7 +241,8 @@ pub fn router(c: Ctl) -> Router {
         .route("/v1/nodes/{identity}/release", post(release))
         .route("/v1/audit", get(audit))
         .route("/v1/status", get(status))
-        .route_layer(layer(Access::Admin));
+        .route_layer(layer(Access::Admin))
+        .route_layer(current(Access::Admin));
     Router::new()
         .route("/v1/join", post(join).layer(limit(MAX_JOIN_BODY)))
         .merge(node)
@@ -431,7 +456,8 @@ fn push(online: &Online, m: &NodeMessage) -> Result<Bytes, Infallible> {
 }
 
 /// A node's stream: its configuration now, then each time it changes. Ends when the node is
-/// revoked or re-enrolled (its credential is gone).
+/// revoked or re-enrolled (its credential is gone), or when this controller can no longer
+/// vouch for its view (the node then moves to another controller).
 async fn stream(
     State(c): State<Ctl>,
     axum::Extension(NodeIdentity(id)): Node,
@@ -442,11 +468,18 @@ async fn stream(
     };
     let rx = lock(&c.view).subscribe(&id);
     let creds = c.cred_changes.subscribe();
+    let current = c.currency.subscribe();
+    // Subscribed first: a controller that went stale since the check in front is caught here,
+    // and one that goes stale after it, by the stream.
+    if !*current.borrow() {
+        return Error::Unavailable(c.currency.why_stale()).into_response();
+    }
     tracing::info!(identity = %id, from = %p.addr, "node connected");
     let online = Online::new(c.clone(), id);
     struct St {
         rx: tokio::sync::watch::Receiver<Arc<NodeMessage>>,
         creds: tokio::sync::watch::Receiver<u64>,
+        current: tokio::sync::watch::Receiver<bool>,
         first: bool,
         fp: String,
         online: Online,
@@ -454,6 +487,7 @@ async fn stream(
     let st = St {
         rx,
         creds,
+        current,
         first: true,
         fp,
         online,
@@ -477,6 +511,12 @@ async fn stream(
                     let valid = lock(&st.online.c.view).records().creds.contains_key(&st.fp);
                     if r.is_err() || !valid {
                         tracing::info!(identity = %st.online.identity, "credential gone: stream closed");
+                        return None;
+                    }
+                }
+                r = st.current.changed() => {
+                    if r.is_err() || !*st.current.borrow_and_update() {
+                        tracing::info!(identity = %st.online.identity, "no contact with the store: stream closed, for the node to move to a current controller");
                         return None;
                     }
                 }

@@ -189,6 +189,13 @@ impl Metrics {
         );
         gauge(
             &mut r,
+            "bulkhead_store_current",
+            "1 while this controller's view is confirmed to be the store's (always, with the embedded store); 0 while it is cut off, serves no node and refuses changes",
+            None,
+            one(if c.currency.current() { 1.0 } else { 0.0 }),
+        );
+        gauge(
+            &mut r,
             "bulkhead_node_streams",
             "Nodes whose stream this controller holds",
             None,

@@ -152,17 +152,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         matches!(first, Some(NodeMessage::NoPolicy { .. })),
         "{first:?}"
     );
-    let applied: ApplyResponse =
-        a.c.post(
-            "/v1/policy/apply",
-            &PolicyRequest {
-                text: POLICY.into(),
-                source: "p.yaml".into(),
-                base_revision: None,
-            },
-        )
-        .await
-        .unwrap();
+    let applied = apply(&mut a.c, POLICY).await;
     assert_eq!(applied.revision, 1);
     let t0 = std::time::Instant::now();
     match tokio::time::timeout(Duration::from_secs(10), s.next::<NodeMessage>())
@@ -622,13 +612,18 @@ async fn two_controllers(tag: &str, policy: &str) -> (Server, Ctl, Ctl) {
     let server = Server::start();
     let mut a = controller(&format!("{tag}-a"), &server.spec()).await;
     let b = controller(&format!("{tag}-b"), &server.spec()).await;
+    apply(&mut a.c, policy).await;
+    (server, a, b)
+}
+
+/// Applies `policy` through a controller.
+async fn apply(c: &mut bulkhead_proto::Connection, policy: &str) -> ApplyResponse {
     let req = PolicyRequest {
         text: policy.into(),
         source: "p.yaml".into(),
         base_revision: None,
     };
-    let _: ApplyResponse = a.c.post("/v1/policy/apply", &req).await.unwrap();
-    (server, a, b)
+    c.post("/v1/policy/apply", &req).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -789,4 +784,262 @@ rules:
         .await
         .unwrap();
     assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+}
+
+/// A TCP forwarder the test can cut, between a controller and etcd. Cut, it forwards nothing
+/// either way and holds every connection open, old and new: a blackhole, as a partition looks
+/// to a client (nothing refused, nothing answered). Restored, the connections held through the
+/// cut are dropped and new ones forward again. Its task, and every connection's, end with it.
+struct Cuttable {
+    addr: String,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn start(target: &str) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        let target = target.to_string();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                while conns.try_join_next().is_some() {}
+                let (target, mut rx) = (target.clone(), rx.clone());
+                conns.spawn(async move {
+                    if *rx.borrow_and_update() {
+                        until(&mut rx, false).await;
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = until(&mut rx, true) => until(&mut rx, false).await,
+                    }
+                });
+            }
+        });
+        Cuttable { addr, cut, task }
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until the cut is `v` (or the proxy is gone).
+async fn until(rx: &mut tokio::sync::watch::Receiver<bool>, v: bool) {
+    while *rx.borrow_and_update() != v {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node enrolled with a token: its credential, for clients of any controllers.
+struct Enrolled {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+impl Enrolled {
+    async fn join(token: &str) -> Enrolled {
+        let t = Token::decode(token).unwrap();
+        let wg = bulkhead_proto::PrivateKey::generate().public_key();
+        let en = bulkhead_proto::join(&t, wg).await.unwrap();
+        Enrolled {
+            ca: en.response.ca,
+            cert: en.response.certificate,
+            key: en.credential.pem(),
+        }
+    }
+
+    /// A client trying `urls` in order.
+    fn client(&self, urls: &[&str]) -> Client {
+        let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+        Client::new(
+            &urls,
+            &Trust::Ca(self.ca.clone()),
+            Some(&Identity {
+                cert_pem: self.cert.clone(),
+                key_pem: self.key.clone(),
+            }),
+        )
+        .unwrap()
+    }
+}
+
+/// A node's open stream, with its connection, after its first message.
+struct Stream {
+    _conn: bulkhead_proto::Connection,
+    lines: bulkhead_proto::client::Lines,
+    url: String,
+}
+
+/// Opens a node's stream at the first controller `node` reaches, and takes its first message.
+async fn open_stream(node: &Client) -> Result<Stream, bulkhead_proto::ApiError> {
+    let mut conn = node.connect().await?;
+    let url = conn.url().to_string();
+    let mut lines = conn.stream("/v1/node/stream").await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next::<NodeMessage>())
+        .await
+        .expect("a first message in 10 s")?;
+    assert!(first.is_some(), "the stream ended at once");
+    Ok(Stream {
+        _conn: conn,
+        lines,
+        url,
+    })
+}
+
+/// What a daemon does (node-daemon/src/link.rs): each controller in turn until one serves a
+/// stream; a 401 is final. At most `tries` attempts.
+async fn fail_over(
+    en: &Enrolled,
+    urls: &[&str],
+    tries: usize,
+) -> Result<Stream, bulkhead_proto::ApiError> {
+    let mut last = None;
+    for i in 0..tries {
+        let (head, tail) = urls.split_at(i % urls.len());
+        let order: Vec<&str> = tail.iter().chain(head).copied().collect();
+        match open_stream(&en.client(&order)).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.code() == Some("unauthenticated") => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap())
+}
+
+/// A controller's `/v1/status`, as JSON (fields a test may check are absent from older ones).
+async fn status(c: &mut bulkhead_proto::Connection) -> serde_json::Value {
+    c.get("/v1/status").await.unwrap()
+}
+
+/// A controller cut off from etcd cannot vouch for its view: within seconds it ends its nodes'
+/// streams and refuses them with `503 unavailable` (a daemon then tries the next controller),
+/// and refuses changes saying why, while the other controller serves; so a revocation made
+/// through the other one is never missed by a node that follows. Once etcd is back, it serves
+/// again, with the revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cut_off_from_etcd_sends_its_nodes_to_another() {
+    if !etcd_ok() {
+        return;
+    }
+    let server = Server::start();
+    let proxy = Cuttable::start(&server.addr).await;
+    let mut a = controller("cut-a", &format!("etcd://{}", proxy.addr)).await;
+    let mut b = controller("cut-b", &server.spec()).await;
+    apply(&mut b.c, POLICY).await;
+    let (ua, ub) = (a.url.clone(), b.url.clone());
+    // web-1 enrolled through A, db-1 through B; web-1 streams from A.
+    let web = Enrolled::join(&token(&mut a.c, "web-1").await).await;
+    let db = Enrolled::join(&token(&mut b.c, "db-1").await).await;
+    let mut s = open_stream(&web.client(&[&ua])).await.unwrap();
+
+    // Cut A from etcd: its stream to web-1 ends within 10 s.
+    proxy.set(true);
+    let t0 = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = s.lines.next::<NodeMessage>().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "A kept serving web-1 after 10 s cut off from etcd"
+    );
+    eprintln!("cut -> web-1's stream on A ended: {:?}", t0.elapsed());
+
+    // A refuses nodes with 503 `unavailable`, saying why.
+    let e = open_stream(&web.client(&[&ua]))
+        .await
+        .err()
+        .expect("A refuses web-1");
+    assert!(
+        matches!(&e, bulkhead_proto::ApiError::Api { status: 503, .. }),
+        "{e}"
+    );
+    assert_eq!(e.code(), Some("unavailable"), "{e}");
+    assert!(e.to_string().contains("no contact with its store"), "{e}");
+    let e = open_stream(&db.client(&[&ua]))
+        .await
+        .err()
+        .expect("A refuses db-1");
+    assert_eq!(e.code(), Some("unavailable"), "{e}");
+    // Administrators: changes refused with the reason; reads answer, and status says so.
+    let e =
+        a.c.post::<_, TokenResponse>(
+            "/v1/tokens",
+            &TokenRequest {
+                identity: "web-1".into(),
+                ttl: 600,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unavailable"), "{e}");
+    assert!(e.to_string().contains("no contact with its store"), "{e}");
+    let st = status(&mut a.c).await;
+    assert_eq!(st["store_current"], false, "{st}");
+    assert!(
+        st["store_unconfirmed_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms >= 5000),
+        "{st}"
+    );
+
+    // web-1 follows the failover, as its daemon would: A sends it away, B serves it.
+    let mut s = fail_over(&web, &[&ua, &ub], 4).await.unwrap();
+    assert_eq!(s.url, ub);
+    assert_eq!(status(&mut b.c).await["store_current"], true);
+    // A revocation through B ends it; A, whose stale view still holds the credential, never
+    // serves web-1 a configuration again, B says it is revoked.
+    let r: RevokeResponse = b.c.post("/v1/nodes/web-1/revoke", &()).await.unwrap();
+    assert!(r.was_enrolled);
+    let end = tokio::time::timeout(Duration::from_secs(10), s.lines.next::<NodeMessage>())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None)) || end.is_err(), "{end:?}");
+    let e = fail_over(&web, &[&ua, &ub], 4)
+        .await
+        .err()
+        .expect("revoked");
+    assert_eq!(e.code(), Some("unauthenticated"), "{e}");
+
+    // Etcd back: A catches up and serves again, with the revocation.
+    proxy.set(false);
+    let t1 = std::time::Instant::now();
+    let back = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(s) = open_stream(&db.client(&[&ua])).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "A never served again once etcd was back");
+    eprintln!("restore -> A serves db-1 again: {:?}", t1.elapsed());
+    let e = open_stream(&web.client(&[&ua]))
+        .await
+        .err()
+        .expect("web-1 is revoked on A too");
+    assert_eq!(e.code(), Some("unauthenticated"), "{e}");
+    assert_eq!(status(&mut a.c).await["store_current"], true);
+    // Stopped before the proxy and etcd they use.
+    drop((a, b, proxy));
 }

@@ -124,6 +124,11 @@ impl Controller {
             controllers: r.controllers.values().cloned().collect(),
             store: self.store.describe(),
             store_health,
+            store_current: self.currency.current(),
+            store_unconfirmed_ms: self
+                .currency
+                .unconfirmed_for()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             revision: v.revision(),
             identities: v.live().map_or(0, |l| l.model.identity_count()),
             enrolled: r.nodes.len(),

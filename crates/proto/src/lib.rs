@@ -474,6 +474,11 @@ pub struct RevokeResponse {
     pub was_enrolled: bool,
 }
 
+/// A controller that predates `store_current` was taken to be current.
+fn yes() -> bool {
+    true
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
@@ -489,6 +494,14 @@ pub struct StatusView {
     /// Each store endpoint (a file, or each etcd member) and its health: `ok, …` or the error.
     #[serde(default)]
     pub store_health: Vec<(String, String)>,
+    /// Whether the controller can vouch that its view is the store's: with etcd, confirmed in
+    /// the last few seconds. A controller that is not serves no node and refuses changes.
+    #[serde(default = "yes")]
+    pub store_current: bool,
+    /// Milliseconds since the store last confirmed the controller's view; absent for the
+    /// embedded store, which is always current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_unconfirmed_ms: Option<u64>,
     /// The live policy revision.
     pub revision: u64,
     /// Identities in the policy.
