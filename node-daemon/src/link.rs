@@ -137,6 +137,9 @@ pub async fn run(
         let wait = match r {
             Ok(()) => {
                 tracing::warn!("controller ended the stream; reconnecting");
+                // To the next controller first: one that ends its nodes' streams is going away,
+                // or has lost its store (and would answer 503 next).
+                enrollment.controllers.rotate_left(1);
                 backoff = BACKOFF_MIN;
                 BACKOFF_MIN
             }
