@@ -327,7 +327,11 @@ fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
             )
         })
         .collect();
-    assert_eq!(entries[0].0, "policy.apply", "{entries:?}");
+    // The controller's first start issues the administrator's credential; then the policy.
+    let first: Vec<&str> = entries.iter().take(2).map(|e| e.0.as_str()).collect();
+    assert_eq!(first, ["admin.issue", "policy.apply"], "{entries:?}");
+    let tokens = entries.iter().filter(|e| e.0 == "token.create").count();
+    assert_eq!(tokens, 2, "one per node enrolled: {entries:?}");
     let q: Vec<(&str, &str)> = entries
         .iter()
         .filter(|e| e.0 == "quarantine" || e.0 == "release")
