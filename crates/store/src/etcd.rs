@@ -18,13 +18,17 @@
 //!   [`WatchMessage::Progress`], so the reader can tell silence from a cut. Before etcd 3.4.25 and
 //!   3.5.8 (#15220) a progress notification may overtake events still in flight on the stream;
 //!   its revision is therefore never used to skip events, only as a sign of contact.
+//!
+//! `etcds://` speaks TLS (rustls, ring), trusting only the CA in [`Access::ca`] and presenting
+//! [`Access::identity`] as a client certificate; [`Access::user`] logs in to etcd's own
+//! authentication (the token is refreshed when it expires).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
-    Txn as EtcdTxn, TxnOp, WatchOptions,
+    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -51,6 +55,7 @@ pub struct Etcd {
     watcher: etcd_client::WatchClient,
     endpoints: Vec<String>,
     namespace: String,
+    access: Access,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -62,14 +67,81 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
+/// How to reach and log in to etcd, beyond its addresses.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// PEM: the CA that signed etcd's server certificates. Required with `etcds://`.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate and private key presented to etcd (`--client-cert-auth`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd user and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key or the password.
+        f.debug_struct("Access")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+impl Access {
+    /// The client options for `endpoints` (all `http://` or all `https://`, from
+    /// [`parse_spec`]).
+    fn options(&self, endpoints: &[String]) -> Result<ConnectOptions, Error> {
+        let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        let mut opts = ConnectOptions::new();
+        if tls {
+            let ca = self.ca.as_ref().ok_or_else(|| {
+                Error::Unavailable(
+                    "etcds:// needs the CA of etcd's certificates (--etcd-ca)".into(),
+                )
+            })?;
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        } else if self.ca.is_some() || self.identity.is_some() {
+            return Err(Error::Unavailable(
+                "a CA or client certificate for etcd needs etcds://".into(),
+            ));
+        }
+        if let Some((user, password)) = &self.user {
+            if !tls {
+                tracing::warn!(user, "etcd password sent without TLS: use etcds://");
+            }
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        Ok(opts)
+    }
+}
+
 fn unavailable(e: etcd_client::Error) -> Error {
     Error::Unavailable(format!("etcd: {e}"))
 }
 
-/// Parses `etcd://H:P[,H:P]` into `http://H:P` endpoints.
+/// Parses `etcd://H:P[,H:P]` into `http://H:P` endpoints, `etcds://H:P[,H:P]` into
+/// `https://H:P` ones.
 pub fn parse_spec(spec: &str) -> Result<Vec<String>, Error> {
-    let bad = || Error::Unavailable(format!("{spec:?}: expected etcd://HOST:PORT[,HOST:PORT]"));
-    let rest = spec.strip_prefix("etcd://").ok_or_else(bad)?;
+    let bad = || {
+        Error::Unavailable(format!(
+            "{spec:?}: expected etcd://HOST:PORT[,HOST:PORT] or etcds://…"
+        ))
+    };
+    let (scheme, rest) = if let Some(rest) = spec.strip_prefix("etcd://") {
+        ("http", rest)
+    } else if let Some(rest) = spec.strip_prefix("etcds://") {
+        ("https", rest)
+    } else {
+        return Err(bad());
+    };
     let eps: Vec<String> = rest
         .split(',')
         .map(str::trim)
@@ -79,7 +151,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<String>, Error> {
             if h.is_empty() || p.parse::<u16>().is_err() {
                 return Err(bad());
             }
-            Ok(format!("http://{e}"))
+            Ok(format!("{scheme}://{e}"))
         })
         .collect::<Result<_, _>>()?;
     if eps.is_empty() {
@@ -92,8 +164,14 @@ impl Etcd {
     /// Connects to `etcd://H:P[,H:P]`, keeping keys under `namespace`. Fails (clearly) if no
     /// endpoint answers within 5 s; the caller decides whether to retry.
     pub async fn connect(spec: &str, namespace: &str) -> Result<Etcd, Error> {
+        Etcd::connect_with(spec, namespace, &Access::default()).await
+    }
+
+    /// [`Etcd::connect`] to `etcd://` or `etcds://`, with certificates and a login.
+    pub async fn connect_with(spec: &str, namespace: &str, access: &Access) -> Result<Etcd, Error> {
         let endpoints = parse_spec(spec)?;
-        let opts = ConnectOptions::new()
+        let opts = access
+            .options(&endpoints)?
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
@@ -106,6 +184,7 @@ impl Etcd {
             client,
             endpoints,
             namespace: namespace.to_string(),
+            access: access.clone(),
         };
         // Connecting is lazy: ask once, so that an unreachable cluster is reported now.
         s.range("\u{0}probe").await?;
@@ -350,10 +429,13 @@ impl Store for Etcd {
     async fn health(&self) -> Vec<(String, Result<String, String>)> {
         let mut out = Vec::new();
         for ep in &self.endpoints {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_timeout(Duration::from_secs(2));
             let r = async {
+                let opts = self
+                    .access
+                    .options(std::slice::from_ref(ep))
+                    .map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_timeout(Duration::from_secs(2));
                 let mut c = Client::connect([ep.as_str()], Some(opts)).await?;
                 let s = c.status().await?;
                 let me = s.header().map_or(0, |h| h.member_id());
@@ -381,9 +463,40 @@ mod tests {
             parse_spec("etcd://10.0.0.1:2379,10.0.0.2:2379").unwrap(),
             ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
         );
+        assert_eq!(
+            parse_spec("etcds://a:2379, b:2379").unwrap(),
+            ["https://a:2379", "https://b:2379"]
+        );
         assert!(parse_spec("http://x:1").is_err());
+        assert!(parse_spec("etcds://").is_err());
         assert!(parse_spec("etcd://").is_err());
         assert!(parse_spec("etcd://host").is_err());
         assert!(parse_spec("etcd://:2379").is_err());
+    }
+
+    #[test]
+    fn tls_needs_a_ca_and_https() {
+        let https = ["https://a:1".to_string()];
+        let http = ["http://a:1".to_string()];
+        let e = Access::default().options(&https).err().unwrap().to_string();
+        assert!(e.contains("--etcd-ca"), "{e}");
+        let with_ca = Access {
+            ca: Some(b"x".to_vec()),
+            ..Access::default()
+        };
+        assert!(
+            with_ca.options(&http).is_err(),
+            "a CA on plain etcd:// is a mistake"
+        );
+        let secret = Access {
+            identity: Some((b"cert".to_vec(), b"KEY".to_vec())),
+            user: Some(("root".into(), "PASSWORD".into())),
+            ..with_ca
+        };
+        let shown = format!("{secret:?}");
+        assert!(
+            !shown.contains("KEY") && !shown.contains("PASSWORD"),
+            "{shown}"
+        );
     }
 }
