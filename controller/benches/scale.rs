@@ -69,6 +69,8 @@ fn controller_process() {
             listen: "127.0.0.1:0".parse().unwrap(),
             state: dir.into(),
             store: std::env::var("BH_SCALE_STORE").ok(),
+            etcd: Default::default(),
+            ca_key_file: std::env::var_os("BH_SCALE_CA_KEY").map(Into::into),
             policy: None,
             advertise_url: None,
             flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
@@ -206,7 +208,12 @@ fn main() {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped());
         if let Some(spec) = &store {
-            cmd.env("BH_SCALE_STORE", spec);
+            // One CA key file for both controllers, as on a real deployment.
+            let key = std::env::temp_dir().join(format!("bh-scale-{}.key", std::process::id()));
+            if !key.exists() {
+                std::fs::write(&key, format!("{}\n", "5a".repeat(32))).unwrap();
+            }
+            cmd.env("BH_SCALE_STORE", spec).env("BH_SCALE_CA_KEY", key);
         }
         let mut child = cmd.spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());

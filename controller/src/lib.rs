@@ -10,6 +10,7 @@
 //! - [`currency`]: whether this controller can vouch that its view is the store's.
 //! - [`metrics`]: what `--metrics` exposes to Prometheus.
 //! - [`pki`]: the CA and the administrator's credential, at first start.
+//! - [`sealing`]: the CA's private key sealed with `--ca-key-file`, never in the store in clear.
 //!
 //! [`start`] runs a controller inside the current tokio runtime (the binary, and in-process
 //! tests on port 0).
@@ -22,6 +23,7 @@ pub mod ops;
 pub mod pki;
 pub mod presence;
 pub mod records;
+pub mod sealing;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -42,8 +44,13 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// State directory: the embedded store and `admin.yaml`.
     pub state: PathBuf,
-    /// `etcd://…` to keep state in etcd instead.
+    /// `etcd://…` or `etcds://…` to keep state in etcd instead.
     pub store: Option<String>,
+    /// TLS and login for etcd.
+    pub etcd: bulkhead_store::etcd::Access,
+    /// The key that seals the CA's private key in the store; default `STATE/ca-seal.key`,
+    /// created if absent, with the embedded store. Required with etcd.
+    pub ca_key_file: Option<PathBuf>,
     /// A policy file to apply at start and whenever it changes.
     pub policy: Option<PathBuf>,
     /// The URL tokens and `admin.yaml` carry.
@@ -150,13 +157,21 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     // moment they exist, whatever the umask.
     bulkhead_proto::private::create_dir(&s.state)
         .with_context(|| format!("cannot create state directory {}", s.state.display()))?;
+    let seal = match (&s.ca_key_file, &s.store) {
+        (Some(f), _) => sealing::SealKey::load(f, s.store.is_none())?,
+        (None, None) => sealing::SealKey::load(&s.state.join(sealing::DEFAULT_FILE), true)?,
+        (None, Some(_)) => anyhow::bail!(
+            "with etcd, --ca-key-file is required: the same file on every controller (make it \
+             once with `openssl rand -hex 32`)"
+        ),
+    };
     let store: Arc<dyn Store> = match &s.store {
         None => Arc::new(Embedded::open(&s.state.join("store.redb"))?),
         Some(spec) => {
             // A malformed spec is an error at once; an unreachable cluster is waited for.
-            bulkhead_store::etcd::parse_spec(spec)?;
+            s.etcd.check(spec)?;
             loop {
-                match Etcd::connect(spec, bulkhead_store::etcd::NAMESPACE).await {
+                match Etcd::connect_with(spec, bulkhead_store::etcd::NAMESPACE, &s.etcd).await {
                     Ok(e) => break Arc::new(e),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reach etcd; retrying in 2 s");
@@ -175,7 +190,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     let host = url_host(&url)
         .with_context(|| format!("--advertise-url {url:?}: expected https://HOST:PORT"))?;
 
-    let ca = pki::ca(&*store).await?;
+    let ca = pki::ca(&*store, &seal).await?;
     let mut names = vec![host, "localhost".into(), "127.0.0.1".into()];
     if !addr.ip().is_unspecified() {
         names.push(addr.ip().to_string());

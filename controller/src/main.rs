@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 
 /// bulkhead-controller: holds the policy, enrolls nodes, compiles and pushes allowlists.
@@ -16,9 +17,29 @@ struct Cli {
     /// Keys, CA and the embedded store.
     #[arg(long, default_value = "/var/lib/bulkhead")]
     state: PathBuf,
-    /// Keep state in etcd instead of the embedded store.
-    #[arg(long, value_name = "etcd://H:P[,H:P]")]
+    /// Keep state in etcd instead of the embedded store (etcds:// for TLS).
+    #[arg(long, value_name = "etcds://H:P[,H:P]")]
     store: Option<String>,
+    /// With etcds://: the CA that signed etcd's certificates (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// With etcds://: the client certificate presented to etcd (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// With etcds://: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user to log in as (with --etcd-password-file).
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password (first line).
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// The key (64 hex digits) that seals the CA's private key in the store. Default
+    /// STATE/ca-seal.key, created if absent; required with etcd, the same file on every
+    /// controller.
+    #[arg(long, value_name = "FILE")]
+    ca_key_file: Option<PathBuf>,
     /// Apply FILE at start and whenever it changes (validated, tested).
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -47,7 +68,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// A PEM file, refused at once if it is not one.
+fn pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    anyhow::ensure!(
+        data.windows(11).any(|w| w == b"-----BEGIN "),
+        "{}: not a PEM file",
+        path.display()
+    );
+    Ok(data)
+}
+
+fn etcd_access(cli: &Cli) -> anyhow::Result<bulkhead_store::etcd::Access> {
+    let identity = match (&cli.etcd_cert, &cli.etcd_key) {
+        (Some(c), Some(k)) => Some((pem(c)?, pem(k)?)),
+        _ => None,
+    };
+    let user = match (&cli.etcd_user, &cli.etcd_password_file) {
+        (Some(u), Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let pw = text.lines().next().unwrap_or_default().to_string();
+            anyhow::ensure!(!pw.is_empty(), "{}: empty password", f.display());
+            Some((u.clone(), pw))
+        }
+        _ => None,
+    };
+    Ok(bulkhead_store::etcd::Access {
+        ca: cli.etcd_ca.as_deref().map(pem).transpose()?,
+        identity,
+        user,
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let etcd = etcd_access(&cli)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -57,6 +112,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen: cli.listen,
             state: cli.state,
             store: cli.store,
+            etcd,
+            ca_key_file: cli.ca_key_file,
             policy: cli.policy,
             advertise_url: cli.advertise_url,
             flow_history: cli.flow_history,

@@ -1,7 +1,8 @@
 //! First start: the CA and the administrator's credential.
 //!
 //! The CA lives in the store (created once, by compare-and-swap, so that several controllers on
-//! one etcd agree on one CA). The administrator's credential is a client certificate whose key
+//! one etcd agree on one CA), its private key sealed with the key in `--ca-key-file`
+//! ([`crate::sealing`]). The administrator's credential is a client certificate whose key
 //! never leaves `STATE/admin.yaml` (mode 0600); the store holds only its fingerprint.
 
 use std::path::Path;
@@ -12,18 +13,46 @@ use bulkhead_proto::tls::{Ca, CredentialKey, cert_der, fingerprint};
 use bulkhead_store::{Compare, Op, Store};
 
 use crate::records::{self, CA, CREDS, CaRecord, CredRecord};
+use crate::sealing::SealKey;
 
-/// Loads the CA from the store, creating it if there is none.
-pub async fn ca(store: &dyn Store) -> anyhow::Result<Ca> {
+/// Loads the CA from the store, creating it if there is none. A record that still holds the
+/// key in clear (written before sealing) is sealed now. Fails if the key does not open with
+/// `seal`: a controller with the wrong key file must not start (nor make a CA of its own).
+pub async fn ca(store: &dyn Store, seal: &SealKey) -> anyhow::Result<Ca> {
     loop {
         if let Some(kv) = store.get(CA).await? {
             let rec: CaRecord = records::decode(CA, &kv.value).map_err(anyhow::Error::msg)?;
-            return Ca::load(&rec.cert, &rec.key).context("stored CA");
+            if let Some(sealed) = &rec.sealed_key {
+                let key = seal.open(&rec.cert, sealed)?;
+                return Ca::load(&rec.cert, &key).context("stored CA");
+            }
+            let ca = Ca::load(&rec.cert, &rec.key).context("stored CA")?;
+            let sealed = CaRecord {
+                cert: rec.cert.clone(),
+                key: String::new(),
+                sealed_key: Some(seal.seal(&rec.cert, &rec.key)?),
+            };
+            let t = store
+                .txn(
+                    &[Compare::ModRevision(CA.into(), kv.mod_revision)],
+                    &[Op::Put(CA.into(), records::encode(&sealed))],
+                )
+                .await?;
+            if t.succeeded {
+                tracing::warn!(
+                    "sealed the CA key, which the store held in clear; older copies (etcd \
+                     history until compaction, backups) still hold it"
+                );
+                return Ok(ca);
+            }
+            // Another controller sealed it first: read theirs.
+            continue;
         }
         let ca = Ca::generate()?;
         let rec = CaRecord {
             cert: ca.cert_pem.clone(),
-            key: ca.key_pem.clone(),
+            key: String::new(),
+            sealed_key: Some(seal.seal(&ca.cert_pem, &ca.key_pem)?),
         };
         let t = store
             .txn(

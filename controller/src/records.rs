@@ -3,7 +3,7 @@
 //!
 //! | key | record |
 //! |---|---|
-//! | `ca` | [`CaRecord`]: the CA certificate and key |
+//! | `ca` | [`CaRecord`]: the CA certificate, and its key sealed with `--ca-key-file` |
 //! | `policy` | [`PolicyHead`]: the live policy's revision, who applied it, and which blob holds its text and addresses |
 //! | `blobs/<sha256>/<n>` | 64 KiB chunks of a [`PolicyRecord`]'s body, written before the head that names them |
 //! | `tokens/<sha256 of the secret>` | [`TokenRecord`] |
@@ -178,13 +178,18 @@ pub struct ControllerRecord {
     pub url: String,
 }
 
-/// The CA certificate and key, PEM.
+/// The CA certificate, PEM, and its private key sealed by [`crate::sealing`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaRecord {
     /// Certificate.
     pub cert: String,
-    /// Private key.
+    /// Private key, PEM, in clear: only in records written before sealing, which a starting
+    /// controller seals. Never written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// Private key sealed with the controllers' CA key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<String>,
 }
 
 /// Chunks of large values, by the SHA-256 of the whole.

@@ -31,6 +31,8 @@ fn settings(dir: &std::path::Path) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         state: dir.to_path_buf(),
         store: None,
+        etcd: Default::default(),
+        ca_key_file: None,
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,

@@ -47,12 +47,25 @@ impl Drop for Ctl {
     }
 }
 
+/// The CA key file every controller in this process is given, as on a real deployment.
+fn shared_ca_key() -> std::path::PathBuf {
+    static KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("bh-ha-ca-key-{}", std::process::id()));
+        std::fs::write(&p, format!("{}\n", "a7".repeat(32))).unwrap();
+        p
+    })
+    .clone()
+}
+
 async fn controller(name: &str, spec: &str) -> Ctl {
     let state = TempDir::new(&format!("ha-{name}"));
     let h = start(Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         state: state.path().to_path_buf(),
         store: Some(spec.to_string()),
+        etcd: Default::default(),
+        ca_key_file: Some(shared_ca_key()),
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
@@ -487,6 +500,8 @@ fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
         std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-controller"))
             .args(["--listen", "127.0.0.1:0", "--store"])
             .arg(format!("etcd://{addr}"))
+            .arg("--ca-key-file")
+            .arg(shared_ca_key())
             .arg("--state")
             .arg(d.join("state"))
             .stdin(std::process::Stdio::null())

@@ -61,7 +61,12 @@ fn daemons_fail_over_and_changes_still_reach_them() {
         ],
     );
     let spec = format!("etcd://{CTL}:2379");
-    c.start_controller("controller", &policy, &["--store", &spec]);
+    // One CA key file, shipped to both controllers.
+    let ca_key = c.lab.host("ctl").dir.join("ca-seal.key");
+    std::fs::write(&ca_key, format!("{}\n", "3c".repeat(32))).expect("CA key file");
+    let ca_key = ca_key.display().to_string();
+    let on_etcd = ["--store", spec.as_str(), "--ca-key-file", ca_key.as_str()];
+    c.start_controller("controller", &policy, &on_etcd);
 
     // Nodes enroll through the first, while it is the only controller.
     for n in NODES {
@@ -91,6 +96,8 @@ fn daemons_fail_over_and_changes_still_reach_them() {
             &ctl2_state,
             "--store",
             &spec,
+            "--ca-key-file",
+            &ca_key,
         ],
     );
     let cli2 = |c: &Cluster, args: &[&str]| -> Run {
@@ -154,7 +161,7 @@ fn daemons_fail_over_and_changes_still_reach_them() {
 
     // The first controller restarts: revisions only go forward. Its --policy file holds the old
     // text, so it applies it again as a new revision, 3, never going back to 1.
-    c.start_controller("controller-2", &policy, &["--store", &spec]);
+    c.start_controller("controller-2", &policy, &on_etcd);
     let mut seen = Vec::new();
     let applied = Lab::until(Duration::from_secs(10), || {
         let rev = c.cli(&["policy", "show", "-o", "json"]).json()["revision"].as_u64();

@@ -90,6 +90,12 @@ impl std::fmt::Debug for Access {
 }
 
 impl Access {
+    /// Whether `spec` and these settings go together (a CA with etcds://, none with etcd://),
+    /// without connecting: a mistake here is reported at once, not retried.
+    pub fn check(&self, spec: &str) -> Result<(), Error> {
+        self.options(&parse_spec(spec)?).map(|_| ())
+    }
+
     /// The client options for `endpoints` (all `http://` or all `https://`, from
     /// [`parse_spec`]).
     fn options(&self, endpoints: &[String]) -> Result<ConnectOptions, Error> {
