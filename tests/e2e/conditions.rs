@@ -313,7 +313,20 @@ fn quarantine_by_hand_cuts_all_but_quarantined_rules_and_ends() {
         c.logs()
     );
 
-    // The audit log has all of it, in order, each once.
+    // The audit log has all of it, in order, each once. Access returns at the quarantine's end
+    // (every node enforces it); the record's removal, audited, follows within a second.
+    let ended = |c: &Cluster| {
+        let log = c.cli(&["audit", "-o", "json"]).json();
+        log.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|e| e["action"] == "release" && e["who"] == "controller")
+        })
+    };
+    assert!(
+        Lab::until(Duration::from_secs(5), || ended(&c)),
+        "{}",
+        c.logs()
+    );
     let log = c.cli(&["audit", "-o", "json"]).json();
     let entries: Vec<(String, String, String)> = log
         .as_array()
