@@ -136,14 +136,18 @@ async fn a_clear_ca_record_is_sealed_on_start() {
 }
 
 fn tls_access(pki: &TestPki) -> Access {
-    Access {
-        ca: Some(pki.ca_pem.clone().into_bytes()),
-        identity: Some((
-            pki.client.0.clone().into_bytes(),
-            pki.client.1.clone().into_bytes(),
-        )),
-        user: None,
-    }
+    Access::certificate(&pki.ca_pem, &pki.client.0, &pki.client.1)
+}
+
+/// The administrator's connection to a started controller.
+async fn admin(h: &bulkhead_controller::Handle) -> bulkhead_proto::Connection {
+    CliConfig::load(&h.admin)
+        .unwrap()
+        .client()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,13 +186,7 @@ async fn a_controller_runs_on_tls_etcd_with_the_ca_key_sealed() {
 
     // Start, apply.
     let h = start(on_etcd("s1", Some(key.clone()))).await.unwrap();
-    let mut c = CliConfig::load(&h.admin)
-        .unwrap()
-        .client()
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut c = admin(&h).await;
     let r: ApplyResponse = c
         .post(
             "/v1/policy/apply",
@@ -216,13 +214,7 @@ async fn a_controller_runs_on_tls_etcd_with_the_ca_key_sealed() {
 
     // A restart (a fresh state directory: everything comes from etcd) reads the policy back.
     let h = start(on_etcd("s2", Some(key.clone()))).await.unwrap();
-    let mut c = CliConfig::load(&h.admin)
-        .unwrap()
-        .client()
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let mut c = admin(&h).await;
     let p: PolicyView = c.get("/v1/policy").await.unwrap();
     assert_eq!((p.revision, p.text.as_str()), (1, POLICY));
 

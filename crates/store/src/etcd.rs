@@ -78,6 +78,18 @@ pub struct Access {
     pub user: Option<(String, String)>,
 }
 
+impl Access {
+    /// TLS trusting `ca` (PEM), presenting the client certificate `cert` with its `key` (PEM),
+    /// with no etcd user.
+    pub fn certificate(ca: &str, cert: &str, key: &str) -> Access {
+        Access {
+            ca: Some(ca.as_bytes().to_vec()),
+            identity: Some((cert.as_bytes().to_vec(), key.as_bytes().to_vec())),
+            user: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key or the password.

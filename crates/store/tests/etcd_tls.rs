@@ -13,14 +13,7 @@ use bulkhead_store::etcd::Access;
 use bulkhead_store::{Etcd, Op, Store, suite};
 
 fn access(pki: &TestPki) -> Access {
-    Access {
-        ca: Some(pki.ca_pem.clone().into_bytes()),
-        identity: Some((
-            pki.client.0.clone().into_bytes(),
-            pki.client.1.clone().into_bytes(),
-        )),
-        user: None,
-    }
+    Access::certificate(&pki.ca_pem, &pki.client.0, &pki.client.1)
 }
 
 /// Connects and also writes: a refusal must not depend on which call comes first.
