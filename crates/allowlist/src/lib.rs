@@ -17,6 +17,7 @@
 
 mod access;
 mod ports;
+mod underlay;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use access::AccessSet;
 pub use ports::{PortSpan, PortSpec, PortTable};
+pub use underlay::{Underlay, UnderlayHost, UnderlayMode, UnderlayRule};
 
 /// IP protocol numbers the filter knows by name.
 pub mod proto {
@@ -128,7 +130,7 @@ impl Decision {
 }
 
 /// The overlay network: an IPv4 prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Network {
     /// The network address.
     pub address: Ipv4Addr,
@@ -196,6 +198,11 @@ pub struct Allowlist {
     pub tables: Vec<PortTable>,
     /// The peers, sorted by name: exactly the identities with some traffic allowed either way.
     pub peers: Vec<Peer>,
+    /// The host firewall for the identity's server, if the policy's `underlay` block puts it
+    /// in scope with a mode other than `off`. The data plane ignores it; the daemon's host
+    /// firewall installs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<Underlay>,
 }
 
 /// Which peers changed between two allowlists.
@@ -207,7 +214,7 @@ pub struct AllowlistDiff {
     pub removed: Vec<String>,
     /// Peers in both whose address or tables differ.
     pub changed: Vec<String>,
-    /// Whether anything else differs: identity, address, network or rule table.
+    /// Whether anything else differs: identity, address, network, rule table or underlay.
     pub header_changed: bool,
 }
 
@@ -233,6 +240,7 @@ impl Allowlist {
             rules: Vec::new(),
             tables: Vec::new(),
             peers: Vec::new(),
+            underlay: None,
         }
     }
 
@@ -299,6 +307,7 @@ impl Allowlist {
             rules,
             tables: _, // compared through the peers that refer to them
             peers,
+            underlay,
         } = self;
         let Allowlist {
             revision: _,
@@ -309,12 +318,14 @@ impl Allowlist {
             rules: new_rules,
             tables: _,
             peers: new_peers,
+            underlay: new_underlay,
         } = new;
         let mut d = AllowlistDiff {
             header_changed: identity != new_identity
                 || address != new_address
                 || network != new_network
-                || rules != new_rules,
+                || rules != new_rules
+                || underlay != new_underlay,
             ..AllowlistDiff::default()
         };
         let (mut a, mut b) = (peers.iter().peekable(), new_peers.iter().peekable());
@@ -401,6 +412,7 @@ mod tests {
             rules,
             tables,
             peers,
+            underlay: None,
         }
     }
 
@@ -426,6 +438,13 @@ mod tests {
             ("peer table", |l, _| l.peers[0].outbound = 0),
             ("peer inbound", |l, _| l.peers[0].inbound = 1),
             ("peers", |l, _| l.peers.clear()),
+            ("underlay", |l, _| {
+                l.underlay = Some(Underlay {
+                    mode: UnderlayMode::Observe,
+                    inbound: vec![],
+                    outbound: vec![],
+                })
+            }),
         ];
         for (what, change) in changes {
             let mut new = old.clone();

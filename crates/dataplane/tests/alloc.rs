@@ -50,6 +50,7 @@ fn node() -> Node {
             outbound: 0,
             inbound: 0,
         }],
+        underlay: None,
     };
     let mut node = Node::new(PrivateKey::generate().to_bytes(), 1024);
     let db = PeerConfig {

@@ -444,6 +444,7 @@ impl Compiled {
                     inbound: renumber[inbound as usize],
                 })
                 .collect(),
+            underlay: None,
         }
     }
 
