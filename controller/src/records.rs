@@ -348,6 +348,11 @@ pub enum CredRecord {
 pub struct EndpointRecord {
     /// The UDP address.
     pub endpoint: SocketAddr,
+    /// The address the node's reports came from, as the controller saw it: the server's
+    /// underlay address for host firewalls (spec §7). Unlike `endpoint`, the node does not
+    /// choose it (short of spoofing a TCP handshake through the whole TLS exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<std::net::Ipv4Addr>,
 }
 
 /// Encodes a record.

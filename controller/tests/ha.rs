@@ -697,6 +697,8 @@ async fn denials_from_web(
             allowed: false,
             rule: None,
             reason: Some("not_allowed".into()),
+            path: Default::default(),
+            observed: false,
         })
         .collect();
     let _: serde_json::Value = node

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use bulkhead_dataplane::{DropReason, FlowKey, Initiator};
-use bulkhead_proto::{FlowEntry, Protocol};
+use bulkhead_proto::{FlowEntry, Path, Protocol};
 
 /// Most entries waiting to be shipped.
 pub const CAPACITY: usize = 10_000;
@@ -61,6 +61,8 @@ impl FlowLog {
             allowed: true,
             rule: Some(rule.to_string()),
             reason: None,
+            path: Path::Overlay,
+            observed: false,
         });
     }
 
@@ -108,6 +110,8 @@ impl FlowLog {
             allowed: false,
             rule,
             reason: Some(reason.reason().to_string()),
+            path: Path::Overlay,
+            observed: false,
         });
     }
 

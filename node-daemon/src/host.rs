@@ -258,6 +258,7 @@ mod tests {
             )]
             .into(),
             keepalive: Some(25),
+            underlay: None,
         };
         let (core, host) = split(cfg.clone());
         assert_eq!(

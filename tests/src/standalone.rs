@@ -61,6 +61,7 @@ pub fn configs(
                     allowlist: a,
                     peers: peers.clone(),
                     keepalive: None,
+                    underlay: None,
                 },
             )
         })

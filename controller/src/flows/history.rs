@@ -90,6 +90,7 @@ mod tests {
             proto: Protocol::Tcp,
             port: 1,
             verdict,
+            path: Default::default(),
             rule: None,
             reason: None,
         }

@@ -110,11 +110,12 @@ impl Namer<'_> {
             dst_address: dst.1,
             proto: e.proto,
             port: e.port,
-            verdict: if e.allowed {
-                Verdict::Allow
-            } else {
-                Verdict::Deny
+            verdict: match (e.allowed, e.observed) {
+                (true, _) => Verdict::Allow,
+                (false, true) => Verdict::WouldDeny,
+                (false, false) => Verdict::Deny,
             },
+            path: e.path,
             rule: e.rule,
             reason: e.reason,
         }
@@ -236,6 +237,8 @@ mod tests {
             allowed,
             rule: None,
             reason: None,
+            path: Default::default(),
+            observed: false,
         }
     }
 

@@ -301,7 +301,14 @@ impl Controller {
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));
         self.presence.reported(identity, &r);
         self.metrics.reported(identity, r.digest.as_deref());
-        let moved = lock(&self.view).records().endpoints.get(identity) != Some(&endpoint);
+        // The underlay address is the one the report came from: seen, not claimed.
+        let underlay = crate::view::ipv4(from.ip());
+        let moved = {
+            let view = lock(&self.view);
+            let r = view.records();
+            r.endpoints.get(identity) != Some(&endpoint)
+                || r.underlay.get(identity).copied() != underlay
+        };
         if moved && !self.may_move(identity) {
             tracing::debug!(identity, %endpoint, "endpoint moved again too soon: kept the last");
             return Ok(());
@@ -311,7 +318,7 @@ impl Controller {
                 &*self.store,
                 &[Op::Put(
                     format!("{ENDPOINTS}{identity}"),
-                    records::encode(&EndpointRecord { endpoint }),
+                    records::encode(&EndpointRecord { endpoint, underlay }),
                 )],
             )
             .await

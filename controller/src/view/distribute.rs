@@ -47,6 +47,10 @@ pub fn message_for(
         allowlist: (**list).clone(),
         peers,
         keepalive: Some(KEEPALIVE),
+        underlay: list
+            .underlay
+            .as_ref()
+            .map(|u| super::underlay::resolve(identity, u, records)),
     })
 }
 

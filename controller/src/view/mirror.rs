@@ -5,7 +5,7 @@
 //! logged and left out: the mirror keeps what it had.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use bulkhead_proto::Quarantine;
 use bulkhead_store::{KeyValue, Revision};
@@ -29,6 +29,9 @@ pub(crate) struct Touched {
     pub creds: bool,
     /// Nodes whose enrollment or endpoint changed.
     pub nodes: HashSet<String>,
+    /// A server's underlay address or the set of controllers changed: every host firewall
+    /// may need new addresses.
+    pub underlay: bool,
 }
 
 /// The records, as the store holds them now. Only the view's follower changes them; everyone
@@ -41,6 +44,8 @@ pub struct Mirror {
     pub creds: HashMap<String, CredRecord>,
     /// Reported endpoints.
     pub endpoints: HashMap<String, SocketAddr>,
+    /// Servers' underlay addresses, as controllers saw their reports come from.
+    pub underlay: HashMap<String, Ipv4Addr>,
     /// Live controllers' URLs, by store key.
     pub controllers: BTreeMap<String, String>,
     /// Quarantines as stored, with the record's revision (one whose `until` passed still counts
@@ -121,6 +126,7 @@ impl Mirror {
             Record::Policy => t.head = Some(records::decode(key, v)?),
             Record::Node(id) => {
                 self.nodes.insert(id.into(), records::decode(key, v)?);
+                t.underlay |= self.underlay.contains_key(id);
                 t.nodes.insert(id.into());
             }
             Record::Cred(fp) => {
@@ -130,11 +136,16 @@ impl Mirror {
             Record::Endpoint(id) => {
                 let rec: EndpointRecord = records::decode(key, v)?;
                 self.endpoints.insert(id.into(), rec.endpoint);
+                let was = match rec.underlay {
+                    Some(a) => self.underlay.insert(id.into(), a),
+                    None => self.underlay.remove(id),
+                };
+                t.underlay |= was != rec.underlay;
                 t.nodes.insert(id.into());
             }
             Record::Controller => {
                 let rec: ControllerRecord = records::decode(key, v)?;
-                self.controllers.insert(key.into(), rec.url);
+                t.underlay |= self.controllers.insert(key.into(), rec.url.clone()) != Some(rec.url);
             }
             Record::Quarantine(id) => {
                 let q = records::decode(key, v)?;
@@ -173,6 +184,7 @@ impl Mirror {
             }
             Record::Node(id) => {
                 self.nodes.remove(id);
+                t.underlay |= self.underlay.contains_key(id);
                 t.nodes.insert(id.into());
             }
             Record::Cred(fp) => {
@@ -181,10 +193,11 @@ impl Mirror {
             }
             Record::Endpoint(id) => {
                 self.endpoints.remove(id);
+                t.underlay |= self.underlay.remove(id).is_some();
                 t.nodes.insert(id.into());
             }
             Record::Controller => {
-                self.controllers.remove(key);
+                t.underlay |= self.controllers.remove(key).is_some();
             }
             Record::Quarantine(id) => {
                 self.quarantines.remove(id);

@@ -19,6 +19,7 @@ mod distribute;
 mod follow;
 mod live;
 mod mirror;
+mod underlay;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub use conditions::{Fresh, Inputs, STALE_AFTER_INTERVALS, posture};
 pub use follow::sync;
 pub use live::Live;
 pub use mirror::Mirror;
+pub use underlay::{api_address, ipv4};
 
 use distribute::Channels;
 use live::{Allowlists, Job, Outcome};
@@ -257,6 +259,19 @@ impl View {
         if everyone {
             let all: Vec<String> = self.channels.identities().cloned().collect();
             return self.push(&all);
+        }
+        // Every host firewall, when servers' addresses or the controllers changed.
+        if t.underlay {
+            targets.extend(
+                self.channels
+                    .identities()
+                    .filter(|id| {
+                        self.allowlists
+                            .get(*id)
+                            .is_some_and(|l| l.underlay.is_some())
+                    })
+                    .cloned(),
+            );
         }
         // And identities that have a changed node as a peer.
         if !t.nodes.is_empty() {

@@ -136,6 +136,7 @@ fn only_affected_nodes_are_sent_anything() {
             "endpoints/b",
             encode(&EndpointRecord {
                 endpoint: "198.18.0.2:51820".parse().unwrap(),
+                underlay: None,
             }),
             5,
         ),

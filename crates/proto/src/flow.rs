@@ -13,6 +13,9 @@ pub enum Verdict {
     Allow,
     /// Denied.
     Deny,
+    /// Let through only because the host firewall observes: `enforce` would deny it.
+    #[serde(rename = "would-deny")]
+    WouldDeny,
     /// A verdict this version does not know (sent by a newer controller).
     #[serde(other)]
     Unknown,
@@ -23,7 +26,40 @@ impl std::fmt::Display for Verdict {
         f.write_str(match self {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
+            Verdict::WouldDeny => "would-deny",
             Verdict::Unknown => "unknown",
+        })
+    }
+}
+
+/// Which network a flow took: the overlay (through a tunnel) or the underlay (the server's
+/// ordinary network, seen by the host firewall).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// Through the overlay.
+    #[default]
+    Overlay,
+    /// Over the underlay.
+    Underlay,
+    /// A path this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Path {
+    /// Whether this is the overlay (the default, left out of the wire format).
+    pub fn is_overlay(&self) -> bool {
+        *self == Path::Overlay
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Overlay => "overlay",
+            Path::Underlay => "underlay",
+            Path::Unknown => "unknown",
         })
     }
 }
@@ -128,6 +164,13 @@ pub struct FlowEntry {
     /// Why it was denied: `not_allowed`, `denied`, `not_a_peer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The overlay, or the underlay (the host firewall). On the underlay, `peer_address` is the
+    /// other server's underlay address and `peer` is left to the controller to name.
+    #[serde(default, skip_serializing_if = "Path::is_overlay")]
+    pub path: Path,
+    /// Not allowed, but let through: the host firewall observes and `enforce` would drop it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub observed: bool,
 }
 
 /// A batch of a node's flow log.
@@ -159,8 +202,11 @@ pub struct FlowView {
     pub proto: Protocol,
     /// Destination port.
     pub port: u16,
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `would-deny`.
     pub verdict: Verdict,
+    /// `overlay` or `underlay`; on the underlay the addresses are underlay addresses.
+    #[serde(default, skip_serializing_if = "Path::is_overlay")]
+    pub path: Path,
     /// The deciding rule, if any (none: the default deny).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -195,8 +241,12 @@ mod tests {
             serde_json::to_string(&Verdict::Deny).ok().as_deref(),
             Some("\"deny\"")
         );
+        assert_eq!(
+            serde_json::to_string(&Verdict::WouldDeny).ok().as_deref(),
+            Some("\"would-deny\"")
+        );
         // What a newer controller may send reads, as unknown.
-        let v: Result<Verdict, _> = serde_json::from_str("\"would-deny\"");
+        let v: Result<Verdict, _> = serde_json::from_str("\"maybe\"");
         assert_eq!(v.ok(), Some(Verdict::Unknown));
         let a: Result<crate::AuditAction, _> = serde_json::from_str("\"admin.add\"");
         assert_eq!(a.ok(), Some(crate::AuditAction::Unknown));

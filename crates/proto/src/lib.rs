@@ -40,9 +40,9 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
-pub use flow::{FlowBatch, FlowEntry, FlowView, Protocol, Verdict};
+pub use flow::{FlowBatch, FlowEntry, FlowView, Path, Protocol, Verdict};
 pub use keys::{PrivateKey, PublicKey};
-pub use node::{NodeConfig, PeerInfo};
+pub use node::{NodeConfig, PeerInfo, UnderlayAllow, UnderlayConfig};
 pub use token::Token;
 
 /// The body of every error answer.

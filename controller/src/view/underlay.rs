@@ -1,0 +1,205 @@
+//! The host firewall's addresses: an allowlist's [`Underlay`] entries, which name identities,
+//! resolved into the [`UnderlayConfig`] a node installs, which names addresses.
+//!
+//! A server's underlay address is the one its reports came from ([`Mirror::underlay`]), never
+//! one the node claims. Only enrolled servers count: a revoked node's address leaves every
+//! firewall. An identity whose address is not known yet is left out of an `allow` entry (the
+//! entry allows less until it reports) and out of the guarded servers (its address is not
+//! known to be a server's).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use bulkhead_allowlist::{Network, Underlay, UnderlayHost, UnderlayRule};
+use bulkhead_proto::{UnderlayAllow, UnderlayConfig};
+
+use super::Mirror;
+
+/// `identity`'s host firewall, with addresses as `records` know them now.
+pub fn resolve(identity: &str, underlay: &Underlay, records: &Mirror) -> UnderlayConfig {
+    let address_of = |id: &str| {
+        records
+            .nodes
+            .contains_key(id)
+            .then(|| records.underlay.get(id).copied())
+            .flatten()
+    };
+    let mut servers = BTreeMap::new();
+    for id in records.nodes.keys() {
+        if id != identity
+            && let Some(a) = address_of(id)
+        {
+            // Two servers behind one address (NAT): the first by name keeps it, so the
+            // message is the same on every controller.
+            servers.entry(a).or_insert_with(|| id.clone());
+        }
+    }
+    let resolve_rules = |rules: &[UnderlayRule]| {
+        rules
+            .iter()
+            .filter_map(|r| {
+                let mut nets: Vec<Network> = r
+                    .hosts
+                    .iter()
+                    .filter_map(|h| match h {
+                        UnderlayHost::Net(n) => Some(*n),
+                        UnderlayHost::Identity(id) => address_of(id).map(|address| Network {
+                            address,
+                            prefix_len: 32,
+                        }),
+                    })
+                    .collect();
+                nets.sort();
+                nets.dedup();
+                (!nets.is_empty()).then(|| UnderlayAllow {
+                    name: r.name.clone(),
+                    nets,
+                    ports: r.ports.clone(),
+                })
+            })
+            .collect()
+    };
+    UnderlayConfig {
+        mode: underlay.mode,
+        servers,
+        controllers: controllers(records),
+        inbound: resolve_rules(&underlay.inbound),
+        outbound: resolve_rules(&underlay.outbound),
+    }
+}
+
+/// The live controllers' API addresses, from their URLs; a URL with a host name is left out
+/// (a daemon always keeps the controllers it was started with open itself).
+fn controllers(records: &Mirror) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = records
+        .controllers
+        .values()
+        .filter_map(|url| api_address(url))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `https://198.18.0.1:7443/…` → `198.18.0.1:7443` (443 if no port); `None` for a host name.
+pub fn api_address(url: &str) -> Option<SocketAddr> {
+    let rest = url.strip_prefix("https://").or(url.strip_prefix("http://"))?;
+    let authority = rest.split('/').next()?;
+    if let Ok(a) = authority.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    authority
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, 443))
+}
+
+/// An address as the underlay firewall keys it: IPv4, or IPv4 mapped into IPv6.
+pub fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::NodeRecord;
+    use bulkhead_allowlist::{PortSpec, UnderlayMode};
+
+    fn mirror(servers: &[(&str, Option<[u8; 4]>)]) -> Mirror {
+        let mut m = Mirror::default();
+        for (id, a) in servers {
+            let node = NodeRecord {
+                identity: id.to_string(),
+                wireguard_key: bulkhead_proto::PrivateKey::generate().public_key(),
+                credential: String::new(),
+                enrolled: 0,
+            };
+            m.nodes.insert(id.to_string(), node);
+            if let Some(a) = a {
+                m.underlay.insert(id.to_string(), Ipv4Addr::from(*a));
+            }
+        }
+        m.controllers
+            .insert("controllers/x".into(), "https://198.18.0.1:7443".into());
+        m
+    }
+
+    fn rule(name: &str, hosts: Vec<UnderlayHost>) -> UnderlayRule {
+        UnderlayRule {
+            name: name.into(),
+            hosts,
+            ports: vec![PortSpec::Tcp { lo: 22, hi: 22 }],
+        }
+    }
+
+    #[test]
+    fn identities_become_the_addresses_their_reports_came_from() {
+        let mut m = mirror(&[
+            ("db-1", Some([198, 18, 0, 3])),
+            ("dev-1", Some([198, 18, 0, 4])),
+            ("new-1", None),
+        ]);
+        // Known by address but revoked: not a server any more.
+        m.underlay.insert("gone".into(), Ipv4Addr::new(198, 18, 0, 9));
+        let u = Underlay {
+            mode: UnderlayMode::Enforce,
+            inbound: vec![
+                rule(
+                    "mgmt",
+                    vec![
+                        UnderlayHost::Net(Network {
+                            address: Ipv4Addr::new(10, 0, 9, 0),
+                            prefix_len: 24,
+                        }),
+                        UnderlayHost::Identity("dev-1".into()),
+                    ],
+                ),
+                rule("nobody-yet", vec![UnderlayHost::Identity("new-1".into())]),
+                rule("revoked", vec![UnderlayHost::Identity("gone".into())]),
+            ],
+            outbound: vec![rule("to-dev", vec![UnderlayHost::Identity("dev-1".into())])],
+        };
+        let c = resolve("db-1", &u, &m);
+        assert_eq!(c.mode, UnderlayMode::Enforce);
+        assert_eq!(
+            c.servers.into_iter().collect::<Vec<_>>(),
+            vec![(Ipv4Addr::new(198, 18, 0, 4), "dev-1".to_string())],
+            "every other enrolled server with a known address, not itself, not the revoked"
+        );
+        assert_eq!(c.controllers, vec!["198.18.0.1:7443".parse().unwrap()]);
+        assert_eq!(c.inbound.len(), 1, "entries left with no address are dropped");
+        assert_eq!(
+            c.inbound[0]
+                .nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.9.0/24", "198.18.0.4/32"]
+        );
+        assert_eq!(c.outbound[0].nets[0].to_string(), "198.18.0.4/32");
+    }
+
+    #[test]
+    fn api_addresses_come_from_urls_with_addresses() {
+        assert_eq!(
+            api_address("https://198.18.0.1:7443"),
+            Some("198.18.0.1:7443".parse().unwrap())
+        );
+        assert_eq!(
+            api_address("https://10.0.0.1/"),
+            Some("10.0.0.1:443".parse().unwrap())
+        );
+        assert_eq!(
+            api_address("https://[fd00::1]:7443"),
+            Some("[fd00::1]:7443".parse().unwrap())
+        );
+        assert_eq!(api_address("https://ctl.example:7443"), None);
+        assert_eq!(
+            ipv4("::ffff:198.18.0.2".parse().unwrap()),
+            Some(Ipv4Addr::new(198, 18, 0, 2))
+        );
+    }
+}
