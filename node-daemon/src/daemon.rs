@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::faults::{Faults, Op};
 use crate::flowlog::FlowLog;
+use crate::firewall::{self, Firewall};
 use crate::host::{self, Host};
 use crate::link::{self, Applied, Update};
 use crate::metrics::Snapshot;
@@ -42,6 +43,8 @@ pub struct Settings {
     pub config: crate::posture::DaemonConfig,
     /// `--metrics ADDR:PORT`: serve Prometheus metrics there.
     pub metrics: Option<SocketAddr>,
+    /// The NFLOG group of the host firewall's log rules.
+    pub nflog_group: u16,
 }
 
 fn now() -> Now {
@@ -100,9 +103,24 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let flows = Arc::new(Mutex::new(FlowLog::default()));
+    if let Err(e) = firewall::strict_reverse_path(&s.interface) {
+        tracing::warn!(error = %e, "cannot set strict reverse-path filtering on the interface");
+    }
+    let controllers = match &source {
+        Source::Controller(e) => resolve_controllers(&e.controllers).await,
+        Source::File(_) => Vec::new(),
+    };
+    let nflog = firewall::spawn_nflog(s.nflog_group, flows.clone());
     let mut d = Daemon {
         node: Node::new(key.to_bytes(), s.flow_capacity),
         host: Host::new(&tun),
+        firewall: Firewall::new(firewall::Facts {
+            interface: s.interface.clone(),
+            wireguard_port: s.listen_port,
+            controllers,
+            nflog_group: s.nflog_group,
+        }),
+        nflog,
         out: Out::new(flows.clone()),
         applied: applied_tx,
         state,
@@ -149,6 +167,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         d.out.flush(&udp, &tun.dev, &mut d.faults).await;
     }
     drop(metrics_tx);
+    d.firewall.stop().await;
     tracing::info!("bulkheadd stopping");
     Ok(())
 }
@@ -158,6 +177,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 struct Daemon {
     node: Node,
     host: Host,
+    firewall: Firewall,
+    nflog: Arc<firewall::NflogCounts>,
     out: Out,
     applied: watch::Sender<Applied>,
     state: StateDir,
@@ -257,6 +278,8 @@ impl Daemon {
                 .totals()
                 .map(|(op, n)| (op.as_str(), n))
                 .collect(),
+            underlay: self.firewall.status(),
+            underlay_logged: self.nflog.logged().collect(),
             at: SystemTime::now(),
         });
     }
@@ -264,11 +287,14 @@ impl Daemon {
     /// Timers: the core's, and a host configuration to try again.
     async fn tick(&mut self) {
         self.node.tick(now(), &mut self.out);
-        if self.host.retry().await {
-            let problem = self.host.problem().map(str::to_string);
+        let host = self.host.retry().await;
+        let firewall = self.firewall.retry().await;
+        if host || firewall {
+            let (problem, underlay) = (self.problem(), self.firewall.status());
             self.applied.send_if_modified(|a| {
-                let changed = a.problem != problem;
+                let changed = a.problem != problem || a.underlay != underlay;
                 a.problem = problem;
+                a.underlay = underlay;
                 changed
             });
         }
@@ -312,8 +338,9 @@ impl Daemon {
 
     /// Applies a configuration: the core's part first, so the new allowlist is what filters
     /// whatever becomes of the host's part. Reports what is in force, and what went wrong.
-    async fn apply(&mut self, cfg: NodeConfig) {
+    async fn apply(&mut self, mut cfg: NodeConfig) {
         let revision = cfg.allowlist.revision;
+        let (address, underlay) = (cfg.allowlist.address, cfg.underlay.take());
         let (core, wanted) = host::split(cfg);
         let report = self.node.apply(core, now());
         tracing::info!(
@@ -325,7 +352,17 @@ impl Daemon {
             "allowlist applied"
         );
         self.host.configure(wanted).await;
+        self.firewall.configure(address, underlay.as_ref()).await;
         self.applied.send_replace(self.applied());
+    }
+
+    /// What keeps the host from its configuration: the interface, or the firewall.
+    fn problem(&self) -> Option<String> {
+        let parts: Vec<&str> = [self.host.problem(), self.firewall.problem()]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 
     /// What is in force, for the link's reports.
@@ -335,9 +372,44 @@ impl Daemon {
             revision: list.map(|l| l.revision),
             digest: list.map(|l| l.digest.clone()).filter(|d| !d.is_empty()),
             peers: self.node.peers().len(),
-            problem: self.host.problem().map(str::to_string),
+            problem: self.problem(),
+            underlay: self.firewall.status(),
         }
     }
+}
+
+/// The controllers' API addresses, for the firewall to keep open: each URL's host resolved
+/// (a name that does not resolve within a few seconds is left out and logged).
+async fn resolve_controllers(urls: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for url in urls {
+        let authority = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, r)| r)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !authority.ends_with(']')
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:443")
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::lookup_host(authority.clone()),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => out.extend(addrs),
+            Ok(Err(e)) => tracing::warn!(%url, error = %e, "cannot resolve a controller for the firewall"),
+            Err(_) => tracing::warn!(%url, "resolving a controller for the firewall timed out"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A scrape, waiting for the loop's snapshot.

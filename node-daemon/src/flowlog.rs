@@ -83,18 +83,8 @@ impl FlowLog {
             _ => return,
         };
         let Some(key) = key else { return };
-        if self.recent.len() >= DEDUP_KEYS {
-            self.recent.retain(|_, t| now_ms - *t < DEDUP_MS);
-            if self.recent.len() >= DEDUP_KEYS {
-                self.recent.clear();
-            }
-        }
-        // Counted from the attempt's first denial: its retransmits do not extend the window.
-        match self.recent.get(&(egress, key)) {
-            Some(&t) if now_ms - t < DEDUP_MS => return,
-            _ => {
-                self.recent.insert((egress, key), now_ms);
-            }
+        if !self.fresh(egress, key, now_ms) {
+            return;
         }
         self.push(FlowEntry {
             at: now_ms,
@@ -113,6 +103,56 @@ impl FlowLog {
             path: Path::Overlay,
             observed: false,
         });
+    }
+
+    /// A new underlay connection the host firewall dropped or, observing, would drop. Only
+    /// IPv4 ones are entered (flow entries carry IPv4 addresses); the controller names the
+    /// other end from the address.
+    pub fn underlay(&mut self, now_ms: i64, e: &bulkhead_hostfw::nflog::Event) {
+        let std::net::IpAddr::V4(remote) = e.remote else {
+            return;
+        };
+        let key = FlowKey {
+            proto: e.proto,
+            peer: remote,
+            local_port: if e.inbound { e.port } else { 0 },
+            peer_port: if e.inbound { 0 } else { e.port },
+        };
+        if !self.fresh(!e.inbound, key, now_ms) {
+            return;
+        }
+        self.push(FlowEntry {
+            at: now_ms,
+            outbound: !e.inbound,
+            peer: None,
+            peer_address: remote,
+            proto: Protocol::from_number(e.proto),
+            port: e.port,
+            allowed: false,
+            rule: None,
+            reason: Some("not_allowed".into()),
+            path: Path::Underlay,
+            observed: e.observed,
+        });
+    }
+
+    /// Whether a denial of `key` is a new attempt, not a retransmit of one denied in the last
+    /// [`DEDUP_MS`]; remembers it.
+    fn fresh(&mut self, egress: bool, key: FlowKey, now_ms: i64) -> bool {
+        if self.recent.len() >= DEDUP_KEYS {
+            self.recent.retain(|_, t| now_ms - *t < DEDUP_MS);
+            if self.recent.len() >= DEDUP_KEYS {
+                self.recent.clear();
+            }
+        }
+        // Counted from the attempt's first denial: its retransmits do not extend the window.
+        match self.recent.get(&(egress, key)) {
+            Some(&t) if now_ms - t < DEDUP_MS => false,
+            _ => {
+                self.recent.insert((egress, key), now_ms);
+                true
+            }
+        }
     }
 
     /// Takes up to `max` entries, oldest first, and the count of those dropped since the last

@@ -5,7 +5,7 @@
 //! steps of [`Host::configure`].
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::anyhow;
 use bulkhead_dataplane::{Config, PeerConfig};
@@ -13,6 +13,7 @@ use bulkhead_proto::NodeConfig;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 
+use crate::retrying::{Failure, RETRY_EVERY};
 use crate::tun::Interface;
 
 /// What the host must hold for a configuration.
@@ -48,11 +49,6 @@ pub fn split(cfg: NodeConfig) -> (Config, HostConfig) {
     (core, host)
 }
 
-/// How often a host configuration the kernel refused is tried again.
-const RETRY_EVERY: Duration = Duration::from_secs(1);
-/// How often the same failure is logged again while it lasts.
-const LOG_EVERY: Duration = Duration::from_secs(60);
-
 /// The host's side of the overlay: the interface, configured over netlink.
 ///
 /// The host never stops the daemon: what the kernel refuses is logged, reported as the node's
@@ -65,13 +61,6 @@ pub struct Host {
     wanted: Option<HostConfig>,
     in_place: Option<HostConfig>,
     failure: Option<Failure>,
-}
-
-/// A host configuration the kernel refused.
-struct Failure {
-    error: String,
-    tried: Instant,
-    logged: Instant,
 }
 
 impl std::fmt::Debug for Host {
@@ -108,10 +97,7 @@ impl Host {
     /// Tries again if the last attempt failed and a while has passed since. Returns whether it
     /// tried.
     pub async fn retry(&mut self) -> bool {
-        let due = self
-            .failure
-            .as_ref()
-            .is_some_and(|f| f.tried.elapsed() >= RETRY_EVERY);
+        let due = self.failure.as_ref().is_some_and(Failure::due);
         if due {
             self.reconcile().await;
         }
@@ -141,29 +127,17 @@ impl Host {
             Err(e) => {
                 // Part of it may be in place: the next attempt looks at the host afresh.
                 self.in_place = None;
-                let error = format!("{e:#}");
-                let now = Instant::now();
-                let log = match &self.failure {
-                    Some(f) => f.error != error || now.duration_since(f.logged) >= LOG_EVERY,
-                    None => true,
-                };
-                let logged = match &self.failure {
-                    Some(f) if !log => f.logged,
-                    _ => now,
-                };
+                let (failure, log) =
+                    Failure::next(self.failure.as_ref(), format!("{e:#}"), Instant::now());
                 if log {
                     tracing::error!(
                         interface = %self.interface,
-                        error = %error,
+                        error = %failure.error,
                         retry_every = ?RETRY_EVERY,
                         "host configuration failed; the allowlist is enforced, retrying"
                     );
                 }
-                self.failure = Some(Failure {
-                    error,
-                    tried: now,
-                    logged,
-                });
+                self.failure = Some(failure);
             }
         }
     }

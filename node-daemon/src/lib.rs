@@ -3,12 +3,14 @@
 
 pub mod daemon;
 pub mod faults;
+pub mod firewall;
 pub mod flowlog;
 pub mod host;
 pub mod link;
 pub mod metrics;
 mod output;
 pub mod posture;
+mod retrying;
 pub mod state;
 pub mod tun;
 pub mod uapi;
@@ -84,6 +86,9 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<SocketAddr>,
+        /// The NFLOG group the host firewall logs to (one per host).
+        #[arg(long, default_value_t = bulkhead_hostfw::DEFAULT_NFLOG_GROUP)]
+        nflog_group: u16,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
     /// handshakes and transfer.
@@ -95,6 +100,11 @@ enum Command {
         #[arg(long, default_value = "/var/lib/bulkheadd")]
         state: PathBuf,
     },
+    /// The host firewall (spec §7) on this host.
+    Firewall {
+        #[command(subcommand)]
+        action: FirewallAction,
+    },
     /// Print this node's WireGuard public key, creating the key pair if there is none.
     Pubkey {
         /// State directory.
@@ -104,6 +114,14 @@ enum Command {
 }
 
 /// The daemon's entry point.
+#[derive(Debug, Subcommand)]
+enum FirewallAction {
+    /// Remove the firewall table (`inet bulkhead`), say to recover a node whose daemon cannot
+    /// start. A running daemon installs it again on its next configuration in `observe` or
+    /// `enforce`.
+    Off,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     bulkhead_proto::logging::init();
@@ -164,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             flow_capacity,
             config,
             metrics,
+            nflog_group,
         } => rt.block_on(async {
             // A bad configuration stops the start, before anything is created.
             let config = match &config {
@@ -188,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 flow_capacity,
                 config,
                 metrics,
+                nflog_group,
             })
             .await
         }),
@@ -213,6 +233,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(uapi::get(&interface))
                 .with_context(|| format!("no daemon running on {interface}"))?;
             print!("{}", status(&interface, &text));
+            Ok(())
+        }
+        Command::Firewall {
+            action: FirewallAction::Off,
+        } => {
+            rt.block_on(firewall::off())
+                .context("cannot remove the firewall table")?;
+            println!("firewall table inet {} removed", bulkhead_hostfw::FIREWALL);
             Ok(())
         }
         Command::Pubkey { state } => {

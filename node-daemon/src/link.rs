@@ -67,6 +67,8 @@ pub struct Applied {
     /// What keeps the node from its configuration, if anything (the kernel refused the
     /// interface's address, say); reported as the node's status, which is `ok` otherwise.
     pub problem: Option<String>,
+    /// The host firewall's mode and whether its table is in place.
+    pub underlay: Option<bulkhead_proto::UnderlayStatus>,
 }
 
 /// Most flow log entries per batch.
@@ -278,6 +280,7 @@ impl Session<'_> {
             peers: a.peers,
             version: env!("CARGO_PKG_VERSION").into(),
             facts: facts.clone(),
+            underlay: a.underlay,
         }
     }
 }

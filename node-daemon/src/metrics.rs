@@ -28,6 +28,11 @@ pub struct Snapshot {
     /// I/O errors on the packet path, by operation (`tun_read`, `udp_send`, …): each dropped
     /// a packet or a batch.
     pub io_errors: Vec<(&'static str, u64)>,
+    /// The host firewall's mode and whether its table is in place.
+    pub underlay: Option<bulkhead_proto::UnderlayStatus>,
+    /// New underlay connections the firewall logged, by direction and verdict (`deny`,
+    /// `would_deny`): rate-limited in the kernel to 50 a second per direction.
+    pub underlay_logged: Vec<(&'static str, &'static str, u64)>,
     /// When it was taken.
     pub at: SystemTime,
 }
@@ -119,6 +124,24 @@ pub fn registry(s: &Snapshot) -> Registry {
             .iter()
             .map(|(op, n)| (vec![("op", (*op).into())], *n)),
     );
+    counter(
+        &mut r,
+        "bulkhead_underlay_connections_logged",
+        "New underlay connections the host firewall dropped (deny) or would drop in observe (would_deny), as logged: at most 50 a second per direction",
+        None,
+        s.underlay_logged.iter().map(|(d, v, n)| {
+            (vec![("direction", (*d).into()), ("verdict", (*v).into())], *n)
+        }),
+    );
+    if let Some(u) = s.underlay {
+        gauge(
+            &mut r,
+            "bulkhead_underlay_table_installed",
+            "1 if the host firewall table for the configured mode is in place, by mode",
+            None,
+            vec![(vec![("mode", u.mode.as_str().into())], f64::from(u8::from(u.installed)))],
+        );
+    }
     counter(
         &mut r,
         "bulkhead_packets_denied_by_rule",
@@ -241,6 +264,11 @@ mod tests {
             flow_log_entries: 0,
             flow_log_dropped: 9,
             io_errors: vec![("tun_read", 3)],
+            underlay: Some(bulkhead_proto::UnderlayStatus {
+                mode: bulkhead_allowlist::UnderlayMode::Enforce,
+                installed: true,
+            }),
+            underlay_logged: vec![("inbound", "deny", 4)],
             at,
         };
         let text = bulkhead_proto::metrics::encode(registry(&s)).unwrap();
@@ -261,6 +289,8 @@ mod tests {
             "bulkhead_flows_tracked 1.0",
             "bulkhead_allowlist_revision 3.0",
             "bulkhead_flow_log_dropped_total 9",
+            "bulkhead_underlay_connections_logged_total{direction=\"inbound\",verdict=\"deny\"} 4",
+            "bulkhead_underlay_table_installed{mode=\"enforce\"} 1.0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

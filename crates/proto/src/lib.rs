@@ -42,7 +42,7 @@ pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
 pub use flow::{FlowBatch, FlowEntry, FlowView, Path, Protocol, Verdict};
 pub use keys::{PrivateKey, PublicKey};
-pub use node::{NodeConfig, PeerInfo, UnderlayAllow, UnderlayConfig};
+pub use node::{NodeConfig, PeerInfo, UnderlayAllow, UnderlayConfig, UnderlayStatus};
 pub use token::Token;
 
 /// The body of every error answer.
@@ -86,6 +86,8 @@ pub struct JoinResponse {
 /// What the controller pushes on a node's stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One message per change, held once per identity: boxing the common variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum NodeMessage {
     /// The node's whole configuration: its own allowlist and its peers' keys and endpoints.
     Config(NodeConfig),
@@ -123,6 +125,10 @@ pub struct Report {
     /// Posture facts about its host and the results of its node-local checks.
     #[serde(default, skip_serializing_if = "Facts::is_empty")]
     pub facts: Facts,
+    /// The host firewall: the mode its configuration asks for, and whether its table is in
+    /// place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<UnderlayStatus>,
 }
 
 /// The digest the controller sets in an allowlist: 64 bits of SHA-256 over its JSON with no

@@ -61,6 +61,15 @@ pub struct UnderlayConfig {
     pub outbound: Vec<UnderlayAllow>,
 }
 
+/// The host firewall as a node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayStatus {
+    /// The mode its configuration asks for.
+    pub mode: UnderlayMode,
+    /// Whether the table for that mode is in place (`false` for `off`).
+    pub installed: bool,
+}
+
 /// One resolved `allow` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnderlayAllow {
