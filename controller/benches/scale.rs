@@ -148,6 +148,7 @@ async fn fake_daemon(
             peers: c.peers.len(),
             version: String::new(),
             facts: Default::default(),
+            underlay: None,
         };
         // The report rides on the stream's own connection, as bulkheadd's does.
         let _: serde_json::Value = conn.post("/v1/node/report", &r).await.unwrap();

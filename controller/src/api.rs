@@ -300,6 +300,7 @@ async fn flows(
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Response {
     let (mut denied, mut identity, mut limit, mut follow) = (false, None, 1000usize, false);
+    let (mut path, mut verdict) = (None, None);
     for pair in q
         .as_deref()
         .unwrap_or("")
@@ -311,6 +312,19 @@ async fn flows(
             "denied" => denied = v != "0",
             "follow" => follow = v != "0",
             "identity" => identity = Some(v.to_string()),
+            "path" => match serde_json::from_value(serde_json::Value::String(v.into())) {
+                Ok(bulkhead_proto::Path::Unknown) | Err(_) => {
+                    return Error::BadRequest("path: overlay or underlay".into()).into_response();
+                }
+                Ok(p) => path = Some(p),
+            },
+            "verdict" => match serde_json::from_value(serde_json::Value::String(v.into())) {
+                Ok(bulkhead_proto::Verdict::Unknown) | Err(_) => {
+                    return Error::BadRequest("verdict: allow, deny or would-deny".into())
+                        .into_response();
+                }
+                Ok(x) => verdict = Some(x),
+            },
             "limit" => match v.parse() {
                 Ok(n) => limit = n,
                 Err(_) => return Error::BadRequest("limit: a number".into()).into_response(),
@@ -321,7 +335,9 @@ async fn flows(
         }
     }
     let keep = move |f: &bulkhead_proto::FlowView| {
-        (!denied || f.verdict == bulkhead_proto::Verdict::Deny)
+        (!denied || f.verdict != bulkhead_proto::Verdict::Allow)
+            && path.is_none_or(|p| f.path == p)
+            && verdict.is_none_or(|v| f.verdict == v)
             && identity
                 .as_ref()
                 .is_none_or(|i| f.src == *i || f.dst == *i || f.node == *i)

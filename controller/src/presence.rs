@@ -73,6 +73,7 @@ impl Tracker {
                 status: None,
                 version: String::new(),
                 facts: Default::default(),
+                underlay: None,
             },
             written: None,
             dirty: false,
@@ -142,6 +143,7 @@ impl Tracker {
             l.record.status = Some(r.status.clone());
             l.record.version.clone_from(&r.version);
             l.record.facts.clone_from(&r.facts);
+            l.record.underlay = r.underlay;
         });
     }
 
@@ -303,6 +305,7 @@ mod tests {
             peers: 0,
             version: "1".into(),
             facts: Default::default(),
+            underlay: None,
         }
     }
 

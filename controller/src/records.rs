@@ -89,6 +89,9 @@ pub struct PresenceRecord {
     /// Posture facts, as last reported.
     #[serde(default, skip_serializing_if = "bulkhead_proto::Facts::is_empty")]
     pub facts: bulkhead_proto::Facts,
+    /// The host firewall, as last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<bulkhead_proto::UnderlayStatus>,
 }
 
 /// Denied new flows one controller's nodes reported for one initiator:

@@ -197,6 +197,7 @@ async fn two_controllers_on_one_etcd_are_one_system() {
         peers: 0,
         version: "test".into(),
         facts: Default::default(),
+        underlay: None,
     };
     let _: serde_json::Value = wconn.post("/v1/node/report", &report).await.unwrap();
     let seen_on_a = wait_node(&mut a.c, "web-1", |n| n.online && n.in_sync).await;

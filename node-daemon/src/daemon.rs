@@ -13,8 +13,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::faults::{Faults, Op};
-use crate::flowlog::FlowLog;
 use crate::firewall::{self, Firewall};
+use crate::flowlog::FlowLog;
 use crate::host::{self, Host};
 use crate::link::{self, Applied, Update};
 use crate::metrics::Snapshot;
@@ -389,7 +389,9 @@ async fn resolve_controllers(urls: &[String]) -> Vec<SocketAddr> {
             .split('/')
             .next()
             .unwrap_or_default();
-        let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        let authority = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
             && !authority.ends_with(']')
         {
             authority.to_string()
@@ -403,7 +405,9 @@ async fn resolve_controllers(urls: &[String]) -> Vec<SocketAddr> {
         .await
         {
             Ok(Ok(addrs)) => out.extend(addrs),
-            Ok(Err(e)) => tracing::warn!(%url, error = %e, "cannot resolve a controller for the firewall"),
+            Ok(Err(e)) => {
+                tracing::warn!(%url, error = %e, "cannot resolve a controller for the firewall")
+            }
             Err(_) => tracing::warn!(%url, "resolving a controller for the firewall timed out"),
         }
     }

@@ -130,7 +130,10 @@ pub fn registry(s: &Snapshot) -> Registry {
         "New underlay connections the host firewall dropped (deny) or would drop in observe (would_deny), as logged: at most 50 a second per direction",
         None,
         s.underlay_logged.iter().map(|(d, v, n)| {
-            (vec![("direction", (*d).into()), ("verdict", (*v).into())], *n)
+            (
+                vec![("direction", (*d).into()), ("verdict", (*v).into())],
+                *n,
+            )
         }),
     );
     if let Some(u) = s.underlay {
@@ -139,7 +142,10 @@ pub fn registry(s: &Snapshot) -> Registry {
             "bulkhead_underlay_table_installed",
             "1 if the host firewall table for the configured mode is in place, by mode",
             None,
-            vec![(vec![("mode", u.mode.as_str().into())], f64::from(u8::from(u.installed)))],
+            vec![(
+                vec![("mode", u.mode.as_str().into())],
+                f64::from(u8::from(u.installed)),
+            )],
         );
     }
     counter(

@@ -22,7 +22,8 @@ impl Failure {
     /// The failure after an attempt failed with `error`, following `prev`; and whether to log
     /// it (a new error, or the same one not logged for [`LOG_EVERY`]).
     pub fn next(prev: Option<&Failure>, error: String, now: Instant) -> (Failure, bool) {
-        let log = prev.is_none_or(|f| f.error != error || now.duration_since(f.logged) >= LOG_EVERY);
+        let log =
+            prev.is_none_or(|f| f.error != error || now.duration_since(f.logged) >= LOG_EVERY);
         let logged = match prev {
             Some(f) if !log => f.logged,
             _ => now,

@@ -9,19 +9,23 @@
 //! - a denial the node's egress filter made counts against the node itself; one its ingress
 //!   filter made is the node's word against a peer, and counts only up to a cap
 //!   ([`crate::records::Tally::total`]);
-//! - a batch, its strings and its entries are bounded.
+//! - a batch, its strings and its entries are bounded;
+//! - an underlay entry (the host firewall's) is the node's report of a connection to or from
+//!   an address on its ordinary network. The controller names both ends from the addresses it
+//!   saw the servers' reports come from; the entry never counts towards a quarantine, since
+//!   the node cannot show who really sent an underlay packet.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bulkhead_policy::Model;
-use bulkhead_proto::{FlowBatch, FlowEntry, FlowView, Verdict};
+use bulkhead_proto::{FlowBatch, FlowEntry, FlowView, Path, Verdict};
 
 use super::quarantine::Rule;
 use crate::Controller;
 use crate::ops::Error;
-use crate::view::lock;
+use crate::view::{Mirror, lock};
 
 /// Most entries one batch may carry: a daemon's whole flow-log buffer.
 pub const MAX_BATCH: usize = 10_000;
@@ -52,10 +56,19 @@ impl Refused {
     }
 }
 
-/// Why an entry is refused, if it is.
-fn refusal(e: &FlowEntry, peer: Option<&str>) -> Option<&'static str> {
+/// Whether an entry carries a string longer than any name or reason, or a path this version
+/// does not know.
+fn malformed(e: &FlowEntry) -> bool {
     let long = |s: &Option<String>, max: usize| s.as_ref().is_some_and(|s| s.len() > max);
-    if long(&e.peer, MAX_NAME) || long(&e.rule, MAX_NAME) || long(&e.reason, MAX_REASON) {
+    long(&e.peer, MAX_NAME)
+        || long(&e.rule, MAX_NAME)
+        || long(&e.reason, MAX_REASON)
+        || e.path == Path::Unknown
+}
+
+/// Why an overlay entry is refused, if it is.
+fn refusal(e: &FlowEntry, peer: Option<&str>) -> Option<&'static str> {
+    if malformed(e) {
         return Some("malformed");
     }
     // Traffic with a peer went through its tunnel; only the node's own refused attempts may
@@ -75,6 +88,8 @@ struct Namer<'a> {
     peers: HashMap<Ipv4Addr, String>,
     model: Option<&'a Model>,
     by_address: Option<HashMap<Ipv4Addr, String>>,
+    records: &'a Mirror,
+    by_underlay: Option<HashMap<Ipv4Addr, String>>,
 }
 
 impl Namer<'_> {
@@ -94,6 +109,36 @@ impl Namer<'_> {
             .unwrap_or_else(|| addr.to_string())
     }
 
+    /// An underlay entry: the node's end is its underlay address, the other end is named by
+    /// the enrolled server whose reports come from that address, if any.
+    fn underlay_view(&mut self, e: FlowEntry) -> FlowView {
+        let records = self.records;
+        let other = self
+            .by_underlay
+            .get_or_insert_with(|| {
+                records
+                    .underlay
+                    .iter()
+                    .filter(|(id, _)| records.nodes.contains_key(*id))
+                    .map(|(id, a)| (*a, id.clone()))
+                    .collect()
+            })
+            .get(&e.peer_address)
+            .cloned()
+            .unwrap_or_else(|| e.peer_address.to_string());
+        let me = records
+            .underlay
+            .get(self.node)
+            .copied()
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let (src, dst) = if e.outbound {
+            ((self.node.to_string(), me), (other, e.peer_address))
+        } else {
+            ((other, e.peer_address), (self.node.to_string(), me))
+        };
+        self.finish(e, src, dst)
+    }
+
     fn view(&mut self, e: FlowEntry, peer: Option<String>) -> FlowView {
         let me = (self.node.to_string(), self.address);
         let other = (
@@ -101,6 +146,10 @@ impl Namer<'_> {
             e.peer_address,
         );
         let (src, dst) = if e.outbound { (me, other) } else { (other, me) };
+        self.finish(e, src, dst)
+    }
+
+    fn finish(&self, e: FlowEntry, src: (String, Ipv4Addr), dst: (String, Ipv4Addr)) -> FlowView {
         FlowView {
             at: e.at,
             node: self.node.to_string(),
@@ -145,7 +194,7 @@ impl Controller {
         }
         let now = crate::ops::unix_ms();
         let mut over: Vec<(String, u64)> = Vec::new();
-        let (mut malformed, mut not_a_peer) = (0u64, 0u64);
+        let (mut malformed_n, mut not_a_peer) = (0u64, 0u64);
         let (threshold, views) = {
             let v = lock(&self.view);
             let live = v.live();
@@ -161,14 +210,24 @@ impl Controller {
                     .collect(),
                 model,
                 by_address: None,
+                records: v.records(),
+                by_underlay: None,
             };
             let rule = Rule::now(&v, &self.id, now);
             let mut views = Vec::with_capacity(batch.flows.len());
             for e in batch.flows {
+                if e.path == Path::Underlay {
+                    if malformed(&e) {
+                        malformed_n += 1;
+                    } else {
+                        views.push(namer.underlay_view(e));
+                    }
+                    continue;
+                }
                 let peer = namer.peers.get(&e.peer_address).cloned();
                 match refusal(&e, peer.as_deref()) {
                     Some("malformed") => {
-                        malformed += 1;
+                        malformed_n += 1;
                         continue;
                     }
                     Some(_) => {
@@ -200,12 +259,12 @@ impl Controller {
             }
             (rule.map(|r| r.threshold), views)
         };
-        if malformed + not_a_peer > 0 {
-            refused.malformed.fetch_add(malformed, Ordering::Relaxed);
+        if malformed_n + not_a_peer > 0 {
+            refused.malformed.fetch_add(malformed_n, Ordering::Relaxed);
             refused.not_a_peer.fetch_add(not_a_peer, Ordering::Relaxed);
             tracing::warn!(
                 node,
-                malformed,
+                malformed = malformed_n,
                 not_a_peer,
                 "flow entries refused: a node reports only about itself and its peers"
             );

@@ -62,6 +62,11 @@ impl Controller {
                         posture: Vec::new(),
                         quarantine: r.quarantines.get(&n).map(|q| q.0.clone()),
                         upcoming: Vec::new(),
+                        underlay_mode: v
+                            .allowlist(&n)
+                            .and_then(|l| l.underlay.as_ref().map(|u| u.mode))
+                            .unwrap_or_default(),
+                        underlay: p.and_then(|p| p.underlay),
                         identity: n,
                     }
                 })

@@ -166,6 +166,7 @@ mod tests {
                 },
             )]
             .into(),
+            underlay: None,
         }
     }
 

@@ -74,6 +74,7 @@ fn reported(digest: Option<&str>, facts: bulkhead_proto::Facts) -> PresenceRecor
         status: None,
         version: String::new(),
         facts,
+        underlay: None,
     }
 }
 

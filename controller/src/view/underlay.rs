@@ -2,70 +2,25 @@
 //! resolved into the [`UnderlayConfig`] a node installs, which names addresses.
 //!
 //! A server's underlay address is the one its reports came from ([`Mirror::underlay`]), never
-//! one the node claims. Only enrolled servers count: a revoked node's address leaves every
-//! firewall. An identity whose address is not known yet is left out of an `allow` entry (the
-//! entry allows less until it reports) and out of the guarded servers (its address is not
-//! known to be a server's).
+//! one the node claims. The resolution itself is [`bulkhead_hostfw::resolve`].
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use bulkhead_allowlist::{Network, Underlay, UnderlayHost, UnderlayRule};
-use bulkhead_proto::{UnderlayAllow, UnderlayConfig};
+use bulkhead_allowlist::Underlay;
+use bulkhead_proto::UnderlayConfig;
 
 use super::Mirror;
 
-/// `identity`'s host firewall, with addresses as `records` know them now.
+/// `identity`'s host firewall, with addresses as `records` know them now. Only enrolled
+/// servers count: a revoked node's address leaves every firewall.
 pub fn resolve(identity: &str, underlay: &Underlay, records: &Mirror) -> UnderlayConfig {
-    let address_of = |id: &str| {
-        records
-            .nodes
-            .contains_key(id)
-            .then(|| records.underlay.get(id).copied())
-            .flatten()
-    };
-    let mut servers = BTreeMap::new();
-    for id in records.nodes.keys() {
-        if id != identity
-            && let Some(a) = address_of(id)
-        {
-            // Two servers behind one address (NAT): the first by name keeps it, so the
-            // message is the same on every controller.
-            servers.entry(a).or_insert_with(|| id.clone());
-        }
-    }
-    let resolve_rules = |rules: &[UnderlayRule]| {
-        rules
-            .iter()
-            .filter_map(|r| {
-                let mut nets: Vec<Network> = r
-                    .hosts
-                    .iter()
-                    .filter_map(|h| match h {
-                        UnderlayHost::Net(n) => Some(*n),
-                        UnderlayHost::Identity(id) => address_of(id).map(|address| Network {
-                            address,
-                            prefix_len: 32,
-                        }),
-                    })
-                    .collect();
-                nets.sort();
-                nets.dedup();
-                (!nets.is_empty()).then(|| UnderlayAllow {
-                    name: r.name.clone(),
-                    nets,
-                    ports: r.ports.clone(),
-                })
-            })
-            .collect()
-    };
-    UnderlayConfig {
-        mode: underlay.mode,
-        servers,
-        controllers: controllers(records),
-        inbound: resolve_rules(&underlay.inbound),
-        outbound: resolve_rules(&underlay.outbound),
-    }
+    let servers: BTreeMap<&str, Ipv4Addr> = records
+        .nodes
+        .keys()
+        .filter_map(|id| Some((id.as_str(), *records.underlay.get(id)?)))
+        .collect();
+    bulkhead_hostfw::resolve(identity, underlay, &servers, controllers(records))
 }
 
 /// The live controllers' API addresses, from their URLs; a URL with a host name is left out
@@ -83,7 +38,9 @@ fn controllers(records: &Mirror) -> Vec<SocketAddr> {
 
 /// `https://198.18.0.1:7443/…` → `198.18.0.1:7443` (443 if no port); `None` for a host name.
 pub fn api_address(url: &str) -> Option<SocketAddr> {
-    let rest = url.strip_prefix("https://").or(url.strip_prefix("http://"))?;
+    let rest = url
+        .strip_prefix("https://")
+        .or(url.strip_prefix("http://"))?;
     let authority = rest.split('/').next()?;
     if let Ok(a) = authority.parse::<SocketAddr>() {
         return Some(a);
@@ -106,7 +63,7 @@ pub fn ipv4(ip: IpAddr) -> Option<Ipv4Addr> {
 mod tests {
     use super::*;
     use crate::records::NodeRecord;
-    use bulkhead_allowlist::{PortSpec, UnderlayMode};
+    use bulkhead_allowlist::{Network, PortSpec, UnderlayHost, UnderlayMode, UnderlayRule};
 
     fn mirror(servers: &[(&str, Option<[u8; 4]>)]) -> Mirror {
         let mut m = Mirror::default();
@@ -143,7 +100,8 @@ mod tests {
             ("new-1", None),
         ]);
         // Known by address but revoked: not a server any more.
-        m.underlay.insert("gone".into(), Ipv4Addr::new(198, 18, 0, 9));
+        m.underlay
+            .insert("gone".into(), Ipv4Addr::new(198, 18, 0, 9));
         let u = Underlay {
             mode: UnderlayMode::Enforce,
             inbound: vec![
@@ -170,7 +128,11 @@ mod tests {
             "every other enrolled server with a known address, not itself, not the revoked"
         );
         assert_eq!(c.controllers, vec!["198.18.0.1:7443".parse().unwrap()]);
-        assert_eq!(c.inbound.len(), 1, "entries left with no address are dropped");
+        assert_eq!(
+            c.inbound.len(),
+            1,
+            "entries left with no address are dropped"
+        );
         assert_eq!(
             c.inbound[0]
                 .nets

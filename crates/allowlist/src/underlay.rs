@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::{Network, PortSpec};
 
 /// What the host firewall does on a server.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum UnderlayMode {
     /// No host firewall: the daemon removes its table.

@@ -76,6 +76,12 @@ enum Command {
         /// Only flows from or to this identity.
         #[arg(long)]
         identity: Option<String>,
+        /// Only flows over this path: `overlay` or `underlay` (the host firewall's).
+        #[arg(long, value_parser = ["overlay", "underlay"])]
+        path: Option<String>,
+        /// Only flows with this verdict: `allow`, `deny` or `would-deny`.
+        #[arg(long, value_parser = ["allow", "deny", "would-deny"])]
+        verdict: Option<String>,
         /// How many past flows to show.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
@@ -250,12 +256,18 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             denied,
             follow,
             identity,
+            path,
+            verdict,
             limit,
         } => online::flows(
             &mut remote()?,
-            denied,
+            online::FlowFilter {
+                denied,
+                identity,
+                path,
+                verdict,
+            },
             follow,
-            identity.as_deref(),
             limit,
             fmt,
         ),

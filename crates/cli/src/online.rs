@@ -245,6 +245,7 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 "REVISION",
                 "STATUS",
                 "POSTURE",
+                "UNDERLAY",
                 "NEXT WINDOW CHANGE",
             ]
             .map(String::from)
@@ -275,6 +276,7 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
                 n.revision.map_or_else(dash, |r| r.to_string()),
                 n.status.clone().unwrap_or_else(dash),
                 posture(n),
+                underlay(n),
                 n.upcoming
                     .first()
                     .map_or_else(dash, |b| format!("{} {} {}", b.rule, b.event, time(b.at))),
@@ -283,6 +285,21 @@ pub fn nodes(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         columns(&rows)
     })?;
     Ok(Outcome::Ok)
+}
+
+/// The host firewall: the mode the policy gives the node, and whether its table is in place
+/// (`-` for `off` with nothing installed).
+fn underlay(n: &NodeView) -> String {
+    use bulkhead_allowlist::UnderlayMode;
+    let wanted = n.underlay_mode;
+    match n.underlay {
+        None if wanted == UnderlayMode::Off => "-".into(),
+        None => format!("{wanted} (not reported)"),
+        Some(r) if r.mode != wanted => format!("{wanted} (node has {})", r.mode),
+        Some(_) if wanted == UnderlayMode::Off => "off".into(),
+        Some(r) if r.installed => format!("{wanted}"),
+        Some(_) => format!("{wanted} (NOT INSTALLED)"),
+    }
 }
 
 /// `pass`, or each failing check with its reason; `-` when no rule it initiates needs one.
@@ -381,16 +398,32 @@ fn flow_row(f: &FlowView) -> Vec<String> {
         format!("{} ({})", f.src, f.src_address),
         format!("{} ({})", f.dst, f.dst_address),
         format!("{}/{}", f.proto, f.port),
+        f.path.to_string(),
         f.verdict.to_string(),
         f.rule.clone().unwrap_or_else(|| "(default deny)".into()),
         f.node.clone(),
     ]
 }
 
-const FLOW_HEADER: [&str; 7] = ["TIME", "FROM", "TO", "PORT", "VERDICT", "RULE", "SEEN BY"];
+const FLOW_HEADER: [&str; 8] = [
+    "TIME", "FROM", "TO", "PORT", "PATH", "VERDICT", "RULE", "SEEN BY",
+];
 
 /// `bulkhead flows [--denied] [--follow] [--identity X]`: the controller's flow log; with
 /// `--follow`, then each new flow as it comes (one line each; `-o json`: one JSON object per
+/// Which flows `bulkhead flows` shows; the controllers filter.
+#[derive(Debug, Default)]
+pub struct FlowFilter {
+    /// Denied or would-be-denied flows only.
+    pub denied: bool,
+    /// From, to or seen by this identity.
+    pub identity: Option<String>,
+    /// `overlay` or `underlay`.
+    pub path: Option<String>,
+    /// `allow`, `deny` or `would-deny`.
+    pub verdict: Option<String>,
+}
+
 /// How long a controller may take to start answering a flows request.
 const FLOWS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -400,18 +433,23 @@ const FLOWS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// them with an error.
 pub fn flows(
     r: &mut Remote,
-    denied: bool,
+    filter: FlowFilter,
     follow: bool,
-    identity: Option<&str>,
     limit: usize,
     fmt: Format,
 ) -> anyhow::Result<Outcome> {
     let mut query = String::new();
-    if denied {
+    if filter.denied {
         query += "&denied=1";
     }
-    if let Some(i) = identity {
-        query += &format!("&identity={i}");
+    for (k, v) in [
+        ("identity", &filter.identity),
+        ("path", &filter.path),
+        ("verdict", &filter.verdict),
+    ] {
+        if let Some(v) = v {
+            query += &format!("&{k}={v}");
+        }
     }
     let others = r.others();
     let first = r.cfg.url.clone();

@@ -93,12 +93,16 @@ pub fn firewall(cfg: &UnderlayConfig, host: &Host) -> Option<Table> {
         };
         Rule::accept(vec![to, tcp_dport(c.port())]).comment("controller")
     }));
-    input.extend(ICMP_NEEDED.iter().map(|&(t, _)| {
-        Rule::accept(vec![Match::IcmpType(t)]).comment("icmp")
-    }));
-    input.extend(ICMPV6_NEEDED.iter().map(|&(t, _)| {
-        Rule::accept(vec![Match::Icmpv6Type(t)]).comment("icmpv6")
-    }));
+    input.extend(
+        ICMP_NEEDED
+            .iter()
+            .map(|&(t, _)| Rule::accept(vec![Match::IcmpType(t)]).comment("icmp")),
+    );
+    input.extend(
+        ICMPV6_NEEDED
+            .iter()
+            .map(|&(t, _)| Rule::accept(vec![Match::Icmpv6Type(t)]).comment("icmpv6")),
+    );
     input.extend(allow_rules(&cfg.inbound, Match::Saddr));
     input.extend(closing(drop, true, host.nflog_group));
 
@@ -121,12 +125,14 @@ pub fn firewall(cfg: &UnderlayConfig, host: &Host) -> Option<Table> {
         }])
         .comment("wireguard"),
     ];
-    output.extend(controllers.iter().filter_map(|c| match c.ip() {
-        IpAddr::V4(a) => Some(
-            Rule::accept(vec![Match::Daddr(host_net(a)), tcp_dport(c.port())])
-                .comment("controller"),
-        ),
-        IpAddr::V6(_) => None, // IPv6 is not guarded outbound
+    output.extend(controllers.iter().filter_map(|c| {
+        match c.ip() {
+            IpAddr::V4(a) => Some(
+                Rule::accept(vec![Match::Daddr(host_net(a)), tcp_dport(c.port())])
+                    .comment("controller"),
+            ),
+            IpAddr::V6(_) => None, // IPv6 is not guarded outbound
+        }
     }));
     output.extend(allow_rules(&cfg.outbound, Match::Daddr));
     output.extend(closing(drop, false, host.nflog_group));

@@ -300,7 +300,10 @@ fn matcher(e: &mut Vec<Expr>, m: &Match, set_id: &dyn Fn(&str) -> u32) {
             cmp(e, Operator::Equal, ifname(name));
         }
         Match::CtState(bits) => {
-            e.push(other("ct", vec![nla(1, reg1()), nla(2, 0u32.to_be_bytes())]));
+            e.push(other(
+                "ct",
+                vec![nla(1, reg1()), nla(2, 0u32.to_be_bytes())],
+            ));
             e.push(
                 Expressions::Bitwise(vec![
                     Bitwise::SourceRegister(Register::Reg1),

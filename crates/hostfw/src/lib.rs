@@ -10,7 +10,8 @@
 //!   kernel's owner flag, so it lives exactly as long as the daemon's netlink socket, like the
 //!   TUN interface and the overlay address it protects.
 //!
-//! [`ruleset`] holds the model (tables, chains, rules as nftables sees them), [`build`] turns a
+//! [`resolve`] turns an allowlist's underlay entries into a node's configuration with
+//! addresses, [`ruleset`] holds the model (tables, chains, rules as nftables sees them), [`build`] turns a
 //! configuration into tables, [`render`] writes them as `nft list table` shows them (golden
 //! files and docs), [`encode`] writes them as one netlink batch, and [`nflog`] reads the packets
 //! the log rules send, for the flow log.
@@ -21,9 +22,11 @@ pub mod build;
 pub mod encode;
 pub mod nflog;
 pub mod render;
+mod resolve;
 pub mod ruleset;
 
 pub use build::{Host, firewall, guard};
+pub use resolve::resolve;
 pub use ruleset::{Chain, Hook, Match, Rule, Set, Table, Verdict};
 
 /// The underlay firewall's table (family `inet`).

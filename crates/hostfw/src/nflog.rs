@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use netlink_packet_core::{Emitable, NetlinkDeserializable};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     Parseable,
@@ -14,7 +15,6 @@ use netlink_packet_netfilter::nflog::{ConfigCmd, ConfigMode, ConfigNla, PacketNl
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_packet_core::{Emitable, NetlinkDeserializable};
 
 use crate::PREFIXES;
 

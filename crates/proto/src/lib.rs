@@ -469,6 +469,12 @@ pub struct NodeView {
     /// Its quarantine, if it is in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<Quarantine>,
+    /// The host firewall mode the live policy gives it (`off` out of scope).
+    #[serde(default)]
+    pub underlay_mode: bulkhead_allowlist::UnderlayMode,
+    /// The host firewall as its node last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<UnderlayStatus>,
 }
 
 /// The answer to a revocation.

@@ -106,15 +106,17 @@ impl Firewall {
         let w = self.wanted.as_ref()?;
         Some(UnderlayStatus {
             mode: w.mode,
-            installed: w.firewall.is_some()
-                && self.firewall_in_place.as_ref() == Some(&w.firewall),
+            installed: w.firewall.is_some() && self.firewall_in_place.as_ref() == Some(&w.firewall),
         })
     }
 
     /// On a clean stop: an observing table goes (nothing would read its logs); an enforcing
     /// one stays, so the server is no more open without the daemon than with it.
     pub async fn stop(&mut self) {
-        if self.wanted.as_ref().is_some_and(|w| w.mode == UnderlayMode::Observe)
+        if self
+            .wanted
+            .as_ref()
+            .is_some_and(|w| w.mode == UnderlayMode::Observe)
             && let Some(nft) = self.nft.as_mut()
             && let Err(e) = nft.run(|seq| encode::delete(FIREWALL, seq)).await
         {
@@ -133,8 +135,7 @@ impl Firewall {
                 }
             }
             Err(e) => {
-                let (failure, log) =
-                    Failure::next(self.failure.as_ref(), e, Instant::now());
+                let (failure, log) = Failure::next(self.failure.as_ref(), e, Instant::now());
                 if log {
                     tracing::error!(
                         error = %failure.error,

@@ -70,7 +70,8 @@ fn answers(datagram: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     let mut rest = datagram;
     while rest.len() >= 16 {
-        let u32_at = |o: usize| u32::from_ne_bytes([rest[o], rest[o + 1], rest[o + 2], rest[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_ne_bytes([rest[o], rest[o + 1], rest[o + 2], rest[o + 3]]);
         let len = u32_at(0) as usize;
         if len < 16 || len > rest.len() {
             break;
