@@ -70,6 +70,32 @@ pub fn special_address(addr: Ipv4Addr) -> Option<(Network, &'static str)> {
     SPECIAL.iter().copied().find(|(s, _)| s.contains(addr))
 }
 
+/// Parses `A.B.C.D/N` as written, host bits and all; `None` if it is not that form. What a
+/// prefix may be depends on its use: see [`host_bits_cleared`] and [`special_range`].
+pub(crate) fn parse_prefix(s: &str) -> Option<Network> {
+    let (a, n) = s.split_once('/')?;
+    let address: Ipv4Addr = a.parse().ok()?;
+    // Digits only: `u8`'s parser would take `+8`.
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let prefix_len: u8 = n.parse().ok().filter(|&p| p <= 32)?;
+    Some(Network {
+        address,
+        prefix_len,
+    })
+}
+
+/// The network with its host bits cleared, if `net` has any set (`10.0.0.1/24` is
+/// `10.0.0.0/24` written with a host's address).
+pub(crate) fn host_bits_cleared(net: Network) -> Option<Network> {
+    let base = Ipv4Addr::from(u32::from(net.address) & net.mask());
+    (base != net.address).then_some(Network {
+        address: base,
+        prefix_len: net.prefix_len,
+    })
+}
+
 /// Whether `net` lies wholly inside one private or CGNAT range ([`PRIVATE`]).
 pub fn is_private(net: Network) -> bool {
     PRIVATE
@@ -249,6 +275,31 @@ mod tests {
             assert_eq!(distinct.len(), got.len());
             prior = names.iter().cloned().zip(got).collect();
         }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(parse_prefix("10.1.0.0/16"), Some(net("10.1.0.0", 16)));
+        assert_eq!(parse_prefix("10.1.0.1/32"), Some(net("10.1.0.1", 32)));
+        assert_eq!(parse_prefix("0.0.0.0/0"), Some(net("0.0.0.0", 0)));
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/33",
+            "10.1.0/16",
+            "10.1.0.0/+8",
+            "10.1.0.0/",
+            "/8",
+            "a/8",
+            "10.1.0.0/16/1",
+        ] {
+            assert_eq!(parse_prefix(bad), None, "{bad}");
+        }
+        assert_eq!(
+            host_bits_cleared(net("10.0.0.1", 24)),
+            Some(net("10.0.0.0", 24))
+        );
+        assert_eq!(host_bits_cleared(net("10.0.0.0", 24)), None);
+        assert_eq!(host_bits_cleared(net("10.0.0.1", 32)), None);
     }
 
     #[test]

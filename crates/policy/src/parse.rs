@@ -132,25 +132,19 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
     Ok(total)
 }
 
-/// Parses `A.B.C.D/N`.
+/// Parses the overlay's `A.B.C.D/N`.
 fn parse_cidr(s: &str) -> Result<Network, String> {
     let bad = || format!("bad cidr {s:?}: expected an IPv4 prefix such as 10.100.0.0/16");
-    let (a, n) = s.split_once('/').ok_or_else(bad)?;
-    let address: Ipv4Addr = a.parse().map_err(|_| bad())?;
-    let prefix_len: u8 = n.parse().map_err(|_| bad())?;
+    let net = addr::parse_prefix(s).ok_or_else(bad)?;
+    let prefix_len = net.prefix_len;
     if prefix_len > 30 {
         return Err(format!(
             "bad cidr {s:?}: a /{prefix_len} leaves no room for identities; use /30 or shorter"
         ));
     }
-    let net = Network {
-        address,
-        prefix_len,
-    };
-    let base = Ipv4Addr::from(u32::from(address) & net.mask());
-    if base != address {
+    if let Some(base) = addr::host_bits_cleared(net) {
         return Err(format!(
-            "bad cidr {s:?}: host bits are set; did you mean {base}/{prefix_len}?"
+            "bad cidr {s:?}: host bits are set; did you mean {base}?"
         ));
     }
     if prefix_len < addr::MIN_PREFIX_LEN {
@@ -171,13 +165,13 @@ fn parse_cidr(s: &str) -> Result<Network, String> {
 }
 
 /// The keys of one mapping, checked: unknown and repeated keys are reported, the rest kept.
-struct Fields<'n> {
+pub(crate) struct Fields<'n> {
     map: HashMap<&'n str, &'n Node>,
-    pos: Pos,
+    pub(crate) pos: Pos,
 }
 
 impl<'n> Fields<'n> {
-    fn get(&self, key: &str) -> Option<&'n Node> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'n Node> {
         self.map
             .get(key)
             .copied()
@@ -185,14 +179,19 @@ impl<'n> Fields<'n> {
     }
 }
 
-struct Reader {
-    d: Diags,
+/// Reads values out of the tree, reporting every problem to `d` and going on.
+pub(crate) struct Reader {
+    pub(crate) d: Diags,
 }
 
 impl Reader {
     /// The entries of a mapping whose keys are names the user chose: repeats are reported, and
     /// only the first of each key is kept.
-    fn entries<'n>(&mut self, node: &'n Node, what: &str) -> Vec<(&'n str, Pos, &'n Node)> {
+    pub(crate) fn entries<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+    ) -> Vec<(&'n str, Pos, &'n Node)> {
         let Value::Map(entries) = &node.value else {
             if node.value != Value::Null {
                 self.d.error(
@@ -226,7 +225,12 @@ impl Reader {
     }
 
     /// A mapping with a fixed set of keys.
-    fn fields<'n>(&mut self, node: &'n Node, what: &str, known: &[&str]) -> Option<Fields<'n>> {
+    pub(crate) fn fields<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        known: &[&str],
+    ) -> Option<Fields<'n>> {
         if !matches!(node.value, Value::Map(_)) {
             self.d.error(
                 node.pos,
@@ -254,7 +258,12 @@ impl Reader {
         Some(Fields { map, pos: node.pos })
     }
 
-    fn required<'n>(&mut self, f: &Fields<'n>, key: &str, what: &str) -> Option<&'n Node> {
+    pub(crate) fn required<'n>(
+        &mut self,
+        f: &Fields<'n>,
+        key: &str,
+        what: &str,
+    ) -> Option<&'n Node> {
         let n = f.get(key);
         if n.is_none() {
             self.d
@@ -263,7 +272,7 @@ impl Reader {
         n
     }
 
-    fn string<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n str> {
+    pub(crate) fn string<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n str> {
         match node.as_str() {
             Some(s) => Some(s),
             None => {
@@ -276,7 +285,7 @@ impl Reader {
         }
     }
 
-    fn name(&mut self, s: &str, pos: Pos, kind: &str) -> bool {
+    pub(crate) fn name(&mut self, s: &str, pos: Pos, kind: &str) -> bool {
         let ok = is_valid_name(s);
         if !ok {
             self.d.error(
@@ -290,7 +299,7 @@ impl Reader {
         ok
     }
 
-    fn list<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> &'n [Node] {
+    pub(crate) fn list<'n>(&mut self, node: &'n Node, what: &str, example: &str) -> &'n [Node] {
         match &node.value {
             Value::Seq(items) => items,
             _ => {
@@ -307,7 +316,7 @@ impl Reader {
     }
 
     /// A list of names, each checked for form.
-    fn names(&mut self, node: &Node, what: &str, example: &str) -> Vec<Spanned<String>> {
+    pub(crate) fn names(&mut self, node: &Node, what: &str, example: &str) -> Vec<Spanned<String>> {
         let mut out = Vec::new();
         for item in self.list(node, what, example) {
             if let Some(s) = self.string(item, &format!("an entry of {what}")) {
@@ -318,6 +327,32 @@ impl Reader {
             }
         }
         out
+    }
+
+    /// A list of ports, each as a rule's `ports` entry; `what` names the owner in the message
+    /// for an empty list ("the rule").
+    pub(crate) fn ports(&mut self, node: &Node, what: &str) -> Vec<Spanned<PortSpec>> {
+        let mut ports = Vec::new();
+        let items = self.list(node, "ports", "[tcp/5432, icmp]");
+        if items.is_empty() && matches!(&node.value, Value::Seq(_)) {
+            self.d.error(
+                node.pos,
+                format!("`ports` is empty, so {what} matches nothing; use [any] for everything"),
+            );
+        }
+        for item in items {
+            let Some(s) = self.string(item, "a port") else {
+                continue;
+            };
+            match parse_port_spec(s) {
+                Ok(spec) => ports.push(Spanned {
+                    pos: item.pos,
+                    value: spec,
+                }),
+                Err(e) => self.d.error(item.pos, e),
+            }
+        }
+        ports
     }
 
     fn labels(&mut self, node: &Node, what: &str) -> BTreeMap<String, String> {
@@ -650,28 +685,10 @@ fn read_rules(r: &mut Reader, node: &Node) -> Vec<RuleDef> {
         };
         let from = side("from");
         let to = side("to");
-        let mut ports = Vec::new();
-        if let Some(p) = r.required(&f, "ports", "a rule") {
-            let items = r.list(p, "ports", "[tcp/5432, icmp]");
-            if items.is_empty() && matches!(&p.value, Value::Seq(_)) {
-                r.d.error(
-                    p.pos,
-                    "`ports` is empty, so the rule matches nothing; use [any] for everything",
-                );
-            }
-            for item in items {
-                let Some(s) = r.string(item, "a port") else {
-                    continue;
-                };
-                match parse_port_spec(s) {
-                    Ok(spec) => ports.push(Spanned {
-                        pos: item.pos,
-                        value: spec,
-                    }),
-                    Err(e) => r.d.error(item.pos, e),
-                }
-            }
-        }
+        let ports = r
+            .required(&f, "ports", "a rule")
+            .map(|p| r.ports(p, "the rule"))
+            .unwrap_or_default();
         let not_before = f.get("not_before").and_then(|n| r.time(n, "not_before"));
         let expires = f.get("expires").and_then(|n| r.time(n, "expires"));
         if let (Some(a), Some(b), Some(n)) = (not_before, expires, f.get("expires"))
