@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use bulkhead_allowlist::{Action, Network, PortSpec, UnixTime, Window};
+use bulkhead_allowlist::{Action, Network, PortSpec, UnderlayMode, UnixTime, Window};
 use serde::Serialize;
 
 use crate::diag::Pos;
@@ -42,6 +42,8 @@ pub struct Policy {
     pub quarantine: Option<QuarantineDef>,
     /// `tests`, in file order.
     pub tests: Vec<TestDef>,
+    /// `underlay`, if written.
+    pub underlay: Option<UnderlayDef>,
 }
 
 /// One entry of `identities`.
@@ -161,4 +163,42 @@ pub struct TestDef {
     pub failing: Vec<Spanned<String>>,
     /// Identities quarantined in this test.
     pub quarantined: Vec<Spanned<String>>,
+}
+
+/// `underlay`: the host firewall on the servers in scope (see [`crate::underlay`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnderlayDef {
+    /// Where the block starts.
+    pub pos: Pos,
+    /// `mode`, default `off`.
+    pub mode: UnderlayMode,
+    /// `scope`: segment names. `None`: every identity.
+    pub scope: Option<Vec<Spanned<String>>>,
+    /// `allow`, in file order.
+    pub allow: Vec<UnderlayAllowDef>,
+}
+
+/// One entry of `underlay.allow`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnderlayAllowDef {
+    /// The entry's name, and where it is written.
+    pub name: Spanned<String>,
+    /// Where the entry starts.
+    pub pos: Pos,
+    /// Who may connect: networks, or names (identities, segments, `*`) resolved later.
+    pub from: Vec<Spanned<UnderlaySource>>,
+    /// The servers that accept: identity and segment names, or `*`.
+    pub to: Vec<Spanned<String>>,
+    /// The ports it covers.
+    pub ports: Vec<Spanned<PortSpec>>,
+}
+
+/// One entry of an underlay `from`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnderlaySource {
+    /// An IPv4 network, checked: no host bits, no special range, not `/0`.
+    Net(Network),
+    /// An identity, a segment or `*`.
+    Name(String),
 }

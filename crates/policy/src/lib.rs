@@ -23,6 +23,7 @@ mod model;
 mod parse;
 pub mod posture;
 pub mod reach;
+pub mod underlay;
 mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};

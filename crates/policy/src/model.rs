@@ -114,6 +114,8 @@ pub struct Model {
     quarantined_to: Vec<RuleId>,
     /// Every rule as a node sees it, by rule id.
     refs: Vec<RuleRef>,
+    /// The `underlay` block, if the policy has one.
+    underlay: Option<crate::underlay::Block>,
 }
 
 impl Model {
@@ -296,6 +298,7 @@ impl Model {
             quarantined_from: Vec::new(),
             quarantined_to: Vec::new(),
             refs,
+            underlay: None,
         };
         m.index_rules();
         // An unresolved name already has its error; do not pile warnings on it.
@@ -314,6 +317,7 @@ impl Model {
                 );
             }
         }
+        m.underlay = crate::underlay::resolve(&m, d);
         m
     }
 
@@ -530,6 +534,11 @@ impl Model {
     /// Every rule as a node sees it, by rule id.
     pub fn rule_refs(&self) -> &[RuleRef] {
         &self.refs
+    }
+
+    /// The `underlay` block, if the policy has one.
+    pub fn underlay(&self) -> Option<&crate::underlay::Block> {
+        self.underlay.as_ref()
     }
 
     /// Whether `id` is on `side`, given whether it is quarantined.

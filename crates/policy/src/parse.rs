@@ -10,6 +10,7 @@ use crate::addr;
 use crate::ast::*;
 use crate::diag::{Diags, Pos};
 use crate::posture::{self, Condition, FactKind, Op, Version};
+use crate::underlay;
 use crate::yaml::{Node, Value};
 
 /// Whether `s` is a valid identity, segment, rule or check name: 1 to 63 characters of
@@ -439,6 +440,7 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
             "posture",
             "quarantine",
             "tests",
+            "underlay",
         ],
     )?;
 
@@ -469,6 +471,7 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
         .map_or_else(Vec::new, |n| read_posture(r, n));
     let quarantine = top.get("quarantine").and_then(|n| read_quarantine(r, n));
     let tests = top.get("tests").map_or_else(Vec::new, |n| read_tests(r, n));
+    let underlay = top.get("underlay").and_then(|n| underlay::read(r, n));
 
     let mut identities = identities;
     let cidr = cidr.unwrap_or_else(|| {
@@ -491,6 +494,7 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
         posture,
         quarantine,
         tests,
+        underlay,
     })
 }
 

@@ -49,6 +49,125 @@ fn alias_bomb(levels: usize) -> String {
 fn cases() -> Vec<Case> {
     vec![
         Case {
+            name: "underlay: unknown mode and key",
+            text: base("underlay:\n  mode: block\n  allows: []\n"),
+            errors: &[
+                (12, 9, "unknown underlay mode \"block\": expected off, observe or enforce"),
+                (13, 3, "unknown key \"allows\" in underlay; expected one of: mode, scope, allow"),
+            ],
+        },
+        Case {
+            name: "underlay: not a mapping, mode not a string",
+            text: base("underlay: [enforce]\n"),
+            errors: &[(11, 11, "underlay must be a mapping, found a list")],
+        },
+        Case {
+            name: "underlay: mode not a string",
+            text: base("underlay: { mode: [enforce] }\n"),
+            errors: &[(11, 19, "underlay.mode must be a string, found a list")],
+        },
+        Case {
+            name: "underlay: scope",
+            text: base("underlay:\n  mode: enforce\n  scope: [web, ghost, db-1, \"*\", quarantined]\n"),
+            errors: &[
+                (13, 16, "undefined segment \"ghost\""),
+                (13, 23, "\"db-1\" is an identity; `scope` takes segments"),
+                (13, 29, "`scope` takes segments; leave it out to mean every identity"),
+                (13, 34, "the built-in segment `quarantined` cannot be the underlay's scope"),
+            ],
+        },
+        Case {
+            name: "underlay: empty scope",
+            text: base("underlay:\n  mode: observe\n  scope: []\n"),
+            errors: &[(13, 10, "`scope` is empty, so the underlay applies to no identity")],
+        },
+        Case {
+            name: "underlay: entry without a name, duplicate names, unknown key",
+            text: base(
+                "underlay:
+  mode: enforce
+  allow:
+    - { from: [db-1], to: [web], ports: [tcp/22] }
+    - { name: ssh, from: [db-1], to: [web], ports: [tcp/22] }
+    - { name: ssh, from: [db-1], to: [web], ports: [tcp/23], port: tcp/24 }
+    - name: Bad_Name
+      from: [db-1]
+      to: [web]
+      ports: [tcp/22]
+",
+            ),
+            errors: &[
+                (14, 7, "an underlay allow entry is missing the required key \"name\""),
+                (16, 15, "duplicate underlay allow entry name \"ssh\" (first at 15:15)"),
+                (16, 62, "unknown key \"port\" in an underlay allow entry"),
+                (17, 13, "bad underlay allow entry name \"Bad_Name\""),
+            ],
+        },
+        Case {
+            name: "underlay: from",
+            text: base(
+                "underlay:
+  mode: enforce
+  allow:
+    - name: a
+      from: [10.0.9.1/24, 0.0.0.0/0, 127.0.0.0/8, 10.0.9.9, ghost, quarantined, 10.0.9/24]
+      to: [web]
+      ports: [tcp/22]
+",
+            ),
+            errors: &[
+                (15, 14, "bad network \"10.0.9.1/24\": host bits are set; did you mean 10.0.9.0/24?"),
+                (15, 27, "bad network \"0.0.0.0/0\": a /0 is every address; write \"*\" for that"),
+                (15, 38, "bad network \"127.0.0.0/8\": it overlaps 127.0.0.0/8, the loopback range"),
+                (15, 51, "bad network \"10.0.9.9\": a network needs its length; write 10.0.9.9/32"),
+                (15, 61, "undefined segment or identity \"ghost\"; `from` takes IPv4 networks"),
+                (15, 68, "the underlay cannot name `quarantined`"),
+                (15, 81, "bad network \"10.0.9/24\": expected an IPv4 network such as 10.0.9.0/24"),
+            ],
+        },
+        Case {
+            name: "underlay: to outside the scope, unknown, a network",
+            text: base(
+                "underlay:
+  mode: enforce
+  scope: [web]
+  allow:
+    - name: a
+      from: [\"*\"]
+      to: [web-1, db-1, db, web, ghost, 10.0.0.0/8, \"*\"]
+      ports: [tcp/22]
+",
+            ),
+            errors: &[
+                (17, 19, "identity \"db-1\" is outside the underlay's scope"),
+                (17, 25, "segment \"db\" has members outside the underlay's scope: db-1"),
+                (17, 34, "undefined segment or identity \"ghost\""),
+                (17, 41, "\"10.0.0.0/8\" in `to`: `to` names servers"),
+            ],
+        },
+        Case {
+            name: "underlay: empty lists, bad ports, missing keys",
+            text: base(
+                "underlay:
+  mode: enforce
+  allow:
+    - { name: a, from: [], to: [], ports: [] }
+    - { name: b, from: [web], to: [db], ports: [tcp/0, ssh] }
+    - { name: c }
+",
+            ),
+            errors: &[
+                (14, 24, "`from` is empty, so the entry matches nothing"),
+                (14, 32, "`to` is empty, so the entry matches nothing"),
+                (14, 43, "`ports` is empty, so the entry matches nothing"),
+                (15, 49, "bad port \"tcp/0\": ports are 1 to 65535"),
+                (15, 56, "bad port \"ssh\""),
+                (16, 7, "missing the required key \"from\""),
+                (16, 7, "missing the required key \"ports\""),
+                (16, 7, "missing the required key \"to\""),
+            ],
+        },
+        Case {
             name: "alias bomb",
             text: alias_bomb(12),
             errors: &[(6, 5, "the policy holds more than 1000000 YAML values here")],
@@ -483,4 +602,32 @@ fn warnings_do_not_reject() {
     assert_eq!(l.diagnostics.len(), 1);
     assert_eq!(l.diagnostics[0].severity, Severity::Warning);
     assert!(l.diagnostics[0].message.contains("has no members"));
+}
+
+#[test]
+fn a_valid_underlay_block_loads_without_diagnostics() {
+    let l = load(
+        &base(
+            "underlay:
+  mode: enforce
+  scope: [web, db]
+  allow:
+    - name: mgmt-ssh
+      from: [10.0.9.0/24, 192.0.2.7/32, web, db-1]
+      to: [\"*\"]
+      ports: [tcp/22, icmp]
+    - { name: sync, description: rsync, from: [web-1], to: [db], ports: [tcp/873] }
+",
+        ),
+        NOW,
+        &BTreeMap::new(),
+    );
+    assert!(l.is_valid(), "{:?}", l.diagnostics);
+    assert!(l.diagnostics.is_empty(), "{:?}", l.diagnostics);
+    let m = l.model.unwrap();
+    let u = m.underlay().unwrap();
+    assert_eq!(u.mode, bulkhead_allowlist::UnderlayMode::Enforce);
+    assert_eq!(u.entries.len(), 2);
+    assert_eq!(u.entries[0].from_nets.len(), 2);
+    assert!(u.entries[0].to.all);
 }
