@@ -14,6 +14,11 @@
 //!
 //! When one identity changes (its labels, posture or quarantine), only the pairs it is part of
 //! change: [`Compiled::update_identity`] recomputes those and reports whose allowlists moved.
+//!
+//! The underlay part of an allowlist ([`crate::underlay`]) is small and built when the
+//! allowlist is, from the model and the state. What is kept is where each identity appears in
+//! the `underlay` block, so that a change to one identity reports every identity whose
+//! underlay part it touches.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use bulkhead_allowlist::{Action, Allowlist, Peer, PortTable};
 
 use crate::eval::{State, in_force};
 use crate::model::{CheckId, IdentityId, Model, RuleId};
+use crate::underlay::{self, Footprint};
 
 /// A pair's table, and whether it allows anything at the compile time.
 #[derive(Debug)]
@@ -78,6 +84,8 @@ pub struct Compiled {
     out: Vec<Tables>,
     /// For each identity, its inbound tables by peer, sorted by peer. Shared with `out`.
     inb: Vec<Tables>,
+    /// For each identity, the `underlay` entries that name it.
+    underlay: Vec<Footprint>,
 }
 
 /// Scratch space for gathering one identity's pairs: rule lists indexed by peer.
@@ -278,7 +286,16 @@ impl Compiled {
                 inb[*b as usize].push((a as IdentityId, t.clone()));
             }
         }
-        Compiled { state, out, inb }
+        let underlay = m
+            .identity_ids()
+            .map(|id| underlay::footprint(m, id))
+            .collect();
+        Compiled {
+            state,
+            out,
+            inb,
+            underlay,
+        }
     }
 
     /// The state this was compiled for.
@@ -339,6 +356,9 @@ impl Compiled {
         }
         self.out[id as usize] = new_out;
         self.inb[id as usize] = new_in;
+        let footprint = underlay::footprint(m, id);
+        underlay::touched(m, &self.underlay[id as usize], &footprint, &mut affected);
+        self.underlay[id as usize] = footprint;
         affected.sort_unstable();
         affected.dedup();
         affected
@@ -444,18 +464,20 @@ impl Compiled {
                     inbound: renumber[inbound as usize],
                 })
                 .collect(),
-            underlay: None,
+            underlay: underlay::underlay_of(m, &self.state, id),
         }
     }
 
     /// Brings `list`, an allowlist this value produced before [`Compiled::update_identity`]
-    /// changed `peer`, up to date for that one peer: its entry, and the rule and table pools.
+    /// changed `peer`, up to date for that one peer: its entry, and the rule and table pools,
+    /// and its underlay part (rebuilt whole: it is small).
     /// The result equals [`Compiled::allowlist`] at a fraction of the cost, since every other
     /// peer is untouched. For the changed identity itself, call [`Compiled::allowlist`].
     pub fn patch_allowlist(&self, m: &Model, list: &mut Allowlist, peer: IdentityId) {
         let Some(me) = m.identity(&list.identity) else {
             return;
         };
+        list.underlay = underlay::underlay_of(m, &self.state, me);
         let name = m.identity_name(peer);
         if let Ok(i) = list.peers.binary_search_by(|p| (*p.name).cmp(name)) {
             list.peers.remove(i);

@@ -11,7 +11,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bulkhead_allowlist::{Allowlist, Decision, proto};
+use bulkhead_allowlist::{
+    Allowlist, Decision, Network, Underlay, UnderlayHost, UnderlayMode, UnderlayRule, proto,
+};
 use bulkhead_policy::{Compiled, Conditions, Model, Probe, evaluate};
 
 // ---------------------------------------------------------------------------------------------
@@ -69,11 +71,29 @@ struct GenRule {
     posture: Vec<String>,
 }
 
+/// The `underlay` block.
+#[derive(Clone, Debug)]
+struct GenUnderlay {
+    mode: &'static str,
+    /// Segment names; `None`: every identity.
+    scope: Option<Vec<String>>,
+    allow: Vec<GenUnderlayEntry>,
+}
+
+#[derive(Clone, Debug)]
+struct GenUnderlayEntry {
+    name: String,
+    from: Vec<String>,
+    to: Vec<String>,
+    ports: Vec<String>,
+}
+
 #[derive(Clone, Debug)]
 struct Gen {
     identities: Vec<GenIdentity>,
     segments: Vec<GenSegment>,
     rules: Vec<GenRule>,
+    underlay: Option<GenUnderlay>,
 }
 
 fn time(t: i64) -> String {
@@ -126,13 +146,74 @@ impl Gen {
             identities,
             segments,
             rules: Vec::new(),
+            underlay: None,
         };
         for i in 0..r.below(9) {
             let deny = r.chance(25);
             let rule = g.random_rule(r, i, deny);
             g.rules.push(rule);
         }
+        if r.chance(70) {
+            g.underlay = Some(g.random_underlay(r));
+        }
         g
+    }
+
+    /// A valid `underlay` block whatever the labels become: `to` names only `*`, segments of
+    /// the scope, and identities those segments list by name.
+    fn random_underlay(&self, r: &mut Rng) -> GenUnderlay {
+        let segments: Vec<String> = self.segments.iter().map(|s| s.name.clone()).collect();
+        let idents: Vec<String> = self.identities.iter().map(|i| i.name.clone()).collect();
+        let scope = r.chance(50).then(|| {
+            let mut v: Vec<String> = (0..1 + r.below(2))
+                .map(|_| r.pick(&segments).clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        });
+        let mut to_names = vec!["*".to_string()];
+        match &scope {
+            None => {
+                to_names.extend(segments.iter().cloned());
+                to_names.extend(idents.iter().cloned());
+            }
+            Some(sc) => {
+                to_names.extend(sc.iter().cloned());
+                for s in self.segments.iter().filter(|s| sc.contains(&s.name)) {
+                    to_names.extend(s.listed.iter().cloned());
+                }
+            }
+        }
+        let mut from_names: Vec<String> = ["*", "10.9.0.0/16", "192.0.2.0/24", "198.51.100.7/32"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        from_names.extend(segments.iter().cloned());
+        from_names.extend(idents.iter().cloned());
+        let pick = |names: &[String], r: &mut Rng| -> Vec<String> {
+            (0..1 + r.below(3)).map(|_| r.pick(names).clone()).collect()
+        };
+        let allow = (0..r.below(5))
+            .map(|i| GenUnderlayEntry {
+                name: format!("u{i}"),
+                from: pick(&from_names, r),
+                to: pick(&to_names, r),
+                ports: pick(
+                    &[
+                        "tcp/22".to_string(),
+                        "udp/53".to_string(),
+                        "any".to_string(),
+                    ],
+                    r,
+                ),
+            })
+            .collect();
+        GenUnderlay {
+            mode: ["off", "observe", "enforce", "enforce"][r.below(4)],
+            scope,
+            allow,
+        }
     }
 
     fn random_side(&self, r: &mut Rng) -> Vec<String> {
@@ -250,6 +331,26 @@ impl Gen {
                 y += &format!("    posture: {}\n", list(&r.posture));
             }
         }
+        if let Some(u) = &self.underlay {
+            y += &format!("underlay:\n  mode: {}\n", u.mode);
+            if let Some(sc) = &u.scope {
+                y += &format!("  scope: {}\n", list(sc));
+            }
+            y += "  allow:\n";
+            if u.allow.is_empty() {
+                y.truncate(y.len() - "  allow:\n".len());
+                y += "  allow: []\n";
+            }
+            for e in &u.allow {
+                y += &format!(
+                    "    - {{ name: {}, from: {}, to: {}, ports: {} }}\n",
+                    e.name,
+                    list(&e.from),
+                    list(&e.to),
+                    list(&e.ports)
+                );
+            }
+        }
         y
     }
 
@@ -359,6 +460,96 @@ fn reference(g: &Gen, a: &str, b: &str, p: Probe, w: &World) -> (bool, Option<St
         Some(r) => (true, Some(r.name.clone())),
         None => (false, None),
     }
+}
+
+/// The underlay part of `who`'s allowlist, from the spec and the policy docs, read literally.
+fn reference_underlay(g: &Gen, who: &str, w: &World) -> Option<Underlay> {
+    let u = g.underlay.as_ref()?;
+    let mode = match u.mode {
+        "observe" => UnderlayMode::Observe,
+        "enforce" => UnderlayMode::Enforce,
+        _ => return None,
+    };
+    let in_scope = |x: &str| u.scope.as_ref().is_none_or(|sc| on_side(g, sc, x, w));
+    if !in_scope(who) {
+        return None;
+    }
+    let quarantined = |x: &str| w.quarantined.contains(x);
+    let is_net = |s: &str| s.contains('/');
+    // `from` by name or segment: not `*`, not a network.
+    let named_in_from = |e: &GenUnderlayEntry, x: &str| {
+        let names: Vec<String> = e
+            .from
+            .iter()
+            .filter(|s| *s != "*" && !is_net(s))
+            .cloned()
+            .collect();
+        on_side(g, &names, x, w)
+    };
+    let to_holds = |e: &GenUnderlayEntry, x: &str| in_scope(x) && on_side(g, &e.to, x, w);
+    let ports = |e: &GenUnderlayEntry| {
+        e.ports
+            .iter()
+            .map(|p| bulkhead_policy::parse_port_spec(p).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let mut inbound = Vec::new();
+    for e in u.allow.iter().filter(|e| to_holds(e, who)) {
+        let mut hosts = Vec::new();
+        for f in &e.from {
+            let net = match f.as_str() {
+                "*" => Some("0.0.0.0/0"),
+                s if is_net(s) => Some(s),
+                _ => None,
+            };
+            if let Some(n) = net {
+                let (a, l) = n.split_once('/').unwrap();
+                hosts.push(UnderlayHost::Net(Network {
+                    address: a.parse().unwrap(),
+                    prefix_len: l.parse().unwrap(),
+                }));
+            }
+        }
+        for i in &g.identities {
+            if i.name != who && !quarantined(&i.name) && named_in_from(e, &i.name) {
+                hosts.push(UnderlayHost::Identity(i.name.clone()));
+            }
+        }
+        hosts.sort();
+        hosts.dedup();
+        if !hosts.is_empty() {
+            inbound.push(UnderlayRule {
+                name: e.name.clone(),
+                hosts,
+                ports: ports(e),
+            });
+        }
+    }
+    let mut outbound = Vec::new();
+    for e in u.allow.iter().filter(|e| named_in_from(e, who)) {
+        if quarantined(who) {
+            break;
+        }
+        let mut hosts: Vec<UnderlayHost> = g
+            .identities
+            .iter()
+            .filter(|i| i.name != who && to_holds(e, &i.name))
+            .map(|i| UnderlayHost::Identity(i.name.clone()))
+            .collect();
+        hosts.sort();
+        if !hosts.is_empty() {
+            outbound.push(UnderlayRule {
+                name: e.name.clone(),
+                hosts,
+                ports: ports(e),
+            });
+        }
+    }
+    Some(Underlay {
+        mode,
+        inbound,
+        outbound,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,6 +716,29 @@ fn evaluator_and_allowlists_agree_with_the_reference() {
     }
     eprintln!("reference checks: {queries} queries");
     assert!(queries >= 10_000 || std::env::var("BULKHEAD_PROPTEST_SEED").is_ok());
+}
+
+#[test]
+fn underlay_parts_agree_with_the_reference() {
+    let mut checked = 0;
+    for seed in seeds(60_000, 200 * scale()) {
+        let mut r = Rng(seed);
+        let g = Gen::random(&mut r);
+        let m = g.load();
+        let w = random_world(&g, &mut r);
+        for (name, l) in allowlists(&m, &w) {
+            let want = reference_underlay(&g, &name, &w);
+            checked += usize::from(want.is_some());
+            assert_eq!(
+                l.underlay,
+                want,
+                "seed {seed}: {name} quarantined {:?}\n{}",
+                w.quarantined,
+                g.yaml()
+            );
+        }
+    }
+    assert!(checked >= 200 || std::env::var("BULKHEAD_PROPTEST_SEED").is_ok());
 }
 
 #[test]

@@ -12,9 +12,32 @@
 //!       ports: [tcp/22]
 //! ```
 //!
-//! Reading and checking the block is [`read`]; resolving its names against the model,
-//! [`resolve`].
+//! [`read`] checks the block's form, [`resolve`] its names against the model, and
+//! [`underlay_of`] compiles it into one identity's [`Underlay`]:
+//!
+//! - `None` with no block, with `mode: off`, and for an identity outside the scope: its server
+//!   has no host firewall.
+//! - `inbound`: the entries whose `to` holds the identity (`*` holds everyone in scope), in
+//!   policy order. Their hosts are the entry's `from`: networks as written, `*` as `0.0.0.0/0`,
+//!   identities and segment members as identities (their servers' own addresses, which the
+//!   controller fills in), sorted, without repeats. The identity itself is left out: a server's
+//!   traffic to itself is loopback, always allowed.
+//! - `outbound`: the entries whose `from` names the identity, by name or through a segment (a
+//!   network or `*` that happens to hold its address does not count: that is a matter of
+//!   addresses, not of the policy), with the servers of their `to` other than itself.
+//! - An entry left with no hosts is dropped.
+//!
+//! **Quarantine.** A quarantined identity's server keeps its inbound entries, so that operators
+//! can still reach it (SSH from a management network, for instance), but loses its outbound
+//! ones, and it is taken out of every other server's inbound hosts. A network or `*` in `from`
+//! still covers its address: the policy knows identities, not addresses.
+//!
+//! **Posture** does not apply: the underlay is about servers, whatever they run, and a failing
+//! check must not lock operators out of a server they need to repair.
+//!
+//! [`Underlay`]: bulkhead_allowlist::Underlay
 
+mod compile;
 mod read;
 
 use std::collections::HashMap;
@@ -25,6 +48,7 @@ use crate::ast::{Spanned, UnderlaySource};
 use crate::diag::{Diags, Pos};
 use crate::model::{EVERYONE, IdentityId, Model, QUARANTINED, SegmentId, Side};
 
+pub(crate) use compile::{Footprint, footprint, touched, underlay_of};
 pub(crate) use read::read;
 
 /// The `underlay` block, resolved.
@@ -268,3 +292,6 @@ fn outside_scope(m: &Model, block: &Block, n: &Spanned<String>, d: &mut Diags) {
         format!("segment {v:?} has members outside the underlay's scope: {list}"),
     );
 }
+
+#[cfg(test)]
+mod tests;
