@@ -220,8 +220,9 @@ fn condition_changes(a: &ByName, b: &ByName) -> Vec<ConditionChange> {
         .collect()
 }
 
-/// What applying a policy changes: identities added and removed, and reachability gained and
-/// lost pair by pair. Against no policy at all, everything the new one allows is gained.
+/// What applying a policy changes: identities added and removed, reachability gained and
+/// lost pair by pair, and the underlay. Against no policy at all, everything the new one allows
+/// is gained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Plan {
     /// Identities only the new policy has.
@@ -233,6 +234,9 @@ pub struct Plan {
     /// Pairs whose access holds under other conditions, sorted by names. Against no policy at
     /// all, empty: `changes` says what is gained, with [`reachability`] for its conditions.
     pub conditions: Vec<ConditionChange>,
+    /// What changes on the underlay: the block, and server by server.
+    #[serde(skip_serializing_if = "crate::underlay::Plan::is_empty")]
+    pub underlay: crate::underlay::Plan,
 }
 
 /// The plan from `old` (if any) to `new`.
@@ -267,6 +271,7 @@ pub fn plan(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> Plan 
         identities_removed: na.iter().filter(|n| !nb.contains(n)).cloned().collect(),
         changes,
         conditions,
+        underlay: crate::underlay::plan(old, new),
     }
 }
 

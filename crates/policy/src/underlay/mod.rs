@@ -12,8 +12,9 @@
 //!       ports: [tcp/22]
 //! ```
 //!
-//! [`read`] checks the block's form, [`resolve`] its names against the model, and
-//! [`underlay_of`] compiles it into one identity's [`Underlay`]:
+//! [`read`] checks the block's form, [`resolve`] its names against the model, [`explain`]
+//! answers for one connection and [`plan`] tells two policies apart. [`underlay_of`] compiles
+//! the block into one identity's [`Underlay`]:
 //!
 //! - `None` with no block, with `mode: off`, and for an identity outside the scope: its server
 //!   has no host firewall.
@@ -38,6 +39,8 @@
 //! [`Underlay`]: bulkhead_allowlist::Underlay
 
 mod compile;
+mod explain;
+mod plan;
 mod read;
 
 use std::collections::HashMap;
@@ -49,6 +52,8 @@ use crate::diag::{Diags, Pos};
 use crate::model::{EVERYONE, IdentityId, Model, QUARANTINED, SegmentId, Side};
 
 pub(crate) use compile::{Footprint, footprint, touched, underlay_of};
+pub use explain::{End, EntryAt, Explanation, Filter, Verdict, explain};
+pub use plan::{BlockChange, Plan, ServerChange, plan};
 pub(crate) use read::read;
 
 /// The `underlay` block, resolved.

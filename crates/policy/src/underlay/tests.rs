@@ -281,3 +281,199 @@ fn incremental_paths_give_the_full_compile() {
     let full = Compiled::new(&m2, m2.state(&conditions(&["bastion", "web-1"]))).allowlists(&m2, 1);
     assert_same(&c, &m, &full, "quarantine web-1");
 }
+
+fn explain_in(
+    text: &str,
+    quarantined: &[&str],
+    a: &str,
+    b: &str,
+    port: &str,
+    from_address: Option<&str>,
+) -> super::Explanation {
+    let m = model(text);
+    let st = m.state(&conditions(quarantined));
+    super::explain(
+        &m,
+        &st,
+        m.identity(a).unwrap(),
+        m.identity(b).unwrap(),
+        crate::parse_probe(port).unwrap(),
+        from_address.map(|s| s.parse().unwrap()),
+    )
+}
+
+fn allowed(name: &str, line: u32) -> super::Filter {
+    super::Filter::Allowed {
+        entry: super::EntryAt {
+            name: name.to_string(),
+            line,
+        },
+    }
+}
+
+#[test]
+fn explain_looks_at_both_ends() {
+    use super::{Filter, Verdict};
+    let x = |a, b, port, addr| explain_in(POLICY, &[], a, b, port, addr);
+
+    let e = x("web-1", "db-1", "tcp/873", None);
+    assert_eq!(e.verdict, Verdict::Allow);
+    assert_eq!(e.outbound.filter, allowed("sync", 21));
+    assert_eq!(e.inbound.filter, allowed("sync", 21));
+    assert_eq!(e.inbound.mode, UnderlayMode::Enforce);
+
+    // dev-1 is outside the scope: its server does not filter.
+    let e = x("dev-1", "db-1", "tcp/5432", None);
+    assert_eq!(e.verdict, Verdict::Allow);
+    assert_eq!(e.outbound.filter, Filter::NotFiltered);
+    assert!(!e.outbound.in_scope);
+    assert_eq!(e.inbound.filter, allowed("dev-pull", 23));
+
+    // SSH from dev-1's server: only the management network could let it in.
+    let e = x("dev-1", "db-1", "tcp/22", None);
+    assert_eq!(e.verdict, Verdict::Depends);
+    let Filter::DependsOnAddress { entries } = &e.inbound.filter else {
+        panic!("{e:?}");
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0.name, "mgmt-ssh");
+    assert_eq!(entries[0].1[0].to_string(), "10.0.9.0/24");
+    let e = x("dev-1", "db-1", "tcp/22", Some("10.0.9.5"));
+    assert_eq!(e.verdict, Verdict::Allow);
+    assert_eq!(e.inbound.filter, allowed("mgmt-ssh", 20));
+    let e = x("dev-1", "db-1", "tcp/22", Some("10.1.0.1"));
+    assert_eq!(e.verdict, Verdict::Deny);
+    assert_eq!(e.inbound.filter, Filter::NoEntry);
+
+    // "*" admits anyone at web-1, but db-1 may open nothing to other servers.
+    let e = x("db-1", "web-1", "tcp/443", None);
+    assert_eq!(e.inbound.filter, allowed("public", 22));
+    assert_eq!(e.outbound.filter, Filter::NoEntry);
+    assert_eq!(e.verdict, Verdict::Deny);
+    // In observe it passes, logged as would-deny.
+    let e = explain_in(
+        &POLICY.replace("mode: enforce", "mode: observe"),
+        &[],
+        "db-1",
+        "web-1",
+        "tcp/443",
+        None,
+    );
+    assert_eq!(e.verdict, Verdict::Allow);
+    assert_eq!(e.outbound.would_deny(), Some(true));
+    assert_eq!(e.inbound.would_deny(), Some(false));
+
+    // Ports count.
+    assert_eq!(x("web-1", "db-1", "tcp/874", None).verdict, Verdict::Deny);
+
+    // Quarantined: no outbound entries, and no longer a host of db-1's.
+    let e = explain_in(POLICY, &["web-1"], "web-1", "db-1", "tcp/873", None);
+    assert_eq!(e.verdict, Verdict::Deny);
+    assert!(e.outbound.quarantined);
+    assert_eq!(e.outbound.filter, Filter::NoEntry);
+    assert_eq!(e.inbound.filter, Filter::NoEntry);
+    // Operators still reach it.
+    let e = explain_in(POLICY, &["web-1"], "bastion", "web-1", "tcp/22", None);
+    assert_eq!(e.verdict, Verdict::Allow);
+
+    let e = x("web-1", "web-1", "tcp/1", None);
+    assert!(e.self_traffic);
+    assert_eq!(e.verdict, Verdict::Allow);
+}
+
+fn plan_between(old: &str, new: &str) -> crate::reach::Plan {
+    let (ma, mb) = (model(old), model(new));
+    let ca = Compiled::new(&ma, ma.state(&conditions(&[])));
+    let cb = Compiled::new(&mb, mb.state(&conditions(&[])));
+    crate::reach::plan(Some((&ma, &ca)), (&mb, &cb))
+}
+
+#[test]
+fn plans_show_the_block_and_each_server() {
+    assert!(plan_between(POLICY, POLICY).underlay.is_empty());
+
+    let p = plan_between(POLICY, &POLICY.replace("mode: enforce", "mode: observe")).underlay;
+    assert_eq!(p.block.len(), 1);
+    assert_eq!(p.block[0].item, "mode");
+    assert_eq!(p.block[0].before.as_deref(), Some("enforce"));
+    assert_eq!(p.block[0].after.as_deref(), Some("observe"));
+    let servers: Vec<(&str, UnderlayMode, UnderlayMode, usize)> = p
+        .servers
+        .iter()
+        .map(|s| {
+            (
+                s.identity.as_str(),
+                s.before,
+                s.after,
+                s.gained.len() + s.lost.len(),
+            )
+        })
+        .collect();
+    let (e, o) = (UnderlayMode::Enforce, UnderlayMode::Observe);
+    assert_eq!(
+        servers,
+        vec![("db-1", e, o, 0), ("web-1", e, o, 0), ("web-2", e, o, 0)]
+    );
+
+    // A port changes: the entry, and what crosses each firewall.
+    let p = plan_between(
+        POLICY,
+        &POLICY.replace("ports: [tcp/873]", "ports: [tcp/874]"),
+    )
+    .underlay;
+    assert_eq!(p.block.len(), 1);
+    assert_eq!(p.block[0].item, "allow sync");
+    assert_eq!(
+        p.block[0].after.as_deref(),
+        Some("from web; to db, web; ports tcp/874")
+    );
+    let web1 = p.servers.iter().find(|s| s.identity == "web-1").unwrap();
+    assert_eq!(
+        web1.gained,
+        vec![
+            "in tcp/874 from web-2",
+            "out tcp/874 to db-1",
+            "out tcp/874 to web-2"
+        ]
+    );
+    assert_eq!(web1.lost.len(), 3);
+
+    // The block as written is the same, but admins gain a member: every server in scope lets
+    // one more host in.
+    let p = plan_between(
+        POLICY,
+        &POLICY.replace(
+            "  bastion: { labels: { role: admin } }\n",
+            "  bastion: { labels: { role: admin } }\n  bastion-2: { labels: { role: admin } }\n",
+        ),
+    );
+    assert_eq!(p.identities_added, vec!["bastion-2"]);
+    assert!(p.underlay.block.is_empty());
+    assert_eq!(p.underlay.servers.len(), 3);
+    for s in &p.underlay.servers {
+        assert_eq!(s.gained, vec!["in tcp/22 from bastion-2"], "{}", s.identity);
+        assert!(s.lost.is_empty());
+    }
+
+    // The block goes: every item, and every server's firewall.
+    let p = plan_between(POLICY, &POLICY[..POLICY.find("underlay:").unwrap()]).underlay;
+    let items: Vec<&str> = p.block.iter().map(|c| c.item.as_str()).collect();
+    assert_eq!(
+        items,
+        vec![
+            "mode",
+            "scope",
+            "allow mgmt-ssh",
+            "allow sync",
+            "allow public",
+            "allow dev-pull"
+        ]
+    );
+    assert!(p.block[2..].iter().all(|c| c.after.is_none()));
+    assert_eq!(p.block[1].after.as_deref(), Some("every identity"));
+    assert!(
+        p.servers
+            .iter()
+            .all(|s| s.after == UnderlayMode::Off && s.gained.is_empty())
+    );
+}
