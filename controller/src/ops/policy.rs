@@ -6,7 +6,8 @@ use std::sync::Arc;
 use bulkhead_policy::{Compiled, Conditions, Model, Severity, reach};
 use bulkhead_proto::{
     ApplyResponse, AuditAction, AuditEntry, Boundary, ConditionChange, PairChange, Plan,
-    PlanResponse, PlanSummary, PolicyRequest, PolicyView,
+    PlanResponse, PlanSummary, PolicyRequest, PolicyView, UnderlayBlockChange, UnderlayPlan,
+    UnderlayServerChange,
 };
 use bulkhead_store::{Compare, Op};
 
@@ -49,6 +50,30 @@ fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> P
                 }
             })
             .collect(),
+        underlay: UnderlayPlan {
+            block: p
+                .underlay
+                .block
+                .into_iter()
+                .map(|c| UnderlayBlockChange {
+                    item: c.item,
+                    before: c.before,
+                    after: c.after,
+                })
+                .collect(),
+            servers: p
+                .underlay
+                .servers
+                .into_iter()
+                .map(|s| UnderlayServerChange {
+                    identity: s.identity,
+                    before: s.before.to_string(),
+                    after: s.after.to_string(),
+                    gained: s.gained,
+                    lost: s.lost,
+                })
+                .collect(),
+        },
     }
 }
 

@@ -5,6 +5,7 @@ mod matrix;
 mod online;
 mod output;
 mod policy;
+mod underlay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -160,7 +161,8 @@ enum PolicyCommand {
         #[arg(long, value_name = "FILE")]
         facts: Option<PathBuf>,
     },
-    /// Explain the verdict for one connection and the rule that decides it; exit 1 on deny.
+    /// Explain the verdict for one connection and the rule that decides it; exit 1 unless
+    /// allowed.
     Explain {
         /// The policy file.
         file: PathBuf,
@@ -182,6 +184,13 @@ enum PolicyCommand {
         /// posture checks its facts fail.
         #[arg(long, value_name = "FILE")]
         facts: Option<PathBuf>,
+        /// Through the tunnels (the policy's rules), or between the servers' own addresses
+        /// (the `underlay` block: each end's mode and the allow entries that match).
+        #[arg(long, value_enum, default_value = "overlay")]
+        path: policy::NetPath,
+        /// With `--path underlay`: FROM's server's own address, to match networks in `from`.
+        #[arg(long, value_name = "IP")]
+        from_address: Option<std::net::Ipv4Addr>,
     },
     /// Show who can reach whom, with the ports, grouped by segment.
     Matrix {
@@ -291,6 +300,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 failing,
                 quarantined,
                 facts,
+                path,
+                from_address,
             } => policy::explain(
                 &file,
                 policy::Query {
@@ -300,6 +311,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     failing,
                     quarantined,
                     facts,
+                    path,
+                    from_address,
                 },
                 &when,
                 fmt,

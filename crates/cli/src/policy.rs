@@ -101,6 +101,9 @@ struct CheckReport<'a> {
     segments: usize,
     rules: usize,
     tests: usize,
+    /// The `underlay` block, if the policy has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    underlay: Option<crate::underlay::Summary>,
     diagnostics: &'a [Diagnostic],
 }
 
@@ -116,12 +119,17 @@ pub fn check(file: &Path, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
         segments: p.map_or(0, |p| p.segments.len()),
         rules: p.map_or(0, |p| p.rules.len()),
         tests: src.loaded.tests.len(),
+        underlay: src.valid_model().and_then(crate::underlay::Summary::of),
         diagnostics: &src.loaded.diagnostics,
     };
     emit(fmt, &report, || {
         if valid {
+            let underlay = report
+                .underlay
+                .as_ref()
+                .map_or_else(String::new, |u| format!("; {}", u.line()));
             format!(
-                "{}: valid: {} identities, {} segments, {} rules, {} tests pass\n",
+                "{}: valid: {} identities, {} segments, {} rules, {} tests pass{underlay}\n",
                 report.file, report.identities, report.segments, report.rules, report.tests
             )
         } else {
@@ -223,6 +231,17 @@ pub struct Query {
     pub failing: Vec<String>,
     pub quarantined: Vec<String>,
     pub facts: Option<std::path::PathBuf>,
+    pub path: NetPath,
+    pub from_address: Option<Ipv4Addr>,
+}
+
+/// Which way between two servers `explain` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetPath {
+    /// Through the tunnels: the policy's rules.
+    Overlay,
+    /// Over the servers' own network: the `underlay` block.
+    Underlay,
 }
 
 /// `--facts FILE`: sample facts per identity, as daemons would report them.
@@ -345,6 +364,18 @@ struct Explanation {
 /// `bulkhead policy explain FILE FROM TO PORT`.
 pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
     let probe = parse_probe(&q.port).map_err(|e| anyhow!(e))?;
+    match q.path {
+        NetPath::Overlay if q.from_address.is_some() => {
+            return Err(anyhow!("--from-address goes with --path underlay"));
+        }
+        NetPath::Underlay if !q.failing.is_empty() || q.facts.is_some() => {
+            return Err(anyhow!(
+                "posture does not apply to the underlay: --failing and --facts go with --path \
+                 overlay"
+            ));
+        }
+        _ => {}
+    }
     let now = now(when)?;
     let src = Source::load(file, now, &BTreeMap::new())?;
     let Some(m) = src.valid_model() else {
@@ -364,6 +395,17 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
     for i in &q.quarantined {
         ident(i)?;
         cond.quarantined.insert(i.clone());
+    }
+    if q.path == NetPath::Underlay {
+        let query = crate::underlay::Query {
+            file: &src.path,
+            from: a,
+            to: b,
+            probe,
+            from_address: q.from_address,
+            now,
+        };
+        return crate::underlay::explain(m, &m.state(&cond), query, fmt);
     }
     let mut from_facts = Vec::new();
     if let Some(f) = &q.facts {
@@ -581,11 +623,12 @@ pub fn wire_plan(p: &reach::Plan) -> bulkhead_proto::Plan {
                 }
             })
             .collect(),
+        underlay: crate::underlay::wire_plan(&p.underlay),
     }
 }
 
 /// Reachability gained and lost, pair by pair, for people; then the pairs whose access holds
-/// under other conditions.
+/// under other conditions; then the underlay.
 pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
     let conditions = &p.conditions;
     let mut s = String::new();
@@ -595,7 +638,7 @@ pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
     for n in &p.identities_removed {
         s += &format!("- identity {n}\n");
     }
-    if p.changes.is_empty() && conditions.is_empty() {
+    if p.changes.is_empty() && conditions.is_empty() && p.underlay.is_empty() {
         s += "no change in reachability\n";
         return s;
     }
@@ -657,6 +700,14 @@ pub fn plan_table(p: &bulkhead_proto::Plan) -> String {
             conditions.len()
         );
     }
+    if !p.underlay.is_empty() {
+        if !p.changes.is_empty() || !conditions.is_empty() {
+            s += "\n";
+        } else {
+            s += "no change in reachability over the overlay\n\n";
+        }
+        s += &crate::underlay::plan_table(&p.underlay);
+    }
     s
 }
 
@@ -701,6 +752,9 @@ pub fn compile(
                     o.access(&l.rules, now),
                     i.access(&l.rules, now)
                 );
+            }
+            if let Some(u) = &l.underlay {
+                s += &crate::underlay::compiled_lines(u);
             }
         }
         s

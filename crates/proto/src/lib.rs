@@ -338,6 +338,57 @@ pub struct Plan {
     /// Pairs whose access holds under other conditions (windows, posture) than before.
     #[serde(default)]
     pub conditions: Vec<ConditionChange>,
+    /// What changes on the underlay.
+    #[serde(default, skip_serializing_if = "UnderlayPlan::is_empty")]
+    pub underlay: UnderlayPlan,
+}
+
+/// What changes on the underlay between two policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayPlan {
+    /// The `underlay` block's items that differ, as written: `mode`, `scope`, `allow NAME`.
+    #[serde(default)]
+    pub block: Vec<UnderlayBlockChange>,
+    /// The servers whose host firewall changes, by name.
+    #[serde(default)]
+    pub servers: Vec<UnderlayServerChange>,
+}
+
+impl UnderlayPlan {
+    /// Whether nothing changes on the underlay.
+    pub fn is_empty(&self) -> bool {
+        self.block.is_empty() && self.servers.is_empty()
+    }
+}
+
+/// One item of the `underlay` block that differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayBlockChange {
+    /// `mode`, `scope` or `allow NAME`.
+    pub item: String,
+    /// Before, as written; `None`: not there.
+    #[serde(default)]
+    pub before: Option<String>,
+    /// After, as written; `None`: not there.
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// One server whose host firewall changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayServerChange {
+    /// The identity.
+    pub identity: String,
+    /// Its mode before: `off`, `observe` or `enforce`.
+    pub before: String,
+    /// Its mode after.
+    pub after: String,
+    /// What may newly cross its firewall, e.g. `in tcp/22 from 10.0.9.0/24`.
+    #[serde(default)]
+    pub gained: Vec<String>,
+    /// What no longer may.
+    #[serde(default)]
+    pub lost: Vec<String>,
 }
 
 /// One ordered pair whose access holds under other conditions.
@@ -362,6 +413,8 @@ impl Plan {
             pairs_gaining: self.changes.iter().filter(|c| !c.gained.is_empty()).count(),
             pairs_losing: self.changes.iter().filter(|c| !c.lost.is_empty()).count(),
             pairs_conditions_changed: self.conditions.len(),
+            underlay_items_changed: self.underlay.block.len(),
+            underlay_servers_changed: self.underlay.servers.len(),
         }
     }
 }
@@ -380,6 +433,12 @@ pub struct PlanSummary {
     /// Ordered pairs whose access holds under other conditions.
     #[serde(default)]
     pub pairs_conditions_changed: usize,
+    /// Items of the `underlay` block that differ.
+    #[serde(default)]
+    pub underlay_items_changed: usize,
+    /// Servers whose host firewall changes.
+    #[serde(default)]
+    pub underlay_servers_changed: usize,
 }
 
 /// One ordered pair's change.
