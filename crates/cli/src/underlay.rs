@@ -126,6 +126,12 @@ pub fn explain(m: &Model, st: &State, q: Query<'_>, fmt: Format) -> anyhow::Resu
             )
         }
     };
+    let (detail_out, detail_in) = if e.self_traffic {
+        let lo = "loopback: always allowed".to_string();
+        (lo.clone(), lo)
+    } else {
+        (detail_out, detail_in)
+    };
     let view = |end: &End, detail: String| {
         let (entry, location) = match &end.filter {
             Filter::Allowed { entry } => (Some(entry.name.clone()), Some(loc(entry))),

@@ -176,9 +176,15 @@ pub fn explain(
         }
     };
 
+    let self_traffic = a == b;
+    // A server's traffic to itself is loopback, which no firewall filters.
+    let (outbound, inbound) = if self_traffic {
+        (Filter::NotFiltered, Filter::NotFiltered)
+    } else {
+        (outbound, inbound)
+    };
     let outbound = end(a, &ua, outbound);
     let inbound = end(b, &ub, inbound);
-    let self_traffic = a == b;
     let verdict = if self_traffic {
         Verdict::Allow
     } else {

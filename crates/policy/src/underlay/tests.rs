@@ -376,9 +376,10 @@ fn explain_looks_at_both_ends() {
     let e = explain_in(POLICY, &["web-1"], "bastion", "web-1", "tcp/22", None);
     assert_eq!(e.verdict, Verdict::Allow);
 
-    let e = x("web-1", "web-1", "tcp/1", None);
+    let e = x("web-1", "web-1", "tcp/22", None);
     assert!(e.self_traffic);
     assert_eq!(e.verdict, Verdict::Allow);
+    assert_eq!(e.inbound.filter, Filter::NotFiltered);
 }
 
 fn plan_between(old: &str, new: &str) -> crate::reach::Plan {
