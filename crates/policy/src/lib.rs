@@ -9,6 +9,8 @@
 //! - [`Compiled`] holds every pair's port tables and yields each identity's [`Allowlist`];
 //!   [`Compiled::update_identity`] recompiles one identity's pairs after it changes.
 //! - [`reach::reachability`] and [`reach::diff`] give the matrix and the change between policies.
+//! - [`underlay`] is the `underlay` block: each server's host firewall, compiled into its
+//!   allowlist, explained for one connection, and its part of a plan.
 //!
 //! [`Allowlist`]: bulkhead_allowlist::Allowlist
 

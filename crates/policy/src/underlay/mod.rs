@@ -12,9 +12,9 @@
 //!       ports: [tcp/22]
 //! ```
 //!
-//! [`read`] checks the block's form, [`resolve`] its names against the model, [`explain`]
-//! answers for one connection and [`plan`] tells two policies apart. [`underlay_of`] compiles
-//! the block into one identity's [`Underlay`]:
+//! `read` checks the block's form, `resolve` its names against the model, [`explain`] answers
+//! for one connection and [`plan`] tells two policies apart. `underlay_of` compiles the block
+//! into one identity's [`Underlay`], which [`crate::Compiled::allowlist`] puts in its allowlist:
 //!
 //! - `None` with no block, with `mode: off`, and for an identity outside the scope: its server
 //!   has no host firewall.
