@@ -23,10 +23,10 @@ identities:
   a: { labels: { tier: a } }
   b: { labels: { tier: b } }
 segments:
-  a: { match: { tier: a } }
-  b: { match: { tier: b } }
+  tier-a: { match: { tier: a } }
+  tier-b: { match: { tier: b } }
 rules:
-  - { name: b-to-a, from: [b], to: [a], ports: [tcp/5432] }
+  - { name: b-to-a, from: [tier-b], to: [tier-a], ports: [tcp/5432] }
 ";
 
 /// Connects from `from`'s namespace to `addr:port` (one try, 1 s).
@@ -55,7 +55,8 @@ fn listed(lab: &Lab, host: &str, table: &str) -> Option<String> {
             .map(str::to_string)
             .collect();
         for i in 0..words.len() {
-            if i >= 1 && (words[i - 1] == "packets" || words[i - 1] == "bytes") {
+            let count = words[i].parse::<u64>().is_ok();
+            if count && i >= 1 && (words[i - 1] == "packets" || words[i - 1] == "bytes") {
                 words[i] = "0".into();
             }
         }
@@ -117,7 +118,8 @@ fn the_kernel_holds_the_table_that_was_meant() {
         controllers: &[],
         nflog_group: bulkhead_hostfw::DEFAULT_NFLOG_GROUP,
     };
-    let want = bulkhead_hostfw::render::render(&bulkhead_hostfw::firewall(&underlay, &host).unwrap());
+    let want =
+        bulkhead_hostfw::render::render(&bulkhead_hostfw::firewall(&underlay, &host).unwrap());
     let installed = Lab::until(Duration::from_secs(10), || {
         listed(&o.lab, "a", "bulkhead").is_some()
     });
@@ -129,25 +131,52 @@ fn the_kernel_holds_the_table_that_was_meant() {
     );
 
     // What it says: in, only WireGuard and the allow entry; out to b, only the allow entry.
-    assert!(!underlay_connect(&o.lab, "b", &a_u, 5432), "inbound dropped");
-    assert!(underlay_connect(&o.lab, "b", &a_u, 22), "inbound allow entry");
-    assert!(!underlay_connect(&o.lab, "a", &b_u, 5432), "outbound to a server dropped");
-    assert!(underlay_connect(&o.lab, "a", &b_u, 8080), "outbound allow entry");
+    assert!(
+        !underlay_connect(&o.lab, "b", &a_u, 5432),
+        "inbound dropped"
+    );
+    assert!(
+        underlay_connect(&o.lab, "b", &a_u, 22),
+        "inbound allow entry"
+    );
+    assert!(
+        !underlay_connect(&o.lab, "a", &b_u, 5432),
+        "outbound to a server dropped"
+    );
+    assert!(
+        underlay_connect(&o.lab, "a", &b_u, 8080),
+        "outbound allow entry"
+    );
     // The overlay still works: b may reach a's 5432 through its tunnel.
-    assert!(o.connect_eventually("b", "a", 5432), "{}", o.lab.log("a", "bulkheadd"));
+    assert!(
+        o.connect_eventually("b", "a", 5432),
+        "{}",
+        o.lab.log("a", "bulkheadd")
+    );
 
     // kill -9: the firewall table stays (the guard goes with the daemon and its interface).
     o.lab.signal("a", "bulkheadd", "KILL");
     let _ = o.lab.wait("a", "bulkheadd", Duration::from_secs(5));
-    assert_eq!(listed(&o.lab, "a", "bulkhead").as_deref(), Some(want.as_str()));
+    assert_eq!(
+        listed(&o.lab, "a", "bulkhead").as_deref(),
+        Some(want.as_str())
+    );
     assert!(listed(&o.lab, "a", "bulkhead-overlay").is_none());
-    assert!(!underlay_connect(&o.lab, "b", &a_u, 5432), "still dropped without the daemon");
+    assert!(
+        !underlay_connect(&o.lab, "b", &a_u, 5432),
+        "still dropped without the daemon"
+    );
 
     // `bulkheadd firewall off` removes it, and the underlay is open again.
-    let off = o
-        .lab
-        .exec("a", &[&bin("bulkheadd").display().to_string(), "firewall", "off"]);
-    assert!(off.status.success(), "{}", String::from_utf8_lossy(&off.stderr));
+    let off = o.lab.exec(
+        "a",
+        &[&bin("bulkheadd").display().to_string(), "firewall", "off"],
+    );
+    assert!(
+        off.status.success(),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
     assert!(listed(&o.lab, "a", "bulkhead").is_none());
     assert!(underlay_connect(&o.lab, "b", &a_u, 5432));
 }

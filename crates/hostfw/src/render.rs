@@ -10,7 +10,7 @@ use crate::ruleset::{CT_ESTABLISHED, CT_NEW, CT_RELATED, Match, Rule, Table, Ver
 pub fn render(t: &Table) -> String {
     let mut out = format!("table inet {} {{\n", t.name);
     if t.owned {
-        out.push_str("\tflags owner\n");
+        out.push_str("\tflags owner\n\n");
     }
     let mut blocks = Vec::new();
     for s in &t.sets {
