@@ -18,13 +18,21 @@ pub const DEDUP_MS: i64 = 60_000;
 /// Most flow keys remembered for de-duplication.
 const DEDUP_KEYS: usize = 16_384;
 
+/// What a denial is, for de-duplication: its direction, path, and whether it was only
+/// observed. The same flow key denied on another path, or denied after being only observed
+/// (a firewall turned to `enforce`), is a new entry.
+fn kind(egress: bool, underlay: bool, observed: bool) -> u8 {
+    u8::from(egress) | u8::from(underlay) << 1 | u8::from(observed) << 2
+}
+
 /// The buffer.
 #[derive(Debug, Default)]
 pub struct FlowLog {
     buf: VecDeque<FlowEntry>,
     dropped: u64,
     dropped_total: u64,
-    recent: HashMap<(bool, FlowKey), i64>,
+    /// Recent denials by kind ([`kind`]) and flow key.
+    recent: HashMap<(u8, FlowKey), i64>,
 }
 
 impl FlowLog {
@@ -83,7 +91,7 @@ impl FlowLog {
             _ => return,
         };
         let Some(key) = key else { return };
-        if !self.fresh(egress, key, now_ms) {
+        if !self.fresh(kind(egress, false, false), key, now_ms) {
             return;
         }
         self.push(FlowEntry {
@@ -118,7 +126,7 @@ impl FlowLog {
             local_port: if e.inbound { e.port } else { 0 },
             peer_port: if e.inbound { 0 } else { e.port },
         };
-        if !self.fresh(!e.inbound, key, now_ms) {
+        if !self.fresh(kind(!e.inbound, true, e.observed), key, now_ms) {
             return;
         }
         self.push(FlowEntry {
@@ -138,7 +146,7 @@ impl FlowLog {
 
     /// Whether a denial of `key` is a new attempt, not a retransmit of one denied in the last
     /// [`DEDUP_MS`]; remembers it.
-    fn fresh(&mut self, egress: bool, key: FlowKey, now_ms: i64) -> bool {
+    fn fresh(&mut self, kind: u8, key: FlowKey, now_ms: i64) -> bool {
         if self.recent.len() >= DEDUP_KEYS {
             self.recent.retain(|_, t| now_ms - *t < DEDUP_MS);
             if self.recent.len() >= DEDUP_KEYS {
@@ -146,10 +154,10 @@ impl FlowLog {
             }
         }
         // Counted from the attempt's first denial: its retransmits do not extend the window.
-        match self.recent.get(&(egress, key)) {
+        match self.recent.get(&(kind, key)) {
             Some(&t) if now_ms - t < DEDUP_MS => false,
             _ => {
-                self.recent.insert((egress, key), now_ms);
+                self.recent.insert((kind, key), now_ms);
                 true
             }
         }

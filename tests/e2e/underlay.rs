@@ -9,9 +9,10 @@
 //!   through `off`, `observe` and `enforce` (one segment), what the flow log shows, a crash, a
 //!   bad policy, and back to `off`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_allowlist::{Network, PortSpec, UnderlayMode};
+use bulkhead_e2e::cluster::Cluster;
 use bulkhead_e2e::netns::Lab;
 use bulkhead_e2e::standalone::Overlay;
 use bulkhead_e2e::{bin, netns_ok};
@@ -179,4 +180,277 @@ fn the_kernel_holds_the_table_that_was_meant() {
     );
     assert!(listed(&o.lab, "a", "bulkhead").is_none());
     assert!(underlay_connect(&o.lab, "b", &a_u, 5432));
+}
+
+const NODES: [&str; 3] = ["db-1", "dev-1", "web-1"];
+
+/// `mode` for segment `prod` (db-1 and web-1), or every identity when `scope` is empty, with
+/// SSH from the controller's address.
+fn cluster_policy(mode: &str, scope: &str, to: &str) -> String {
+    format!(
+        "version: 1
+network: {{ name: under, cidr: 10.211.0.0/16 }}
+identities:
+  db-1: {{ labels: {{ tier: db, env: prod }} }}
+  dev-1: {{ labels: {{ tier: dev }} }}
+  web-1: {{ labels: {{ tier: web, env: prod }} }}
+segments:
+  db: {{ match: {{ tier: db }} }}
+  web: {{ match: {{ tier: web }} }}
+  prod: {{ match: {{ env: prod }} }}
+rules:
+  - {{ name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }}
+underlay:
+  mode: {mode}
+{scope}  allow:
+    - {{ name: mgmt-ssh, from: [198.18.0.1/32], to: [{to}], ports: [tcp/22] }}
+"
+    )
+}
+
+/// Underlay flows the controller holds, as JSON.
+fn underlay_flows(c: &Cluster) -> Vec<serde_json::Value> {
+    let r = c.cli(&["flows", "--path", "underlay", "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    r.json().as_array().cloned().unwrap_or_default()
+}
+
+fn has_flow(c: &Cluster, node: &str, verdict: &str, src: &str, dst: &str, port: u16) -> bool {
+    underlay_flows(c).iter().any(|f| {
+        f["node"] == node
+            && f["verdict"] == verdict
+            && f["path"] == "underlay"
+            && f["src"] == src
+            && f["dst"] == dst
+            && f["port"] == port
+    })
+}
+
+fn apply(c: &Cluster, file: &str) {
+    let r = c.cli(&["policy", "apply", "--yes", file]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+}
+
+#[test]
+fn the_underlay_end_to_end() {
+    if !netns_ok() {
+        return;
+    }
+    let mut c = Cluster::new(&NODES);
+    let off = c
+        .files
+        .write("off.yaml", &cluster_policy("off", "", "\"*\""));
+    let observe = c
+        .files
+        .write("observe.yaml", &cluster_policy("observe", "", "\"*\""));
+    let enforce = c.files.write(
+        "enforce.yaml",
+        &cluster_policy("enforce", "  scope: [prod]\n", "\"*\""),
+    );
+    let bad = c.files.write(
+        "bad.yaml",
+        &cluster_policy("enforce", "  scope: [prod]\n", "dev-1"),
+    );
+    c.start_controller("controller", &off, &[]);
+    for n in NODES {
+        let t = c.token(n);
+        c.start_daemon(n, "bulkheadd", Some(&t));
+    }
+    c.converge(&NODES);
+    let probe = bin("bh-probe").display().to_string();
+    for n in ["ctl", "db-1", "dev-1", "web-1"] {
+        // Services listen on every address, as nearly every real one does.
+        c.lab
+            .spawn(n, "listen", &[&probe, "listen", "5432,22,8080", "300"]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let u = |n: &str| c.lab.host(n).underlay.clone();
+    let (db, dev, web) = (u("db-1"), u("dev-1"), u("web-1"));
+    let lab = &c.lab;
+
+    // --- mode off: no firewall table; the underlay is open; the overlay does what it says.
+    assert!(listed(lab, "db-1", "bulkhead").is_none());
+    assert!(underlay_connect(lab, "dev-1", &db, 5432), "no firewall yet");
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(
+        !c.connect("dev-1", "db-1", 5432),
+        "the overlay denies dev-1"
+    );
+
+    // --- The overlay address through the underlay (a route via db-1's underlay address)
+    // fails in every mode: checked here in `off`, and again below.
+    let db_overlay = c.addresses["db-1"].clone();
+    let bypass = |c: &Cluster| underlay_connect(&c.lab, "dev-1", &db_overlay, 5432);
+    let route = c.lab.exec(
+        "dev-1",
+        &[
+            "ip",
+            "route",
+            "add",
+            &format!("{db_overlay}/32"),
+            "via",
+            &db,
+            "dev",
+            "u0",
+        ],
+    );
+    assert!(
+        route.status.success(),
+        "{}",
+        String::from_utf8_lossy(&route.stderr)
+    );
+    assert!(
+        !bypass(&c),
+        "mode off: the overlay address only through the overlay"
+    );
+
+    // --- observe: nothing dropped, what enforce would drop is in the flow log, both ends
+    // named, on both servers.
+    apply(&c, &observe);
+    let installed = Lab::until(Duration::from_secs(10), || {
+        NODES
+            .iter()
+            .all(|n| listed(&c.lab, n, "bulkhead").is_some())
+    });
+    assert!(installed, "{}", c.logs());
+    assert!(
+        underlay_connect(&c.lab, "dev-1", &db, 5432),
+        "observe drops nothing"
+    );
+    let logged = Lab::until(Duration::from_secs(10), || {
+        has_flow(&c, "db-1", "would-deny", "dev-1", "db-1", 5432)
+            && has_flow(&c, "dev-1", "would-deny", "dev-1", "db-1", 5432)
+    });
+    assert!(logged, "{:#?}\n{}", underlay_flows(&c), c.logs());
+    assert!(
+        !bypass(&c),
+        "mode observe: the overlay address only through the overlay"
+    );
+
+    // --- enforce on segment prod (db-1, web-1), SSH from the controller's address.
+    let applied_at = Instant::now();
+    apply(&c, &enforce);
+    let enforced = Lab::until(Duration::from_secs(10), || {
+        ["db-1", "web-1"].iter().all(|n| {
+            listed(&c.lab, n, "bulkhead")
+                .is_some_and(|t| t.contains("drop comment \"default deny\""))
+        }) && listed(&c.lab, "dev-1", "bulkhead").is_none()
+    });
+    assert!(enforced, "{}", c.logs());
+    eprintln!(
+        "underlay: policy apply -> every table in place within {} ms (as polled)",
+        applied_at.elapsed().as_millis()
+    );
+    let lab = &c.lab;
+    // Inbound: a denied identity cannot reach a server in scope.
+    assert!(
+        !underlay_connect(lab, "dev-1", &db, 5432),
+        "dev-1 -> db-1 over the underlay"
+    );
+    assert!(
+        !underlay_connect(lab, "web-1", &db, 5432),
+        "the underlay is not the overlay"
+    );
+    // Outbound: a server in scope cannot open a connection to another enrolled server.
+    assert!(
+        !underlay_connect(lab, "db-1", &dev, 8080),
+        "db-1 -> dev-1 over the underlay"
+    );
+    // The allow entry: SSH from the controller's address, and only that.
+    assert!(underlay_connect(lab, "ctl", &db, 22), "mgmt-ssh");
+    assert!(
+        !underlay_connect(lab, "dev-1", &db, 22),
+        "SSH only from the controller"
+    );
+    assert!(
+        !underlay_connect(lab, "ctl", &db, 5432),
+        "only SSH from the controller"
+    );
+    // The scope: dev-1 is out of it and open.
+    assert!(
+        underlay_connect(lab, "ctl", &dev, 5432),
+        "out of scope: open"
+    );
+    // The overlay's rules still work, and the bypass still fails.
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(!c.connect("dev-1", "db-1", 5432));
+    assert!(
+        !bypass(&c),
+        "mode enforce: the overlay address only through the overlay"
+    );
+    // The controller still sees every node online, and each firewall as it is.
+    c.converge(&NODES);
+    let nodes = c.nodes();
+    let node = |n: &str| nodes.iter().find(|v| v["identity"] == n).cloned().unwrap();
+    assert_eq!(node("db-1")["underlay_mode"], "enforce");
+    assert_eq!(node("db-1")["underlay"]["installed"], true);
+    assert_eq!(node("dev-1")["underlay_mode"], "off");
+    let table = c.cli(&["nodes"]);
+    assert!(
+        table.stdout.contains("UNDERLAY") && table.stdout.contains("enforce"),
+        "{}",
+        table.stdout
+    );
+    // Dropped new connections are in the flow log as deny, path underlay.
+    let logged = Lab::until(Duration::from_secs(10), || {
+        has_flow(&c, "db-1", "deny", "dev-1", "db-1", 5432)
+            && has_flow(&c, "db-1", "deny", "db-1", "dev-1", 8080)
+    });
+    assert!(logged, "{:#?}", underlay_flows(&c));
+    let denied = c.cli(&["flows", "--path", "underlay", "--verdict", "deny"]);
+    assert!(
+        denied.stdout.contains("PATH") && denied.stdout.contains("underlay"),
+        "{}",
+        denied.stdout
+    );
+    assert!(
+        !denied.stdout.contains("would-deny"),
+        "--verdict filters: {}",
+        denied.stdout
+    );
+
+    // --- kill -9: the table stays, the server stays closed; a restarted daemon comes back.
+    let before = listed(&c.lab, "db-1", "bulkhead");
+    c.lab.signal("db-1", "bulkheadd", "KILL");
+    let _ = c.lab.wait("db-1", "bulkheadd", Duration::from_secs(5));
+    assert_eq!(
+        listed(&c.lab, "db-1", "bulkhead"),
+        before,
+        "the table outlives the daemon"
+    );
+    assert!(
+        !underlay_connect(&c.lab, "dev-1", &db, 5432),
+        "still closed without the daemon"
+    );
+    c.start_daemon("db-1", "bulkheadd-2", None);
+    c.converge(&NODES);
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+
+    // --- A bad underlay block is refused whole with FILE:LINE:COL; the last rules stay.
+    let before = listed(&c.lab, "db-1", "bulkhead");
+    let r = c.cli(&["policy", "apply", "--yes", &bad]);
+    assert_ne!(r.code, Some(0), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("bad.yaml:") && r.stderr.contains("dev-1"),
+        "{}",
+        r.stderr
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(listed(&c.lab, "db-1", "bulkhead"), before);
+    assert!(!underlay_connect(&c.lab, "dev-1", &db, 5432));
+
+    // --- mode off removes the tables; the underlay is open again; the guard stays.
+    apply(&c, &off);
+    let removed = Lab::until(Duration::from_secs(10), || {
+        NODES
+            .iter()
+            .all(|n| listed(&c.lab, n, "bulkhead").is_none())
+    });
+    assert!(removed, "{}", c.logs());
+    assert!(underlay_connect(&c.lab, "dev-1", &db, 5432));
+    assert!(underlay_connect(&c.lab, "db-1", &web, 8080));
+    assert!(
+        !bypass(&c),
+        "mode off again: the overlay address only through the overlay"
+    );
 }
