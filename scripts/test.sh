@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
-# The namespace tests run real daemons: they need ip, ping and wg. The store tests run a real
-# etcd. Building etcd-client needs protoc and the protobuf well-known types. The metrics tests
-# parse scrapes with the Prometheus project's Python client.
+# The namespace tests run real daemons: they need ip, ping and wg, and nft to read the host
+# firewall back. The store tests run a real etcd. Building etcd-client needs protoc and the
+# protobuf well-known types. The metrics tests parse scrapes with the Prometheus project's
+# Python client.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v wg >/dev/null || need+=(wireguard-tools)
+command -v nft >/dev/null || need+=(nftables)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
