@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use bulkhead_allowlist::{PortSpec, proto};
+use bulkhead_allowlist::{PortSpec, UnderlayMode, proto};
 use bulkhead_netlab::Lab;
 use bulkhead_policy::{Conditions, Probe, evaluate};
 use serde::Serialize;
@@ -191,8 +191,15 @@ struct Report {
     policy: String,
     identities: Vec<String>,
     probes: Vec<Probed>,
+    /// The same probes sent to the servers' underlay addresses, when the policy has a host
+    /// firewall (`underlay` block, mode other than `off`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    underlay: Vec<Probed>,
     matched: bool,
 }
+
+/// One probe to send: from, to, what, whether the policy lets it through, the address.
+type Job = (String, String, Probe, bool, String);
 
 fn verdict(b: bool) -> &'static str {
     if b { "allow" } else { "deny" }
@@ -403,8 +410,57 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
         ids.len()
     );
 
-    let report = probe_all(&d, &model, &ids, &addresses, &probes, now, &source)?;
-    emit(fmt, &report, || table(&report, &probes))?;
+    let overlay = probe_all(&d, &jobs(&d, &model, &addresses, &probes, now, false))?;
+    let underlay = match model.underlay().filter(|u| u.mode != UnderlayMode::Off) {
+        Some(u) => {
+            let in_scope: Vec<&String> = ids
+                .iter()
+                .filter(|id| model.identity(id).is_some_and(|i| u.in_scope(&model, i)))
+                .collect();
+            eprintln!(
+                "demo: the same probes over the underlay, to the servers' own addresses ({} host firewalls in {})",
+                in_scope.len(),
+                u.mode
+            );
+            let installed = until(Duration::from_secs(20), || {
+                let out = d.cli(&["nodes", "-o", "json"]);
+                serde_json::from_slice::<Vec<bulkhead_proto::NodeView>>(&out.stdout).is_ok_and(
+                    |nodes| {
+                        in_scope.iter().all(|id| {
+                            nodes.iter().any(|n| {
+                                n.identity == **id && n.underlay.is_some_and(|s| s.installed)
+                            })
+                        })
+                    },
+                )
+            })?;
+            if !installed {
+                bail!("the host firewalls were not all installed in 20 s");
+            }
+            probe_all(&d, &jobs(&d, &model, &addresses, &probes, now, true))?
+        }
+        None => Vec::new(),
+    };
+    let report = Report {
+        policy: source.to_string(),
+        identities: ids.to_vec(),
+        matched: overlay.iter().chain(&underlay).all(|p| p.matched),
+        probes: overlay,
+        underlay,
+    };
+    emit(fmt, &report, || {
+        let mut s = table(&report, &report.probes, &probes, "the overlay");
+        if !report.underlay.is_empty() {
+            s += "\n";
+            s += &table(
+                &report,
+                &report.underlay,
+                &probes,
+                "the underlay (each server's own address; the host firewall decides)",
+            );
+        }
+        s
+    })?;
     if check {
         return Ok(Outcome::ok_if(report.matched));
     }
@@ -421,15 +477,16 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
     Ok(Outcome::ok_if(report.matched))
 }
 
-fn probe_all(
+/// Every ordered pair on every probe, over the overlay (to overlay addresses) or the underlay
+/// (to the servers' own addresses, where the host firewall decides).
+fn jobs(
     d: &Demo,
     model: &bulkhead_policy::Model,
-    ids: &[String],
     addresses: &std::collections::BTreeMap<String, String>,
     probes: &[Probe],
     now: i64,
-    source: &str,
-) -> anyhow::Result<Report> {
+    underlay: bool,
+) -> Vec<Job> {
     let st = model.state(&Conditions::at(now));
     let mut jobs = Vec::new();
     for a in model.identity_ids() {
@@ -437,18 +494,28 @@ fn probe_all(
             if a == b {
                 continue;
             }
+            let (from, to) = (model.identity_name(a), model.identity_name(b));
             for p in probes {
-                let want = evaluate(model, a, b, *p, &st).allowed;
-                jobs.push((
-                    model.identity_name(a).to_string(),
-                    model.identity_name(b).to_string(),
-                    *p,
-                    want,
-                ));
+                let (want, addr) = if underlay {
+                    let from_address = d.lab.host(from).underlay.parse().ok();
+                    let e = bulkhead_policy::underlay::explain(model, &st, a, b, *p, from_address);
+                    let want = e.verdict == bulkhead_policy::underlay::Verdict::Allow;
+                    (want, d.lab.host(to).underlay.clone())
+                } else {
+                    (
+                        evaluate(model, a, b, *p, &st).allowed,
+                        addresses[to].clone(),
+                    )
+                };
+                jobs.push((from.to_string(), to.to_string(), *p, want, addr));
             }
         }
     }
-    // A few threads at a time: each probe is a process in a namespace.
+    jobs
+}
+
+/// Sends every job's probe, a few threads at a time (each probe is a process in a namespace).
+fn probe_all(d: &Demo, jobs: &[Job]) -> anyhow::Result<Vec<Probed>> {
     let results: Vec<bool> = std::thread::scope(|s| {
         let chunks: Vec<_> = jobs.chunks(jobs.len().div_ceil(8).max(1)).collect();
         let handles: Vec<_> = chunks
@@ -457,8 +524,7 @@ fn probe_all(
                 s.spawn(move || {
                     chunk
                         .iter()
-                        .map(|(from, to, p, want)| {
-                            let to_addr = &addresses[to];
+                        .map(|(from, _, p, want, to_addr)| {
                             // What must pass gets a few tries (a first handshake); what must
                             // not pass is sent once: one leak is a failure.
                             let tries = if *want { 3 } else { 1 };
@@ -476,10 +542,10 @@ fn probe_all(
     if stopped() {
         bail!("interrupted");
     }
-    let probes: Vec<Probed> = jobs
+    Ok(jobs
         .iter()
         .zip(results)
-        .map(|((from, to, p, want), got)| Probed {
+        .map(|((from, to, p, want, _), got)| Probed {
             from: from.clone(),
             to: to.clone(),
             port: p.to_string(),
@@ -487,18 +553,12 @@ fn probe_all(
             network: verdict(got),
             matched: *want == got,
         })
-        .collect();
-    Ok(Report {
-        policy: source.to_string(),
-        identities: ids.to_vec(),
-        matched: probes.iter().all(|p| p.matched),
-        probes,
-    })
+        .collect())
 }
 
 /// The matrix: what got through per pair; a pair where the network and the policy disagree is
 /// marked `!`, and every disagreement is listed below.
-fn table(r: &Report, probes: &[Probe]) -> String {
+fn table(r: &Report, sent: &[Probed], probes: &[Probe], path: &str) -> String {
     let mut rows = vec![{
         let mut h = vec!["FROM \\ TO".to_string()];
         h.extend(r.identities.iter().cloned());
@@ -511,8 +571,7 @@ fn table(r: &Report, probes: &[Probe]) -> String {
                 row.push("·".into());
                 continue;
             }
-            let cell: Vec<&Probed> = r
-                .probes
+            let cell: Vec<&Probed> = sent
                 .iter()
                 .filter(|p| p.from == *from && p.to == *to)
                 .collect();
@@ -535,22 +594,22 @@ fn table(r: &Report, probes: &[Probe]) -> String {
     }
     let ports: Vec<String> = probes.iter().map(ToString::to_string).collect();
     let mut s = format!(
-        "What got through, probed with real packets on {} (policy: {}):\n\n",
+        "What got through {path}, probed with real packets on {} (policy: {}):\n\n",
         ports.join(", "),
         r.policy
     );
     s += &columns(&rows);
-    let bad: Vec<&Probed> = r.probes.iter().filter(|p| !p.matched).collect();
+    let bad: Vec<&Probed> = sent.iter().filter(|p| !p.matched).collect();
     if bad.is_empty() {
         s += &format!(
             "\nall {} probes matched the policy: every allowed flow passed, every other was dropped\n",
-            r.probes.len()
+            sent.len()
         );
     } else {
         s += &format!(
             "\n{} of {} probes did NOT match the policy:\n",
             bad.len(),
-            r.probes.len()
+            sent.len()
         );
         for p in bad {
             s += &format!(
