@@ -223,6 +223,33 @@ rules:
     assert_eq!(from("dev-1"), 0, "dev-1's claims are not kept");
     assert!(from("web-1") >= 200, "web-1's are, as its word");
 
+    // Underlay entries (the host firewall's) name any address, and the controller names the
+    // server behind it; they are the node's word and never count towards a quarantine:
+    // 200 "db-1's server attacked mine over the underlay" from dev-1 quarantine nobody.
+    let db_underlay = c.lab.host("db-1").underlay.clone();
+    let mut underlay = inbound_denials("db-1", &db_underlay, 200);
+    for f in underlay["flows"].as_array_mut().expect("flows") {
+        f["path"] = "underlay".into();
+    }
+    assert_eq!(post_flows_as(&c, "dev-1", &underlay), 200);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let db1 = c
+        .nodes()
+        .into_iter()
+        .find(|n| n["identity"] == "db-1")
+        .expect("db-1");
+    assert!(db1["quarantine"].is_null(), "db-1 was quarantined: {db1}");
+    let r = c.cli(&["flows", "-o", "json", "--path", "underlay"]);
+    let flows = r.json().as_array().cloned().unwrap_or_default();
+    assert_eq!(flows.len(), 200, "{}", r.stderr);
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["src"] == "db-1" && f["dst"] == "dev-1" && f["node"] == "dev-1"),
+        "named from the addresses the controller saw: {:?}",
+        flows.first()
+    );
+
     // What a node reports reaches the operator's terminal escaped: a rule "name" with escape
     // sequences (set the window title, clear the screen) is shown, not obeyed.
     let evil = serde_json::json!({ "flows": [{
