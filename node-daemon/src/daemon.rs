@@ -158,7 +158,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             }
             _ = tick.tick() => d.tick().await,
             Some(reply) = uapi_rx.recv() => d.answer_uapi(reply),
-            Some(reply) = metrics_rx.recv() => d.answer_metrics(reply),
+            Some(reply) = metrics_rx.recv() => d.answer_metrics(reply).await,
             Some(u) = next_update(&mut updates) => d.update(u).await,
             _ = hup.recv() => d.reload().await,
             _ = term.recv() => break,
@@ -261,7 +261,8 @@ impl Daemon {
         let _ = reply.send(uapi::format_get(&snap, SystemTime::now()));
     }
 
-    fn answer_metrics(&self, reply: Scrape) {
+    async fn answer_metrics(&mut self, reply: Scrape) {
+        let underlay_counters = self.firewall.counters().await;
         let log = self.out.flows.lock().unwrap_or_else(|p| p.into_inner());
         let (flow_log_entries, flow_log_dropped) = (log.len(), log.dropped_total());
         drop(log);
@@ -280,6 +281,7 @@ impl Daemon {
                 .collect(),
             underlay: self.firewall.status(),
             underlay_logged: self.nflog.logged().collect(),
+            underlay_counters,
             at: SystemTime::now(),
         });
     }

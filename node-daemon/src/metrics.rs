@@ -33,6 +33,8 @@ pub struct Snapshot {
     /// New underlay connections the firewall logged, by direction and verdict (`deny`,
     /// `would_deny`): rate-limited in the kernel to 50 a second per direction.
     pub underlay_logged: Vec<(&'static str, &'static str, u64)>,
+    /// The firewall table's counted rules, from the kernel.
+    pub underlay_counters: Vec<bulkhead_hostfw::counters::Counted>,
     /// When it was taken.
     pub at: SystemTime,
 }
@@ -133,6 +135,29 @@ pub fn registry(s: &Snapshot) -> Registry {
             (
                 vec![("direction", (*d).into()), ("verdict", (*v).into())],
                 *n,
+            )
+        }),
+    );
+    counter(
+        &mut r,
+        "bulkhead_underlay_packets",
+        "Underlay packets the host firewall counted, by chain and rule: an allow entry's name, or default deny (dropped) or would deny (observe: would have been dropped)",
+        None,
+        s.underlay_counters.iter().map(|c| {
+            (
+                vec![
+                    (
+                        "direction",
+                        if c.chain == "input" {
+                            "inbound"
+                        } else {
+                            "outbound"
+                        }
+                        .into(),
+                    ),
+                    ("rule", c.comment.clone()),
+                ],
+                c.packets,
             )
         }),
     );
@@ -275,6 +300,12 @@ mod tests {
                 installed: true,
             }),
             underlay_logged: vec![("inbound", "deny", 4)],
+            underlay_counters: vec![bulkhead_hostfw::counters::Counted {
+                chain: "input".into(),
+                comment: "default deny".into(),
+                packets: 12,
+                bytes: 720,
+            }],
             at,
         };
         let text = bulkhead_proto::metrics::encode(registry(&s)).unwrap();
@@ -297,6 +328,7 @@ mod tests {
             "bulkhead_flow_log_dropped_total 9",
             "bulkhead_underlay_connections_logged_total{direction=\"inbound\",verdict=\"deny\"} 4",
             "bulkhead_underlay_table_installed{mode=\"enforce\"} 1.0",
+            "bulkhead_underlay_packets_total{direction=\"inbound\",rule=\"default deny\"} 12",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -72,7 +72,7 @@ fn the_kernel_holds_the_table_that_was_meant() {
     if !netns_ok() {
         return;
     }
-    let mut o = Overlay::start(POLICY, &["a", "b"]);
+    let mut o = Overlay::start_with(POLICY, &["a", "b"], &["--metrics", "127.0.0.1:9101"]);
     for n in ["a", "b"] {
         o.listen(n, 5432);
         o.listen(n, 22);
@@ -153,6 +153,21 @@ fn the_kernel_holds_the_table_that_was_meant() {
         o.connect_eventually("b", "a", 5432),
         "{}",
         o.lab.log("a", "bulkheadd")
+    );
+    // The kernel's counters, by rule, in the daemon's metrics.
+    let s = bulkhead_e2e::scrape::scrape(&o.lab, "a", "http://127.0.0.1:9101/metrics");
+    let n = |direction: &str, rule: &str| {
+        s.count(
+            "bulkhead_underlay_packets_total",
+            &[("direction", direction), ("rule", rule)],
+        )
+    };
+    assert!(n("inbound", "default deny") >= 1.0, "{:?}", s.samples);
+    assert!(n("outbound", "default deny") >= 1.0);
+    assert!(n("inbound", "ssh-from-b") >= 1.0 && n("outbound", "web-on-b") >= 1.0);
+    assert_eq!(
+        s.get("bulkhead_underlay_table_installed", &[("mode", "enforce")]),
+        Some(1.0)
     );
 
     // kill -9: the firewall table stays (the guard goes with the daemon and its interface).

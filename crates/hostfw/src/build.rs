@@ -250,7 +250,7 @@ fn allow_rules(
             e.ports.iter().map(move |p| {
                 let mut m = vec![address(net)];
                 m.extend(port_match(*p));
-                Rule::accept(m).comment(e.name.clone())
+                Rule::accept(m).comment(e.name.clone()).counted()
             })
         })
     })

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod counters;
 pub mod encode;
 pub mod nflog;
 pub mod render;

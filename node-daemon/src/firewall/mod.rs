@@ -110,6 +110,22 @@ impl Firewall {
         })
     }
 
+    /// The firewall table's counted rules, by chain and comment: what each `allow` entry let
+    /// in or out, and what the last rules dropped (`default deny`) or would have (`would
+    /// deny`). Empty without a table.
+    pub async fn counters(&mut self) -> Vec<bulkhead_hostfw::counters::Counted> {
+        if !self.wanted.as_ref().is_some_and(|w| w.firewall.is_some()) {
+            return Vec::new();
+        }
+        let Some(nft) = self.nft.as_mut() else {
+            return Vec::new();
+        };
+        nft.counters(FIREWALL).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the firewall's counters");
+            Vec::new()
+        })
+    }
+
     /// On a clean stop: an observing table goes (nothing would read its logs); an enforcing
     /// one stays, so the server is no more open without the daemon than with it.
     pub async fn stop(&mut self) {

@@ -3,6 +3,7 @@
 use std::io;
 use std::time::Duration;
 
+use bulkhead_hostfw::counters::{self, Counted};
 use bulkhead_hostfw::encode::Batch;
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_NETFILTER};
 
@@ -61,6 +62,38 @@ impl Nftables {
             Ok(Err(e)) => Err(e),
             Ok(Ok(())) => first_error.map_or(Ok(()), Err),
         }
+    }
+}
+
+impl Nftables {
+    /// The counted rules of `table` (none if it does not exist).
+    pub async fn counters(&mut self, table: &str) -> io::Result<Vec<Counted>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        self.socket
+            .send(&counters::dump_request(table, seq))
+            .await?;
+        let mut out = Vec::new();
+        tokio::time::timeout(ANSWER_WITHIN, async {
+            loop {
+                let (datagram, _) = self.socket.recv_from_full().await?;
+                if answers(&datagram)
+                    .iter()
+                    .any(|&(s, errno)| s == seq && errno != 0)
+                {
+                    // ENOENT: no such table.
+                    return Ok::<(), io::Error>(());
+                }
+                let (counted, done) = counters::parse_dump(&datagram);
+                out.extend(counted);
+                if done {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "nf_tables did not answer"))??;
+        Ok(out)
     }
 }
 
