@@ -114,7 +114,7 @@ impl Firewall {
     /// in or out, and what the last rules dropped (`default deny`) or would have (`would
     /// deny`). Empty without a table.
     pub async fn counters(&mut self) -> Vec<bulkhead_hostfw::counters::Counted> {
-        if !self.wanted.as_ref().is_some_and(|w| w.firewall.is_some()) {
+        if self.wanted.as_ref().is_none_or(|w| w.firewall.is_none()) {
             return Vec::new();
         }
         let Some(nft) = self.nft.as_mut() else {
