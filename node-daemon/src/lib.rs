@@ -240,7 +240,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             rt.block_on(firewall::off())
                 .context("cannot remove the firewall table")?;
-            println!("firewall table inet {} removed", bulkhead_hostfw::FIREWALL);
+            println!(
+                "firewall table inet {} removed; a bulkheadd running here installs it again within {} s while its policy says observe or enforce: stop it first to keep the table off",
+                bulkhead_hostfw::FIREWALL,
+                firewall::CHECK_EVERY.as_secs()
+            );
             Ok(())
         }
         Command::Pubkey { state } => {

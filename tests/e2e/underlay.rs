@@ -131,6 +131,16 @@ fn the_kernel_holds_the_table_that_was_meant() {
         bulkhead_hostfw::render::render(&bulkhead_hostfw::guard(&host))
     );
 
+    // Strict reverse-path filtering on the overlay interface.
+    let rp = o.lab.exec(
+        "a",
+        &[
+            "cat",
+            &format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&rp.stdout).trim(), "1");
+
     // What it says: in, only WireGuard and the allow entry; out to b, only the allow entry.
     assert!(
         !underlay_connect(&o.lab, "b", &a_u, 5432),
@@ -169,6 +179,21 @@ fn the_kernel_holds_the_table_that_was_meant() {
         s.get("bulkhead_underlay_table_installed", &[("mode", "enforce")]),
         Some(1.0)
     );
+
+    // Removed behind the daemon's back (a firewall tool flushing the ruleset, say): it is
+    // installed again; the guard, owned by the daemon's socket, cannot be removed by others.
+    let flushed = o.lab.exec("a", &["nft", "flush", "ruleset"]);
+    assert!(flushed.status.success());
+    assert!(listed(&o.lab, "a", "bulkhead").is_none());
+    assert!(
+        listed(&o.lab, "a", "bulkhead-overlay").is_some(),
+        "the guard survives a flush"
+    );
+    let back = Lab::until(Duration::from_secs(12), || {
+        listed(&o.lab, "a", "bulkhead").as_deref() == Some(want.as_str())
+    });
+    assert!(back, "{}", o.lab.log("a", "bulkheadd"));
+    assert!(!underlay_connect(&o.lab, "b", &a_u, 5432), "closed again");
 
     // kill -9: the firewall table stays (the guard goes with the daemon and its interface).
     o.lab.signal("a", "bulkheadd", "KILL");

@@ -130,6 +130,25 @@ pub fn replace(table: &Table, seq: u32) -> Batch {
     b.finish()
 }
 
+/// Asks whether the table `name` exists: acknowledged if it does, `ENOENT` if not.
+pub fn probe(name: &str, seq: u32) -> Batch {
+    let mut m = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+        NfTablesMessage::GetTable(TableMessage {
+            attributes: vec![TableAttribute::Name(name.into())],
+        }),
+    ));
+    m.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    m.header.sequence_number = seq;
+    m.finalize();
+    let mut bytes = vec![0; m.buffer_len()];
+    m.emit(&mut bytes);
+    Batch {
+        bytes,
+        acks: vec![seq],
+    }
+}
+
 /// Removes the table `name` if it exists (an add first makes the delete always valid).
 pub fn delete(name: &str, seq: u32) -> Batch {
     let mut b = Builder::new(seq);

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use bulkhead_allowlist::UnderlayMode;
-use bulkhead_hostfw::{FIREWALL, Host, Table, encode};
+use bulkhead_hostfw::{FIREWALL, GUARD, Host, Table, encode};
 use bulkhead_proto::{UnderlayConfig, UnderlayStatus};
 
 pub use nflog::{Counts as NflogCounts, spawn as spawn_nflog};
@@ -54,7 +54,12 @@ pub struct Firewall {
     /// `Some(None)`: known to hold no firewall table.
     firewall_in_place: Option<Option<Table>>,
     failure: Option<Failure>,
+    /// When the tables were last checked to be there.
+    checked: Instant,
 }
+
+/// How often the daemon checks that its tables are still in place.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Firewall {
     /// Nothing installed yet; a table left by an earlier daemon stays until a configuration
@@ -67,6 +72,7 @@ impl Firewall {
             guard_in_place: None,
             firewall_in_place: None,
             failure: None,
+            checked: Instant::now(),
         }
     }
 
@@ -87,13 +93,39 @@ impl Firewall {
         self.reconcile().await;
     }
 
-    /// Tries again if the last attempt failed a while ago. Returns whether it tried.
+    /// Tries again if the last attempt failed a while ago, and every [`CHECK_EVERY`] checks
+    /// that the tables it installed are still there (`nft flush ruleset`, another tool, a
+    /// person): a missing one is installed again. Returns whether it tried anything.
     pub async fn retry(&mut self) -> bool {
         let due = self.failure.as_ref().is_some_and(Failure::due);
         if due {
             self.reconcile().await;
+            return true;
         }
-        due
+        if self.checked.elapsed() < CHECK_EVERY {
+            return false;
+        }
+        self.checked = Instant::now();
+        let Some(nft) = self.nft.as_mut() else {
+            return false;
+        };
+        let mut gone = Vec::new();
+        if self.guard_in_place.is_some() && !nft.exists(GUARD).await.unwrap_or(true) {
+            self.guard_in_place = None;
+            gone.push(GUARD);
+        }
+        if matches!(self.firewall_in_place, Some(Some(_)))
+            && !nft.exists(FIREWALL).await.unwrap_or(true)
+        {
+            self.firewall_in_place = None;
+            gone.push(FIREWALL);
+        }
+        if gone.is_empty() {
+            return false;
+        }
+        tracing::warn!(tables = ?gone, "a firewall table was removed behind the daemon's back: installing it again");
+        self.reconcile().await;
+        true
     }
 
     /// What keeps the tables from the configuration, if anything.

@@ -4,7 +4,7 @@ use std::io;
 use std::time::Duration;
 
 use bulkhead_hostfw::counters::{self, Counted};
-use bulkhead_hostfw::encode::Batch;
+use bulkhead_hostfw::encode::{self, Batch};
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_NETFILTER};
 
 /// How long the kernel may take to answer a batch.
@@ -66,6 +66,15 @@ impl Nftables {
 }
 
 impl Nftables {
+    /// Whether `table` exists.
+    pub async fn exists(&mut self, table: &str) -> io::Result<bool> {
+        match self.run(|seq| encode::probe(table, seq)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(2) => Ok(false), // ENOENT
+            Err(e) => Err(e),
+        }
+    }
+
     /// The counted rules of `table` (none if it does not exist).
     pub async fn counters(&mut self, table: &str) -> io::Result<Vec<Counted>> {
         let seq = self.seq;
