@@ -34,13 +34,13 @@ for c in rustfmt clippy; do
 done
 cargo --version
 
-step "cargo deny: licences, banned and duplicate crates, sources (deny.toml)"
-# Advisories are not checked here: the RustSec database is fetched from GitHub, which the build
-# machines do not reach (see docs/operations.md, Development).
+step "cargo deny: licences, banned and duplicate crates, sources, advisories (deny.toml)"
 if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
   cargo install cargo-deny --locked --version 0.20.2
 fi
 cargo deny check licenses bans sources
+# RustSec advisories, offline, against the database snapshot in deny/ (its age is printed).
+scripts/advisories.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
