@@ -173,6 +173,12 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
             loop {
                 match Etcd::connect_with(spec, bulkhead_store::etcd::NAMESPACE, &s.etcd).await {
                     Ok(e) => break Arc::new(e),
+                    // Wrong credentials do not get better by waiting: say so and stop.
+                    Err(e @ bulkhead_store::Error::Refused(_)) => {
+                        anyhow::bail!(
+                            "{e}: check --etcd-user, --etcd-password-file, --etcd-cert and --etcd-key"
+                        );
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reach etcd; retrying in 2 s");
                         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -142,7 +142,27 @@ impl Access {
 }
 
 fn unavailable(e: etcd_client::Error) -> Error {
+    if refused(&e) {
+        return Error::Refused(format!("etcd: {e}"));
+    }
     Error::Unavailable(format!("etcd: {e}"))
+}
+
+/// Whether etcd (or its TLS) turned this client away, rather than failed to answer: wrong
+/// credentials, no permission, a certificate one side does not accept.
+fn refused(e: &etcd_client::Error) -> bool {
+    let code = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s.code()),
+        _ => None,
+    };
+    // TLS alerts and certificate checks surface as transport errors whose text names them.
+    let text = e.to_string().to_lowercase();
+    matches!(
+        code,
+        Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+    ) || ["authentication failed", "permission denied", "certificate"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 /// Parses `etcd://H:P[,H:P]` into `http://H:P` endpoints, `etcds://H:P[,H:P]` into
@@ -193,9 +213,13 @@ impl Etcd {
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let client = Client::connect(&endpoints, Some(opts))
-            .await
-            .map_err(|e| Error::Unavailable(format!("etcd {}: {e}", endpoints.join(","))))?;
+        let client =
+            Client::connect(&endpoints, Some(opts))
+                .await
+                .map_err(|e| match unavailable(e) {
+                    Error::Refused(m) => Error::Refused(format!("{}: {m}", endpoints.join(","))),
+                    other => Error::Unavailable(format!("{}: {other}", endpoints.join(","))),
+                })?;
         let s = Etcd {
             kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
             watcher: client.watch_client().max_decoding_message_size(MAX_MESSAGE),

@@ -153,6 +153,9 @@ pub enum Error {
     Unavailable(String),
     /// The backend's data is not what this program wrote.
     Corrupt(String),
+    /// The backend refused this client: a wrong password, a certificate it does not accept,
+    /// no permission on the namespace. Retrying does not help; the configuration must change.
+    Refused(String),
 }
 
 impl fmt::Display for Error {
@@ -160,6 +163,7 @@ impl fmt::Display for Error {
         match self {
             Error::Unavailable(m) => write!(f, "store unavailable: {m}"),
             Error::Corrupt(m) => write!(f, "store corrupt: {m}"),
+            Error::Refused(m) => write!(f, "store refused this controller: {m}"),
         }
     }
 }

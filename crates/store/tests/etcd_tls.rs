@@ -18,13 +18,19 @@ fn access(pki: &TestPki) -> Access {
 
 /// Connects and also writes: a refusal must not depend on which call comes first.
 async fn try_use(spec: &str, a: &Access) -> Result<(), String> {
-    let s = Etcd::connect_with(spec, "/bulkhead/", a)
-        .await
-        .map_err(|e| e.to_string())?;
+    try_use_as(spec, a).await.map_err(|e| e.to_string())
+}
+
+async fn try_use_as(spec: &str, a: &Access) -> Result<(), bulkhead_store::Error> {
+    let s = Etcd::connect_with(spec, "/bulkhead/", a).await?;
     s.txn(&[], &[Op::Put("probe".into(), b"1".to_vec())])
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(())
+}
+
+/// A refusal the controller stops on at start instead of retrying forever.
+fn is_refused(r: Result<(), bulkhead_store::Error>) -> bool {
+    matches!(r, Err(bulkhead_store::Error::Refused(_)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,6 +56,9 @@ async fn over_tls_the_suite_passes_and_a_client_without_a_certificate_is_refused
         identity: None,
         ..access(&pki)
     };
+    // (Under TLS 1.3 the server checks the client's certificate after the client's side of the
+    // handshake is done, so the client sees the connection closed, not a refusal: it is
+    // retried like an unreachable etcd, and logged with the transport error.)
     let e = try_use(&spec, &no_cert).await.unwrap_err();
     assert!(e.contains("etcd"), "{e}");
     // A certificate from another CA: refused too.
@@ -71,6 +80,7 @@ async fn over_tls_the_suite_passes_and_a_client_without_a_certificate_is_refused
         ca: Some(other_ca.into_bytes()),
         ..access(&pki)
     };
+    // (Seen as a failed connection, not always as a refusal: the client hangs up.)
     try_use(&spec, &distrust).await.unwrap_err();
     // Plain etcd:// to the TLS port: nothing.
     let plain = spec.replace("etcds://", "etcd://");
@@ -139,6 +149,8 @@ async fn with_etcd_auth_a_wrong_password_is_refused() {
         .await
         .unwrap_err();
     assert!(e.contains("authentication failed"), "{e}");
+    let r = try_use_as(&spec, &login("bulkhead", "wrong")).await;
+    assert!(is_refused(r.clone()), "{r:?}");
     // Without a password, etcd takes the client certificate's CN as the user (documented etcd
     // behaviour): "bulkhead" here. So a certificate's CN must name the user it may act as.
     try_use(&spec, &access(&pki)).await.unwrap();
@@ -148,4 +160,8 @@ async fn with_etcd_auth_a_wrong_password_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("permission denied"), "{e}");
+    let r = Etcd::connect_with(&spec, "/elsewhere/", &login("bulkhead", "s3cret"))
+        .await
+        .map(drop);
+    assert!(is_refused(r.clone()), "{r:?}");
 }
