@@ -215,6 +215,43 @@ pub struct FlowView {
     pub reason: Option<String>,
 }
 
+/// One hour of one kind of flow, as the durable flow history keeps it (spec §9):
+/// `GET /v1/flows/history` answers with these, one JSON object per line, oldest hour first.
+///
+/// Two flows fall into the same aggregate when they share the hour and every field from `src`
+/// to `rule`; `count` says how many there were, `first`/`last` when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowAggregate {
+    /// The hour's start, Unix seconds (a multiple of 3600).
+    pub hour: i64,
+    /// The initiator's identity (or address, if no identity has it).
+    pub src: String,
+    /// Its address (overlay, or underlay on the underlay path).
+    pub src_address: Ipv4Addr,
+    /// The responder's identity (or address).
+    pub dst: String,
+    /// Its address.
+    pub dst_address: Ipv4Addr,
+    /// `tcp`, `udp`, `icmp`, …
+    pub proto: Protocol,
+    /// Destination port (ICMP: 0).
+    pub port: u16,
+    /// `allow`, `deny` or `would-deny`.
+    pub verdict: Verdict,
+    /// `overlay` or `underlay`.
+    #[serde(default, skip_serializing_if = "Path::is_overlay")]
+    pub path: Path,
+    /// The deciding rule, if any (none: the default deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Flows (allowed starts, or denied new flows) in the hour.
+    pub count: u64,
+    /// The first one, Unix milliseconds.
+    pub first: i64,
+    /// The last one, Unix milliseconds.
+    pub last: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
-pub use flow::{FlowBatch, FlowEntry, FlowView, Path, Protocol, Verdict};
+pub use flow::{FlowAggregate, FlowBatch, FlowEntry, FlowView, Path, Protocol, Verdict};
 pub use keys::{PrivateKey, PublicKey};
 pub use node::{NodeConfig, PeerInfo, UnderlayAllow, UnderlayConfig, UnderlayStatus};
 pub use token::Token;
