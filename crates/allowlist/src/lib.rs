@@ -160,6 +160,25 @@ impl std::fmt::Display for Network {
     }
 }
 
+/// What an identity's address is (spec §8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Addressing {
+    /// An overlay address on the TUN interface; the overlay network is routed into it.
+    #[default]
+    Overlay,
+    /// The server's own (underlay) address: traffic to each peer's own address is routed into
+    /// the tunnel, so applications keep their addresses.
+    Underlay,
+}
+
+impl Addressing {
+    /// Whether this is the default, left out of the wire format.
+    pub fn is_overlay(&self) -> bool {
+        *self == Addressing::Overlay
+    }
+}
+
 /// One peer of an identity, with the traffic allowed each way.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Peer {
@@ -188,8 +207,12 @@ pub struct Allowlist {
     pub identity: String,
     /// The identity's overlay address.
     pub address: Ipv4Addr,
-    /// The overlay network.
+    /// The overlay network (with underlay addressing: the range of the servers' own
+    /// addresses).
     pub network: Network,
+    /// Whether addresses are overlay addresses or the servers' own.
+    #[serde(default, skip_serializing_if = "Addressing::is_overlay")]
+    pub addressing: Addressing,
     /// The rules the port tables refer to, by index, in policy order. Only rules that concern
     /// this identity.
     pub rules: Vec<RuleRef>,
@@ -237,6 +260,7 @@ impl Allowlist {
             identity: identity.to_string(),
             address,
             network,
+            addressing: Addressing::Overlay,
             rules: Vec::new(),
             tables: Vec::new(),
             peers: Vec::new(),
@@ -304,6 +328,7 @@ impl Allowlist {
             identity,
             address,
             network,
+            addressing,
             rules,
             tables: _, // compared through the peers that refer to them
             peers,
@@ -315,6 +340,7 @@ impl Allowlist {
             identity: new_identity,
             address: new_address,
             network: new_network,
+            addressing: new_addressing,
             rules: new_rules,
             tables: _,
             peers: new_peers,
@@ -324,6 +350,7 @@ impl Allowlist {
             header_changed: identity != new_identity
                 || address != new_address
                 || network != new_network
+                || addressing != new_addressing
                 || rules != new_rules
                 || underlay != new_underlay,
             ..AllowlistDiff::default()
@@ -409,6 +436,7 @@ mod tests {
                 address: Ipv4Addr::new(10, 0, 0, 0),
                 prefix_len: 24,
             },
+            addressing: Addressing::Overlay,
             rules,
             tables,
             peers,
@@ -429,6 +457,7 @@ mod tests {
             ("identity", |l, _| l.identity = "other".into()),
             ("address", |l, _| l.address = Ipv4Addr::new(10, 0, 0, 9)),
             ("network", |l, _| l.network.prefix_len = 16),
+            ("addressing", |l, _| l.addressing = Addressing::Underlay),
             ("rules", |l, _| l.rules[0].name = "s".into()),
             ("rule window", |l, _| l.rules[0].window.expires = Some(5)),
             ("tables", |l, t| l.tables[1] = t.clone()),

@@ -36,6 +36,7 @@ fn node() -> Node {
             address: Ipv4Addr::new(10, 0, 0, 0),
             prefix_len: 24,
         },
+        addressing: Default::default(),
         rules: vec![
             rule("web-to-db", Action::Allow),
             rule("no-telnet", Action::Deny),

@@ -453,6 +453,7 @@ impl Compiled {
             identity: m.identity_name(id).to_string(),
             address: m.address(id),
             network: m.policy().cidr,
+            addressing: bulkhead_allowlist::Addressing::Overlay,
             rules: used.iter().map(|&g| refs[g as usize].clone()).collect(),
             tables,
             peers: peers
