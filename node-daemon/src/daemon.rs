@@ -168,6 +168,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     drop(metrics_tx);
     d.firewall.stop().await;
+    d.host.cleanup().await;
     tracing::info!("bulkheadd stopping");
     Ok(())
 }
@@ -342,7 +343,11 @@ impl Daemon {
     /// whatever becomes of the host's part. Reports what is in force, and what went wrong.
     async fn apply(&mut self, mut cfg: NodeConfig) {
         let revision = cfg.allowlist.revision;
-        let (address, underlay) = (cfg.allowlist.address, cfg.underlay.take());
+        let (address, addressing, underlay) = (
+            cfg.allowlist.address,
+            cfg.allowlist.addressing,
+            cfg.underlay.take(),
+        );
         let (core, wanted) = host::split(cfg);
         let report = self.node.apply(core, now());
         tracing::info!(
@@ -354,7 +359,9 @@ impl Daemon {
             "allowlist applied"
         );
         self.host.configure(wanted).await;
-        self.firewall.configure(address, underlay.as_ref()).await;
+        self.firewall
+            .configure(address, addressing, underlay.as_ref())
+            .await;
         self.applied.send_replace(self.applied());
     }
 

@@ -1,35 +1,47 @@
 //! Host configuration: what a configuration from the controller asks of this host besides the
-//! core's allowlist, and bringing the host to it over netlink. Today that is the interface's
-//! overlay address, whose prefix routes the overlay network into the tunnel. Wave 2's host
-//! firewall (one nftables table) and routes belong here too: more parts of [`HostConfig`], more
-//! steps of [`Host::configure`].
+//! core's allowlist, and bringing the host to it over netlink. With overlay addressing, that is
+//! the interface's overlay address, whose prefix routes the overlay network into the tunnel;
+//! with the servers' own addresses (spec §8), the interface has none and each peer's address is
+//! routed into it ([`crate::routing`]). The host firewall is `crate::firewall`'s.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use anyhow::anyhow;
+use bulkhead_allowlist::Addressing;
 use bulkhead_dataplane::{Config, PeerConfig};
 use bulkhead_proto::NodeConfig;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 
 use crate::retrying::{Failure, RETRY_EVERY};
+use crate::routing::Routing;
 use crate::tun::Interface;
 
 /// What the host must hold for a configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
-    /// The interface's address: the identity's overlay address.
+    /// The identity's address: the interface's (overlay addressing), or the server's own.
     pub address: Ipv4Addr,
     /// The overlay network's prefix length: the kernel routes the whole network into the tunnel.
     pub prefix_len: u8,
+    /// Overlay addresses, or the servers' own.
+    pub addressing: Addressing,
+    /// With the servers' own addresses: the peers', each routed into the tunnel.
+    pub routes: Vec<Ipv4Addr>,
 }
 
 /// Splits what the controller sent into the core's configuration and the host's.
 pub fn split(cfg: NodeConfig) -> (Config, HostConfig) {
+    let addressing = cfg.allowlist.addressing;
     let host = HostConfig {
         address: cfg.allowlist.address,
         prefix_len: cfg.allowlist.network.prefix_len,
+        addressing,
+        routes: match addressing {
+            Addressing::Overlay => Vec::new(),
+            Addressing::Underlay => cfg.allowlist.peers.iter().map(|p| p.address).collect(),
+        },
     };
     let core = Config {
         allowlist: cfg.allowlist,
@@ -61,6 +73,7 @@ pub struct Host {
     wanted: Option<HostConfig>,
     in_place: Option<HostConfig>,
     failure: Option<Failure>,
+    routing: Routing,
 }
 
 impl std::fmt::Debug for Host {
@@ -79,6 +92,7 @@ impl Host {
     pub fn new(tun: &Interface) -> Host {
         Host {
             netlink: tun.netlink(),
+            routing: Routing::new(tun.netlink(), &tun.name, tun.index()),
             interface: tun.name.clone(),
             index: tun.index(),
             wanted: None,
@@ -110,14 +124,18 @@ impl Host {
     }
 
     async fn reconcile(&mut self) {
-        let Some(wanted) = self.wanted else {
+        let Some(wanted) = self.wanted.clone() else {
             return;
         };
-        if self.in_place == Some(wanted) {
+        if self.in_place.as_ref() == Some(&wanted) {
             self.failure = None;
             return;
         }
-        match self.set_address(wanted).await {
+        let done = match wanted.addressing {
+            Addressing::Overlay => self.set_address(&wanted).await,
+            Addressing::Underlay => self.route_peers(&wanted).await,
+        };
+        match done {
             Ok(()) => {
                 self.in_place = Some(wanted);
                 if self.failure.take().is_some() {
@@ -162,11 +180,33 @@ impl Host {
     /// leaves the one that worked, and a retry picks up from what is there. (Removing a primary
     /// address also removes the secondaries of its subnet unless `promote_secondaries` is set,
     /// which `tun.rs` does; the check at the end catches a kernel that does otherwise.)
-    async fn set_address(&self, wanted: HostConfig) -> anyhow::Result<()> {
+    /// The servers' own addresses: no address on the interface (the server has its own, on
+    /// the underlay), and each peer's address routed into the tunnel.
+    async fn route_peers(&mut self, wanted: &HostConfig) -> anyhow::Result<()> {
+        for old in self.addresses().await? {
+            self.netlink
+                .address()
+                .del(old)
+                .execute()
+                .await
+                .map_err(|e| anyhow!("cannot remove the interface's address: {e}"))?;
+        }
+        self.routing.ensure(wanted.address, &wanted.routes).await
+    }
+
+    /// Removes what the host holds that the interface's removal does not: the routing rules.
+    pub async fn cleanup(&mut self) {
+        if self.routing.active() {
+            self.routing.remove().await;
+        }
+    }
+
+    async fn set_address(&self, wanted: &HostConfig) -> anyhow::Result<()> {
         let HostConfig {
             address,
             prefix_len,
-        } = wanted;
+            ..
+        } = *wanted;
         let is_wanted = |m: &AddressMessage| {
             m.header.prefix_len == prefix_len
                 && m.attributes
@@ -239,7 +279,9 @@ mod tests {
             host,
             HostConfig {
                 address: me,
-                prefix_len: 16
+                prefix_len: 16,
+                addressing: Addressing::Overlay,
+                routes: vec![],
             }
         );
         assert_eq!(core.allowlist, cfg.allowlist);

@@ -11,6 +11,7 @@ pub mod metrics;
 mod output;
 pub mod posture;
 mod retrying;
+pub mod routing;
 pub mod state;
 pub mod tun;
 pub mod uapi;

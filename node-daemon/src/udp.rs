@@ -41,6 +41,11 @@ impl Udp {
         let socket = UdpSocket::bind(addr)
             .await
             .with_context(|| format!("cannot bind UDP port {}", addr.port()))?;
+        // Its datagrams are routed by `main`, never into the tunnel, whatever the peers' addresses
+        // (transparent addressing: crate::routing).
+        if let Err(e) = socket2::SockRef::from(&socket).set_mark(crate::routing::MARK) {
+            tracing::warn!(error = %e, "cannot mark the UDP socket: transparent addressing will not work");
+        }
         let state = quinn_udp::UdpSocketState::new((&socket).into())?;
         let max_segments = state.max_gso_segments().max(1);
         Ok(Udp {

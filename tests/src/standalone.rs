@@ -75,6 +75,17 @@ impl Overlay {
 
     /// Like [`Overlay::start`], with more arguments for every `bulkheadd run`.
     pub fn start_with(policy: &str, names: &[&str], daemon_args: &[&str]) -> Overlay {
+        Overlay::start_edited(policy, names, daemon_args, |_| {})
+    }
+
+    /// Like [`Overlay::start_with`], with each configuration passed through `edit` before its
+    /// daemon starts.
+    pub fn start_edited(
+        policy: &str,
+        names: &[&str],
+        daemon_args: &[&str],
+        edit: impl Fn(&mut NodeConfig),
+    ) -> Overlay {
         let lab = Lab::new(names);
         let mut keys = BTreeMap::new();
         for h in &lab.hosts {
@@ -97,9 +108,11 @@ impl Overlay {
         };
         let cfgs = configs(policy, &o.lab, &o.keys);
         for (name, cfg) in cfgs.iter().filter(|(n, _)| names.contains(&n.as_str())) {
+            let mut cfg = cfg.clone();
+            edit(&mut cfg);
             o.addresses
                 .insert(name.clone(), cfg.allowlist.address.to_string());
-            o.write_config(name, cfg);
+            o.write_config(name, &cfg);
         }
         for name in names {
             o.start_daemon(name);

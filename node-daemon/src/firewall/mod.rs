@@ -14,7 +14,7 @@ mod socket;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use bulkhead_allowlist::UnderlayMode;
+use bulkhead_allowlist::{Addressing, UnderlayMode};
 use bulkhead_hostfw::{FIREWALL, GUARD, Host, Table, encode};
 use bulkhead_proto::{UnderlayConfig, UnderlayStatus};
 
@@ -39,7 +39,7 @@ pub struct Facts {
 /// The tables a configuration wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Wanted {
-    guard: Table,
+    guard: Option<Table>,
     firewall: Option<Table>,
     mode: UnderlayMode,
 }
@@ -77,7 +77,12 @@ impl Firewall {
     }
 
     /// Brings the tables to what `underlay` asks for an identity at `address`.
-    pub async fn configure(&mut self, address: Ipv4Addr, underlay: Option<&UnderlayConfig>) {
+    pub async fn configure(
+        &mut self,
+        address: Ipv4Addr,
+        addressing: Addressing,
+        underlay: Option<&UnderlayConfig>,
+    ) {
         let host = Host {
             interface: &self.facts.interface,
             overlay_address: address,
@@ -86,7 +91,9 @@ impl Firewall {
             nflog_group: self.facts.nflog_group,
         };
         self.wanted = Some(Wanted {
-            guard: bulkhead_hostfw::guard(&host),
+            // With the servers' own addresses there is no overlay address to guard: the
+            // identity's address is the server's, and the firewall closes its underlay.
+            guard: (addressing == Addressing::Overlay).then(|| bulkhead_hostfw::guard(&host)),
             firewall: underlay.and_then(|u| bulkhead_hostfw::firewall(u, &host)),
             mode: underlay.map_or(UnderlayMode::Off, |u| u.mode),
         });
@@ -206,12 +213,14 @@ impl Firewall {
         let Some(nft) = self.nft.as_mut() else {
             return Err("no nf_tables socket".into());
         };
-        if self.guard_in_place.as_ref() != Some(&wanted.guard) {
+        if self.guard_in_place != wanted.guard {
             self.guard_in_place = None;
-            nft.run(|seq| encode::replace(&wanted.guard, seq))
-                .await
-                .map_err(|e| format!("cannot install the overlay guard table: {e}"))?;
-            self.guard_in_place = Some(wanted.guard.clone());
+            match &wanted.guard {
+                Some(g) => nft.run(|seq| encode::replace(g, seq)).await,
+                None => nft.run(|seq| encode::delete(GUARD, seq)).await,
+            }
+            .map_err(|e| format!("cannot install the overlay guard table: {e}"))?;
+            self.guard_in_place = wanted.guard.clone();
         }
         if self.firewall_in_place.as_ref() != Some(&wanted.firewall) {
             self.firewall_in_place = None;
