@@ -30,6 +30,8 @@ pub struct Policy {
     pub cidr: Network,
     /// Where `network.cidr` was written.
     pub cidr_pos: Pos,
+    /// `network.addressing`: overlay addresses (default), or the servers' own (spec §8).
+    pub addressing: bulkhead_allowlist::Addressing,
     /// `identities`, in file order.
     pub identities: Vec<IdentityDef>,
     /// `segments`, in file order.

@@ -412,7 +412,10 @@ impl Compiled {
             let n = (pi == Some(peer)).then(|| &inb[j].1);
             i += usize::from(o.is_some());
             j += usize::from(n.is_some());
-            if o.is_some_and(|e| e.allows_now) || n.is_some_and(|e| e.allows_now) {
+            // A peer without an address yet (addressing: underlay, not enrolled) gets no tunnel.
+            if (o.is_some_and(|e| e.allows_now) || n.is_some_and(|e| e.allows_now))
+                && m.has_address(peer)
+            {
                 let o = intern(&mut pool, &mut slot, o);
                 let n = intern(&mut pool, &mut slot, n);
                 peers.push((peer, o, n));
@@ -453,7 +456,7 @@ impl Compiled {
             identity: m.identity_name(id).to_string(),
             address: m.address(id),
             network: m.policy().cidr,
-            addressing: bulkhead_allowlist::Addressing::Overlay,
+            addressing: m.policy().addressing,
             rules: used.iter().map(|&g| refs[g as usize].clone()).collect(),
             tables,
             peers: peers
@@ -486,7 +489,7 @@ impl Compiled {
         let entry = |t: &Tables| find(t, peer).ok().map(|i| t[i].1.clone());
         let (o, n) = (entry(&self.out[me as usize]), entry(&self.inb[me as usize]));
         let allows = |e: &Option<Arc<Entry>>| e.as_ref().is_some_and(|e| e.allows_now);
-        if allows(&o) || allows(&n) {
+        if (allows(&o) || allows(&n)) && m.has_address(peer) {
             // Rule indices of the new entry are global; the list's are local to it. Usually the
             // list has every rule the entry needs already, found by name.
             let mut needed: Vec<u32> = o

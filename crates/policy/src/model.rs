@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use bulkhead_allowlist::{Action, PortSpec, RuleRef, Window};
+use bulkhead_allowlist::{Action, Addressing, PortSpec, RuleRef, Window};
 
 use crate::addr;
 use crate::ast::{Policy, Spanned};
@@ -462,9 +462,16 @@ impl Model {
         self.shared_names[id as usize].clone()
     }
 
-    /// An identity's overlay address.
+    /// An identity's address: its overlay address, or with `addressing: underlay` its
+    /// server's own (`0.0.0.0` while it has none: declared in the policy, or pinned when its
+    /// node enrolled).
     pub fn address(&self, id: IdentityId) -> Ipv4Addr {
         self.addresses[id as usize]
+    }
+
+    /// Whether the identity has an address yet (always, with overlay addressing).
+    pub fn has_address(&self, id: IdentityId) -> bool {
+        !self.addresses[id as usize].is_unspecified()
     }
 
     /// Every identity's address, by name.
@@ -696,6 +703,27 @@ fn assign_addresses(
             used.insert(a.value, (&def.name, a.pos));
         }
         fixed[i] = Some(a.value);
+    }
+    // With the servers' own addresses nothing is allocated: an identity has its `address:`,
+    // or the address it was pinned to when its node enrolled (`prior`, from the controller),
+    // or none yet (unspecified: no peer has a tunnel to it until it has one).
+    if policy.addressing == Addressing::Underlay {
+        // A pin another identity holds already (fixed, or pinned first) is not taken.
+        let mut taken: std::collections::HashSet<Ipv4Addr> = used.keys().copied().collect();
+        return order
+            .iter()
+            .map(|&i| {
+                let def = &policy.identities[i];
+                fixed[i]
+                    .or_else(|| {
+                        prior
+                            .get(&def.name)
+                            .copied()
+                            .filter(|a| addr::is_host_address(net, *a) && taken.insert(*a))
+                    })
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED)
+            })
+            .collect();
     }
     // Fixed-address conflicts are reported above; drop them so allocation can still run.
     let mut seen = std::collections::HashSet::new();

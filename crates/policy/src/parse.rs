@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use bulkhead_allowlist::{Action, Network, PortSpec, UnixTime, Window, proto};
+use bulkhead_allowlist::{Action, Addressing, Network, PortSpec, UnixTime, Window, proto};
 
 use crate::addr;
 use crate::ast::*;
@@ -458,7 +458,7 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
         })
         .unwrap_or(1);
 
-    let (network_name, cidr, cidr_pos) = read_network(r, &top);
+    let (network_name, cidr, cidr_pos, addressing) = read_network(r, &top);
     let identities = top
         .get("identities")
         .map_or_else(Vec::new, |n| read_identities(r, n));
@@ -488,6 +488,7 @@ fn read_policy(r: &mut Reader, root: &Node) -> Option<Policy> {
         network_name,
         cidr,
         cidr_pos,
+        addressing,
         identities,
         segments,
         rules,
@@ -505,14 +506,30 @@ const STAND_IN_NETWORK: Network = Network {
     prefix_len: 8,
 };
 
-fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, Pos) {
+fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, Pos, Addressing) {
     let mut name = "default".to_string();
+    let mut addressing = Addressing::Overlay;
     let Some(n) = r.required(top, "network", "the policy") else {
-        return (name, None, top.pos);
+        return (name, None, top.pos, addressing);
     };
-    let Some(f) = r.fields(n, "network", &["name", "cidr"]) else {
-        return (name, None, n.pos);
+    let Some(f) = r.fields(n, "network", &["name", "cidr", "addressing"]) else {
+        return (name, None, n.pos, addressing);
     };
+    if let Some(v) = f.get("addressing")
+        && let Some(s) = r.string(v, "network.addressing")
+    {
+        match s {
+            "overlay" => {}
+            "underlay" => addressing = Addressing::Underlay,
+            other => r.d.error(
+                v.pos,
+                format!(
+                    "unknown addressing {other:?}: overlay (addresses in the overlay network) or \
+                     underlay (each server's own address)"
+                ),
+            ),
+        }
+    }
     let cidr_pos = f.get("cidr").map_or(n.pos, |c| c.pos);
     if let Some(v) = f.get("name")
         && let Some(s) = r.string(v, "network.name")
@@ -523,7 +540,8 @@ fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, P
     let cidr = r.required(&f, "cidr", "network").and_then(|v| {
         let s = r.string(v, "network.cidr")?;
         let net = parse_cidr(s).map_err(|e| r.d.error(v.pos, e)).ok()?;
-        if !addr::is_private(net) {
+        // With the servers' own addresses, the range is theirs, public or not.
+        if addressing == Addressing::Overlay && !addr::is_private(net) {
             r.d.warning(
                 v.pos,
                 format!(
@@ -536,7 +554,7 @@ fn read_network(r: &mut Reader, top: &Fields<'_>) -> (String, Option<Network>, P
         }
         Some(net)
     });
-    (name, cidr, cidr_pos)
+    (name, cidr, cidr_pos, addressing)
 }
 
 fn read_identities(r: &mut Reader, node: &Node) -> Vec<IdentityDef> {

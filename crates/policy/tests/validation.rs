@@ -49,6 +49,14 @@ fn alias_bomb(levels: usize) -> String {
 fn cases() -> Vec<Case> {
     vec![
         Case {
+            name: "network: unknown addressing",
+            text: BASE.replace(
+                "network: { cidr: 10.0.0.0/24 }",
+                "network: { cidr: 10.0.0.0/24, addressing: native }",
+            ),
+            errors: &[(2, 43, "unknown addressing \"native\": overlay")],
+        },
+        Case {
             name: "underlay: unknown mode and key",
             text: base("underlay:\n  mode: block\n  allows: []\n"),
             errors: &[
@@ -630,4 +638,46 @@ fn a_valid_underlay_block_loads_without_diagnostics() {
     assert_eq!(u.entries.len(), 2);
     assert_eq!(u.entries[0].from_nets.len(), 2);
     assert!(u.entries[0].to.all);
+}
+
+/// With `addressing: underlay` nothing is allocated: an identity has its `address:`, or the
+/// address its node was pinned to (the controller passes pins as `prior`), or none yet, and an
+/// identity without one is nobody's peer.
+#[test]
+fn servers_own_addresses_are_declared_or_pinned_never_allocated() {
+    let text = "\
+version: 1
+network: { cidr: 192.0.2.0/24, addressing: underlay }
+identities:
+  web-1: { labels: { app: web }, address: 192.0.2.10 }
+  db-1: { labels: { app: db } }
+  db-2: { labels: { app: db } }
+  db-3: { labels: { app: db } }
+segments:
+  web: { match: { app: web } }
+  db: { match: { app: db } }
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
+";
+    let pins = BTreeMap::from([
+        ("db-1".to_string(), "192.0.2.21".parse().unwrap()),
+        // Outside the range, or taken by a declared address: not taken.
+        ("db-2".to_string(), "198.51.100.1".parse().unwrap()),
+        ("db-3".to_string(), "192.0.2.10".parse().unwrap()),
+    ]);
+    let l = load(text, NOW, &pins);
+    // A public range is the servers' own: no warning with underlay addressing.
+    assert!(l.diagnostics.is_empty(), "{:?}", l.diagnostics);
+    let m = l.model.unwrap();
+    let a = m.addresses();
+    assert_eq!(a["web-1"].to_string(), "192.0.2.10");
+    assert_eq!(a["db-1"].to_string(), "192.0.2.21");
+    assert!(a["db-2"].is_unspecified() && a["db-3"].is_unspecified());
+    let lists = bulkhead_policy::Compiled::new(&m, m.state(&bulkhead_policy::Conditions::at(NOW)))
+        .allowlists(&m, 1);
+    let web = lists.iter().find(|l| l.identity == "web-1").unwrap();
+    assert_eq!(web.addressing, bulkhead_allowlist::Addressing::Underlay);
+    let peers: Vec<&str> = web.peers.iter().map(|p| &*p.name).collect();
+    assert_eq!(peers, ["db-1"], "only peers with an address get a tunnel");
+    assert_eq!(web.peers[0].address.to_string(), "192.0.2.21");
 }
