@@ -255,10 +255,14 @@ pub fn router(c: Ctl) -> Router {
 type Admin = axum::Extension<Actor>;
 type Node = axum::Extension<NodeIdentity>;
 
-async fn join(State(c): State<Ctl>, Limited(b): Limited) -> Response {
+async fn join(
+    State(c): State<Ctl>,
+    axum::Extension(p): axum::Extension<Peer>,
+    Limited(b): Limited,
+) -> Response {
     let r = async {
         let req: JoinRequest = body(&b)?;
-        c.join(&req).await
+        c.join(&req, p.addr).await
     };
     json(r.await)
 }

@@ -328,6 +328,11 @@ pub struct NodeRecord {
     pub credential: String,
     /// Unix seconds.
     pub enrolled: i64,
+    /// The address the node joined from, as the controller saw it: with `addressing:
+    /// underlay`, the identity's address unless the policy gives one (spec §8). Set once, at
+    /// enrollment; nothing the node says later moves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<std::net::Ipv4Addr>,
 }
 
 /// Who a credential is.

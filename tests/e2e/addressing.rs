@@ -113,3 +113,125 @@ fn applications_use_servers_own_addresses_and_the_tunnel_carries_them() {
     // back to the underlay in clear (fail closed).
     assert!(!connect(&o.lab, "b", &a, 22));
 }
+
+const CLUSTER_POLICY: &str = "version: 1
+network: { name: pinned, cidr: 198.18.0.0/24, addressing: underlay }
+identities:
+  db-1: { labels: { tier: db } }
+  web-1: { labels: { tier: web } }
+  dev-1: { labels: { tier: dev } }
+  spare: { labels: { tier: dev } }
+segments:
+  db: { match: { tier: db } }
+  web: { match: { tier: web } }
+rules:
+  - { name: web-to-db, from: [web], to: [db], ports: [tcp/5432] }
+";
+
+/// With a controller: each identity's address is the one its node joined from, pinned; a node
+/// cannot move it, nor take another server's; applications use the servers' own addresses;
+/// and with the host firewall in `enforce` nothing between servers bypasses the tunnels.
+#[test]
+fn addresses_are_pinned_at_enrollment_and_never_learned() {
+    if !netns_ok() {
+        return;
+    }
+    let nodes = ["db-1", "web-1", "dev-1"];
+    let mut c = bulkhead_e2e::cluster::Cluster::new(&nodes);
+    let policy = c.files.write("policy.yaml", CLUSTER_POLICY);
+    let enforce = c.files.write(
+        "enforce.yaml",
+        &format!("{CLUSTER_POLICY}underlay: {{ mode: enforce }}\n"),
+    );
+    c.start_controller("controller", &policy, &[]);
+    for n in nodes {
+        let t = c.token(n);
+        if n == "dev-1" {
+            // dev-1 claims db-1's address as its endpoint: a claim, which moves nothing.
+            let endpoint = format!("{}:51820", c.lab.host("db-1").underlay);
+            c.start_daemon_with(n, "bulkheadd", Some(&t), &["--endpoint", &endpoint]);
+        } else {
+            c.start_daemon(n, "bulkheadd", Some(&t));
+        }
+    }
+    c.converge(&nodes);
+    let own: std::collections::BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.to_string(), c.lab.host(n).underlay.clone()))
+        .collect();
+    for n in nodes {
+        assert_eq!(
+            c.addresses[n], own[n],
+            "{n} is pinned to the address it joined from"
+        );
+    }
+    let probe = bin("bh-probe").display().to_string();
+    for n in nodes {
+        c.lab
+            .spawn(n, "listen", &[&probe, "listen", "5432,22", "120"]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // web-1 -> db-1's own address: through the tunnel, in the flow log as overlay traffic.
+    assert!(c.connect_eventually("web-1", "db-1", 5432), "{}", c.logs());
+    assert!(
+        !c.connect("web-1", "db-1", 22),
+        "not allowed: drawn into the tunnel, dropped"
+    );
+    let seen = Lab::until(Duration::from_secs(10), || {
+        let r = c.cli(&["flows", "-o", "json"]);
+        r.json().as_array().is_some_and(|fs| {
+            fs.iter().any(|f| {
+                f["src"] == "web-1"
+                    && f["dst"] == "db-1"
+                    && f["port"] == 5432
+                    && f["verdict"] == "allow"
+                    && f.get("path").is_none_or(|p| p == "overlay")
+            })
+        })
+    });
+    assert!(seen, "{}", c.cli(&["flows"]).stdout);
+
+    // Another identity cannot take a pinned server's address: a join from dev-1's server as
+    // `spare` is refused.
+    let spare = c.token("spare");
+    let state = c.lab.host("dev-1").dir.join("spare-state");
+    let join = c.lab.exec(
+        "dev-1",
+        &[
+            &bin("bulkheadd").display().to_string(),
+            "join",
+            &spare,
+            "--state",
+            &state.display().to_string(),
+        ],
+    );
+    assert!(!join.status.success());
+    assert!(
+        String::from_utf8_lossy(&join.stderr).contains("already dev-1's address"),
+        "{}",
+        String::from_utf8_lossy(&join.stderr)
+    );
+
+    // Without a host firewall, dev-1 (no rule) still reaches db-1 over the underlay; with
+    // `underlay: enforce`, servers reach each other only through tunnels.
+    assert!(underlay_open(&c, "dev-1", "db-1", 5432));
+    let r = c.cli(&["policy", "apply", "--yes", &enforce]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let closed = Lab::until(Duration::from_secs(10), || {
+        !underlay_open(&c, "dev-1", "db-1", 5432)
+    });
+    assert!(closed, "{}", c.logs());
+    assert!(
+        c.connect_eventually("web-1", "db-1", 5432),
+        "the tunnel still carries it"
+    );
+    c.converge(&nodes);
+    for n in nodes {
+        assert_eq!(c.addresses[n], own[n], "still pinned after the apply");
+    }
+}
+
+fn underlay_open(c: &bulkhead_e2e::cluster::Cluster, from: &str, to: &str, port: u16) -> bool {
+    connect(&c.lab, from, &c.lab.host(to).underlay, port)
+}

@@ -134,7 +134,11 @@ impl Controller {
     }
 
     /// Redeems a token: exactly once, even when many try at the same moment.
-    pub async fn join(&self, req: &JoinRequest) -> Result<JoinResponse, Error> {
+    pub async fn join(
+        &self,
+        req: &JoinRequest,
+        from: std::net::SocketAddr,
+    ) -> Result<JoinResponse, Error> {
         let invalid = || Error::TokenInvalid;
         let key = format!("{TOKENS}{}", sha256_hex(req.secret.as_bytes()));
         let kv = self
@@ -176,6 +180,8 @@ impl Controller {
                 "this WireGuard key is already another node's: each node needs its own".into(),
             ));
         }
+        let pinned = crate::view::ipv4(from.ip());
+        self.check_pin(&tok.identity, pinned, &nodes.kvs)?;
         let previous = self.store.get(&node_key).await.map_err(Error::store)?;
         let mut ops = vec![
             Op::Delete(key.clone()),
@@ -186,6 +192,7 @@ impl Controller {
                     wireguard_key: req.wireguard_key,
                     credential: fp.clone(),
                     enrolled: unix_now(),
+                    pinned,
                 }),
             ),
             Op::Put(
@@ -231,6 +238,56 @@ impl Controller {
             ca: self.ca.cert_pem.clone(),
             controllers: self.controller_urls(),
         })
+    }
+
+    /// With `addressing: underlay`, an identity without an `address:` takes the one its node
+    /// joins from (spec §8): it must be in the network's range, and no other enrolled node may
+    /// hold it, or the join is refused (a node that took another's address would draw that
+    /// host's traffic into its own tunnel).
+    fn check_pin(
+        &self,
+        identity: &str,
+        pinned: Option<std::net::Ipv4Addr>,
+        nodes: &[bulkhead_store::KeyValue],
+    ) -> Result<(), Error> {
+        let Some(live) = lock(&self.view).live() else {
+            return Ok(());
+        };
+        let m = &live.model;
+        if m.policy().addressing != bulkhead_allowlist::Addressing::Underlay {
+            return Ok(());
+        }
+        let declared = m
+            .policy()
+            .identities
+            .iter()
+            .any(|i| i.name == identity && i.address.is_some());
+        if declared {
+            return Ok(());
+        }
+        let net = m.policy().cidr;
+        let Some(a) = pinned.filter(|a| net.contains(*a)) else {
+            return Err(Error::BadRequest(format!(
+                "with addressing: underlay, {identity} takes the address it joins from, and \
+                 {} is outside the network {net}: join from the server's own address, or give \
+                 {identity} an address in the policy",
+                pinned.map_or("an IPv6 address".to_string(), |a| a.to_string())
+            )));
+        };
+        let holder = nodes.iter().find_map(|kv| {
+            let n = records::decode::<NodeRecord>(&kv.key, &kv.value).ok()?;
+            (n.pinned == Some(a) && n.identity != identity).then_some(n.identity)
+        });
+        let declared_by = m.policy().identities.iter().find_map(|i| {
+            (i.address.as_ref().is_some_and(|d| d.value == a) && i.name != identity)
+                .then(|| i.name.clone())
+        });
+        if let Some(other) = holder.or(declared_by) {
+            return Err(Error::Conflict(format!(
+                "{a} is already {other}'s address: one server, one identity"
+            )));
+        }
+        Ok(())
     }
 
     /// Revokes an identity's node: its record, its credential, its endpoint and any unused

@@ -84,7 +84,7 @@ impl Controller {
             let Some(i) = m.identity(&row.identity) else {
                 continue;
             };
-            row.address = Some(m.address(i));
+            row.address = Some(m.address(i)).filter(|a| !a.is_unspecified());
             row.in_policy = true;
             if let Some(inputs) = &inputs {
                 // The checks of the rules it initiates.

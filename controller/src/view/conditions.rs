@@ -2,7 +2,7 @@
 //! records and `now` are arguments, so the follower can take what it needs under the view's
 //! lock and evaluate it after letting go.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bulkhead_policy::posture::Facts as PostureFacts;
 use bulkhead_policy::{Conditions, Model};
@@ -69,6 +69,8 @@ pub struct Inputs {
     pub facts: HashMap<String, Fresh>,
     /// Identities in quarantine at `now`.
     pub quarantined: BTreeSet<String>,
+    /// The address each enrolled node joined from (`addressing: underlay`, spec §8).
+    pub pins: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 impl Inputs {
@@ -84,6 +86,7 @@ impl Inputs {
                 .map(|(id, (p, _))| (id.clone(), fresh(Some(p), now)))
                 .collect(),
             quarantined: m.quarantined(now).map(|(id, _)| id.clone()).collect(),
+            pins: m.pins(),
         }
     }
 

@@ -8,10 +8,10 @@
 //! Conditions changing for a few identities are patched in place ([`Compiled::set_conditions`]):
 //! milliseconds, under the lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use bulkhead_allowlist::Allowlist;
+use bulkhead_allowlist::{Addressing, Allowlist};
 use bulkhead_policy::{CheckId, Compiled, IdentityId, Model, State};
 
 use super::conditions::{self, Inputs};
@@ -160,7 +160,9 @@ fn changes(state: &State, old: &State) -> Vec<ConditionChange> {
 /// applied, so it was tampered with), and the previous policy stays.
 fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Option<Live> {
     match prepared {
-        Some(mut p) if p.record == record => {
+        // With the servers' own addresses the model depends on the nodes' pins, which the
+        // prepared model did not have: resolve it again below.
+        Some(mut p) if p.record == record && p.model.policy().addressing == Addressing::Overlay => {
             // Compiled without the nodes' posture and quarantines, at the time it was validated:
             // bring those in, and compile again if a window opened or closed since, or if so
             // many identities' conditions differ that a full compile is as cheap.
@@ -178,6 +180,12 @@ fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Opt
         }
         _ => {
             let loaded = bulkhead_policy::load(&record.text, inputs.now, &record.addresses);
+            let loaded = match &loaded.model {
+                Some(m) if m.policy().addressing == Addressing::Underlay => {
+                    bulkhead_policy::load(&record.text, inputs.now, &with_pins(&record, inputs))
+                }
+                _ => loaded,
+            };
             let Some(model) = loaded.model else {
                 tracing::error!(
                     revision = record.revision,
@@ -194,6 +202,35 @@ fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Opt
             })
         }
     }
+}
+
+/// The addresses a policy with `addressing: underlay` resolves with: those it had when applied,
+/// then each enrolled node's pin over them.
+fn with_pins(record: &PolicyRecord, inputs: &Inputs) -> BTreeMap<String, std::net::Ipv4Addr> {
+    let mut prior = record.addresses.clone();
+    prior.retain(|_, a| !a.is_unspecified());
+    prior.extend(inputs.pins.iter().map(|(k, v)| (k.clone(), *v)));
+    prior
+}
+
+/// Whether the live model's addresses are not the ones the nodes' pins now give it.
+pub(super) fn pins_moved(live: &Live, pins: &BTreeMap<String, std::net::Ipv4Addr>) -> bool {
+    let m = &live.model;
+    if m.policy().addressing != Addressing::Underlay {
+        return false;
+    }
+    let declared: BTreeSet<&str> = m
+        .policy()
+        .identities
+        .iter()
+        .filter(|i| i.address.is_some())
+        .map(|i| i.name.as_str())
+        .collect();
+    m.identity_ids().any(|i| {
+        let name = m.identity_name(i);
+        !declared.contains(name)
+            && pins.get(name).copied() != Some(m.address(i)).filter(|a| !a.is_unspecified())
+    })
 }
 
 /// Every allowlist of `live`: those equal to `old` keep their revision and digest (an apply

@@ -104,6 +104,14 @@ impl Record<'_> {
 }
 
 impl Mirror {
+    /// The address each enrolled node joined from, by identity.
+    pub fn pins(&self) -> BTreeMap<String, Ipv4Addr> {
+        self.nodes
+            .iter()
+            .filter_map(|(id, n)| Some((id.clone(), n.pinned?)))
+            .collect()
+    }
+
     /// Empties the mirror, for a full reload.
     pub(super) fn clear(&mut self) {
         *self = Mirror::default();

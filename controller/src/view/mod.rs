@@ -214,7 +214,16 @@ impl View {
 
     /// The work `t` calls for, to run off the lock.
     fn job(&mut self, t: &mut Touched, now: i64) -> Job {
-        let record = t.head.take().and_then(|h| self.newer_policy(h));
+        let mut record = t.head.take().and_then(|h| self.newer_policy(h));
+        // With the servers' own addresses, a node enrolled or revoked may move an identity's
+        // address: the live policy is resolved again with the pins.
+        if record.is_none()
+            && !t.nodes.is_empty()
+            && let Some(live) = &self.live
+            && live::pins_moved(live, &self.mirror.pins())
+        {
+            record = Some(live.record.clone());
+        }
         let prepared = record.as_ref().and_then(|_| self.prepared.take());
         let conditions = t.conditions && self.live.is_some();
         let needs_facts = record.is_some()

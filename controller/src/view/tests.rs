@@ -59,6 +59,7 @@ fn node(id: &str, k: u8) -> NodeRecord {
         wireguard_key: bulkhead_proto::PublicKey([k; 32]),
         credential: format!("fp-{id}"),
         enrolled: 0,
+        pinned: None,
     }
 }
 

@@ -73,6 +73,7 @@ mod tests {
                 wireguard_key: bulkhead_proto::PrivateKey::generate().public_key(),
                 credential: String::new(),
                 enrolled: 0,
+                pinned: None,
             };
             m.nodes.insert(id.to_string(), node);
             if let Some(a) = a {
