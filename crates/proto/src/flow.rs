@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// What happened to a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Admitted.
@@ -34,7 +34,9 @@ impl std::fmt::Display for Verdict {
 
 /// Which network a flow took: the overlay (through a tunnel) or the underlay (the server's
 /// ordinary network, seen by the host firewall).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Path {
     /// Through the overlay.
@@ -252,6 +254,32 @@ pub struct FlowAggregate {
     pub last: i64,
 }
 
+impl FlowAggregate {
+    /// Whether `other` is the same kind of flow in the same hour: every field but `count`,
+    /// `first` and `last` is equal.
+    pub fn same_kind(&self, other: &FlowAggregate) -> bool {
+        self.hour == other.hour
+            && self.src == other.src
+            && self.src_address == other.src_address
+            && self.dst == other.dst
+            && self.dst_address == other.dst_address
+            && self.proto == other.proto
+            && self.port == other.port
+            && self.verdict == other.verdict
+            && self.path == other.path
+            && self.rule == other.rule
+    }
+
+    /// Takes in the flows of `other`, an aggregate of the same kind ([`FlowAggregate::same_kind`])
+    /// kept elsewhere (another controller, or not yet written): the counts add up, `first` is
+    /// the earlier and `last` the later.
+    pub fn absorb(&mut self, other: &FlowAggregate) {
+        self.count = self.count.saturating_add(other.count);
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +315,47 @@ mod tests {
         assert_eq!(v.ok(), Some(Verdict::Unknown));
         let a: Result<crate::AuditAction, _> = serde_json::from_str("\"admin.add\"");
         assert_eq!(a.ok(), Some(crate::AuditAction::Unknown));
+    }
+
+    #[test]
+    fn aggregates_of_one_kind_absorb_each_other() {
+        let mut a = FlowAggregate {
+            hour: 7200,
+            src: "web-1".into(),
+            src_address: Ipv4Addr::new(10, 0, 0, 1),
+            dst: "db-1".into(),
+            dst_address: Ipv4Addr::new(10, 0, 0, 2),
+            proto: Protocol::Tcp,
+            port: 5432,
+            verdict: Verdict::Allow,
+            path: Path::Overlay,
+            rule: Some("web-to-db".into()),
+            count: 3,
+            first: 7_300_000,
+            last: 7_400_000,
+        };
+        let b = FlowAggregate {
+            count: 2,
+            first: 7_200_500,
+            last: 7_350_000,
+            ..a.clone()
+        };
+        assert!(a.same_kind(&b));
+        a.absorb(&b);
+        assert_eq!((a.count, a.first, a.last), (5, 7_200_500, 7_400_000));
+        let other_rule = FlowAggregate {
+            rule: None,
+            ..b.clone()
+        };
+        assert!(!a.same_kind(&other_rule));
+        let other_hour = FlowAggregate { hour: 10800, ..b };
+        assert!(!a.same_kind(&other_hour));
+        // The wire form: the overlay and no rule are left out.
+        let json = serde_json::to_value(&other_rule).unwrap_or_default();
+        assert!(
+            json.get("path").is_none() && json.get("rule").is_none(),
+            "{json}"
+        );
+        assert_eq!(json["verdict"], "allow");
     }
 }
