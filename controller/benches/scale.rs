@@ -74,6 +74,7 @@ fn controller_process() {
             policy: None,
             advertise_url: None,
             flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+            flow_limits: Default::default(),
             metrics: None,
         })
         .await

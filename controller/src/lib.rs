@@ -57,6 +57,8 @@ pub struct Settings {
     pub advertise_url: Option<String>,
     /// Flows kept in memory for `bulkhead flows`.
     pub flow_history: usize,
+    /// How long and how much the durable flow history (`STATE/flows.redb`) keeps.
+    pub flow_limits: flows::durable::Limits,
     /// `--metrics ADDR:PORT`: serve Prometheus metrics there.
     pub metrics: Option<SocketAddr>,
 }
@@ -117,10 +119,14 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Stops serving: the listener, every connection and the store follower.
+    /// Stops serving: the listener, every connection and the store follower; then writes what
+    /// the flow history holds in memory.
     pub fn stop(self) {
         for t in self.tasks {
             t.abort();
+        }
+        if let Err(e) = self.controller.flows.durable.flush(ops::unix_ms()) {
+            tracing::error!(error = %e, "cannot write the flow history at stop");
         }
     }
 }
@@ -187,6 +193,13 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
             }
         }
     };
+    let flow_file = s.state.join(flows::durable::FILE);
+    let durable = flows::DurableHistory::open(&flow_file, s.flow_limits).with_context(|| {
+        format!(
+            "cannot open the flow history {} (is another controller using this state directory?)",
+            flow_file.display()
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -221,7 +234,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         started: Instant::now(),
         cred_changes: cred_tx.clone(),
         presence: presence::Tracker::new(&url),
-        flows: flows::Flows::new(s.flow_history),
+        flows: flows::Flows::new(s.flow_history, durable),
         applied: applied.clone(),
         metrics: metrics::Metrics::default(),
         id: bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16].to_string(),
@@ -237,6 +250,9 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     tasks.push(tokio::spawn(currency::watch_over(controller.clone())));
     tasks.push(tokio::spawn(end_quarantines(controller.clone())));
     tasks.push(tokio::spawn(flows::share_denials(controller.clone())));
+    tasks.push(tokio::spawn(flows::durable::run(
+        controller.flows.durable.clone(),
+    )));
     tasks.push(tokio::spawn(api::serve(
         listener,
         tls,

@@ -49,6 +49,14 @@ struct Cli {
     /// Flows kept in memory for `bulkhead flows` (the oldest go first).
     #[arg(long, default_value_t = bulkhead_controller::flows::DEFAULT_HISTORY, value_name = "N")]
     flow_history: usize,
+    /// How long the durable flow history (STATE/flows.redb) keeps each hour of flows, like
+    /// `30d` or `12h`.
+    #[arg(long, default_value = "30d", value_name = "DURATION", value_parser = duration)]
+    flow_retention: i64,
+    /// Most per-hour aggregates the durable flow history keeps; past it the oldest hours go
+    /// first. About 190 bytes each on disk: the default is about 370 MB.
+    #[arg(long, default_value_t = bulkhead_controller::flows::durable::DEFAULT_MAX_ROWS, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    flow_history_max_rows: u64,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
@@ -66,6 +74,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A duration such as `30d` or `12h`, in seconds.
+fn duration(s: &str) -> Result<i64, String> {
+    bulkhead_policy::parse_duration(s)
 }
 
 /// A PEM file, refused at once if it is not one.
@@ -117,6 +130,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policy: cli.policy,
             advertise_url: cli.advertise_url,
             flow_history: cli.flow_history,
+            flow_limits: bulkhead_controller::flows::durable::Limits {
+                retention_secs: cli.flow_retention,
+                max_rows: cli.flow_history_max_rows,
+            },
             metrics: cli.metrics,
         })
         .await?;

@@ -208,6 +208,41 @@ impl Metrics {
             None,
             one(c.flows.history.len() as f64),
         );
+        let durable = &c.flows.durable;
+        gauge(
+            &mut r,
+            "bulkhead_flow_history_aggregates",
+            "Per-hour flow aggregates in the durable flow history (STATE/flows.redb)",
+            None,
+            one(durable.rows() as f64),
+        );
+        gauge(
+            &mut r,
+            "bulkhead_flow_history_max_aggregates",
+            "--flow-history-max-rows: the durable flow history's bound",
+            None,
+            one(durable.limits().max_rows as f64),
+        );
+        counter(
+            &mut r,
+            "bulkhead_flow_history_dropped",
+            "Aggregates the durable flow history dropped: past the retention, oldest hours deleted for the bound, new ones refused at the bound, new ones refused in memory between two writes",
+            None,
+            durable
+                .dropped
+                .counts()
+                .into_iter()
+                .map(|(reason, n)| (vec![("reason", reason.to_string())], n)),
+        );
+        counter(
+            &mut r,
+            "bulkhead_flow_history_write_errors",
+            "Writes of the durable flow history that failed (what they held is tried again)",
+            None,
+            one(durable
+                .write_errors
+                .load(std::sync::atomic::Ordering::Relaxed)),
+        );
         counter(
             &mut r,
             "bulkhead_flow_log_node_dropped",

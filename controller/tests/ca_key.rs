@@ -36,6 +36,7 @@ fn settings(state: &Path) -> Settings {
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+        flow_limits: Default::default(),
         metrics: None,
     }
 }

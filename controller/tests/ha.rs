@@ -69,6 +69,7 @@ async fn controller(name: &str, spec: &str) -> Ctl {
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
+        flow_limits: Default::default(),
         metrics: None,
     })
     .await

@@ -269,6 +269,7 @@ impl Controller {
                 "flow entries refused: a node reports only about itself and its peers"
             );
         }
+        self.flows.durable.record(&views, now);
         for f in views {
             self.flows.history.add(f);
         }
