@@ -231,6 +231,7 @@ pub fn router(c: Ctl) -> Router {
         .route_layer(current(Access::Node));
     let admin = Router::new()
         .route("/v1/flows", get(flows))
+        .route("/v1/flows/history", get(flow_history))
         .route("/v1/policy", get(policy))
         .route("/v1/policy/plan", post(plan))
         .route("/v1/policy/apply", post(apply))
@@ -376,6 +377,54 @@ async fn flows(
         .header("content-type", "application/x-ndjson")
         .body(body)
         .unwrap_or_else(|_| Error::internal("flows").into_response())
+}
+
+/// `GET /v1/flows/history?since=S[&until=U][&identity=X][&path=P][&verdict=V][&denied=1]`: the
+/// durable flow history's aggregates from S to U seconds ago (those of the hour not yet written
+/// included), oldest hour first, as NDJSON. A failure once the answer has begun breaks it off,
+/// so a client never takes a part for the whole.
+async fn flow_history(
+    State(c): State<Ctl>,
+    _: Admin,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let query = match crate::flows::durable::Query::parse(
+        q.as_deref().unwrap_or(""),
+        crate::ops::unix_ms(),
+    ) {
+        Ok(q) => q,
+        Err(e) => return Error::BadRequest(e).into_response(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let history = c.flows.durable.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(64 << 10);
+        let r = history.scan(&query, |a| {
+            if serde_json::to_writer(&mut buf, &a).is_err() {
+                return false;
+            }
+            buf.push(b'\n');
+            buf.len() < 32 << 10
+                || tx
+                    .blocking_send(Ok(std::mem::take(&mut buf).into()))
+                    .is_ok()
+        });
+        let last = match r {
+            Ok(()) => Ok(Bytes::from(buf)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the flow history");
+                Err(std::io::Error::other(e))
+            }
+        };
+        let _ = tx.blocking_send(last);
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| Error::internal("flow history").into_response())
 }
 
 async fn policy(State(c): State<Ctl>, _: Admin) -> Response {

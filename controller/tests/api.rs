@@ -686,6 +686,7 @@ async fn every_route_answers_only_the_callers_it_is_for() {
         ("POST", "/v1/node/report", Who::Node),
         ("POST", "/v1/node/flows", Who::Node),
         ("GET", "/v1/flows", Who::Admin),
+        ("GET", "/v1/flows/history?since=3600", Who::Admin),
         ("GET", "/v1/policy", Who::Admin),
         ("POST", "/v1/policy/plan", Who::Admin),
         ("POST", "/v1/policy/apply", Who::Admin),
@@ -907,4 +908,229 @@ async fn reports_are_bounded_and_endpoints_do_not_flap() {
     let nodes: Vec<bulkhead_proto::NodeView> = f.admin().await.get("/v1/nodes").await.unwrap();
     let web = nodes.iter().find(|n| n.identity == "web-1").unwrap();
     assert_eq!(web.endpoint, Some("198.18.0.7:51820".parse().unwrap()));
+}
+
+/// A flow entry as a node's flow log writes it.
+fn entry(
+    at: i64,
+    outbound: bool,
+    peer: &str,
+    proto: &str,
+    port: u16,
+    allowed: bool,
+) -> serde_json::Value {
+    let mut e = serde_json::json!({
+        "at": at, "outbound": outbound, "peer_address": peer, "proto": proto, "port": port,
+        "allowed": allowed,
+    });
+    if allowed {
+        e["rule"] = "web-to-db".into();
+    } else {
+        e["reason"] = "not_allowed".into();
+    }
+    e
+}
+
+/// Reads `GET /v1/flows/history?{query}` as the administrator of `admin`.
+async fn history(
+    admin: &CliConfig,
+    query: &str,
+) -> Result<Vec<bulkhead_proto::FlowAggregate>, ApiError> {
+    let mut c = admin.client().unwrap().connect().await.unwrap();
+    let mut lines = c.stream(&format!("/v1/flows/history?{query}")).await?;
+    let mut out = Vec::new();
+    while let Some(a) = lines.next().await? {
+        out.push(a);
+    }
+    Ok(out)
+}
+
+/// The durable flow history through the API: what nodes report comes back as per-hour
+/// aggregates (each connection once, ICMP on port 0), oldest hour first, including what is not
+/// written yet, filtered as asked; bad parameters are refused with the API's error; a restart
+/// on the same state keeps it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flow_history_answers_per_hour_aggregates_and_survives_a_restart() {
+    let mut f = Fixture::new("flow-history").await;
+    f.apply(POLICY).await.unwrap();
+    let web = join(&f.token("web-1", 600).await).await.unwrap();
+    let db = join(&f.token("db-1", 600).await).await.unwrap();
+    let nodes: Vec<bulkhead_proto::NodeView> = f.admin().await.get("/v1/nodes").await.unwrap();
+    let address = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n.identity == id)
+            .and_then(|n| n.address)
+            .unwrap()
+            .to_string()
+    };
+    let (web_addr, db_addr) = (address("web-1"), address("db-1"));
+    let now = jiff::Timestamp::now().as_millisecond();
+    let two_hours_ago = now - 2 * 3_600_000;
+    let mut from_web = vec![
+        // Its own denied attempts: at db-1, and at an address nobody has.
+        entry(now - 5, true, &db_addr, "tcp", 22, false),
+        entry(now - 4, true, &db_addr, "tcp", 22, false),
+        entry(now - 3, true, &db_addr, "tcp", 22, false),
+        entry(now - 2, true, "192.0.2.9", "tcp", 23, false),
+        entry(two_hours_ago, true, &db_addr, "tcp", 22, false),
+        // Its side of two connections db-1 admitted (and reports too).
+        entry(now - 9, true, &db_addr, "tcp", 5432, true),
+        entry(now - 8, true, &db_addr, "tcp", 5432, true),
+    ];
+    // Pings with three echo identifiers: one kind of flow.
+    for id in [101, 102, 103] {
+        from_web.push(entry(now - 1, true, &db_addr, "icmp", id, false));
+    }
+    let from_db = vec![
+        entry(now - 9, false, &web_addr, "tcp", 5432, true),
+        entry(now - 7, false, &web_addr, "tcp", 5432, true),
+    ];
+    for (node, flows) in [(&web, from_web), (&db, from_db)] {
+        let _: serde_json::Value = node
+            .client()
+            .connect()
+            .await
+            .unwrap()
+            .post(
+                "/v1/node/flows",
+                &serde_json::json!({ "flows": flows, "dropped": 0 }),
+            )
+            .await
+            .unwrap();
+    }
+    let hour = |ms: i64| ms.div_euclid(3_600_000) * 3600;
+    let brief =
+        |v: &[bulkhead_proto::FlowAggregate]| -> Vec<(i64, String, String, u16, String, u64)> {
+            v.iter()
+                .map(|a| {
+                    (
+                        a.hour,
+                        a.dst.clone(),
+                        a.proto.to_string(),
+                        a.port,
+                        a.verdict.to_string(),
+                        a.count,
+                    )
+                })
+                .collect()
+        };
+    let check = |got: Vec<bulkhead_proto::FlowAggregate>| {
+        let b = brief(&got);
+        let want = [
+            (hour(two_hours_ago), "db-1", "tcp", 22, "deny", 1),
+            (hour(now), "db-1", "tcp", 22, "deny", 3),
+            (hour(now), "db-1", "tcp", 5432, "allow", 2),
+            (hour(now), "db-1", "icmp", 0, "deny", 3),
+            (hour(now), "192.0.2.9", "tcp", 23, "deny", 1),
+        ];
+        assert_eq!(b.len(), want.len(), "{b:?}");
+        for (h, dst, proto, port, verdict, count) in want {
+            assert!(
+                b.contains(&(h, dst.into(), proto.into(), port, verdict.into(), count)),
+                "{:?} missing from {b:?}",
+                (h, dst, proto, port, verdict, count)
+            );
+        }
+        assert!(
+            got.windows(2).all(|w| w[0].hour <= w[1].hour),
+            "oldest hour first"
+        );
+        let allowed = got.iter().find(|a| a.port == 5432).unwrap();
+        assert_eq!(
+            (
+                allowed.src.as_str(),
+                allowed.rule.as_deref(),
+                allowed.first,
+                allowed.last
+            ),
+            ("web-1", Some("web-to-db"), now - 9, now - 7)
+        );
+    };
+    // Right away (in memory), and once written.
+    check(history(&f.admin, "since=10800").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    check(history(&f.admin, "since=10800").await.unwrap());
+    // The last ten minutes leave the hour of two hours ago out; filters select.
+    let recent = history(&f.admin, "since=600").await.unwrap();
+    assert_eq!(recent.len(), 4, "{:?}", brief(&recent));
+    let allowed = history(&f.admin, "since=600&verdict=allow").await.unwrap();
+    assert_eq!(
+        brief(&allowed),
+        [(
+            hour(now),
+            "db-1".into(),
+            "tcp".into(),
+            5432,
+            "allow".into(),
+            2
+        )]
+    );
+    let denied = history(&f.admin, "since=10800&denied=1&identity=db-1")
+        .await
+        .unwrap();
+    assert_eq!(denied.len(), 3, "{:?}", brief(&denied));
+    assert!(
+        history(&f.admin, "since=10800&path=underlay")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let older = history(&f.admin, "since=10800&until=3700").await.unwrap();
+    assert_eq!(
+        brief(&older),
+        [(
+            hour(two_hours_ago),
+            "db-1".into(),
+            "tcp".into(),
+            22,
+            "deny".into(),
+            1
+        )]
+    );
+    // Bad parameters: 400, with the API's error.
+    for bad in [
+        "",
+        "since=abc",
+        "since=0",
+        "since=60&until=60",
+        "since=60&verdict=maybe",
+        "since=60&path=x",
+        "since=60&limit=1",
+    ] {
+        let e = history(&f.admin, bad).await.unwrap_err();
+        assert_eq!(e.code(), Some("bad_request"), "{bad:?}: {e}");
+    }
+    // A node is not an administrator.
+    let e = web
+        .client()
+        .connect()
+        .await
+        .unwrap()
+        .stream("/v1/flows/history?since=60")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+
+    // A restart on the same state keeps the history, and a stop writes what is in memory.
+    let _: serde_json::Value = web
+        .client()
+        .connect()
+        .await
+        .unwrap()
+        .post(
+            "/v1/node/flows",
+            &serde_json::json!({ "flows": [entry(now, true, &db_addr, "tcp", 24, false)], "dropped": 0 }),
+        )
+        .await
+        .unwrap();
+    let dir = f.dir.clone();
+    f.handle.take().unwrap().stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = start(settings(&dir)).await.unwrap();
+    let admin = CliConfig::load(&h.admin).unwrap();
+    let got = history(&admin, "since=10800").await.unwrap();
+    assert!(got.iter().any(|a| a.port == 24), "{:?}", brief(&got));
+    check(got.into_iter().filter(|a| a.port != 24).collect());
+    f.handle = Some(h);
 }
