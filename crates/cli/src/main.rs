@@ -1,6 +1,7 @@
 //! `bulkhead`, the operator CLI. A thin shell: the policy logic lives in `bulkhead-policy`.
 
 mod demo;
+mod history;
 mod matrix;
 mod online;
 mod output;
@@ -66,7 +67,8 @@ enum Command {
         /// The identity.
         identity: String,
     },
-    /// The flow log: flow starts and denied new flows, with the rule that decided each.
+    /// The flow log: flow starts and denied new flows, with the rule that decided each. With
+    /// `--since`, the durable history instead: per hour, each kind of flow and how many.
     Flows {
         /// Denied flows only.
         #[arg(long)]
@@ -86,6 +88,11 @@ enum Command {
         /// How many past flows to show.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// The durable history of this period (like `24h` or `7d`), from every live
+        /// controller: one row per hour and kind of flow (source, destination, port, path,
+        /// verdict, rule), with how many there were.
+        #[arg(long, value_name = "DURATION", value_parser = duration, conflicts_with_all = ["follow", "limit"])]
+        since: Option<i64>,
     },
     /// The audit log: policy applies, enrollments, revocations, quarantines and releases.
     Audit,
@@ -234,6 +241,11 @@ enum PolicyCommand {
     },
 }
 
+/// A duration such as `24h` or `7d`, in seconds; a bad one is a usage error.
+fn duration(s: &str) -> Result<i64, String> {
+    bulkhead_policy::parse_duration(s)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -268,18 +280,19 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             path,
             verdict,
             limit,
-        } => online::flows(
-            &mut remote()?,
-            online::FlowFilter {
+            since,
+        } => {
+            let filter = online::FlowFilter {
                 denied,
                 identity,
                 path,
                 verdict,
-            },
-            follow,
-            limit,
-            fmt,
-        ),
+            };
+            match since {
+                Some(secs) => history::show(&mut remote()?, secs, &filter, fmt),
+                None => online::flows(&mut remote()?, filter, follow, limit, fmt),
+            }
+        }
         Command::Status => online::status(&mut remote()?, fmt),
         Command::Demo { check, policy } => demo::demo(check, policy.as_deref(), fmt),
         Command::Probe { args } => Ok(match bulkhead_netlab::probe::run(&args) {
@@ -360,5 +373,24 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flows_since_takes_a_duration_and_nothing_it_cannot_honour() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["bulkhead", "flows"].iter().chain(args));
+        match parse(&["--since", "7d"]).map(|c| c.command) {
+            Ok(Command::Flows { since, .. }) => assert_eq!(since, Some(7 * 86_400)),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["--since", "7x"][..],
+            &["--since", "0s"],
+            &["--since", ""],
+            &["--since", "1h", "--follow"],
+            &["--since", "1h", "--limit", "5"],
+        ] {
+            let e = parse(bad).map(|_| ()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}: a usage error");
+        }
     }
 }

@@ -51,6 +51,41 @@ impl Remote {
         Ok(Remote { rt, conn, cfg })
     }
 
+    /// Reads the NDJSON lines of `path` from this controller, then from every other live one
+    /// (each keeps what its own nodes reported), handing each line to `each`. This one's
+    /// failure is an error; another's is named on stderr, with what goes missing (`missing`),
+    /// and skipped.
+    pub(crate) fn stream_all<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        missing: &str,
+        mut each: impl FnMut(T),
+    ) -> anyhow::Result<()> {
+        let mut others = self.others();
+        let first = self.cfg.url.clone();
+        let Remote { rt, conn, .. } = self;
+        let mut conns: Vec<(String, &mut Connection)> = vec![(first, conn)];
+        conns.extend(others.iter_mut().map(|(u, c)| (u.clone(), c)));
+        for (i, (url, c)) in conns.into_iter().enumerate() {
+            let read = async {
+                let mut lines = tokio::time::timeout(FLOWS_TIMEOUT, c.stream(path))
+                    .await
+                    .map_err(|_| anyhow!("no answer in {FLOWS_TIMEOUT:?}"))??;
+                let mut got = Vec::new();
+                while let Some(v) = lines.next::<T>().await? {
+                    got.push(v);
+                }
+                anyhow::Ok(got)
+            };
+            match rt.block_on(read) {
+                Ok(got) => got.into_iter().for_each(&mut each),
+                Err(e) if i == 0 => return Err(e.context(format!("controller {url}"))),
+                Err(e) => eprintln!("bulkhead: controller {url}: {e:#}: {missing}"),
+            }
+        }
+        Ok(())
+    }
+
     /// Connections to every other live controller (several share one etcd), with the same
     /// credential. One that cannot be reached is named on stderr and left out.
     fn others(&mut self) -> Vec<(String, Connection)> {
@@ -409,8 +444,6 @@ const FLOW_HEADER: [&str; 8] = [
     "TIME", "FROM", "TO", "PORT", "PATH", "VERDICT", "RULE", "SEEN BY",
 ];
 
-/// `bulkhead flows [--denied] [--follow] [--identity X]`: the controller's flow log; with
-/// `--follow`, then each new flow as it comes (one line each; `-o json`: one JSON object per
 /// Which flows `bulkhead flows` shows; the controllers filter.
 #[derive(Debug, Default)]
 pub struct FlowFilter {
