@@ -69,6 +69,11 @@ fn state_is_private_whatever_the_umask() {
         "the store, with the CA key"
     );
     assert_eq!(mode(&format!("{ctl}/admin.yaml")), 0o600);
+    assert_eq!(
+        mode(&format!("{ctl}/flows.redb")),
+        0o600,
+        "the flow history, who talks to whom"
+    );
     for n in ["web-1", "db-1"] {
         let state = c.state(n);
         assert_eq!(mode(&state), 0o700, "{n}'s state directory");
@@ -82,55 +87,6 @@ fn state_is_private_whatever_the_umask() {
         let l = loose(Path::new(&dir));
         assert!(l.is_empty(), "readable by others: {l:?}");
     }
-}
-
-/// Posts a flow batch to the controller as `node`, with its own credential (from its state
-/// directory), the way a compromised node could; returns the HTTP status.
-fn post_flows_as(c: &Cluster, node: &str, batch: &serde_json::Value) -> u16 {
-    let state = c.state(node);
-    let enrollment: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{state}/enrollment.json")).expect("enrollment"),
-    )
-    .expect("enrollment json");
-    let pem = |field: &str| {
-        c.files.write(
-            &format!("{node}-{field}.pem"),
-            enrollment[field].as_str().expect("pem"),
-        )
-    };
-    let (cert, key, ca) = (pem("certificate"), pem("key"), pem("ca"));
-    let body = c
-        .files
-        .write(&format!("{node}-batch.json"), &batch.to_string());
-    let url = format!("https://{}:7443/v1/node/flows", bulkhead_e2e::cluster::CTL);
-    let out = c.lab.exec(
-        node,
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "--cacert",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &format!("@{body}"),
-            &url,
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
 }
 
 /// `n` inbound denials of new flows by `from` (at `address`), as a node's flow log writes them.
@@ -191,17 +147,17 @@ rules:
 
     // dev-1 has no rules, so no peers: 200 "db-1 attacked me" entries are refused.
     assert_eq!(
-        post_flows_as(&c, "dev-1", &inbound_denials("db-1", &db, 200)),
+        c.post_flows_as("dev-1", &inbound_denials("db-1", &db, 200)),
         200
     );
     // web-1 is db-1's peer: its 200 are counted, but as one witness's, at most 25 of 50.
     assert_eq!(
-        post_flows_as(&c, "web-1", &inbound_denials("db-1", &db, 200)),
+        c.post_flows_as("web-1", &inbound_denials("db-1", &db, 200)),
         200
     );
     // A batch larger than any daemon's flow log is refused whole.
     assert_eq!(
-        post_flows_as(&c, "web-1", &inbound_denials("db-1", &db, 10_001)),
+        c.post_flows_as("web-1", &inbound_denials("db-1", &db, 10_001)),
         400
     );
     std::thread::sleep(std::time::Duration::from_millis(2500));
@@ -231,7 +187,7 @@ rules:
     for f in underlay["flows"].as_array_mut().expect("flows") {
         f["path"] = "underlay".into();
     }
-    assert_eq!(post_flows_as(&c, "dev-1", &underlay), 200);
+    assert_eq!(c.post_flows_as("dev-1", &underlay), 200);
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let db1 = c
         .nodes()
@@ -256,7 +212,7 @@ rules:
         "at": bulkhead_e2e::cluster::unix_ms() as i64, "outbound": true, "peer_address": db,
         "proto": "tcp", "port": 5432, "allowed": true, "rule": "x\u{1b}]0;pwned\u{7}\u{1b}[2J"
     }], "dropped": 0 });
-    assert_eq!(post_flows_as(&c, "web-1", &evil), 200);
+    assert_eq!(c.post_flows_as("web-1", &evil), 200);
     let r = c.cli(&["flows", "--limit", "5"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(

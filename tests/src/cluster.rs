@@ -216,6 +216,55 @@ impl Cluster {
         (0..4).any(|_| self.connect(from, to, port))
     }
 
+    /// Posts a flow batch to the controller as `node`, with its own credential (from its state
+    /// directory), the way a compromised node could; returns the HTTP status.
+    pub fn post_flows_as(&self, node: &str, batch: &serde_json::Value) -> u16 {
+        let state = self.state(node);
+        let enrollment: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{state}/enrollment.json")).expect("enrollment"),
+        )
+        .expect("enrollment json");
+        let pem = |field: &str| {
+            self.files.write(
+                &format!("{node}-{field}.pem"),
+                enrollment[field].as_str().expect("pem"),
+            )
+        };
+        let (cert, key, ca) = (pem("certificate"), pem("key"), pem("ca"));
+        let body = self
+            .files
+            .write(&format!("{node}-batch.json"), &batch.to_string());
+        let url = format!("https://{CTL}:7443/v1/node/flows");
+        let out = self.lab.exec(
+            node,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                "--cacert",
+                &ca,
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &format!("@{body}"),
+                &url,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
     pub fn pubkey(&self, name: &str) -> String {
         let r = run("bulkheadd", &["pubkey", "--state", &self.state(name)]);
         r.stdout.trim().to_string()
