@@ -395,32 +395,7 @@ async fn flow_history(
         Ok(q) => q,
         Err(e) => return Error::BadRequest(e).into_response(),
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    let history = c.flows.durable.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(64 << 10);
-        let r = history.scan(&query, |a| {
-            if serde_json::to_writer(&mut buf, &a).is_err() {
-                return false;
-            }
-            buf.push(b'\n');
-            buf.len() < 32 << 10
-                || tx
-                    .blocking_send(Ok(std::mem::take(&mut buf).into()))
-                    .is_ok()
-        });
-        let last = match r {
-            Ok(()) => Ok(Bytes::from(buf)),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the flow history");
-                Err(std::io::Error::other(e))
-            }
-        };
-        let _ = tx.blocking_send(last);
-    });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
-    });
+    let body = crate::flows::durable::ndjson(c.flows.durable.clone(), query);
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(body))

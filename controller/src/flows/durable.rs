@@ -622,6 +622,35 @@ impl DurableHistory {
     }
 }
 
+/// The aggregates `q` selects as NDJSON, in chunks of about 32 KiB, read on a blocking thread
+/// as the receiver takes them. A read error ends the stream with that error, so the answer is
+/// broken off rather than ended short.
+pub fn ndjson(
+    h: Arc<DurableHistory>,
+    q: Query,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    const CHUNK: usize = 32 << 10;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(2 * CHUNK);
+        let r = h.scan(&q, |a| {
+            if serde_json::to_writer(&mut buf, &a).is_err() {
+                return false;
+            }
+            buf.push(b'\n');
+            buf.len() < CHUNK || tx.blocking_send(Ok(std::mem::take(&mut buf))).is_ok()
+        });
+        let last = r.map(|()| buf).map_err(|e| {
+            tracing::error!(error = %e, "cannot read the flow history");
+            std::io::Error::other(e)
+        });
+        let _ = tx.blocking_send(last);
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    })
+}
+
 /// Deletes the oldest hours, whole, until `room` more rows fit within `max`, but only hours
 /// before `before`. Returns how many rows went.
 fn evict(
@@ -648,14 +677,23 @@ fn evict(
 pub async fn run(h: Arc<DurableHistory>) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned: Option<std::time::Instant> = None;
+    // Once a minute is enough to say the file is full, or the disk failing; the metrics count
+    // every time.
+    let once_a_minute = |last: &mut Option<std::time::Instant>| {
+        let due = last.is_none_or(|w| w.elapsed() >= Duration::from_secs(60));
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    };
+    let (mut full_said, mut error_said) = (None, None);
     loop {
         tick.tick().await;
         let h = h.clone();
         let r = tokio::task::spawn_blocking(move || h.flush(crate::ops::unix_ms())).await;
         match r {
             Ok(Ok(f)) => {
-                if f.bound + f.full > 0 {
+                if f.bound + f.full > 0 && once_a_minute(&mut full_said) {
                     tracing::warn!(
                         deleted = f.bound,
                         refused = f.full,
@@ -665,9 +703,7 @@ pub async fn run(h: Arc<DurableHistory>) {
                 }
             }
             Ok(Err(e)) => {
-                // Once a minute is enough to say the disk is full or failing.
-                if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
+                if once_a_minute(&mut error_said) {
                     tracing::error!(error = %e, "cannot write the flow history; kept in memory, tried again every second");
                 }
             }
