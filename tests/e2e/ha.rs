@@ -202,4 +202,28 @@ fn daemons_fail_over_and_changes_still_reach_them() {
         c.cli(&["flows", "-o", "json"]),
         cli2(&c, &["flows", "-o", "json"])
     );
+
+    // The durable history too: each controller holds its own nodes' part, and either one's
+    // `flows --since` is the same, merged answer, with the connection in it.
+    let since = ["flows", "--since", "1h", "-o", "json"];
+    let same = Lab::until(Duration::from_secs(10), || {
+        let (a, b) = (c.cli(&since), cli2(&c, &since));
+        a.code == Some(0)
+            && a.stdout == b.stdout
+            && a.json().as_array().is_some_and(|h| {
+                h.iter().any(|x| {
+                    x["src"] == "web-1"
+                        && x["dst"] == "db-1"
+                        && x["port"] == 5432
+                        && x["verdict"] == "allow"
+                        && x["last"].as_i64().is_some_and(|t| t >= reopened)
+                })
+            })
+    });
+    assert!(
+        same,
+        "through the first: {:?}\nthrough the second: {:?}",
+        c.cli(&since),
+        cli2(&c, &since)
+    );
 }
