@@ -317,18 +317,13 @@ async fn flows(
             "denied" => denied = v != "0",
             "follow" => follow = v != "0",
             "identity" => identity = Some(v.to_string()),
-            "path" => match serde_json::from_value(serde_json::Value::String(v.into())) {
-                Ok(bulkhead_proto::Path::Unknown) | Err(_) => {
-                    return Error::BadRequest("path: overlay or underlay".into()).into_response();
-                }
+            "path" => match v.parse() {
                 Ok(p) => path = Some(p),
+                Err(e) => return Error::BadRequest(e).into_response(),
             },
-            "verdict" => match serde_json::from_value(serde_json::Value::String(v.into())) {
-                Ok(bulkhead_proto::Verdict::Unknown) | Err(_) => {
-                    return Error::BadRequest("verdict: allow, deny or would-deny".into())
-                        .into_response();
-                }
+            "verdict" => match v.parse() {
                 Ok(x) => verdict = Some(x),
+                Err(e) => return Error::BadRequest(e).into_response(),
             },
             "limit" => match v.parse() {
                 Ok(n) => limit = n,

@@ -349,16 +349,8 @@ impl Query {
                 "since" => since = Some(seconds(k, v)?),
                 "until" => until = seconds(k, v)?,
                 "identity" if !v.is_empty() => q.identity = Some(v.to_string()),
-                "path" => match serde_json::from_value(serde_json::Value::String(v.into())) {
-                    Ok(NetPath::Unknown) | Err(_) => return Err("path: overlay or underlay".into()),
-                    Ok(p) => q.path = Some(p),
-                },
-                "verdict" => match serde_json::from_value(serde_json::Value::String(v.into())) {
-                    Ok(Verdict::Unknown) | Err(_) => {
-                        return Err("verdict: allow, deny or would-deny".into());
-                    }
-                    Ok(x) => q.verdict = Some(x),
-                },
+                "path" => q.path = Some(v.parse()?),
+                "verdict" => q.verdict = Some(v.parse()?),
                 "denied" => q.denied = v != "0",
                 _ => return Err(format!("unknown parameter {k:?}")),
             }

@@ -32,6 +32,21 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+impl std::str::FromStr for Verdict {
+    type Err = String;
+
+    /// `allow`, `deny` or `would-deny`; nothing else (a filter on an unknown verdict is a
+    /// mistake, not a request for none).
+    fn from_str(s: &str) -> Result<Verdict, String> {
+        match s {
+            "allow" => Ok(Verdict::Allow),
+            "deny" => Ok(Verdict::Deny),
+            "would-deny" => Ok(Verdict::WouldDeny),
+            _ => Err("verdict: allow, deny or would-deny".into()),
+        }
+    }
+}
+
 /// Which network a flow took: the overlay (through a tunnel) or the underlay (the server's
 /// ordinary network, seen by the host firewall).
 #[derive(
@@ -63,6 +78,19 @@ impl std::fmt::Display for Path {
             Path::Underlay => "underlay",
             Path::Unknown => "unknown",
         })
+    }
+}
+
+impl std::str::FromStr for Path {
+    type Err = String;
+
+    /// `overlay` or `underlay`.
+    fn from_str(s: &str) -> Result<Path, String> {
+        match s {
+            "overlay" => Ok(Path::Overlay),
+            "underlay" => Ok(Path::Underlay),
+            _ => Err("path: overlay or underlay".into()),
+        }
     }
 }
 
@@ -310,6 +338,13 @@ mod tests {
             serde_json::to_string(&Verdict::WouldDeny).ok().as_deref(),
             Some("\"would-deny\"")
         );
+        for v in [Verdict::Allow, Verdict::Deny, Verdict::WouldDeny] {
+            assert_eq!(v.to_string().parse::<Verdict>().ok(), Some(v));
+        }
+        for p in [Path::Overlay, Path::Underlay] {
+            assert_eq!(p.to_string().parse::<Path>().ok(), Some(p));
+        }
+        assert!("unknown".parse::<Verdict>().is_err() && "unknown".parse::<Path>().is_err());
         // What a newer controller may send reads, as unknown.
         let v: Result<Verdict, _> = serde_json::from_str("\"maybe\"");
         assert_eq!(v.ok(), Some(Verdict::Unknown));
