@@ -5,7 +5,7 @@
 //! - [`view`]: the in-memory view that follows the store, and distribution to nodes.
 //! - [`ops`]: what each API call does.
 //! - [`api`]: TLS, authentication, HTTP routes.
-//! - [`flows`]: the flow log and automatic quarantine.
+//! - [`flows`]: the flow log, its durable per-hour history, and automatic quarantine.
 //! - [`presence`]: which nodes are connected where, shared through the store.
 //! - [`currency`]: whether this controller can vouch that its view is the store's.
 //! - [`metrics`]: what `--metrics` exposes to Prometheus.

@@ -81,17 +81,17 @@ impl Default for Limits {
     }
 }
 
-/// Aggregates dropped, by why.
+/// What was dropped, by why.
 #[derive(Debug, Default)]
 pub struct Dropped {
-    /// Hours past the retention.
+    /// Aggregates of hours past the retention, and flows reported from before it.
     pub retention: AtomicU64,
     /// The oldest hours, deleted to keep the file within its bound.
     pub bound: AtomicU64,
     /// New aggregates refused: the hour they belong to was the oldest left, and the file full.
     pub full: AtomicU64,
-    /// New aggregates refused in memory: more new kinds of flow arrived between two flushes
-    /// than [`MAX_PENDING`].
+    /// Flows of new kinds refused in memory: more new kinds of flow arrived between two
+    /// flushes than [`MAX_PENDING`].
     pub backlog: AtomicU64,
 }
 

@@ -71,6 +71,8 @@ impl Remote {
                 let mut lines = tokio::time::timeout(FLOWS_TIMEOUT, c.stream(path))
                     .await
                     .map_err(|_| anyhow!("no answer in {FLOWS_TIMEOUT:?}"))??;
+                // All of a controller's answer or none of it: one that fails halfway is
+                // missing, not counted in part.
                 let mut got = Vec::new();
                 while let Some(v) = lines.next::<T>().await? {
                     got.push(v);
