@@ -126,7 +126,7 @@ pub enum Expect {
 }
 
 /// A single protocol and port, as in a test or an `explain` query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Probe {
     /// IP protocol number.
     pub proto: u8,

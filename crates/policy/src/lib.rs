@@ -11,6 +11,8 @@
 //! - [`reach::reachability`] and [`reach::diff`] give the matrix and the change between policies.
 //! - [`underlay`] is the `underlay` block: each server's host firewall, compiled into its
 //!   allowlist, explained for one connection, and its part of a plan.
+//! - [`suggest`] writes rules that let the connections the flow history observed through
+//!   ([`observed`]), and [`replay`] tells which of them a policy would newly deny or allow.
 //!
 //! [`Allowlist`]: bulkhead_allowlist::Allowlist
 
@@ -22,9 +24,13 @@ mod compile;
 mod diag;
 mod eval;
 mod model;
+pub mod observed;
 mod parse;
 pub mod posture;
 pub mod reach;
+pub mod replay;
+pub mod splice;
+pub mod suggest;
 pub mod underlay;
 mod yaml;
 
