@@ -1,11 +1,15 @@
 //! `bulkhead`, the operator CLI. A thin shell: the policy logic lives in `bulkhead-policy`.
 
 mod demo;
+mod flowsource;
 mod history;
+mod map;
 mod matrix;
 mod online;
 mod output;
 mod policy;
+mod replay;
+mod suggest;
 mod underlay;
 
 use std::path::PathBuf;
@@ -96,6 +100,9 @@ enum Command {
     },
     /// The audit log: policy applies, enrollments, revocations, quarantines and releases.
     Audit,
+    /// Who talks to whom, from the flow history: identities grouped by segment, edges for
+    /// allowed, denied and would-deny flows with their ports, counts and rules (-o html|dot|json).
+    Map(map::Args),
     /// The controller's state.
     Status,
     /// Run the whole overlay on this machine (as root): a controller and a daemon per identity,
@@ -215,11 +222,23 @@ enum PolicyCommand {
         #[command(flatten)]
         when: When,
     },
-    /// Against the controller: what `apply` would change, as reachability gained and lost.
+    /// Against the controller: what `apply` would change, as reachability gained and lost;
+    /// with --replay or --history, also the recorded flows replayed against FILE (exit 1 if any
+    /// would newly be denied).
     Plan {
         /// The policy file.
         file: PathBuf,
+        /// Replay the flows of this last period (like 30d) against FILE.
+        #[arg(long, value_name = "DURATION")]
+        replay: Option<String>,
+        /// Replay the flows of FILE (JSON lines of flow aggregates) instead of the controllers':
+        /// offline, the replay alone, no controller needed.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
     },
+    /// A policy whose rules allow the connections the flow history observed, written with
+    /// segments where labels allow: YAML on stdout, what each rule covers on stderr.
+    Suggest(suggest::Args),
     /// Against the controller: validate, run the tests, show the plan, apply; print the revision.
     Apply {
         /// The policy file.
@@ -273,6 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Release { identity } => online::release(&mut remote()?, &identity, fmt),
         Command::Audit => online::audit(&mut remote()?, fmt),
+        Command::Map(args) => map::map(&args, remote, fmt),
         Command::Flows {
             denied,
             follow,
@@ -331,7 +351,17 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 fmt,
             ),
             PolicyCommand::Matrix { file, when } => policy::matrix(&file, &when, fmt),
-            PolicyCommand::Plan { file } => online::plan(&mut remote()?, &file, fmt),
+            PolicyCommand::Plan {
+                file,
+                replay: None,
+                history: None,
+            } => online::plan(&mut remote()?, &file, fmt),
+            PolicyCommand::Plan {
+                file,
+                replay,
+                history,
+            } => replay::plan(&file, replay, history, remote, fmt),
+            PolicyCommand::Suggest(args) => suggest::suggest(&args, remote, fmt),
             PolicyCommand::Apply { file, yes } => online::apply(&mut remote()?, &file, yes, fmt),
             PolicyCommand::Show => online::show(&mut remote()?, fmt),
             PolicyCommand::Diff { old, new, when } => policy::diff(&old, &new, &when, fmt),

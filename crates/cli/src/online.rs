@@ -156,19 +156,27 @@ fn read_policy(file: &Path) -> anyhow::Result<PolicyRequest> {
 
 /// `bulkhead policy plan FILE`.
 pub fn plan(r: &mut Remote, file: &Path, fmt: Format) -> anyhow::Result<Outcome> {
-    let req = read_policy(file)?;
-    let p: PlanResponse = match refused(r.post("/v1/policy/plan", &req))? {
+    let p = match plan_of(r, file)? {
         Ok(p) => p,
         Err(o) => return Ok(o),
     };
-    emit(fmt, &p, || {
-        format!(
-            "against live revision {}:\n{}",
-            p.base_revision,
-            plan_table(&p.plan)
-        )
-    })?;
+    emit(fmt, &p, || plan_text(&p))?;
     Ok(Outcome::Ok)
+}
+
+/// The controller's plan for FILE, or the outcome of its refusal (said on stderr).
+pub fn plan_of(r: &mut Remote, file: &Path) -> anyhow::Result<Result<PlanResponse, Outcome>> {
+    let req = read_policy(file)?;
+    refused(r.post("/v1/policy/plan", &req))
+}
+
+/// A plan for people.
+pub fn plan_text(p: &PlanResponse) -> String {
+    format!(
+        "against live revision {}:\n{}",
+        p.base_revision,
+        plan_table(&p.plan)
+    )
 }
 
 /// `bulkhead policy apply FILE [--yes]`: plan, show, confirm, apply against the planned revision.
@@ -244,6 +252,11 @@ pub fn show(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         out + &p.text
     })?;
     Ok(Outcome::Ok)
+}
+
+/// The live policy, for the commands that need a base and were given none.
+pub fn policy_view(r: &mut Remote) -> anyhow::Result<PolicyView> {
+    Ok(r.get("/v1/policy")?)
 }
 
 /// `bulkhead token create IDENTITY [--ttl D]`: the token alone on stdout.

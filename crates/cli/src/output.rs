@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-/// `-o table|json|yaml`.
+/// `-o table|json|yaml`, and `html|dot` for `map`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Aligned text for people.
@@ -14,6 +14,10 @@ pub enum Format {
     Json,
     /// One YAML document.
     Yaml,
+    /// One self-contained HTML page (`bulkhead map`).
+    Html,
+    /// Graphviz (`bulkhead map`).
+    Dot,
 }
 
 /// How a command ended, as the spec's exit codes: 0 success, 1 a failed check or a denial the
@@ -51,6 +55,11 @@ pub fn emit<T: Serialize>(
         Format::Table => table(),
         Format::Json => serde_json::to_string_pretty(value)? + "\n",
         Format::Yaml => serde_saphyr::to_string(value)?,
+        Format::Html | Format::Dot => {
+            return Err(anyhow::anyhow!(
+                "-o html and -o dot are for `bulkhead map`; use table, json or yaml"
+            ));
+        }
     };
     print(&text)
 }

@@ -61,6 +61,17 @@ impl Source {
     }
 }
 
+/// Loads a policy a command needs valid, its diagnostics on stderr (`FILE:LINE:COL`); `None`
+/// after saying it is invalid.
+pub fn load_valid(path: &Path, now: i64) -> anyhow::Result<Option<Model>> {
+    let src = Source::load(path, now, &BTreeMap::new())?;
+    if src.valid_model().is_none() {
+        src.invalid()?;
+        return Ok(None);
+    }
+    Ok(src.loaded.model)
+}
+
 /// Reads a policy file, but no more of it than a policy may be: a longer file is cut a little
 /// past [`MAX_BYTES`], so that loading it reports the size, with a position, without reading a
 /// file of any size into memory first.

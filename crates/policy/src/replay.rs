@@ -7,7 +7,8 @@
 //! [`underlay::explain`] sees them, with the initiator's recorded underlay address (an
 //! initiator that is not an identity is judged by the responder's firewall alone, and a
 //! responder that is not an identity is not the policy's business: let through). On the
-//! overlay, an end that is not an identity of the policy is denied.
+//! overlay, an end named by an identity the policy does not have is denied; an end that is an
+//! address (outside the estate) is not replayed, only counted ([`Replay::outside`]).
 //!
 //! A connection is **newly denied** when flows of it got through and the policy denies it (an
 //! underlay connection only observed, `would-deny`, still gets through); **newly allowed** when
@@ -84,6 +85,9 @@ pub struct Replay {
     pub newly_denied: Vec<Change>,
     /// Connections whose flows were denied and would get through.
     pub newly_allowed: Vec<Change>,
+    /// Overlay connections with an end outside the estate (an address no identity has), which
+    /// no policy decides: not replayed.
+    pub outside: usize,
 }
 
 /// Replays `flows` against `m` in `st`.
@@ -97,6 +101,11 @@ pub fn replay(m: &Model, st: &State, flows: &[Flow]) -> Replay {
     };
     let mut underlay_parts = HashMap::new();
     for c in &conns {
+        let address = |n: &str| m.identity(n).is_none() && n.parse::<std::net::Ipv4Addr>().is_ok();
+        if c.path == Way::Overlay && (address(&c.src) || address(&c.dst)) {
+            out.outside += 1;
+            continue;
+        }
         let (after, rule, reason) = match c.path {
             Way::Overlay => overlay(m, st, c),
             Way::Underlay => underlay_after(m, st, c, &mut underlay_parts),
@@ -316,6 +325,7 @@ underlay:
             flow("web-2", "db-1", 5432, Seen::Allow, Way::Overlay),
             flow("db-1", "web-1", 22, Seen::Deny, Way::Overlay),
             flow("ops", "db-1", 22, Seen::Allow, Way::Underlay),
+            flow("web-1", "203.0.113.9", 443, Seen::Allow, Way::Overlay),
         ];
         // The same policy: nothing changes.
         let r = run(OLD, &flows);
@@ -323,7 +333,8 @@ underlay:
             r.newly_denied.is_empty() && r.newly_allowed.is_empty(),
             "{r:?}"
         );
-        assert_eq!((r.aggregates, r.flows, r.connections), (4, 12, 4));
+        assert_eq!((r.aggregates, r.flows, r.connections), (5, 15, 5));
+        assert_eq!(r.outside, 1);
 
         // web-2 loses the database, db-1 gains SSH to web-1, and the management network
         // loses the underlay.
