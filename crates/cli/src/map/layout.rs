@@ -105,6 +105,24 @@ pub fn shorten(a: (f64, f64), b: (f64, f64), r: f64) -> ((f64, f64), (f64, f64))
     ((a.0 + ux, a.1 + uy), (b.0 - ux, b.1 - uy))
 }
 
+/// An edge from `a` to `b` as a quadratic curve bending to its left (so that `a -> b` and
+/// `b -> a` part, and edges along one line are told apart), cut short by `r` at both ends: the
+/// SVG path and the curve's midpoint (for its label).
+pub fn curve(a: (f64, f64), b: (f64, f64), r: f64) -> (String, (f64, f64)) {
+    let ((x1, y1), (x2, y2)) = shorten(a, b, r);
+    let (dx, dy) = (x2 - x1, y2 - y1);
+    let bend = 0.18;
+    let (cx, cy) = ((x1 + x2) / 2.0 + dy * bend, (y1 + y2) / 2.0 - dx * bend);
+    let mid = (
+        0.25 * x1 + 0.5 * cx + 0.25 * x2,
+        0.25 * y1 + 0.5 * cy + 0.25 * y2,
+    );
+    (
+        format!("M{x1:.1},{y1:.1} Q{cx:.1},{cy:.1} {x2:.1},{y2:.1}"),
+        mid,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +148,11 @@ mod tests {
         assert_eq!(columns(4), 2);
         let ((x1, _), (x2, _)) = shorten((0.0, 0.0), (100.0, 0.0), 10.0);
         assert_eq!((x1, x2), (10.0, 90.0));
+        let (d, mid) = curve((0.0, 0.0), (100.0, 0.0), 10.0);
+        assert_eq!(d, "M10.0,0.0 Q50.0,-14.4 90.0,0.0");
+        assert!((mid.0 - 50.0).abs() < 1e-9 && (mid.1 + 7.2).abs() < 1e-9, "{mid:?}");
+        // The other way bends the other way.
+        let back = curve((100.0, 0.0), (0.0, 0.0), 10.0).1;
+        assert!((back.1 - 7.2).abs() < 1e-9, "{back:?}");
     }
 }

@@ -296,7 +296,7 @@ pub fn html(map: &Map) -> String {
     for ge in &map.group_edges {
         let a = sc.frame(&ge.from).collapsed_centre();
         let b = sc.frame(&ge.to).collapsed_centre();
-        let ((x1, y1), (x2, y2)) = layout::shorten(a, b, 30.0);
+        let (d, (mx, my)) = layout::curve(a, b, 30.0);
         let shown = sc.collapsed(&ge.from) && sc.collapsed(&ge.to);
         let dash = if ge.path == Way::Underlay {
             " stroke-dasharray=\"2 4\""
@@ -308,7 +308,7 @@ pub fn html(map: &Map) -> String {
         let label = format!("{} ×{} ({} pairs)", ge.ports.join(", "), ge.count, ge.pairs);
         let _ = writeln!(
             s,
-            "<g class=\"gedge {}\" data-from-group=\"{}\" data-to-group=\"{}\" data-verdict=\"{}\" data-path=\"{}\" data-count=\"{}\"{}><line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"3\"{dash} marker-end=\"url(#arrow-{})\"/><text class=\"label\" x=\"{}\" y=\"{}\">{}</text><title>{} → {} {} over the {}: {}</title></g>",
+            "<g class=\"gedge {}\" data-from-group=\"{}\" data-to-group=\"{}\" data-verdict=\"{}\" data-path=\"{}\" data-count=\"{}\"{}><path d=\"{d}\" fill=\"none\" stroke=\"{}\" stroke-width=\"3\"{dash} marker-end=\"url(#arrow-{})\"/><text class=\"label\" x=\"{}\" y=\"{}\">{}</text><title>{} → {} {} over the {}: {}</title></g>",
             ge.verdict,
             esc(&ge.from),
             esc(&ge.to),
@@ -316,14 +316,10 @@ pub fn html(map: &Map) -> String {
             ge.path,
             ge.count,
             if shown { "" } else { " style=\"display:none\"" },
-            f(x1),
-            f(y1),
-            f(x2),
-            f(y2),
             colour(ge.verdict),
             ge.verdict,
-            f((x1 + x2) / 2.0),
-            f((y1 + y2) / 2.0 - 4.0),
+            f(mx),
+            f(my - 4.0),
             esc(&label),
             esc(&ge.from),
             esc(&ge.to),
@@ -360,7 +356,7 @@ fn edge(sc: &Scene<'_>, e: &Edge) -> String {
     let hidden = sc.collapsed(&e.from_group) && sc.collapsed(&e.to_group);
     let a = sc.end(&e.from, &e.from_group);
     let b = sc.end(&e.to, &e.to_group);
-    let ((x1, y1), (x2, y2)) = layout::shorten(a, b, 9.0);
+    let (d, (mx, my)) = layout::curve(a, b, 9.0);
     let dash = match (e.verdict, e.path) {
         (_, Way::Underlay) => " stroke-dasharray=\"2 4\"",
         (Seen::WouldDeny, _) => " stroke-dasharray=\"8 4\"",
@@ -369,7 +365,7 @@ fn edge(sc: &Scene<'_>, e: &Edge) -> String {
     let ports: Vec<&str> = e.ports.iter().map(|p| p.port.as_str()).collect();
     let label = e.label();
     format!(
-        "<g class=\"edge {}\" data-from=\"{}\" data-to=\"{}\" data-from-group=\"{}\" data-to-group=\"{}\" data-verdict=\"{}\" data-path=\"{}\" data-ports=\"{}\" data-count=\"{}\" data-rules=\"{}\"{}><line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"1.6\"{dash} marker-end=\"url(#arrow-{})\"/><text class=\"label\" x=\"{}\" y=\"{}\">{}</text><title>{} → {} {} over the {}: {}</title></g>\n",
+        "<g class=\"edge {}\" data-from=\"{}\" data-to=\"{}\" data-from-group=\"{}\" data-to-group=\"{}\" data-verdict=\"{}\" data-path=\"{}\" data-ports=\"{}\" data-count=\"{}\" data-rules=\"{}\"{}><path d=\"{d}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\"{dash} marker-end=\"url(#arrow-{})\"/><text class=\"label\" x=\"{}\" y=\"{}\">{}</text><title>{} → {} {} over the {}: {}</title></g>\n",
         e.verdict,
         esc(&e.from),
         esc(&e.to),
@@ -385,14 +381,10 @@ fn edge(sc: &Scene<'_>, e: &Edge) -> String {
         } else {
             ""
         },
-        f(x1),
-        f(y1),
-        f(x2),
-        f(y2),
         colour(e.verdict),
         e.verdict,
-        f((x1 + x2) / 2.0),
-        f((y1 + y2) / 2.0 - 3.0),
+        f(mx),
+        f(my - 3.0),
         esc(&label),
         esc(&e.from),
         esc(&e.to),
@@ -407,7 +399,7 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 p.meta { font-size: 13px; color: #555; margin: 0 0 6px; }
 p.legend .k { font-size: 12px; padding: 1px 8px; border-radius: 8px; color: #fff; }
 .k.allow { background: #2e7d32; } .k.deny { background: #c62828; } .k.would-deny { background: #ef6c00; }
-.k.underlay { background: #fff; color: #222; border: 1px dotted #222; }
+p.legend .k.underlay { background: #fff; color: #222; border: 1px dotted #222; }
 svg { display: block; border: 1px solid #ddd; border-radius: 6px; background: #fafafa; }
 g.group rect.box { fill: #fff; stroke: #90a4ae; }
 g.group.outside rect.box { fill: #fbe9e7; }
@@ -418,7 +410,7 @@ g.node circle { fill: #546e7a; }
 g.node text { font-size: 11px; fill: #263238; }
 g.edge text.label, g.gedge text.label { font-size: 10px; display: none; paint-order: stroke; stroke: #fff; stroke-width: 3px; }
 g.gedge text.label { display: inline; }
-g.edge:hover line { stroke-width: 3.5; } g.edge:hover text.label { display: inline; }
+g.edge:hover path { stroke-width: 3.5; } g.edge:hover text.label { display: inline; }
 table#edge-table { border-collapse: collapse; margin-top: 12px; font-size: 12px; }
 table#edge-table td, table#edge-table th { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; }
 tr.deny td:nth-child(3) { color: #c62828; } tr.would-deny td:nth-child(3) { color: #ef6c00; } tr.allow td:nth-child(3) { color: #2e7d32; }
@@ -435,11 +427,20 @@ const SCRIPT: &str = r#"(function () {
     if (collapsed(group)) { var g = groups[group]; return [+g.dataset.cx, +g.dataset.cy]; }
     var n = nodes[identity]; return [+n.dataset.x, +n.dataset.y];
   }
-  function shorten(a, b, r) {
+  // As layout::curve: a quadratic curve bending left, cut short by r at both ends.
+  function curve(a, b, r) {
     var dx = b[0] - a[0], dy = b[1] - a[1], len = Math.sqrt(dx * dx + dy * dy);
-    if (len <= 2 * r) { return [a, b]; }
-    var ux = dx / len * r, uy = dy / len * r;
-    return [[a[0] + ux, a[1] + uy], [b[0] - ux, b[1] - uy]];
+    if (len > 2 * r) {
+      var ux = dx / len * r, uy = dy / len * r;
+      a = [a[0] + ux, a[1] + uy]; b = [b[0] - ux, b[1] - uy];
+    }
+    dx = b[0] - a[0]; dy = b[1] - a[1];
+    var cx = (a[0] + b[0]) / 2 + dy * 0.18, cy = (a[1] + b[1]) / 2 - dx * 0.18;
+    var f = function (v) { return v.toFixed(1); };
+    return {
+      d: 'M' + f(a[0]) + ',' + f(a[1]) + ' Q' + f(cx) + ',' + f(cy) + ' ' + f(b[0]) + ',' + f(b[1]),
+      mid: [0.25 * a[0] + 0.5 * cx + 0.25 * b[0], 0.25 * a[1] + 0.5 * cy + 0.25 * b[1]]
+    };
   }
   function apply() {
     Object.keys(groups).forEach(function (name) {
@@ -454,12 +455,10 @@ const SCRIPT: &str = r#"(function () {
       var both = collapsed(fg) && collapsed(tg);
       e.style.display = both ? 'none' : '';
       if (both) { return; }
-      var s = shorten(end(e.dataset.from, fg), end(e.dataset.to, tg), 9);
-      var l = e.querySelector('line');
-      l.setAttribute('x1', s[0][0]); l.setAttribute('y1', s[0][1]);
-      l.setAttribute('x2', s[1][0]); l.setAttribute('y2', s[1][1]);
+      var c = curve(end(e.dataset.from, fg), end(e.dataset.to, tg), 9);
+      e.querySelector('path').setAttribute('d', c.d);
       var t = e.querySelector('text');
-      t.setAttribute('x', (s[0][0] + s[1][0]) / 2); t.setAttribute('y', (s[0][1] + s[1][1]) / 2 - 3);
+      t.setAttribute('x', c.mid[0].toFixed(1)); t.setAttribute('y', (c.mid[1] - 3).toFixed(1));
     });
     svg.querySelectorAll('g.gedge').forEach(function (e) {
       var on = collapsed(e.dataset.fromGroup) && collapsed(e.dataset.toGroup);
