@@ -11,7 +11,7 @@ step "system packages"
 # The namespace tests run real daemons: they need ip, ping and wg, and nft to read the host
 # firewall back. The store tests run a real etcd. Building etcd-client needs protoc and the
 # protobuf well-known types. The metrics tests parse scrapes with the Prometheus project's
-# Python client.
+# Python client. The map's page is checked in a real headless Chromium.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
@@ -21,6 +21,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || need+=(python3-prometheus-client)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"

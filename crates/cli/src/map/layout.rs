@@ -150,7 +150,10 @@ mod tests {
         assert_eq!((x1, x2), (10.0, 90.0));
         let (d, mid) = curve((0.0, 0.0), (100.0, 0.0), 10.0);
         assert_eq!(d, "M10.0,0.0 Q50.0,-14.4 90.0,0.0");
-        assert!((mid.0 - 50.0).abs() < 1e-9 && (mid.1 + 7.2).abs() < 1e-9, "{mid:?}");
+        assert!(
+            (mid.0 - 50.0).abs() < 1e-9 && (mid.1 + 7.2).abs() < 1e-9,
+            "{mid:?}"
+        );
         // The other way bends the other way.
         let back = curve((100.0, 0.0), (0.0, 0.0), 10.0).1;
         assert!((back.1 - 7.2).abs() < 1e-9, "{back:?}");
