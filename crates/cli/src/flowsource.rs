@@ -80,23 +80,11 @@ impl HistoryArgs {
 /// The default period for the online commands: the controllers keep 30 days.
 const DEFAULT_SINCE_SECS: i64 = 30 * 86_400;
 
-// ─── ONLINE ────────────────────────────────────────────────────────────────────────────────
-// The controllers' durable flow history (`GET /v1/flows/history?since=SECONDS`, merged over
-// every live controller) is read by `crate::history::fetch`, which is being written alongside.
-// When it lands, the body of this function becomes:
-//
-//     crate::history::fetch(r, since_secs)
-//
-// Everything else (suggest, replay, map) already works on what it returns.
-/// The last `since_secs` of flow history from the controllers.
+/// The last `since_secs` of flow history from the controllers: their durable histories
+/// (`GET /v1/flows/history`), merged over every live controller.
 fn fetch_online(r: &mut Remote, since_secs: i64) -> anyhow::Result<Vec<FlowAggregate>> {
-    let _ = (r, since_secs);
-    Err(anyhow!(
-        "this build cannot read the flow history from the controllers yet: pass --history FILE \
-         (JSON lines of flow aggregates, as `bulkhead flows --since D -o json` prints them)"
-    ))
+    crate::history::fetch(r, since_secs)
 }
-// ─── end ONLINE ────────────────────────────────────────────────────────────────────────────
 
 /// Reads a history file: JSON lines of `FlowAggregate` (a JSON array of them is read too).
 pub fn read_file(path: &Path) -> anyhow::Result<Vec<FlowAggregate>> {

@@ -18,10 +18,6 @@ use crate::output::{Format, Outcome, columns, emit, time};
 /// ([`merge`]): one per hour and kind of flow, oldest hour first. Hours are whole: an aggregate
 /// is included if any of its flows falls in the period. A controller other than the configured
 /// one that does not answer is named on stderr and its nodes' flows are missing.
-#[expect(
-    dead_code,
-    reason = "the base of `policy suggest`, `plan --replay` and `map` (spec §9), which come next"
-)]
 pub fn fetch(r: &mut Remote, since_secs: i64) -> anyhow::Result<Vec<FlowAggregate>> {
     fetch_filtered(r, since_secs, &FlowFilter::default())
 }
