@@ -108,6 +108,14 @@ pub fn replay(m: &Model, st: &State, flows: &[Flow]) -> Replay {
         }
         let (after, rule, reason) = match c.path {
             Way::Overlay => overlay(m, st, c),
+            // With the servers' own addresses, a rule carries the connection through the
+            // tunnel; without one it stays on the underlay, where the host firewall decides.
+            Way::Underlay if m.policy().addressing == bulkhead_allowlist::Addressing::Underlay => {
+                match overlay(m, st, c) {
+                    allowed @ (After::Allow, _, _) => allowed,
+                    _ => underlay_after(m, st, c, &mut underlay_parts),
+                }
+            }
             Way::Underlay => underlay_after(m, st, c, &mut underlay_parts),
         };
         let change = |count: u64| Change {

@@ -275,7 +275,14 @@ pub fn suggest(m: &Model, flows: &[Flow], opt: &Options) -> Suggestion {
             ));
             continue;
         }
-        match c.path {
+        // With the servers' own addresses (spec §8), a rule moves an underlay connection between
+        // two servers into their tunnel without any change to the application: it becomes a
+        // rule, not an underlay entry, and `enforce` can then close the underlay.
+        let way = match m.policy().addressing {
+            bulkhead_allowlist::Addressing::Underlay => Way::Overlay,
+            bulkhead_allowlist::Addressing::Overlay => c.path,
+        };
+        match way {
             Way::Overlay => {
                 let d = evaluate(m, a, b, c.probe, &st);
                 let rule = d.rule.map(|r| m.rule(r).name.clone());

@@ -444,3 +444,29 @@ fn random_histories_keep_working_and_add_nothing_unobserved() {
         keeps_working_and_adds_nothing_unobserved(&base, &new, &flows, &s, coverage == 1.0);
     }
 }
+
+/// With the servers' own addresses (spec §8), what was seen on the underlay between two servers
+/// becomes a rule: the tunnel then carries it with no change to the application, and the
+/// underlay can be closed. Replay agrees: the suggestion keeps it working.
+#[test]
+fn with_servers_own_addresses_underlay_connections_become_rules() {
+    let text = BASE
+        .replace(
+            "network: { cidr: 10.0.0.0/24 }",
+            "network: { cidr: 198.18.0.0/24, addressing: underlay }",
+        )
+        .replace("  mode: observe\n  scope: [prod-db]\n", "  mode: observe\n");
+    let base = model(&text);
+    let seen = vec![f(
+        "web-1",
+        "db-1",
+        proto::TCP,
+        5432,
+        Seen::WouldDeny,
+        Way::Underlay,
+    )];
+    let s = suggest(&base, &seen, &Options::at(NOW));
+    assert_eq!(s.rules.len(), 1, "{s:?}");
+    assert!(s.underlay.is_empty(), "{:?}", s.underlay);
+    assert_eq!(s.rules[0].ports, ["tcp/5432"]);
+}
