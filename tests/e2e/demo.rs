@@ -40,4 +40,28 @@ fn the_demo_matches_the_policy_and_cleans_up() {
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains(&format!("{bad}:5:")), "{}", r.stderr);
     assert_eq!(namespaces(), before);
+
+    // In the same test: the demos count the machine's namespaces, so they must not overlap.
+    the_journey_demo_ends_with_exactly_what_was_used(before);
+}
+
+/// `bulkhead demo --journey --check`: observe, suggest, replay, enforce on the demo's lab;
+/// exit 0 only if, after enforcing the suggestion, exactly what the applications used gets
+/// through on the servers' own addresses.
+fn the_journey_demo_ends_with_exactly_what_was_used(before: usize) {
+    let r = run("bulkhead", &["demo", "--journey", "--check", "-o", "json"]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let j = r.json();
+    assert_eq!(j["matched"], true);
+    let probes = j["probes"].as_array().expect("probes");
+    let allowed = probes.iter().filter(|p| p["network"] == "allow").count();
+    assert!((5..probes.len()).contains(&allowed), "{allowed} allowed");
+    for step in [
+        "step 2 of 5, suggest",
+        "nothing observed would be denied",
+        "step 5 of 5",
+    ] {
+        assert!(r.stderr.contains(step), "{}", r.stderr);
+    }
+    assert_eq!(namespaces(), before, "the demo removes its namespaces");
 }

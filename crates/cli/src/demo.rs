@@ -21,6 +21,8 @@ use serde::Serialize;
 use crate::output::{Format, Outcome, columns, emit};
 
 /// The default policy: the three-tier example, built in so the demo runs from anywhere.
+mod journey;
+
 const EXAMPLE: &str = include_str!("../../../deploy/examples/three-tier.yaml");
 const CONTROLLER: &str = "198.18.0.1";
 
@@ -262,8 +264,20 @@ impl Demo {
 }
 
 /// `bulkhead demo [--check] [--policy FILE]`.
-pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<Outcome> {
+pub fn demo(
+    check: bool,
+    policy: Option<&Path>,
+    journey: bool,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
     install_ip_tools();
+    if journey {
+        bulkhead_netlab::available().map_err(|e| {
+            anyhow!("the demo needs root, `ip netns` (iproute2) and /dev/net/tun: {e}")
+        })?;
+        catch_signals()?;
+        return journey::run(check, fmt);
+    }
     bulkhead_netlab::available()
         .map_err(|e| anyhow!("the demo needs root, `ip netns` (iproute2) and /dev/net/tun: {e}"))?;
     let (text, source) = match policy {
@@ -299,112 +313,8 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
         .into_iter()
         .filter(|p| p.proto != proto::ICMP || has_ping)
         .collect();
-    let (me, controller, daemon) = binaries()?;
-    catch_signals()?;
-
-    eprintln!(
-        "demo: {} namespaces: a controller and {} daemons",
-        ids.len() + 1,
-        ids.len()
-    );
-    let mut names = vec!["ctl"];
-    names.extend(ids.iter().map(String::as_str));
-    let lab = Lab::new(&names);
-    let state = lab.host("ctl").dir.join("state");
-    let policy_file = lab.host("ctl").dir.join("policy.yaml");
-    std::fs::write(&policy_file, &text)?;
-    let mut d = Demo {
-        admin: state.join("admin.yaml").display().to_string(),
-        me: me.display().to_string(),
-        lab,
-    };
-    let listen = format!("{CONTROLLER}:7443");
-    d.lab.spawn(
-        "ctl",
-        "controller",
-        &[
-            &controller.display().to_string(),
-            "--listen",
-            &listen,
-            "--state",
-            &state.display().to_string(),
-            "--policy",
-            &policy_file.display().to_string(),
-        ],
-    );
-    let up = until(Duration::from_secs(20), || {
-        Path::new(&d.admin).exists() && d.cli(&["policy", "show", "-o", "json"]).status.success()
-    })?;
-    if !up {
-        bail!(
-            "the controller did not come up:\n{}",
-            d.tail("ctl", "controller")
-        );
-    }
-    eprintln!("demo: controller up at https://{listen}; policy applied from {source}");
-
-    let tcp_ports: Vec<String> = probes
-        .iter()
-        .filter(|p| p.proto == proto::TCP)
-        .map(|p| p.port.to_string())
-        .collect();
-    for id in &ids {
-        let out = d.cli(&["token", "create", id, "--ttl", "5m"]);
-        if !out.status.success() {
-            bail!(
-                "token create {id}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let host = d.lab.host(id);
-        let (iface, st) = (host.interface.clone(), host.dir.join("state"));
-        d.lab.spawn(
-            id,
-            "bulkheadd",
-            &[
-                &daemon.display().to_string(),
-                "run",
-                "--token",
-                &token,
-                "--state",
-                &st.display().to_string(),
-                "--interface",
-                &iface,
-            ],
-        );
-        if !tcp_ports.is_empty() {
-            let me = d.me.clone();
-            d.lab.spawn(
-                id,
-                "listen",
-                &[&me, "probe", "listen", &tcp_ports.join(","), "86400"],
-            );
-        }
-    }
-    let mut addresses = std::collections::BTreeMap::new();
-    let converged = until(Duration::from_secs(30), || {
-        let out = d.cli(&["nodes", "-o", "json"]);
-        let Ok(nodes) = serde_json::from_slice::<Vec<bulkhead_proto::NodeView>>(&out.stdout) else {
-            return false;
-        };
-        addresses = nodes
-            .iter()
-            .filter_map(|n| Some((n.identity.clone(), n.address?.to_string())))
-            .collect();
-        nodes
-            .iter()
-            .filter(|n| n.online && n.revision == Some(1))
-            .count()
-            == ids.len()
-    })?;
-    if !converged {
-        let mut logs = String::new();
-        for id in &ids {
-            logs += &format!("--- {id}\n{}\n", d.tail(id, "bulkheadd"));
-        }
-        bail!("the daemons did not all enroll and apply the policy in 30 s:\n{logs}");
-    }
+    let (d, addresses) = start(&text, &ids, &probes)?;
+    eprintln!("demo: policy applied from {source}");
     eprintln!(
         "demo: {} daemons enrolled and enforcing the policy; probing every pair",
         ids.len()
@@ -475,6 +385,123 @@ pub fn demo(check: bool, policy: Option<&Path>, fmt: Format) -> anyhow::Result<O
     }
     eprintln!("demo: stopping and cleaning up");
     Ok(Outcome::ok_if(report.matched))
+}
+
+/// Starts the lab for `text`: a controller applying it and one enrolled daemon per identity
+/// in `ids`, each with listeners on the TCP ports of `probes`, and waits until every daemon
+/// enforces revision 1. Returns the lab and each identity's address.
+fn start(
+    text: &str,
+    ids: &[String],
+    probes: &[Probe],
+) -> anyhow::Result<(Demo, std::collections::BTreeMap<String, String>)> {
+    let (me, controller, daemon) = binaries()?;
+    catch_signals()?;
+
+    eprintln!(
+        "demo: {} namespaces: a controller and {} daemons",
+        ids.len() + 1,
+        ids.len()
+    );
+    let mut names = vec!["ctl"];
+    names.extend(ids.iter().map(String::as_str));
+    let lab = Lab::new(&names);
+    let state = lab.host("ctl").dir.join("state");
+    let policy_file = lab.host("ctl").dir.join("policy.yaml");
+    std::fs::write(&policy_file, text)?;
+    let mut d = Demo {
+        admin: state.join("admin.yaml").display().to_string(),
+        me: me.display().to_string(),
+        lab,
+    };
+    let listen = format!("{CONTROLLER}:7443");
+    d.lab.spawn(
+        "ctl",
+        "controller",
+        &[
+            &controller.display().to_string(),
+            "--listen",
+            &listen,
+            "--state",
+            &state.display().to_string(),
+            "--policy",
+            &policy_file.display().to_string(),
+        ],
+    );
+    let up = until(Duration::from_secs(20), || {
+        Path::new(&d.admin).exists() && d.cli(&["policy", "show", "-o", "json"]).status.success()
+    })?;
+    if !up {
+        bail!(
+            "the controller did not come up:\n{}",
+            d.tail("ctl", "controller")
+        );
+    }
+    eprintln!("demo: controller up at https://{listen}");
+
+    let tcp_ports: Vec<String> = probes
+        .iter()
+        .filter(|p| p.proto == proto::TCP)
+        .map(|p| p.port.to_string())
+        .collect();
+    for id in ids {
+        let out = d.cli(&["token", "create", id, "--ttl", "5m"]);
+        if !out.status.success() {
+            bail!(
+                "token create {id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let host = d.lab.host(id);
+        let (iface, st) = (host.interface.clone(), host.dir.join("state"));
+        d.lab.spawn(
+            id,
+            "bulkheadd",
+            &[
+                &daemon.display().to_string(),
+                "run",
+                "--token",
+                &token,
+                "--state",
+                &st.display().to_string(),
+                "--interface",
+                &iface,
+            ],
+        );
+        if !tcp_ports.is_empty() {
+            let me = d.me.clone();
+            d.lab.spawn(
+                id,
+                "listen",
+                &[&me, "probe", "listen", &tcp_ports.join(","), "86400"],
+            );
+        }
+    }
+    let mut addresses = std::collections::BTreeMap::new();
+    let converged = until(Duration::from_secs(30), || {
+        let out = d.cli(&["nodes", "-o", "json"]);
+        let Ok(nodes) = serde_json::from_slice::<Vec<bulkhead_proto::NodeView>>(&out.stdout) else {
+            return false;
+        };
+        addresses = nodes
+            .iter()
+            .filter_map(|n| Some((n.identity.clone(), n.address?.to_string())))
+            .collect();
+        nodes
+            .iter()
+            .filter(|n| n.online && n.revision == Some(1))
+            .count()
+            == ids.len()
+    })?;
+    if !converged {
+        let mut logs = String::new();
+        for id in ids {
+            logs += &format!("--- {id}\n{}\n", d.tail(id, "bulkheadd"));
+        }
+        bail!("the daemons did not all enroll and apply the policy in 30 s:\n{logs}");
+    }
+    Ok((d, addresses))
 }
 
 /// Every ordered pair on every probe, over the overlay (to overlay addresses) or the underlay

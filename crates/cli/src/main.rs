@@ -114,6 +114,10 @@ enum Command {
         /// The policy to enforce (default: the built-in deploy/examples/three-tier.yaml).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
+        /// The rollout journey instead (spec §9): the servers' own addresses, no rules, the
+        /// host firewall observing; then suggest, replay, apply, enforce, and every pair probed.
+        #[arg(long, conflicts_with = "policy")]
+        journey: bool,
     },
     /// Traffic probes run inside the demo's namespaces.
     #[command(hide = true)]
@@ -314,7 +318,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
         }
         Command::Status => online::status(&mut remote()?, fmt),
-        Command::Demo { check, policy } => demo::demo(check, policy.as_deref(), fmt),
+        Command::Demo {
+            check,
+            policy,
+            journey,
+        } => demo::demo(check, policy.as_deref(), journey, fmt),
         Command::Probe { args } => Ok(match bulkhead_netlab::probe::run(&args) {
             0 => Outcome::Ok,
             _ => Outcome::Failed,
