@@ -271,31 +271,24 @@ impl View {
         }
         // Every host firewall, when servers' addresses or the controllers changed.
         if t.underlay {
-            targets.extend(
-                self.channels
-                    .identities()
-                    .filter(|id| {
-                        self.allowlists
-                            .get(*id)
-                            .is_some_and(|l| l.underlay.is_some())
-                    })
-                    .cloned(),
-            );
+            targets.extend(self.connected_where(|l| l.underlay.is_some()));
         }
         // And identities that have a changed node as a peer.
         if !t.nodes.is_empty() {
-            targets.extend(
-                self.channels
-                    .identities()
-                    .filter(|id| {
-                        self.allowlists
-                            .get(*id)
-                            .is_some_and(|l| t.nodes.iter().any(|n| l.peer(n).is_some()))
-                    })
-                    .cloned(),
-            );
+            targets.extend(self.connected_where(|l| t.nodes.iter().any(|n| l.peer(n).is_some())));
         }
         self.push(&targets)
+    }
+
+    /// The identities with an open channel whose allowlist satisfies `f`.
+    fn connected_where<'a>(
+        &'a self,
+        f: impl Fn(&bulkhead_allowlist::Allowlist) -> bool + 'a,
+    ) -> impl Iterator<Item = String> + 'a {
+        self.channels
+            .identities()
+            .filter(move |id| self.allowlists.get(*id).is_some_and(|l| f(l)))
+            .cloned()
     }
 
     /// Makes a job's outcome live. Returns the identities whose allowlists changed, and whether

@@ -2,7 +2,7 @@
 //! `bulkhead_policy::suggest`; this is where the history and the base come from, and where the
 //! YAML and the report go.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::anyhow;
@@ -205,14 +205,12 @@ fn report(s: &Suggestion) -> String {
 }
 
 fn rule_report(what: &str, r: &Suggested) -> String {
-    let pairs: BTreeSet<(&str, &str)> = r
-        .covers
-        .iter()
-        .map(|c| (c.from.as_str(), c.to.as_str()))
-        .collect();
-    let flows: u64 = r.covers.iter().map(|c| c.count).sum();
-    let first = r.covers.iter().map(|c| c.first).min().unwrap_or(0);
-    let last = r.covers.iter().map(|c| c.last).max().unwrap_or(0);
+    let bulkhead_policy::suggest::Coverage {
+        pairs,
+        flows,
+        first,
+        last,
+    } = r.coverage();
     let mut out = format!(
         "{what} {}: {} -> {} {}\n  covers {} connection(s) of {} pair(s), {flows} flow(s), first \
          seen {}, last seen {}\n",
@@ -221,7 +219,7 @@ fn rule_report(what: &str, r: &Suggested) -> String {
         r.to.join(", "),
         r.ports.join(", "),
         r.covers.len(),
-        pairs.len(),
+        pairs,
         time(first / 1000),
         time(last / 1000)
     );

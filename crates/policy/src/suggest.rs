@@ -123,7 +123,35 @@ pub struct Suggested {
     pub unobserved: usize,
 }
 
+/// What a suggested rule covers, summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coverage {
+    /// Distinct (initiator, responder) pairs.
+    pub pairs: usize,
+    /// Flows counted.
+    pub flows: u64,
+    /// The first one, Unix milliseconds (0 if none).
+    pub first: i64,
+    /// The last one.
+    pub last: i64,
+}
+
 impl Suggested {
+    /// What it covers, summed.
+    pub fn coverage(&self) -> Coverage {
+        let pairs: BTreeSet<(&str, &str)> = self
+            .covers
+            .iter()
+            .map(|c| (c.from.as_str(), c.to.as_str()))
+            .collect();
+        Coverage {
+            pairs: pairs.len(),
+            flows: self.covers.iter().map(|c| c.count).sum(),
+            first: self.covers.iter().map(|c| c.first).min().unwrap_or(0),
+            last: self.covers.iter().map(|c| c.last).max().unwrap_or(0),
+        }
+    }
+
     /// Its ports, parsed.
     pub fn port_specs(&self) -> Vec<PortSpec> {
         self.ports
@@ -1015,18 +1043,16 @@ impl Suggestion {
 
 /// One rule or entry as YAML lines, with a comment on what it covers.
 fn item(r: &Suggested) -> Vec<String> {
-    let pairs: BTreeSet<(&str, &str)> = r
-        .covers
-        .iter()
-        .map(|c| (c.from.as_str(), c.to.as_str()))
-        .collect();
-    let flows: u64 = r.covers.iter().map(|c| c.count).sum();
-    let first = r.covers.iter().map(|c| c.first).min().unwrap_or(0);
-    let last = r.covers.iter().map(|c| c.last).max().unwrap_or(0);
+    let Coverage {
+        pairs,
+        flows,
+        first,
+        last,
+    } = r.coverage();
     let mut comment = format!(
         "# {} observed connection(s) of {} pair(s), {flows} flow(s), {} to {}",
         r.covers.len(),
-        pairs.len(),
+        pairs,
         day(first),
         day(last)
     );
