@@ -100,6 +100,7 @@ pub fn allowlist() -> Allowlist {
             address: Ipv4Addr::new(10, 0, 0, 0),
             prefix_len: 24,
         },
+        addressing: Default::default(),
         rules: vec![
             rule("allow", Action::Allow, Window::ALWAYS),
             rule("deny", Action::Deny, Window::ALWAYS),
@@ -155,6 +156,7 @@ pub fn allowlist() -> Allowlist {
                 inbound: 0,
             },
         ],
+        underlay: None,
     }
 }
 
