@@ -101,6 +101,36 @@ fn applications_use_servers_own_addresses_and_the_tunnel_carries_them() {
     // Not a peer: c's address is not drawn into the tunnel; a reaches it over the underlay.
     assert!(connect(&o.lab, "a", &c, 22), "a -> c over the underlay");
 
+    // A peer removed while a flow is live: the flow is cut, and a new connection to its
+    // address is dropped by the data plane, not sent in clear over the underlay (its route
+    // stays while the daemon runs).
+    let probe = bin("bh-probe").display().to_string();
+    o.lab.spawn("a", "hold", &[&probe, "hold", &b, "5432", "8"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut cfgs = bulkhead_e2e::standalone::configs(
+        &POLICY.replace(
+            "  - { name: app-to-db, from: [app], to: [db], ports: [tcp/5432] }\n",
+            "",
+        ),
+        &o.lab,
+        &o.keys,
+    );
+    let mut cfg = cfgs.remove("a").expect("a's config");
+    cfg.allowlist.addressing = Addressing::Underlay;
+    o.write_config("a", &cfg);
+    o.reload("a");
+    let held = o.lab.wait("a", "hold", Duration::from_secs(20));
+    assert_eq!(
+        held,
+        Some(1),
+        "the live flow is cut: {}",
+        o.lab.log("a", "hold")
+    );
+    assert!(
+        !connect(&o.lab, "a", &b, 5432),
+        "no fallback to the underlay in clear"
+    );
+
     // A clean stop removes the routing rules; the routes went with the interface.
     o.lab.signal("a", "bulkheadd", "TERM");
     let _ = o.lab.wait("a", "bulkheadd", Duration::from_secs(10));
