@@ -9,6 +9,9 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols::NETLINK_N
 
 /// How long the kernel may take to answer a batch.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long a question the daemon's loop asks in passing (does a table exist, its counters)
+/// may take: the loop also moves packets, so it gives up rather than wait.
+const QUICK: Duration = Duration::from_millis(250);
 const NLMSG_ERROR: u16 = 2;
 
 /// An open nf_tables socket. Tables created through it with the owner flag live as long as it.
@@ -37,12 +40,21 @@ impl Nftables {
     /// has answered every message, with the first error it reported, if any. The kernel
     /// applies a batch whole or not at all.
     pub async fn run(&mut self, make: impl FnOnce(u32) -> Batch) -> io::Result<()> {
+        self.run_within(ANSWER_WITHIN, make).await
+    }
+
+    /// [`Nftables::run`], giving the kernel `limit` to answer.
+    async fn run_within(
+        &mut self,
+        limit: Duration,
+        make: impl FnOnce(u32) -> Batch,
+    ) -> io::Result<()> {
         let batch = make(self.seq);
         self.seq = self.seq.wrapping_add(batch.acks.len() as u32 + 2);
         self.socket.send(&batch.bytes).await?;
         let mut waiting: std::collections::HashSet<u32> = batch.acks.iter().copied().collect();
         let mut first_error = None;
-        let answered = tokio::time::timeout(ANSWER_WITHIN, async {
+        let answered = tokio::time::timeout(limit, async {
             while !waiting.is_empty() {
                 let (datagram, _) = self.socket.recv_from_full().await?;
                 for (seq, errno) in answers(&datagram) {
@@ -68,7 +80,7 @@ impl Nftables {
 impl Nftables {
     /// Whether `table` exists.
     pub async fn exists(&mut self, table: &str) -> io::Result<bool> {
-        match self.run(|seq| encode::probe(table, seq)).await {
+        match self.run_within(QUICK, |seq| encode::probe(table, seq)).await {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(2) => Ok(false), // ENOENT
             Err(e) => Err(e),
@@ -83,7 +95,7 @@ impl Nftables {
             .send(&counters::dump_request(table, seq))
             .await?;
         let mut out = Vec::new();
-        tokio::time::timeout(ANSWER_WITHIN, async {
+        tokio::time::timeout(QUICK, async {
             loop {
                 let (datagram, _) = self.socket.recv_from_full().await?;
                 if answers(&datagram)
