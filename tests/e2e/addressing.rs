@@ -27,7 +27,7 @@ segments:
   app: { match: { tier: app } }
   db: { match: { tier: db } }
 rules:
-  - { name: app-to-db, from: [app], to: [db], ports: [tcp/5432] }
+  - { name: app-to-db, from: [app], to: [db], ports: [tcp/5432, tcp/8443] }
 ";
 
 fn connect(lab: &Lab, from: &str, addr: &str, port: u16) -> bool {
@@ -98,18 +98,32 @@ fn applications_use_servers_own_addresses_and_the_tunnel_carries_them() {
         "a -> b tcp/22 must be dropped"
     );
     assert!(connect(&o.lab, "c", &b, 22), "the underlay itself is open");
+    // A bulk transfer through the tunnel to b's own address: full-size segments, as the
+    // interface's MTU (1420) and the route through it give TCP, arrive whole.
+    let probe = bin("bh-probe").display().to_string();
+    o.lab
+        .spawn("b", "serve", &[&probe, "serve", "8443", "4000000", "60"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let fetch = o
+        .lab
+        .exec("a", &[&probe, "fetch", &b, "8443", "4000000", "30"]);
+    let said = String::from_utf8_lossy(&fetch.stdout).into_owned();
+    assert!(
+        fetch.status.success() && said.contains("4000000 bytes, intact: true"),
+        "{said}"
+    );
+
     // Not a peer: c's address is not drawn into the tunnel; a reaches it over the underlay.
     assert!(connect(&o.lab, "a", &c, 22), "a -> c over the underlay");
 
     // A peer removed while a flow is live: the flow is cut, and a new connection to its
     // address is dropped by the data plane, not sent in clear over the underlay (its route
     // stays while the daemon runs).
-    let probe = bin("bh-probe").display().to_string();
     o.lab.spawn("a", "hold", &[&probe, "hold", &b, "5432", "8"]);
     std::thread::sleep(Duration::from_millis(1500));
     let mut cfgs = bulkhead_e2e::standalone::configs(
         &POLICY.replace(
-            "  - { name: app-to-db, from: [app], to: [db], ports: [tcp/5432] }\n",
+            "  - { name: app-to-db, from: [app], to: [db], ports: [tcp/5432, tcp/8443] }\n",
             "",
         ),
         &o.lab,
