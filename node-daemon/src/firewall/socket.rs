@@ -80,7 +80,10 @@ impl Nftables {
 impl Nftables {
     /// Whether `table` exists.
     pub async fn exists(&mut self, table: &str) -> io::Result<bool> {
-        match self.run_within(QUICK, |seq| encode::probe(table, seq)).await {
+        match self
+            .run_within(QUICK, |seq| encode::probe(table, seq))
+            .await
+        {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(2) => Ok(false), // ENOENT
             Err(e) => Err(e),
