@@ -392,26 +392,11 @@ impl Daemon {
 async fn resolve_controllers(urls: &[String]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for url in urls {
-        let authority = url
-            .split_once("://")
-            .map_or(url.as_str(), |(_, r)| r)
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !authority.ends_with(']')
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:443")
+        let Some(authority) = bulkhead_proto::client::url_authority(url) else {
+            tracing::warn!(%url, "not a controller URL: the firewall cannot keep it open");
+            continue;
         };
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::lookup_host(authority.clone()),
-        )
-        .await
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(authority)).await
         {
             Ok(Ok(addrs)) => out.extend(addrs),
             Ok(Err(e)) => {

@@ -38,17 +38,10 @@ fn controllers(records: &Mirror) -> Vec<SocketAddr> {
 
 /// `https://198.18.0.1:7443/…` → `198.18.0.1:7443` (443 if no port); `None` for a host name.
 pub fn api_address(url: &str) -> Option<SocketAddr> {
-    let rest = url
-        .strip_prefix("https://")
-        .or(url.strip_prefix("http://"))?;
-    let authority = rest.split('/').next()?;
-    if let Ok(a) = authority.parse::<SocketAddr>() {
-        return Some(a);
-    }
-    authority
-        .parse::<IpAddr>()
+    let (host, port) = bulkhead_proto::client::url_authority(url)?;
+    host.parse::<IpAddr>()
         .ok()
-        .map(|ip| SocketAddr::new(ip, 443))
+        .map(|ip| SocketAddr::new(ip, port))
 }
 
 /// An address as the underlay firewall keys it: IPv4, or IPv4 mapped into IPv6.

@@ -79,6 +79,31 @@ fn transport(e: impl fmt::Display) -> ApiError {
     ApiError::Transport(e.to_string())
 }
 
+/// A controller URL's host and port (443 if it names none), any path left out:
+/// `https://h:7443/x` → `("h", 7443)`, `https://[fd00::1]` → `("fd00::1", 443)`. `None` if it
+/// is not `http(s)://`, has no host, or a port that is not a number.
+pub fn url_authority(url: &str) -> Option<(&str, u16)> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let authority = rest.split('/').next()?;
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']')?;
+            (h, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 443,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
 /// `https://HOST:PORT` split up.
 #[derive(Debug, Clone)]
 struct Target {
@@ -350,6 +375,26 @@ impl Lines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_authorities() {
+        assert_eq!(
+            url_authority("https://10.0.0.1:7443/v1"),
+            Some(("10.0.0.1", 7443))
+        );
+        assert_eq!(
+            url_authority("https://ctl.example"),
+            Some(("ctl.example", 443))
+        );
+        assert_eq!(
+            url_authority("https://[fd00::1]:7443"),
+            Some(("fd00::1", 7443))
+        );
+        assert_eq!(url_authority("https://[fd00::1]"), Some(("fd00::1", 443)));
+        assert_eq!(url_authority("ftp://x:1"), None);
+        assert_eq!(url_authority("https://:7443"), None);
+        assert_eq!(url_authority("https://h:port"), None);
+    }
 
     #[test]
     fn urls() {
