@@ -57,6 +57,11 @@ struct Cli {
     /// first. About 190 bytes each on disk: the default is about 370 MB.
     #[arg(long, default_value_t = bulkhead_controller::flows::durable::DEFAULT_MAX_ROWS, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     flow_history_max_rows: u64,
+    /// Most new aggregates one node may add to the durable flow history in an hour; past it,
+    /// its new kinds of flow are not kept until the next hour. Default: the bound spread over
+    /// the retention's hours, so that one node alone cannot push the others' history out.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    flow_history_node_rows: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
@@ -130,9 +135,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policy: cli.policy,
             advertise_url: cli.advertise_url,
             flow_history: cli.flow_history,
-            flow_limits: bulkhead_controller::flows::durable::Limits {
-                retention_secs: cli.flow_retention,
-                max_rows: cli.flow_history_max_rows,
+            flow_limits: {
+                let mut l = bulkhead_controller::flows::durable::Limits::new(
+                    cli.flow_retention,
+                    cli.flow_history_max_rows,
+                );
+                if let Some(n) = cli.flow_history_node_rows {
+                    l.node_hour_rows = n;
+                }
+                l
             },
             metrics: cli.metrics,
         })

@@ -226,7 +226,7 @@ impl Metrics {
         counter(
             &mut r,
             "bulkhead_flow_history_dropped",
-            "What the durable flow history dropped: aggregates past the retention (and flows reported from before it), the oldest hours' aggregates deleted for the bound, new aggregates refused at the bound, flows of new kinds refused in memory between two writes",
+            "What the durable flow history dropped: aggregates past the retention (and flows reported from before it), the oldest hours' aggregates deleted for the bound, new aggregates refused at the bound, flows of new kinds refused in memory between two writes, flows of new kinds from a node past its hourly share",
             None,
             durable
                 .dropped

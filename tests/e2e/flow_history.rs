@@ -19,6 +19,9 @@ const RULES: &str = "rules:
 
 /// The bound the controller restarts with, for the flood.
 const BOUND: usize = 3000;
+/// The new aggregates one node may add in an hour, for the flood: more than the bound, as the
+/// nodes of a fleet flooding together would add.
+const SHARE: usize = 4000;
 
 /// `bulkhead flows --since 1h -o json`.
 fn history(c: &Cluster) -> Vec<serde_json::Value> {
@@ -114,7 +117,14 @@ fn the_flow_history_survives_kill_9_and_keeps_to_its_bound() {
     c.start_controller(
         "controller-2",
         &policy,
-        &["--metrics", &metrics, "--flow-history-max-rows", &bound],
+        &[
+            "--metrics",
+            &metrics,
+            "--flow-history-max-rows",
+            &bound,
+            "--flow-history-node-rows",
+            &SHARE.to_string(),
+        ],
     );
     let after = history(&c);
     assert_eq!(want(&after), (5, 3), "{after:#?}");
@@ -162,7 +172,22 @@ fn the_flow_history_survives_kill_9_and_keeps_to_its_bound() {
         .count();
     // What did not fit is counted; what was there before the flood stays, unless its hour is
     // over (then it is the oldest, and goes first).
-    assert_eq!(full() as usize, 10_000 - flooded, "refused and counted");
+    // Past its share web-1's new kinds are refused (1,000 of each batch; both batches, if
+    // the hour turned between them), past the bound the file's.
+    let share = metric(
+        &c,
+        "bulkhead_flow_history_dropped_total",
+        &[("reason", "node_share")],
+    ) as usize;
+    assert!(
+        share == 10_000 - SHARE || share == 2 * (5000 - SHARE),
+        "{share}"
+    );
+    assert_eq!(
+        full() as usize + share,
+        10_000 - flooded,
+        "refused and counted"
+    );
     let hour = now.div_euclid(3_600_000) * 3600;
     let kept: Vec<serde_json::Value> = before
         .iter()

@@ -31,6 +31,16 @@
 //! refused (its flows still count in aggregates that exist). What is dropped is counted, by
 //! why ([`Dropped`]).
 //!
+//! **Each node its share.** A node's reports are its claims, and a compromised node can claim
+//! as many kinds of flow as it likes (a scan of every port, every address). Each node may add
+//! at most [`Limits::node_hour_rows`] new aggregates an hour; past that its new kinds are
+//! refused and counted (`node_share`), while its aggregates that exist keep counting. The
+//! default share is half the bound spread over the hours the file holds, so one node adding new
+//! kinds at its full share every hour fills at most half the file before its oldest hour
+//! expires: alone, it cannot push the other nodes' hours out before their time (which would
+//! erase the evidence of what it did). The share is counted in memory, by a 64-bit hash of each new kind, for the current
+//! hour; a restart gives every node a fresh share for the rest of that hour.
+//!
 //! **Each connection once.** An admitted overlay flow is reported by both ends: the initiator
 //! when its egress admits it, the responder when its ingress does (or refuses it). Only the
 //! responder's report is counted ([`counted`]): the receiver decides, and a connection the
@@ -70,14 +80,33 @@ pub struct Limits {
     pub retention_secs: i64,
     /// `--flow-history-max-rows`: most aggregates in the file.
     pub max_rows: u64,
+    /// Most new aggregates one reporting node may add in one hour ([`Limits::share`] by
+    /// default).
+    pub node_hour_rows: u64,
+}
+
+impl Limits {
+    /// Half the bound spread over the hours the file holds (the retention's and the current
+    /// one): what one node may add an hour so that, alone, it fills at most half the file
+    /// before the retention empties it.
+    pub fn share(retention_secs: i64, max_rows: u64) -> u64 {
+        let hours = u64::try_from(retention_secs / HOUR).unwrap_or(0) + 1;
+        (max_rows / (2 * hours)).max(1)
+    }
+
+    /// These limits, with the default share.
+    pub fn new(retention_secs: i64, max_rows: u64) -> Limits {
+        Limits {
+            retention_secs,
+            max_rows,
+            node_hour_rows: Limits::share(retention_secs, max_rows),
+        }
+    }
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits {
-            retention_secs: DEFAULT_RETENTION_SECS,
-            max_rows: DEFAULT_MAX_ROWS,
-        }
+        Limits::new(DEFAULT_RETENTION_SECS, DEFAULT_MAX_ROWS)
     }
 }
 
@@ -93,12 +122,15 @@ pub struct Dropped {
     /// Flows of new kinds refused in memory: more new kinds of flow arrived between two
     /// flushes than [`MAX_PENDING`].
     pub backlog: AtomicU64,
+    /// Flows of new kinds from a node that had added its share of new aggregates this hour.
+    pub node_share: AtomicU64,
 }
 
 impl Dropped {
     /// `(reason, count)` for metrics.
-    pub fn counts(&self) -> [(&'static str, u64); 4] {
+    pub fn counts(&self) -> [(&'static str, u64); 5] {
         [
+            ("node_share", self.node_share.load(Ordering::Relaxed)),
             ("retention", self.retention.load(Ordering::Relaxed)),
             ("bound", self.bound.load(Ordering::Relaxed)),
             ("full", self.full.load(Ordering::Relaxed)),
@@ -402,6 +434,8 @@ pub struct DurableHistory {
     limits: Limits,
     /// Aggregates not yet written, by key.
     pending: Mutex<BTreeMap<Vec<u8>, Tally>>,
+    /// The new kinds each node added in the current hour.
+    shares: Mutex<Shares>,
     /// Held by a flush from taking `pending` to its commit, and by a read while it takes its
     /// snapshot (`pending` and a read transaction): a read sees each flow once, in memory or
     /// on disk.
@@ -437,6 +471,7 @@ impl DurableHistory {
             db,
             limits,
             pending: Mutex::default(),
+            shares: Mutex::default(),
             writing: Mutex::default(),
             cutoff: AtomicI64::new(i64::MIN),
             rows: AtomicU64::new(rows),
@@ -460,8 +495,10 @@ impl DurableHistory {
     /// retention is not kept.
     pub fn record<'a>(&self, flows: impl IntoIterator<Item = &'a FlowView>, now_ms: i64) {
         let oldest = now_ms.saturating_sub(self.limits.retention_secs.saturating_mul(1000));
-        let (mut late, mut backlog) = (0u64, 0u64);
+        let (mut late, mut backlog, mut over) = (0u64, 0u64, 0u64);
         let mut p = lock(&self.pending);
+        let mut shares = lock(&self.shares);
+        shares.roll(hour_of(now_ms));
         for f in flows.into_iter().filter(|f| counted(f)) {
             let at = f.at.min(now_ms);
             if at < oldest {
@@ -469,6 +506,10 @@ impl DurableHistory {
                 continue;
             }
             let key = key_of(hour_of(at), f);
+            if !shares.admit(&f.node, &key, self.limits.node_hour_rows) {
+                over += 1;
+                continue;
+            }
             let full = p.len() >= MAX_PENDING;
             match p.get_mut(&key) {
                 Some(t) => t.add(Tally::one(at)),
@@ -478,9 +519,19 @@ impl DurableHistory {
                 }
             }
         }
+        let newly_over = shares.newly_over();
+        drop(shares);
         drop(p);
+        for node in newly_over {
+            tracing::warn!(
+                node = %node,
+                share = self.limits.node_hour_rows,
+                "flow history: this node reported more new kinds of flow this hour than its share; its further new kinds are not kept until the next hour"
+            );
+        }
         self.dropped.retention.fetch_add(late, Ordering::Relaxed);
         self.dropped.backlog.fetch_add(backlog, Ordering::Relaxed);
+        self.dropped.node_share.fetch_add(over, Ordering::Relaxed);
     }
 
     /// Writes what arrived since the last flush, in one transaction, with the retention and
@@ -643,6 +694,62 @@ pub fn ndjson(
     })
 }
 
+/// The new kinds of flow each reporting node added in the current hour, as 64-bit hashes of
+/// their keys: bounded by the share times the nodes that reported.
+#[derive(Debug, Default)]
+struct Shares {
+    hour: i64,
+    by_node: std::collections::HashMap<String, NodeShare>,
+    /// Nodes that went over their share since the last call to [`Shares::newly_over`].
+    over: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct NodeShare {
+    kinds: std::collections::HashSet<u64>,
+    said: bool,
+}
+
+impl Shares {
+    /// Starts a new hour's shares when the hour changed.
+    fn roll(&mut self, hour: i64) {
+        if hour != self.hour {
+            self.hour = hour;
+            self.by_node.clear();
+        }
+    }
+
+    /// Whether `node` may add to the aggregate `key`: one it added this hour, or a new one
+    /// within its share.
+    fn admit(&mut self, node: &str, key: &[u8], share: u64) -> bool {
+        use std::hash::BuildHasher;
+        // Keys are the node's own words: a fixed, unkeyed hash would let it choose collisions.
+        static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let h = SEED.get_or_init(Default::default).hash_one(key);
+        let s = match self.by_node.get_mut(node) {
+            Some(s) => s,
+            None => self.by_node.entry(node.to_string()).or_default(),
+        };
+        if s.kinds.contains(&h) {
+            return true;
+        }
+        if (s.kinds.len() as u64) < share {
+            s.kinds.insert(h);
+            return true;
+        }
+        if !s.said {
+            s.said = true;
+            self.over.push(node.to_string());
+        }
+        false
+    }
+
+    fn newly_over(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.over)
+    }
+}
+
 /// Deletes the oldest hours, whole, until `room` more rows fit within `max`, but only hours
 /// before `before`. Returns how many rows went.
 fn evict(
@@ -767,7 +874,49 @@ mod tests {
         Limits {
             retention_secs: 30 * 86_400,
             max_rows,
+            node_hour_rows: u64::MAX,
         }
+    }
+
+    /// The attack: a compromised node reports a flood of distinct flows (a scan of every
+    /// port) to push the other nodes' history out of the file. It gets its share of new
+    /// aggregates an hour, no more; the others' hours stay, and their flows keep counting.
+    #[test]
+    fn one_node_cannot_push_the_others_history_out() {
+        let d = Dir::new("share");
+        // 10 hours' retention (11 hours in the file), 220 rows: a share of 10 new aggregates a
+        // node an hour.
+        let l = Limits::new(10 * 3600, 220);
+        assert_eq!(l.node_hour_rows, 10);
+        let h = d.open(l);
+        let witness = |at: i64| FlowView {
+            node: "web-1".into(),
+            dst: "web-1".into(),
+            ..flow(at, 443, Verdict::Deny)
+        };
+        // Every hour of the retention, the attacker (db-1) reports 1,000 new kinds, and an
+        // honest node one.
+        for hour in 0..=10 {
+            let now = T0 + hour * H + 1000;
+            let scan: Vec<FlowView> = (0..1000).map(|p| flow(now, p, Verdict::Deny)).collect();
+            h.record(&scan, now);
+            h.record(&[witness(now)], now);
+            h.flush(now).unwrap();
+        }
+        let now = T0 + 10 * H + 2000;
+        let a = all(&h, now);
+        let from = |n: &str| a.iter().filter(|x| x.dst == n).count();
+        assert_eq!(from("db-1"), 11 * 10, "the attacker's share: 10 an hour");
+        assert_eq!(from("web-1"), 11);
+        assert!(
+            a.iter().any(|x| x.dst == "web-1" && x.hour * 1000 == T0),
+            "the oldest hour of the honest node went"
+        );
+        assert_eq!(h.dropped.node_share.load(Ordering::Relaxed), 11 * 990);
+        assert_eq!(h.dropped.bound.load(Ordering::Relaxed), 0);
+        // What it added this hour still counts.
+        h.record(&[flow(now, 0, Verdict::Deny)], now);
+        assert_eq!(h.dropped.node_share.load(Ordering::Relaxed), 11 * 990);
     }
 
     #[test]
@@ -886,6 +1035,7 @@ mod tests {
         let l = Limits {
             retention_secs: 2 * 3600,
             max_rows: 100,
+            node_hour_rows: u64::MAX,
         };
         let h = d.open(l);
         let now = T0 + 10;
@@ -959,7 +1109,10 @@ mod tests {
     #[test]
     fn memory_between_flushes_is_bounded() {
         let d = Dir::new("backlog");
-        let h = d.open(Limits::default());
+        let h = d.open(Limits {
+            node_hour_rows: u64::MAX,
+            ..Limits::default()
+        });
         let now = T0 + 10;
         let flows: Vec<_> = (0..=MAX_PENDING)
             .map(|i| {
