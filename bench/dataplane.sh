@@ -1,10 +1,25 @@
 #!/usr/bin/env bash
-# Data-plane benchmark: iperf3 TCP throughput and ping RTT between two network namespaces, in one
-# run, over: the raw veth, wireguard-go (Debian), boringtun-cli (crates.io), nebula (Debian), and
-# bulkheadd with a realistic allowlist, with and without its filter (a benchmark-only build).
+# Data-plane benchmark: iperf3 TCP throughput (1 and 4 streams), retransmits, CPU per GB and ping
+# RTT between two network namespaces on a veth, in one run, over:
+#   raw            the veth itself
+#   wg-go-2022     wireguard-go of the machine's own Debian (12: 0.0.20220316)
+#   wg-go          Debian 13's wireguard-go (0.0.20231211: TUN offloads, UDP GSO/GRO)
+#   nebula         Debian 13's nebula (1.9)
+#   boringtun-cli  boringtun's own daemon (crates.io), the library bulkheadd is built on
+#   bulkheadd      with a realistic allowlist (200 identities, 300 rules)
+#   unfiltered     bulkheadd without its filter (a benchmark-only build): what the filter costs
+#   baseline       another bulkheadd binary, BASELINE=path (an earlier commit's build): before
+#                  and after a change, in the same run
+# Runs are interleaved (every tunnel once per round, RUNS rounds), so that the machine's drift
+# falls on all alike; the report gives medians.
 #
-#   bench/dataplane.sh                 # RUNS=3 runs of SECS=5 seconds per tunnel
-#   RUNS=5 SECS=10 bench/dataplane.sh
+#   bench/dataplane.sh                                  # RUNS=3 rounds, SECS=5 s per iperf3
+#   RUNS=5 SECS=10 STREAMS="1 4" bench/dataplane.sh
+#   TUNNELS="wg-go bulkheadd" bench/dataplane.sh
+#
+# Debian 13's packages come from a second, private apt source list for the `trixie` suite, on
+# the same archive as the machine's own apt sources (the URI is read from them), with apt's
+# state kept under target/bench-tools/apt: the machine's own apt configuration is not touched.
 #
 # Needs root. Installs what it needs. Traffic stays inside the two namespaces it creates, on
 # 198.18.1.0/24 (RFC 2544's benchmark range), and everything is removed on exit.
@@ -12,14 +27,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
-# Which tunnels to measure; the report covers those measured.
-TUNNELS=${TUNNELS:-"raw wireguard-go boringtun-cli nebula bulkheadd unfiltered"}
+STREAMS=${STREAMS:-"1 4"}
+TUNNELS=${TUNNELS:-"raw wg-go-2022 wg-go nebula boringtun-cli bulkheadd unfiltered"}
 want() { [[ " $TUNNELS " == *" $1 "* ]]; }
 TOOLS=$PWD/target/bench-tools
 WORK=$(mktemp -d /tmp/bulkhead-bench.XXXXXX)
 A=bhbA$$
 B=bhbB$$
 PIDS=()
+RESULTS=$WORK/results
 
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -27,7 +43,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   ip netns del "$A" 2>/dev/null || true
   ip netns del "$B" 2>/dev/null || true
-  rm -f /var/run/wireguard/{wgA,wgB,btA,btB,bhA,bhB}$$.sock
+  rm -f /var/run/wireguard/*$$.sock
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -36,22 +52,69 @@ log() { printf '%s\n' "$*" >&2; }
 
 # --- tools -------------------------------------------------------------------------------------
 need=()
-for pair in iperf3:iperf3 wireguard-go:wireguard-go nebula:nebula nebula-cert:nebula wg:wireguard-tools \
-            ping:iputils-ping ip:iproute2; do
+for pair in iperf3:iperf3 wg:wireguard-tools ping:iputils-ping ip:iproute2 nstat:iproute2; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
+if want wg-go-2022 && ! command -v wireguard-go >/dev/null; then need+=(wireguard-go); fi
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
-if [ ! -x "$TOOLS/bin/boringtun-cli" ]; then
+
+# The URI of the archive that the machine's apt sources use for its own release.
+archive_uri() {
+  local codename
+  # shellcheck disable=SC1091
+  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  {
+    cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
+      awk -v c="$codename" '/^URIs:/ { u = $2 } /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == c) print u }'
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | sed 's/\[[^]]*\]//' |
+      awk -v c="$codename" '$1 == "deb" && $3 == c { print $2 }'
+  } | head -n 1 || true
+}
+
+# Debian 13's wireguard-go and nebula, unpacked under $TOOLS/trixie.
+trixie() {
+  local apt=$TOOLS/apt uri
+  [ -x "$TOOLS/trixie/usr/bin/wireguard-go" ] && [ -x "$TOOLS/trixie/usr/bin/nebula" ] && return
+  # The archive the machine's own sources use for its own Debian release (deb822 or one-line
+  # format), never a host written here.
+  uri=$(archive_uri)
+  [ -n "$uri" ] || { log "no Debian archive in the machine's apt sources"; exit 1; }
+  log "fetching Debian 13's wireguard-go and nebula from $uri (suite trixie)"
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$TOOLS/trixie"
+  cat >"$apt/trixie.sources" <<EOF
+Types: deb
+URIs: $uri
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  local o=(-o "Dir::Etc::SourceList=$apt/trixie.sources" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o Dir::State::Status=/dev/null
+    -o APT::Sandbox::User=root)
+  apt-get "${o[@]}" update -qq >&2
+  (cd "$apt" && rm -f ./*.deb && apt-get "${o[@]}" download wireguard-go nebula >&2)
+  for d in "$apt"/*.deb; do
+    dpkg-deb -x "$d" "$TOOLS/trixie"
+    log "  $(dpkg-deb -f "$d" Package) $(dpkg-deb -f "$d" Version)"
+  done
+}
+if want wg-go || want nebula; then trixie; fi
+WG_GO_13=$TOOLS/trixie/usr/bin/wireguard-go
+NEBULA=$TOOLS/trixie/usr/bin/nebula
+NEBULA_CERT=$TOOLS/trixie/usr/bin/nebula-cert
+if want boringtun-cli && [ ! -x "$TOOLS/bin/boringtun-cli" ]; then
   log "installing boringtun-cli from crates.io into $TOOLS"
   cargo install --quiet --locked boringtun-cli --root "$TOOLS" >&2
 fi
 log "building bulkheadd (release), with and without the filter"
 cargo build --quiet --release -p bulkhead-node -p bulkhead-cli >&2
-cargo build --quiet --release -p bulkhead-node --features bulkhead-dataplane/unfiltered \
-  --target-dir target/bench-unfiltered >&2
+if want unfiltered; then
+  cargo build --quiet --release -p bulkhead-node --features bulkhead-dataplane/unfiltered \
+    --target-dir target/bench-unfiltered >&2
+fi
 BULKHEAD=$PWD/target/release/bulkhead
 BULKHEADD=${BULKHEADD:-$PWD/target/release/bulkheadd}
 BULKHEADD_UNFILTERED=$PWD/target/bench-unfiltered/release/bulkheadd
@@ -71,43 +134,68 @@ inB() { ip netns exec "$B" "$@"; }
 # and stop_daemons really stops it.
 bg() { local ns=$1; shift; ip netns exec "$ns" "$@" >>"$WORK/daemons.log" 2>&1 & PIDS+=($!); }
 
-# One iperf3 run to $1: prints bits per second.
-one_run() {
-  inB timeout $((SECS + 15)) iperf3 -s -1 >/dev/null 2>&1 &
-  local srv=$!
-  sleep 0.3
-  inA timeout $((SECS + 10)) iperf3 -c "$1" -t "$SECS" -J 2>/dev/null |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0
-  wait "$srv" 2>/dev/null || true
+# CPU seconds (user + system) a process has used so far.
+cpu_of() {
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
-
+cpu_total() { local t=0 p; for p in "${PIDS[@]}"; do t=$(python3 -c "print($t + $(cpu_of "$p"))"); done; echo "$t"; }
+# UDP receive-buffer drops in both namespaces so far.
+rcvbuf() { echo $(( $(inA nstat -az UdpRcvbufErrors | awk '/UdpRcvbufErrors/ { print $2 }') + $(inB nstat -az UdpRcvbufErrors | awk '/UdpRcvbufErrors/ { print $2 }') )); }
+# Packets dropped by the tunnel interfaces (rx + tx) in both namespaces so far: $1 = a name
+# pattern.
+tundrops() {
+  local n=0 ns
+  for ns in "$A" "$B"; do
+    n=$((n + $(ip -n "$ns" -s -j link show 2>/dev/null | python3 -c '
+import json, sys, re
+pat = re.compile(sys.argv[1])
+print(sum(l["stats64"]["rx"]["dropped"] + l["stats64"]["tx"]["dropped"]
+          for l in json.load(sys.stdin) if pat.fullmatch(l["ifname"])))' "$1")))
+  done
+  echo "$n"
+}
 # Average ping RTT to $1 in ms.
 rtt() {
   inA ping -q -c 20 -i 0.05 -W 1 "$1" 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p'
 }
 
-# Prints "median_gbps rtt_ms runs..." from an RTT and bits-per-second runs.
-summarize() {
-  python3 - "$@" <<'EOF'
-import statistics, sys
-rtt = sys.argv[1] or "nan"
-runs = [float(x) / 1e9 for x in sys.argv[2:]]
-print(f"{statistics.median(runs):.3f} {rtt} {' '.join(f'{r:.3f}' for r in runs)}")
-EOF
-}
-
-# Runs iperf3 RUNS times to $1, prints "median_gbps rtt_ms runs...".
+# One measurement of the tunnel $1 to address $2, interface pattern $3: an RTT, then iperf3 with
+# each number of streams. Appends "tunnel streams gbps retransmits cpu_s_per_gb rtt_ms
+# rcvbuf_errors tun_drops" lines to $RESULTS.
 measure() {
-  local results=() i
-  for ((i = 0; i < RUNS; i++)); do results+=("$(one_run "$1")"); done
-  summarize "$(rtt "$1")" "${results[@]}"
+  local name=$1 to=$2 ifpat=$3 n r c0 c1 q0 q1 d0 d1 json
+  r=$(rtt "$to"); r=${r:-nan}
+  for n in $STREAMS; do
+    inB timeout $((SECS + 15)) iperf3 -s -1 >/dev/null 2>&1 &
+    local srv=$!
+    sleep 0.3
+    c0=$(cpu_total); q0=$(rcvbuf); d0=$(tundrops "$ifpat")
+    json=$(inA timeout $((SECS + 10)) iperf3 -c "$to" -P "$n" -t "$SECS" -J 2>/dev/null || true)
+    c1=$(cpu_total); q1=$(rcvbuf); d1=$(tundrops "$ifpat")
+    wait "$srv" 2>/dev/null || true
+    python3 -c '
+import json, sys
+name, n, rtt, c0, c1, q, d = sys.argv[1:8]
+try:
+    e = json.loads(sys.stdin.read())["end"]
+    bps, byts = e["sum_received"]["bits_per_second"], e["sum_received"]["bytes"]
+    retr = e["sum_sent"].get("retransmits", 0)
+except Exception:
+    bps, byts, retr = 0.0, 0, 0
+cpu = (float(c1) - float(c0)) / (byts / 1e9) if byts else float("nan")
+print(name, n, f"{bps / 1e9:.3f}", retr, f"{cpu:.2f}", rtt, q, d)' \
+      "$name" "$n" "$r" "$c0" "$c1" $((q1 - q0)) $((d1 - d0)) <<<"$json" | tee -a "$RESULTS" >&2
+  done
 }
 
-declare -A RESULT
-record() { RESULT[$1]=$2; log "$1: median Gbit/s, RTT ms, runs: $2"; }
-
-# --- raw veth ----------------------------------------------------------------------------------
-if want raw; then record "raw veth" "$(measure 198.18.1.2)"; fi
+stop_daemons() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  PIDS=()
+}
 
 # --- wg-compatible userspace implementations, configured with wg(8) ----------------------------
 wg_pair() { # $1 = interface prefix, $2 = UDP port, $3.. = command that starts a daemon for an interface
@@ -129,38 +217,18 @@ wg_pair() { # $1 = interface prefix, $2 = UDP port, $3.. = command that starts a
   inA ip addr add 10.99.0.1/24 dev "${pre}A$$"; inA ip link set "${pre}A$$" mtu 1420 up
   inB ip addr add 10.99.0.2/24 dev "${pre}B$$"; inB ip link set "${pre}B$$" mtu 1420 up
 }
-stop_daemons() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for _ in $(seq 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$p" 2>/dev/null || true
-  done
-  PIDS=()
-}
-
-if want wireguard-go; then
-  wg_pair wg 51820 env WG_PROCESS_FOREGROUND=1 wireguard-go -f
-  record "wireguard-go" "$(measure 10.99.0.2)"
-  stop_daemons
-fi
-
-if want boringtun-cli; then
-  wg_pair bt 51821 "$TOOLS/bin/boringtun-cli" -f --disable-drop-privileges
-  record "boringtun-cli" "$(measure 10.99.0.2)"
-  stop_daemons
-fi
 
 # --- nebula ------------------------------------------------------------------------------------
-(
-  cd "$WORK"
-  nebula-cert ca -name bench >/dev/null
-  nebula-cert sign -name a -ip 10.98.0.1/24 >/dev/null
-  nebula-cert sign -name b -ip 10.98.0.2/24 >/dev/null
-  for h in a b; do
-    other=$([ $h = a ] && echo b || echo a)
-    oip=$([ $h = a ] && echo 198.18.1.2 || echo 198.18.1.1)
-    oov=$([ $h = a ] && echo 10.98.0.2 || echo 10.98.0.1)
-    cat >"$h.yml" <<EOF
+nebula_config() {
+  (
+    cd "$WORK"
+    "$NEBULA_CERT" ca -name bench >/dev/null
+    "$NEBULA_CERT" sign -name a -ip 10.98.0.1/24 >/dev/null
+    "$NEBULA_CERT" sign -name b -ip 10.98.0.2/24 >/dev/null
+    for h in a b; do
+      oip=$([ $h = a ] && echo 198.18.1.2 || echo 198.18.1.1)
+      oov=$([ $h = a ] && echo 10.98.0.2 || echo 10.98.0.1)
+      cat >"$h.yml" <<EOF
 pki: { ca: $WORK/ca.crt, cert: $WORK/$h.crt, key: $WORK/$h.key }
 static_host_map: { "$oov": ["$oip:4242"] }
 lighthouse: { am_lighthouse: false, hosts: [] }
@@ -172,16 +240,10 @@ firewall:
   outbound: [ { port: any, proto: any, host: any } ]
   inbound: [ { port: any, proto: any, host: any } ]
 EOF
-    : "$other"
-  done
-)
-if want nebula; then
-  bg "$A" nebula -config "$WORK/a.yml"
-  bg "$B" nebula -config "$WORK/b.yml"
-  sleep 1.5
-  record "nebula" "$(measure 10.98.0.2)"
-  stop_daemons
-fi
+    done
+  )
+}
+if want nebula; then nebula_config; fi
 
 # --- bulkheadd ---------------------------------------------------------------------------------
 # A realistic allowlist: a and b among 200 identities and 300 rules, a -> b on iperf3's port.
@@ -206,7 +268,6 @@ for r in range(296):
              f"ports: [tcp/{random.randrange(1, 60000)}, udp/{random.randrange(1, 60000)}] }}")
 open(sys.argv[1], "w").write("\n".join(y) + "\n")
 EOF
-"$BULKHEAD" policy check "$WORK/policy.yaml" >&2
 bulkhead_pair() { # $1 = bulkheadd binary
   local bin=$1
   for h in a b; do
@@ -227,42 +288,74 @@ EOF
   bg "$B" "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
   sleep 1
 }
-# With and without the filter, interleaved run by run, so that the machine's drift (large here)
-# falls on both alike.
-filtered=() unfiltered=() rtt_f="" rtt_u=""
-for ((i = 0; i < RUNS; i++)); do
-  if want bulkheadd; then
-    bulkhead_pair "$BULKHEADD"
-    filtered+=("$(one_run 10.97.0.2)")
-    [ -n "$rtt_f" ] || rtt_f=$(rtt 10.97.0.2)
-    stop_daemons
-  fi
-  if want unfiltered; then
-    bulkhead_pair "$BULKHEADD_UNFILTERED"
-    unfiltered+=("$(one_run 10.97.0.2)")
-    [ -n "$rtt_u" ] || rtt_u=$(rtt 10.97.0.2)
-    stop_daemons
-  fi
+
+"$BULKHEAD" policy check "$WORK/policy.yaml" >&2
+
+# --- the rounds --------------------------------------------------------------------------------
+one() { # $1 = tunnel
+  case $1 in
+    raw) measure raw 198.18.1.2 'va.*|vb.*' ;;
+    wg-go-2022)
+      wg_pair wo 51820 env WG_PROCESS_FOREGROUND=1 wireguard-go -f
+      measure wg-go-2022 10.99.0.2 'wo.*' ;;
+    wg-go)
+      wg_pair wn 51820 env WG_PROCESS_FOREGROUND=1 "$WG_GO_13" -f
+      measure wg-go 10.99.0.2 'wn.*' ;;
+    boringtun-cli)
+      wg_pair bt 51821 "$TOOLS/bin/boringtun-cli" -f --disable-drop-privileges
+      measure boringtun-cli 10.99.0.2 'bt.*' ;;
+    nebula)
+      bg "$A" "$NEBULA" -config "$WORK/a.yml"
+      bg "$B" "$NEBULA" -config "$WORK/b.yml"
+      sleep 1.5
+      measure nebula 10.98.0.2 'neb.*' ;;
+    bulkheadd)
+      bulkhead_pair "$BULKHEADD"
+      measure bulkheadd 10.97.0.2 'bh.*' ;;
+    unfiltered)
+      bulkhead_pair "$BULKHEADD_UNFILTERED"
+      measure unfiltered 10.97.0.2 'bh.*' ;;
+    baseline)
+      bulkhead_pair "${BASELINE:?BASELINE=path of the bulkheadd to compare with}"
+      measure baseline 10.97.0.2 'bh.*' ;;
+  esac
+  stop_daemons
+}
+: >"$RESULTS"
+for ((i = 1; i <= RUNS; i++)); do
+  log "round $i of $RUNS"
+  for t in $TUNNELS; do one "$t"; done
 done
-if want bulkheadd; then record "bulkheadd" "$(summarize "$rtt_f" "${filtered[@]}")"; fi
-if want unfiltered; then record "bulkheadd, no filter" "$(summarize "$rtt_u" "${unfiltered[@]}")"; fi
 
 # --- report ------------------------------------------------------------------------------------
-{
-  echo "iperf3 TCP, $RUNS runs of ${SECS}s; ping RTT average of 20; $(nproc) cores; $(date -u +%FT%TZ)"
-  printf '%-22s %12s %9s   %s\n' tunnel "median Gb/s" "RTT ms" "runs (Gb/s)"
-  for k in "raw veth" wireguard-go boringtun-cli nebula bulkheadd "bulkheadd, no filter"; do
-    [ -n "${RESULT[$k]:-}" ] || continue
-    read -r med rtt runs <<<"${RESULT[$k]}"
-    printf '%-22s %12s %9s   %s\n' "$k" "$med" "$rtt" "$runs"
-  done
-  python3 - "${RESULT[wireguard-go]:-0}" "${RESULT[boringtun-cli]:-0}" "${RESULT[nebula]:-0}" \
-    "${RESULT[bulkheadd]:-0}" "${RESULT[bulkheadd, no filter]:-0}" <<'EOF'
-import sys
-med = lambda s: float(s.split()[0])
-wg, bt, neb, bh, raw = (med(x) for x in sys.argv[1:])
-best = max(wg, bt, neb)
-print(f"bulkheadd / best userspace peer: {bh / best:.2f}x" if best else "no peer measured")
-print(f"filter cost: {100 * (1 - bh / raw):.1f}% of unfiltered throughput" if raw else "")
+python3 - "$RESULTS" "$RUNS" "$SECS" "$(nproc)" "$TUNNELS" <<'EOF'
+import statistics, sys, datetime
+path, runs, secs, cores, order = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5].split()
+rows = {}
+for line in open(path):
+    t, n, gbps, retr, cpu, rtt, q, d = line.split()
+    rows.setdefault((t, int(n)), []).append((float(gbps), int(retr), float(cpu), float(rtt), int(q), int(d)))
+med = lambda xs: statistics.median(xs) if xs else float("nan")
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+print(f"iperf3 TCP, {runs} interleaved rounds of {secs}s per tunnel and stream count; medians; {cores} cores; {now}")
+print(f"{'tunnel':<14} {'streams':>7} {'Gbit/s':>7} {'retrans':>8} {'CPU s/GB':>9} {'RTT ms':>7} {'rcvbuf':>7} {'tundrop':>8}   runs (Gbit/s)")
+m = {}
+for t in order:
+    for n in sorted({k[1] for k in rows if k[0] == t}):
+        r = rows[(t, n)]
+        g = med([x[0] for x in r]); m[(t, n)] = g
+        cpu = med([x[2] for x in r])
+        print(f"{t:<14} {n:>7} {g:>7.3f} {med([x[1] for x in r]):>8.0f} {cpu:>9.2f} {med([x[3] for x in r]):>7.3f} "
+              f"{sum(x[4] for x in r):>7} {sum(x[5] for x in r):>8}   {' '.join(f'{x[0]:.3f}' for x in r)}")
+print("CPU s/GB: both ends' daemons, user + system, per GB received. rcvbuf: nstat UdpRcvbufErrors,")
+print("tundrop: the tunnel interfaces' rx + tx drops, both summed over the runs.")
+for n in sorted({k[1] for k in m}):
+    bh = m.get(("bulkheadd", n))
+    if not bh:
+        continue
+    for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "raw"):
+        if m.get((peer, n)):
+            print(f"{n} stream(s): bulkheadd / {peer} = {bh / m[(peer, n)]:.2f}x")
+    if m.get(("unfiltered", n)):
+        print(f"{n} stream(s): filter cost = {100 * (1 - bh / m[('unfiltered', n)]):.1f}% of unfiltered throughput")
 EOF
-}

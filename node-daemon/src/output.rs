@@ -16,14 +16,41 @@ use crate::udp::Udp;
 /// batch measured faster than writing each packet as it comes. Buffers are reused from batch to
 /// batch, so the packet path does not allocate once warm.
 pub(crate) struct Out {
-    net: Vec<(SocketAddr, Vec<u8>)>,
-    net_len: usize,
+    /// Datagrams, in runs that each go out as one send: reused from batch to batch.
+    runs: Vec<Run>,
+    runs_len: usize,
+    /// Most datagrams one send may carry, as the socket said at the last flush.
+    max_segments: usize,
     tun: Vec<Vec<u8>>,
     tun_len: usize,
     gro: tun_rs::GROTable,
-    gso: Vec<u8>,
     /// Flow starts and denials, until the link ships them.
     pub(crate) flows: Arc<Mutex<FlowLog>>,
+}
+
+/// Datagrams to one destination, all of one size but the last, which may be shorter: one GSO
+/// send. Each datagram is written here once, as the core hands it over, and sent from here.
+struct Run {
+    to: SocketAddr,
+    size: usize,
+    count: usize,
+    /// A shorter datagram ended it.
+    closed: bool,
+    buf: Vec<u8>,
+}
+
+/// Most bytes of one GSO send (a UDP datagram's payload is at most 65,507 bytes).
+const GSO_BYTES: usize = 65_000;
+
+impl Run {
+    /// Whether `d` to `to` can go at the end of this run.
+    fn takes(&self, to: SocketAddr, d: &[u8], max_segments: usize) -> bool {
+        self.to == to
+            && !self.closed
+            && d.len() <= self.size
+            && self.count < max_segments
+            && self.buf.len() + d.len() <= GSO_BYTES
+    }
 }
 
 /// The virtio-net header every TUN read and write carries with offloads on.
@@ -45,12 +72,12 @@ fn stash(pool: &mut Vec<Vec<u8>>, len: &mut usize, headroom: usize, data: &[u8])
 impl Out {
     pub(crate) fn new(flows: Arc<Mutex<FlowLog>>) -> Out {
         Out {
-            net: Vec::new(),
-            net_len: 0,
+            runs: Vec::new(),
+            runs_len: 0,
+            max_segments: 1,
             tun: Vec::new(),
             tun_len: 0,
             gro: tun_rs::GROTable::default(),
-            gso: Vec::new(),
             flows,
         }
     }
@@ -63,30 +90,13 @@ impl Out {
         tun: &tun_rs::AsyncDevice,
         faults: &mut Faults,
     ) {
-        // Runs of datagrams to one destination, all of one size but the last, go out as one
-        // GSO send: one system call for up to `max_segments` datagrams.
-        let mut i = 0;
-        while i < self.net_len {
-            let (to, size) = (self.net[i].0, self.net[i].1.len());
-            let mut j = i + 1;
-            while j < self.net_len
-                && j - i < udp.max_segments()
-                && self.net[j].0 == to
-                && self.net[j - 1].1.len() == size
-                && self.net[j].1.len() <= size
-                && (j - i + 1) * size <= 65000
-            {
-                j += 1;
-            }
-            self.gso.clear();
-            for (_, d) in &self.net[i..j] {
-                self.gso.extend_from_slice(d);
-            }
-            let segment_size = (j - i > 1).then_some(size);
-            if let Err(e) = udp.send(to, &self.gso, segment_size).await {
+        // Each run of datagrams to one destination goes out as one GSO send: one system call
+        // for up to `max_segments` datagrams.
+        for r in &self.runs[..self.runs_len] {
+            let segment_size = (r.count > 1).then_some(r.size);
+            if let Err(e) = udp.send(r.to, &r.buf, segment_size).await {
                 faults.record(Op::UdpSend, &e, Instant::now());
             }
-            i = j;
         }
         if self.tun_len > 0
             && let Err(e) = tun
@@ -95,21 +105,36 @@ impl Out {
         {
             faults.record(Op::TunWrite, &e, Instant::now());
         }
-        self.net_len = 0;
+        self.runs_len = 0;
         self.tun_len = 0;
+        self.max_segments = udp.max_segments();
     }
 }
 
 impl Sink for Out {
     fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
-        if self.net_len == self.net.len() {
-            self.net.push((to, Vec::with_capacity(2048)));
+        if let Some(r) = self.runs[..self.runs_len].last_mut()
+            && r.takes(to, d, self.max_segments)
+        {
+            r.closed = d.len() < r.size;
+            r.count += 1;
+            r.buf.extend_from_slice(d);
+            return;
         }
-        let slot = &mut self.net[self.net_len];
-        slot.0 = to;
-        slot.1.clear();
-        slot.1.extend_from_slice(d);
-        self.net_len += 1;
+        if self.runs_len == self.runs.len() {
+            self.runs.push(Run {
+                to,
+                size: 0,
+                count: 0,
+                closed: false,
+                buf: Vec::with_capacity(GSO_BYTES),
+            });
+        }
+        let r = &mut self.runs[self.runs_len];
+        (r.to, r.size, r.count, r.closed) = (to, d.len(), 1, false);
+        r.buf.clear();
+        r.buf.extend_from_slice(d);
+        self.runs_len += 1;
     }
 
     fn to_tun(&mut self, p: &[u8]) {
@@ -160,5 +185,59 @@ impl Sink for Out {
                 ..
             } => tracing::debug!(egress, reason = reason.reason(), ?key, peer, "drop"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runs(out: &Out) -> Vec<(u16, usize, usize)> {
+        out.runs[..out.runs_len]
+            .iter()
+            .map(|r| (r.to.port(), r.size, r.count))
+            .collect()
+    }
+
+    /// Datagrams go into GSO runs as they come: one run per destination and size, a shorter
+    /// datagram ends its run, and a run holds at most what one send may carry.
+    #[test]
+    fn datagrams_are_written_once_into_the_runs_they_go_out_in() {
+        let mut out = Out::new(Arc::default());
+        out.max_segments = 3;
+        let a = SocketAddr::from(([10, 0, 0, 1], 1));
+        let b = SocketAddr::from(([10, 0, 0, 2], 2));
+        for _ in 0..4 {
+            out.to_network(a, &[1; 100]);
+        }
+        out.to_network(a, &[2; 40]);
+        out.to_network(a, &[3; 40]);
+        out.to_network(b, &[4; 100]);
+        out.to_network(a, &[5; 100]);
+        out.to_network(a, &[6; 120]);
+        assert_eq!(
+            runs(&out),
+            [
+                (1, 100, 3),
+                (1, 100, 2),
+                (1, 40, 1),
+                (2, 100, 1),
+                (1, 100, 1),
+                (1, 120, 1)
+            ]
+        );
+        assert_eq!(
+            out.runs[1].buf.len(),
+            140,
+            "the short datagram ends its run"
+        );
+        assert_eq!(&out.runs[1].buf[100..], &[2; 40]);
+        // 65,000 bytes at most in one send.
+        out.runs_len = 0;
+        out.max_segments = 64;
+        for _ in 0..60 {
+            out.to_network(a, &[7; 1400]);
+        }
+        assert_eq!(runs(&out), [(1, 1400, 46), (1, 1400, 14)]);
     }
 }

@@ -5,7 +5,16 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::UdpSocket;
+
+/// The socket's send and receive buffers: about 7 MiB each, as wireguard-go's. The kernel's
+/// default (about 208 KiB) holds about a millisecond of traffic at a few Gbit/s: any pause of
+/// the loop longer than that (a scheduler slice, a handshake) dropped datagrams the peer's TCP
+/// then had to send again. Set with SO_RCVBUFFORCE/SO_SNDBUFFORCE (the daemon has
+/// CAP_NET_ADMIN), which `net.core.rmem_max` does not cap; without the capability, as large as
+/// `rmem_max`/`wmem_max` allow.
+pub const SOCKET_BUFFER: usize = 7 << 20;
 
 /// Receives per wake-up; each can bring many datagrams.
 const RECEIVES: usize = 8;
@@ -21,7 +30,6 @@ const BATCH: usize = if quinn_udp::BATCH_SIZE < 8 {
 pub struct Udp {
     socket: UdpSocket,
     state: quinn_udp::UdpSocketState,
-    max_segments: usize,
     bufs: [Vec<u8>; BATCH],
     meta: [quinn_udp::RecvMeta; BATCH],
 }
@@ -30,7 +38,7 @@ impl std::fmt::Debug for Udp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Udp")
             .field("local", &self.socket.local_addr().ok())
-            .field("max_segments", &self.max_segments)
+            .field("max_segments", &self.max_segments())
             .finish()
     }
 }
@@ -46,12 +54,12 @@ impl Udp {
         if let Err(e) = socket2::SockRef::from(&socket).set_mark(crate::routing::MARK) {
             tracing::warn!(error = %e, "cannot mark the UDP socket: transparent addressing will not work");
         }
+        let (recv, send) = set_buffers(&socket, SOCKET_BUFFER);
+        tracing::info!(recv, send, "UDP socket buffers");
         let state = quinn_udp::UdpSocketState::new((&socket).into())?;
-        let max_segments = state.max_gso_segments().max(1);
         Ok(Udp {
             socket,
             state,
-            max_segments,
             bufs: std::array::from_fn(|_| vec![0u8; 65536]),
             meta: [quinn_udp::RecvMeta::default(); BATCH],
         })
@@ -62,9 +70,10 @@ impl Udp {
         self.socket.local_addr()
     }
 
-    /// Most datagrams one send may carry.
+    /// Most datagrams one send may carry now: quinn-udp turns GSO off (1) when the kernel
+    /// refuses a GSO send, so this is asked at every send, never remembered.
     pub fn max_segments(&self) -> usize {
-        self.max_segments
+        self.state.max_gso_segments().max(1)
     }
 
     /// Waits until there may be something to receive.
@@ -126,5 +135,40 @@ impl Udp {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Sets the socket's receive and send buffers to `bytes` (forced past the sysctl caps where the
+/// daemon may), and returns what the kernel granted (it reports twice what it reserves for
+/// payload).
+fn set_buffers(socket: &UdpSocket, bytes: usize) -> (usize, usize) {
+    let s = socket2::SockRef::from(socket);
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = s.set_recv_buffer_size(bytes);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = s.set_send_buffer_size(bytes);
+    }
+    (
+        s.recv_buffer_size().unwrap_or(0),
+        s.send_buffer_size().unwrap_or(0),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_buffers_hold_milliseconds_not_microseconds() {
+        let u = Udp::bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let (recv, send) = set_buffers(&u.socket, SOCKET_BUFFER);
+        // Forced past net.core.rmem_max (CAP_NET_ADMIN: the tests run as root, as the daemon
+        // does); the kernel doubles what it is asked for (room for its bookkeeping).
+        assert_eq!(recv, 2 * SOCKET_BUFFER);
+        assert_eq!(send, 2 * SOCKET_BUFFER);
+        assert!(u.max_segments() >= 1);
     }
 }
