@@ -6,7 +6,8 @@
 #   wg-go          Debian 13's wireguard-go (0.0.20231211: TUN offloads, UDP GSO/GRO)
 #   nebula         Debian 13's nebula (1.9)
 #   boringtun-cli  boringtun's own daemon (crates.io), the library bulkheadd is built on
-#   bulkheadd      with a realistic allowlist (200 identities, 300 rules)
+#   bulkheadd      with a realistic allowlist (200 identities, 300 rules), --threads default
+#   bulkheadd-1    the same, --threads 1: the loop reads, decides and writes alone
 #   unfiltered     bulkheadd without its filter (a benchmark-only build): what the filter costs
 #   baseline       another bulkheadd binary, BASELINE=path (an earlier commit's build): before
 #                  and after a change, in the same run
@@ -268,8 +269,8 @@ for r in range(296):
              f"ports: [tcp/{random.randrange(1, 60000)}, udp/{random.randrange(1, 60000)}] }}")
 open(sys.argv[1], "w").write("\n".join(y) + "\n")
 EOF
-bulkhead_pair() { # $1 = bulkheadd binary
-  local bin=$1
+bulkhead_pair() { # $1 = bulkheadd binary, then extra arguments for `bulkheadd run`
+  local bin=$1; shift
   for h in a b; do
     "$bin" pubkey --state "$WORK/state-$h" >"$WORK/pub-$h"
   done
@@ -284,8 +285,8 @@ peers = {p: {"public_key": open(f"{work}/pub-{p}").read().strip(),
 json.dump({"allowlist": lst, "peers": peers}, open(f"{work}/config-{h}.json", "w"))
 EOF
   done
-  bg "$A" "$bin" run --state "$WORK/state-a" --interface "bhA$$" --listen-port 51822 --allowlist "$WORK/config-a.json"
-  bg "$B" "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json"
+  bg "$A" "$bin" run --state "$WORK/state-a" --interface "bhA$$" --listen-port 51822 --allowlist "$WORK/config-a.json" "$@"
+  bg "$B" "$bin" run --state "$WORK/state-b" --interface "bhB$$" --listen-port 51822 --allowlist "$WORK/config-b.json" "$@"
   sleep 1
 }
 
@@ -312,6 +313,9 @@ one() { # $1 = tunnel
     bulkheadd)
       bulkhead_pair "$BULKHEADD"
       measure bulkheadd 10.97.0.2 'bh.*' ;;
+    bulkheadd-1)
+      bulkhead_pair "$BULKHEADD" --threads 1
+      measure bulkheadd-1 10.97.0.2 'bh.*' ;;
     unfiltered)
       bulkhead_pair "$BULKHEADD_UNFILTERED"
       measure unfiltered 10.97.0.2 'bh.*' ;;
@@ -353,7 +357,7 @@ for n in sorted({k[1] for k in m}):
     bh = m.get(("bulkheadd", n))
     if not bh:
         continue
-    for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "raw"):
+    for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "bulkheadd-1", "raw"):
         if m.get((peer, n)):
             print(f"{n} stream(s): bulkheadd / {peer} = {bh / m[(peer, n)]:.2f}x")
     if m.get(("unfiltered", n)):

@@ -45,6 +45,9 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// The NFLOG group of the host firewall's log rules.
     pub nflog_group: u16,
+    /// `--threads`: 1, the loop does everything; more, a writer thread writes what the loop
+    /// decided (`writer.rs`).
+    pub threads: usize,
 }
 
 fn now() -> Now {
@@ -121,7 +124,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             nflog_group: s.nflog_group,
         }),
         nflog,
-        out: Out::new(flows.clone()),
+        out: Out::new(
+            flows.clone(),
+            crate::writer::Wire {
+                udp: udp.sender().context("UDP socket")?,
+                tun: tun.dev.clone(),
+                gro: tun_rs::GROTable::default(),
+            },
+            s.threads > 1,
+        ),
         applied: applied_tx,
         state,
         source,
@@ -137,6 +148,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         port = s.listen_port,
         public_key = %d.key.public_key().to_base64(),
         endpoint = ?s.endpoint,
+        threads = s.threads,
         "bulkheadd running"
     );
 
@@ -164,7 +176,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        d.out.flush(&udp, &tun.dev, &mut d.faults).await;
+        d.out.flush(&mut d.faults)?;
     }
     drop(metrics_tx);
     d.firewall.stop().await;
@@ -314,6 +326,7 @@ impl Daemon {
             }
             Update::NoPolicy | Update::Revoked => {
                 tracing::warn!("the controller has no allowlist for this node: nothing passes");
+                self.drain();
                 self.node.clear();
                 if let Err(e) = self.state.clear_config() {
                     tracing::error!(error = %e, "cannot remove the cached allowlist");
@@ -333,6 +346,7 @@ impl Daemon {
             Err(e) => {
                 // Never fail open: an allowlist that cannot be read lets nothing pass.
                 tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");
+                self.drain();
                 self.node.clear();
                 self.applied.send_replace(self.applied());
             }
@@ -349,6 +363,7 @@ impl Daemon {
             cfg.underlay.take(),
         );
         let (core, wanted) = host::split(cfg);
+        self.drain();
         let report = self.node.apply(core, now());
         tracing::info!(
             revision,
@@ -363,6 +378,15 @@ impl Daemon {
             .configure(address, addressing, underlay.as_ref())
             .await;
         self.applied.send_replace(self.applied());
+    }
+
+    /// Waits until everything the core let through so far is written, so that nothing it let
+    /// through under the allowlist in force reaches the wire after the next one is applied
+    /// (`writer.rs`). If the writer is gone the loop stops at its next flush.
+    fn drain(&mut self) {
+        if let Err(e) = self.out.barrier(&mut self.faults) {
+            tracing::error!(error = %e, "cannot write what the data plane decided");
+        }
     }
 
     /// What keeps the host from its configuration: the interface, or the firewall.

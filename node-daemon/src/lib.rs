@@ -16,6 +16,7 @@ pub mod state;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
+mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -90,6 +91,11 @@ enum Command {
         /// The NFLOG group the host firewall logs to (one per host).
         #[arg(long, default_value_t = bulkhead_hostfw::DEFAULT_NFLOG_GROUP)]
         nflog_group: u16,
+        /// Threads for the packet path: 1, one thread reads, decides and writes; 2 or more, a
+        /// writer thread writes what the loop decided (more than 2 are not used yet). Default:
+        /// the number of cores.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
     /// handshakes and transfer.
@@ -184,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             metrics,
             nflog_group,
+            threads,
         } => rt.block_on(async {
             // A bad configuration stops the start, before anything is created.
             let config = match &config {
@@ -209,6 +216,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config,
                 metrics,
                 nflog_group,
+                threads: threads.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    usize::from,
+                ),
             })
             .await
         }),

@@ -9,8 +9,8 @@ pub const MTU: u16 = 1420;
 
 /// A TUN interface and the netlink handle that configures it.
 pub struct Interface {
-    /// The device.
-    pub dev: AsyncDevice,
+    /// The device: read by the loop, written by the writer (`writer.rs`).
+    pub dev: std::sync::Arc<AsyncDevice>,
     /// Its name.
     pub name: String,
     index: u32,
@@ -64,7 +64,7 @@ impl Interface {
             .await
             .map_err(|e| anyhow!("cannot bring {name} up: {e}"))?;
         Ok(Interface {
-            dev,
+            dev: std::sync::Arc::new(dev),
             name: name.to_string(),
             index,
             netlink,

@@ -3,9 +3,11 @@
 //! them.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use nix::sys::socket::{setsockopt, sockopt};
+use std::os::fd::AsFd;
 use tokio::net::UdpSocket;
 
 /// The socket's send and receive buffers: about 7 MiB each, as wireguard-go's. The kernel's
@@ -29,7 +31,7 @@ const BATCH: usize = if quinn_udp::BATCH_SIZE < 8 {
 /// allocates nothing.
 pub struct Udp {
     socket: UdpSocket,
-    state: quinn_udp::UdpSocketState,
+    state: Arc<quinn_udp::UdpSocketState>,
     bufs: [Vec<u8>; BATCH],
     meta: [quinn_udp::RecvMeta; BATCH],
 }
@@ -38,7 +40,7 @@ impl std::fmt::Debug for Udp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Udp")
             .field("local", &self.socket.local_addr().ok())
-            .field("max_segments", &self.max_segments())
+            .field("max_segments", &self.state.max_gso_segments())
             .finish()
     }
 }
@@ -56,7 +58,7 @@ impl Udp {
         }
         let (recv, send) = set_buffers(&socket, SOCKET_BUFFER);
         tracing::info!(recv, send, "UDP socket buffers");
-        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        let state = Arc::new(quinn_udp::UdpSocketState::new((&socket).into())?);
         Ok(Udp {
             socket,
             state,
@@ -68,12 +70,6 @@ impl Udp {
     /// The address it is bound to.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
-    }
-
-    /// Most datagrams one send may carry now: quinn-udp turns GSO off (1) when the kernel
-    /// refuses a GSO send, so this is asked at every send, never remembered.
-    pub fn max_segments(&self) -> usize {
-        self.state.max_gso_segments().max(1)
     }
 
     /// Waits until there may be something to receive.
@@ -108,9 +104,38 @@ impl Udp {
         Ok(())
     }
 
-    /// Sends `contents`, cut into datagrams of `segment_size` if given. Waits while the socket
-    /// is full; other errors drop the datagrams (UDP makes no promise anyway) and are returned.
-    pub async fn send(
+    /// A sending end of the socket, for the writer (in the loop or in a thread of its own).
+    pub fn sender(&self) -> std::io::Result<Sender> {
+        let fd = self.socket.as_fd().try_clone_to_owned()?;
+        Ok(Sender {
+            socket: std::net::UdpSocket::from(fd),
+            state: self.state.clone(),
+        })
+    }
+}
+
+/// The sending end of the socket: the same socket, through a descriptor of its own, so that the
+/// writer thread needs nothing of the loop's runtime.
+#[derive(Debug)]
+pub struct Sender {
+    socket: std::net::UdpSocket,
+    state: Arc<quinn_udp::UdpSocketState>,
+}
+
+/// How long a send waits for room in a full socket buffer before its datagrams are dropped.
+const SEND_WAIT_MS: u16 = 200;
+
+impl Sender {
+    /// Most datagrams one send may carry now: quinn-udp turns GSO off (1) when the kernel
+    /// refuses a GSO send, so this is asked at every batch, never remembered.
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().max(1)
+    }
+
+    /// Sends `contents`, cut into datagrams of `segment_size` if given. Waits (a little) while
+    /// the socket's buffer is full; other errors drop the datagrams (UDP makes no promise
+    /// anyway) and are returned.
+    pub fn send(
         &self,
         to: SocketAddr,
         contents: &[u8],
@@ -123,14 +148,13 @@ impl Udp {
             segment_size,
             src_ip: None,
         };
+        let mut waited = false;
         loop {
-            let r = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), &t)
-            });
-            match r {
+            match self.state.try_send((&self.socket).into(), &t) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.socket.writable().await?;
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !waited => {
+                    crate::writer::wait_writable(&self.socket, SEND_WAIT_MS);
+                    waited = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -169,6 +193,6 @@ mod tests {
         // does); the kernel doubles what it is asked for (room for its bookkeeping).
         assert_eq!(recv, 2 * SOCKET_BUFFER);
         assert_eq!(send, 2 * SOCKET_BUFFER);
-        assert!(u.max_segments() >= 1);
+        assert!(u.sender().expect("sender").max_segments() >= 1);
     }
 }
