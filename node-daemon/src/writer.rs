@@ -540,7 +540,9 @@ rules:
 
         // The transfer through the threaded path: what reaches the wire, and whether the new
         // allowlist was in force when it did.
-        struct Record(Arc<Mutex<Vec<(Vec<u8>, bool)>>>, Arc<AtomicBool>);
+        /// Each datagram written, and whether the new allowlist was in force then.
+        type Seen = Arc<Mutex<Vec<(Vec<u8>, bool)>>>;
+        struct Record(Seen, Arc<AtomicBool>);
         impl Write for Record {
             fn write(&mut self, b: &mut Batch) {
                 std::thread::sleep(Duration::from_millis(2));
