@@ -92,10 +92,11 @@ enum Command {
         #[arg(long, default_value_t = bulkhead_hostfw::DEFAULT_NFLOG_GROUP)]
         nflog_group: u16,
         /// Threads for the packet path: 1, one thread reads, decides and writes; 2 or more, a
-        /// writer thread writes what the loop decided (more than 2 are not used yet). Default:
-        /// the number of cores.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-        threads: Option<u16>,
+        /// writer thread writes what the loop decided (more than 2 are not used yet). 1 by
+        /// default: on the 2-core benchmark machine the writer thread cost throughput (see
+        /// docs/architecture.md, Threads).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: u16,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
     /// handshakes and transfer.
@@ -216,10 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config,
                 metrics,
                 nflog_group,
-                threads: threads.map_or_else(
-                    || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    usize::from,
-                ),
+                threads: usize::from(threads),
             })
             .await
         }),
