@@ -93,6 +93,17 @@ pub struct RuleDef {
     pub window: Window,
     /// Check names the initiating identity must pass.
     pub posture: Vec<Spanned<String>>,
+    /// `approval`: the rule is in force only while an approved access request covers it.
+    pub approval: Option<ApprovalDef>,
+}
+
+/// A rule's `approval: { approvers: N, max: D }` (spec §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ApprovalDef {
+    /// How many different administrators must approve a request, none of them its requester.
+    pub approvers: u32,
+    /// The longest a request may ask for, in seconds.
+    pub max_secs: i64,
 }
 
 /// One entry of `posture`: a named device-health check.

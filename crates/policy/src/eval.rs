@@ -105,6 +105,14 @@ pub enum Inactive {
     NotYet(UnixTime),
     /// Its window closed at this time.
     Expired(UnixTime),
+    /// The rule needs approval, and this is the rule itself: only the rules made from
+    /// approved requests for it ([`Model::with_grants`]) are ever in force.
+    NeedsApproval {
+        /// How many different administrators must approve a request.
+        approvers: u32,
+        /// The longest access a request may ask for, in seconds.
+        max: i64,
+    },
     /// The initiator fails these checks.
     Posture(Vec<CheckId>),
     /// An end is quarantined and the rule does not name `quarantined` on that side.
@@ -156,6 +164,12 @@ pub(crate) fn in_force(r: &Rule, a: IdentityId, b: IdentityId, st: &State) -> Re
     }
     if r.action == Action::Deny {
         return Ok(());
+    }
+    if let Some(a) = r.approval {
+        return Err(Inactive::NeedsApproval {
+            approvers: a.approvers,
+            max: a.max_secs,
+        });
     }
     let failing: Vec<CheckId> = r
         .posture

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod approval;
 pub mod ast;
 mod compile;
 mod diag;
@@ -40,7 +41,8 @@ use std::net::Ipv4Addr;
 use bulkhead_allowlist::UnixTime;
 use serde::Serialize;
 
-pub use ast::{Expect, Policy, Probe};
+pub use approval::Grant;
+pub use ast::{ApprovalDef, Expect, Policy, Probe};
 pub use compile::Compiled;
 pub use diag::{Diagnostic, Pos, Severity};
 pub use eval::{Conditions, Decision, Inactive, State, evaluate, ports_cover};

@@ -78,6 +78,25 @@ pub struct Rule {
     pub window: Window,
     /// Checks the initiator must pass, ascending.
     pub posture: Vec<CheckId>,
+    /// `approval`: never in force itself; each approved request for it becomes a rule of its
+    /// own ([`Model::with_grants`]).
+    pub approval: Option<crate::ast::ApprovalDef>,
+    /// For a rule made from an approved request: the request.
+    pub grant: Option<std::sync::Arc<crate::approval::Grant>>,
+}
+
+/// A rule as a node sees it.
+fn rule_ref(policy: &Policy, r: &Rule) -> RuleRef {
+    RuleRef {
+        name: r.name.clone(),
+        action: r.action,
+        window: r.window,
+        posture: r
+            .posture
+            .iter()
+            .map(|&c| policy.posture[c as usize].name.clone())
+            .collect(),
+    }
 }
 
 /// A policy resolved and indexed, ready to evaluate and compile.
@@ -257,21 +276,11 @@ impl Model {
                 ports: r.ports.iter().map(|p| p.value).collect(),
                 window: r.window,
                 posture,
+                approval: r.approval,
+                grant: None,
             });
         }
-        let refs = rules
-            .iter()
-            .map(|r| RuleRef {
-                name: r.name.clone(),
-                action: r.action,
-                window: r.window,
-                posture: r
-                    .posture
-                    .iter()
-                    .map(|&c| policy.posture[c as usize].name.clone())
-                    .collect(),
-            })
-            .collect();
+        let refs = rules.iter().map(|r| rule_ref(&policy, r)).collect();
 
         let mut m = Model {
             policy,
@@ -319,6 +328,21 @@ impl Model {
         }
         m.underlay = crate::underlay::resolve(&m, d);
         m
+    }
+
+    /// Adds rules and indexes them, for [`Model::with_grants`].
+    pub(crate) fn add_rules(&mut self, rules: Vec<Rule>) {
+        for r in rules {
+            self.rule_by_name
+                .insert(r.name.clone(), self.rules.len() as RuleId);
+            self.refs.push(rule_ref(&self.policy, &r));
+            self.rules.push(r);
+        }
+        self.all_from.clear();
+        self.all_to.clear();
+        self.quarantined_from.clear();
+        self.quarantined_to.clear();
+        self.index_rules();
     }
 
     fn index_rules(&mut self) {

@@ -672,6 +672,7 @@ fn read_rules(r: &mut Reader, node: &Node) -> Vec<RuleDef> {
                 "not_before",
                 "expires",
                 "posture",
+                "approval",
             ],
         ) else {
             continue;
@@ -730,6 +731,15 @@ fn read_rules(r: &mut Reader, node: &Node) -> Vec<RuleDef> {
                 "a deny rule cannot require posture: a failing check would lift the deny",
             );
         }
+        let approval = f.get("approval").and_then(|n| read_approval(r, n));
+        if action == Action::Deny
+            && let Some(a) = f.get("approval")
+        {
+            r.d.error(
+                a.pos,
+                "a deny rule cannot need approval: a pending request would lift the deny",
+            );
+        }
         if let Some(d) = f.get("description") {
             r.string(d, "description");
         }
@@ -746,10 +756,52 @@ fn read_rules(r: &mut Reader, node: &Node) -> Vec<RuleDef> {
                     expires,
                 },
                 posture,
+                approval,
             });
         }
     }
     out
+}
+
+/// Most approvers a rule may ask for.
+pub const MAX_APPROVERS: u64 = 10;
+/// The longest access a rule may let a request ask for: 30 days.
+pub const MAX_APPROVAL_SECS: i64 = 30 * 86_400;
+
+fn read_approval(r: &mut Reader, node: &Node) -> Option<ApprovalDef> {
+    let f = r.fields(node, "approval", &["approvers", "max"])?;
+    let approvers = match f.get("approvers") {
+        None => Some(1),
+        Some(n) => r.uint(n, "approvers").and_then(|v| {
+            if (1..=MAX_APPROVERS).contains(&v) {
+                u32::try_from(v).ok()
+            } else {
+                r.d.error(
+                    n.pos,
+                    format!("approvers must be 1 to {MAX_APPROVERS}"),
+                );
+                None
+            }
+        }),
+    };
+    let max = r.required(&f, "max", "approval").and_then(|n| {
+        let s = r.string(n, "max")?;
+        match parse_duration(s) {
+            Ok(v) if v <= MAX_APPROVAL_SECS => Some(v),
+            Ok(_) => {
+                r.d.error(n.pos, "max must be at most 30d: access that needs approval is time-limited");
+                None
+            }
+            Err(e) => {
+                r.d.error(n.pos, e);
+                None
+            }
+        }
+    });
+    Some(ApprovalDef {
+        approvers: approvers?,
+        max_secs: max?,
+    })
 }
 
 fn read_posture(r: &mut Reader, node: &Node) -> Vec<CheckDef> {
@@ -791,8 +843,41 @@ fn read_posture(r: &mut Reader, node: &Node) -> Vec<CheckDef> {
     out
 }
 
+/// Most networks one location condition may list.
+pub const MAX_NETWORKS: usize = 1024;
+
 fn read_condition(r: &mut Reader, fact: &str, kind: FactKind, node: &Node) -> Option<Condition> {
     match (&node.value, kind) {
+        (Value::Seq(items), FactKind::Address) => {
+            if items.len() > MAX_NETWORKS {
+                r.d.error(
+                    node.pos,
+                    format!("{fact} lists {} networks: at most {MAX_NETWORKS}", items.len()),
+                );
+                return None;
+            }
+            let mut nets = Vec::new();
+            for i in items {
+                if let Some(s) = r.string(i, &format!("a network of {fact}")) {
+                    match posture::IpNet::parse(s) {
+                        Ok(n) => nets.push(n),
+                        Err(e) => r.d.error(i.pos, e),
+                    }
+                }
+            }
+            if items.is_empty() {
+                r.d.error(node.pos, format!("{fact} lists no networks"));
+                return None;
+            }
+            (nets.len() == items.len()).then_some(Condition::InNetworks(nets))
+        }
+        (_, FactKind::Address) => {
+            r.d.error(
+                node.pos,
+                format!("{fact} must be a list of networks, e.g. [10.0.0.0/8, 192.168.0.0/16]"),
+            );
+            None
+        }
         (Value::Scalar { text, quoted }, FactKind::Bool) => match (text.as_str(), quoted) {
             ("true", false) => Some(Condition::Bool(true)),
             ("false", false) => Some(Condition::Bool(false)),

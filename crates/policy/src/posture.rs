@@ -13,7 +13,13 @@ pub const FACTS: &[&str] = &[
     "kernel.release",
     "root_fs.encrypted",
     "daemon.version",
+    ENDPOINT_ADDRESS,
 ];
+
+/// Where a node is: the address its connection to the controller comes from, as the controller
+/// sees it. Never reported by a node: the controller fills it in from the connection, and drops
+/// any fact of that name a node claims.
+pub const ENDPOINT_ADDRESS: &str = "endpoint.address";
 
 /// The prefix of facts that carry node-local check results.
 pub const CHECK_PREFIX: &str = "check.";
@@ -27,6 +33,8 @@ pub enum FactKind {
     Version,
     /// `true` or `false`.
     Bool,
+    /// An IP address, tested against networks.
+    Address,
 }
 
 /// The kind of a fact, or `None` if no daemon reports it.
@@ -35,6 +43,7 @@ pub fn fact_kind(fact: &str) -> Option<FactKind> {
         "os.id" => Some(FactKind::Text),
         "os.version_id" | "kernel.release" | "daemon.version" => Some(FactKind::Version),
         "root_fs.encrypted" => Some(FactKind::Bool),
+        ENDPOINT_ADDRESS => Some(FactKind::Address),
         f if f
             .strip_prefix(CHECK_PREFIX)
             .is_some_and(crate::parse::is_valid_name) =>
@@ -176,6 +185,81 @@ pub enum Condition {
     Bool(bool),
     /// A version comparison.
     Compare(Op, Version),
+    /// An address in one of these networks.
+    InNetworks(Vec<IpNet>),
+}
+
+/// An IPv4 or IPv6 network, `ADDRESS/LEN`, with no host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    len: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8` or `fd00::/8`; an address alone is a single host.
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let bad = || format!("bad network {s:?}: expected e.g. 10.0.0.0/8 or fd00::/8");
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+                l.parse::<u8>().ok().filter(|&l| l <= max).ok_or_else(bad)?
+            }
+            Some(_) => return Err(bad()),
+        };
+        let net = IpNet { addr, len };
+        if !net.contains(addr) || net.masked() != addr {
+            return Err(format!(
+                "bad network {s:?}: host bits are set; did you mean {}/{len}?",
+                net.masked()
+            ));
+        }
+        Ok(net)
+    }
+
+    fn masked(&self) -> std::net::IpAddr {
+        match self.addr {
+            std::net::IpAddr::V4(a) => {
+                let m = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                std::net::IpAddr::V4((u32::from(a) & m).into())
+            }
+            std::net::IpAddr::V6(a) => {
+                let m = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                std::net::IpAddr::V6((u128::from(a) & m).into())
+            }
+        }
+    }
+
+    /// Whether `ip` lies in this network. An IPv4 address seen as IPv6 (`::ffff:a.b.c.d`)
+    /// counts as the IPv4 address.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        let masked = IpNet { addr: ip, len: self.len };
+        ip.is_ipv4() == self.addr.is_ipv4() && masked.masked() == self.addr
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl std::fmt::Display for Condition {
@@ -185,8 +269,16 @@ impl std::fmt::Display for Condition {
             Condition::Equals(s) => write!(f, "== {s}"),
             Condition::Bool(b) => write!(f, "{b}"),
             Condition::Compare(op, v) => write!(f, "{} {}", op.symbol(), v.text),
+            Condition::InNetworks(nets) => write!(f, "in {}", join(nets)),
         }
     }
+}
+
+fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The facts one node reported, by name, as text (`true`/`false` for booleans).
@@ -219,6 +311,11 @@ pub fn check_condition(fact: &str, cond: &Condition, value: Option<&str>) -> Res
                 want.text
             )),
             None => Err(format!("{fact} {value:?} is not a version")),
+        },
+        Condition::InNetworks(nets) => match value.parse::<std::net::IpAddr>() {
+            Ok(ip) if nets.iter().any(|n| n.contains(ip)) => Ok(()),
+            Ok(_) => Err(format!("{fact} {value} is not in {}", join(nets))),
+            Err(_) => Err(format!("{fact} {value:?} is not an address")),
         },
     }
 }
@@ -307,7 +404,36 @@ mod tests {
     }
 
     #[test]
+    fn locations_are_networks_of_either_family() {
+        let nets = Condition::InNetworks(vec![
+            IpNet::parse("10.0.0.0/8").unwrap(),
+            IpNet::parse("fd00::/8").unwrap(),
+        ]);
+        let at = |v: &str| check_condition(ENDPOINT_ADDRESS, &nets, Some(v));
+        assert!(at("10.1.2.3").is_ok());
+        assert!(at("::ffff:10.1.2.3").is_ok(), "IPv4 seen as IPv6");
+        assert!(at("fd12::1").is_ok());
+        assert_eq!(
+            at("192.168.1.5"),
+            Err("endpoint.address 192.168.1.5 is not in 10.0.0.0/8, fd00::/8".into())
+        );
+        assert!(at("nonsense").is_err());
+        assert_eq!(
+            check_condition(ENDPOINT_ADDRESS, &nets, None),
+            Err("endpoint.address not reported".into())
+        );
+        assert!(IpNet::parse("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        for bad in ["10.0.0.0/33", "10.0.0.0/", "x/8", "10.0.0.0/-1", "::/129"] {
+            assert!(IpNet::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(IpNet::parse("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(IpNet::parse("10.1.2.3").unwrap().contains("10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
     fn fact_kinds() {
+        assert_eq!(fact_kind("endpoint.address"), Some(FactKind::Address));
         assert_eq!(fact_kind("os.id"), Some(FactKind::Text));
         assert_eq!(fact_kind("kernel.release"), Some(FactKind::Version));
         assert_eq!(fact_kind("check.edr-running"), Some(FactKind::Bool));

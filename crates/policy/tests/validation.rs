@@ -368,6 +368,33 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "approval: bad counts, durations, keys, and on a deny rule",
+            text: base(
+                "rules:\n  - { name: r1, from: [web], to: [db], ports: [any], approval: { approvers: 0, max: 2h } }\n  - { name: r2, from: [web], to: [db], ports: [any], approval: { max: 31d, who: me } }\n  - { name: r3, from: [web], to: [db], ports: [any], approval: { approvers: 1 } }\n  - { name: r4, action: deny, from: [web], to: [db], ports: [any], approval: { max: 1h } }\n  - { name: r5, from: [web], to: [db], ports: [any], approval: yes }\n",
+            ),
+            errors: &[
+                (12, 77, "approvers must be 1 to 10"),
+                (13, 71, "max must be at most 30d"),
+                (13, 76, "unknown key \"who\" in approval"),
+                (14, 64, "approval is missing the required key \"max\""),
+                (15, 78, "a deny rule cannot need approval"),
+                (16, 64, "approval must be a mapping"),
+            ],
+        },
+        Case {
+            name: "location: networks",
+            text: BASE.replace(
+                "  patched: { kernel.release: \">= 6.1\" }\n",
+                "  office:\n    endpoint.address: [10.0.0.0/8, 10.1.1.1/16, nowhere]\n  home: { endpoint.address: 10.0.0.0/8 }\n  none: { endpoint.address: [] }\n",
+            ),
+            errors: &[
+                (11, 36, "bad network \"10.1.1.1/16\": host bits are set; did you mean 10.1.0.0/16?"),
+                (11, 49, "bad network \"nowhere\""),
+                (12, 29, "endpoint.address must be a list of networks"),
+                (13, 29, "endpoint.address lists no networks"),
+            ],
+        },
+        Case {
             name: "segment and identity with one name",
             text: BASE.replace("  db: {", "  db-1: {")
                 + "rules:\n  - { name: r1, from: [web], to: [db-1], ports: [any] }\n",
