@@ -75,6 +75,7 @@ fn controller_process() {
             advertise_url: None,
             flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
             flow_limits: Default::default(),
+            access_request_ttl: bulkhead_controller::ops::DEFAULT_REQUEST_TTL,
             metrics: None,
         })
         .await

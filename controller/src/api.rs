@@ -25,6 +25,8 @@ use tokio::sync::broadcast;
 use tower::ServiceExt;
 
 use crate::Controller;
+use bulkhead_proto::Role;
+
 use crate::ops::{Actor, Error};
 use crate::records::CredRecord;
 use crate::view::lock;
@@ -130,13 +132,18 @@ pub struct Peer {
 pub enum Access {
     /// An enrolled node, about itself.
     Node,
-    /// An administrator.
-    Admin,
+    /// An administrator with at least this role.
+    Admin(Role),
 }
 
 /// The node making a call, as its credential names it.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity(pub String);
+
+/// The role of the administrator making a call, for the calls whose answer depends on it
+/// (who may deny or revoke an access request).
+#[derive(Debug, Clone, Copy)]
+pub struct CallerRole(pub Role);
 
 type Ctl = Arc<Controller>;
 
@@ -156,11 +163,35 @@ impl Controller {
             None => Err(Error::Unauthenticated("credential unknown or revoked")),
         }
     }
+
+    /// Writes down a call refused for the caller's role. Best effort: the refusal stands
+    /// whether or not the store takes it.
+    async fn audit_refusal(&self, name: &str, role: Role, need: Role, what: &str) {
+        let entry = bulkhead_proto::AuditEntry {
+            at: crate::ops::unix_ms(),
+            who: name.to_string(),
+            action: bulkhead_proto::AuditAction::Refused,
+            identity: None,
+            revision: None,
+            detail: format!("{what}: needs {need}, {name} is {role}"),
+        };
+        let (c, a) = crate::records::audit(&entry);
+        if let Err(e) = self.store.txn(&[c], &[a]).await {
+            tracing::warn!(error = %e, admin = name, "cannot audit a refused call");
+        }
+    }
+}
+
+/// Whether an administrator's credential has expired at `now` (Unix seconds).
+pub fn expired(expires: Option<i64>, now: i64) -> bool {
+    expires.is_some_and(|t| now >= t)
 }
 
 /// The permission layer: authenticates the caller by its certificate, checks it against the
-/// route's [`Access`], and hands the handler an [`Actor`] (administrators) or a
-/// [`NodeIdentity`] (nodes). Administrators with roles plug in here.
+/// route's [`Access`] (for administrators: the role, and the credential's expiry), and hands the
+/// handler an [`Actor`] and a [`CallerRole`] (administrators) or a [`NodeIdentity`] (nodes).
+/// It runs on every request, so a credential revoked or expired while a connection is open
+/// stops working on that connection's next request.
 async fn authorize(
     State((c, access)): State<(Ctl, Access)>,
     mut req: Request<Body>,
@@ -174,17 +205,37 @@ async fn authorize(
         Err(e) => return e.into_response(),
     };
     match (access, cred) {
-        (Access::Admin, CredRecord::Admin { name }) => {
+        (
+            Access::Admin(need),
+            CredRecord::Admin {
+                name,
+                admin_role,
+                expires,
+            },
+        ) => {
+            if expired(expires, crate::ops::unix_now()) {
+                return Error::Unauthenticated("credential expired").into_response();
+            }
+            if admin_role < need {
+                let what = format!("{} {}", req.method(), req.uri().path());
+                c.audit_refusal(&name, admin_role, need, &what).await;
+                tracing::warn!(admin = %name, role = %admin_role, need = %need, call = %what, "refused");
+                return Error::Forbidden(format!(
+                    "{what} needs the {need} role; {name} is {admin_role}"
+                ))
+                .into_response();
+            }
             req.extensions_mut().insert(Actor::Admin(name));
+            req.extensions_mut().insert(CallerRole(admin_role));
         }
         (Access::Node, CredRecord::Node { identity }) => {
             req.extensions_mut().insert(NodeIdentity(identity));
         }
-        (Access::Admin, CredRecord::Node { .. }) => {
-            return Error::Forbidden("administrators only").into_response();
+        (Access::Admin(_), CredRecord::Node { .. }) => {
+            return Error::Forbidden("administrators only".into()).into_response();
         }
         (Access::Node, CredRecord::Admin { .. }) => {
-            return Error::Forbidden("nodes only").into_response();
+            return Error::Forbidden("nodes only".into()).into_response();
         }
     }
     next.run(req).await
@@ -203,7 +254,7 @@ async fn current_only(
 ) -> Response {
     let refuse = match access {
         Access::Node => true,
-        Access::Admin => req.method() != axum::http::Method::GET,
+        Access::Admin(_) => req.method() != axum::http::Method::GET,
     };
     if refuse && !c.currency.current() {
         return Error::Unavailable(c.currency.why_stale()).into_response();
@@ -229,21 +280,41 @@ pub fn router(c: Ctl) -> Router {
         )
         .route_layer(layer(Access::Node))
         .route_layer(current(Access::Node));
-    let admin = Router::new()
+    // Each group names the least role its routes need; `ROUTES` lists them for the tests.
+    let viewer = Router::new()
         .route("/v1/flows", get(flows))
         .route("/v1/flows/history", get(flow_history))
         .route("/v1/policy", get(policy))
         .route("/v1/policy/plan", post(plan))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/audit", get(audit))
+        .route("/v1/status", get(status))
+        .route("/v1/admins", get(admins))
+        .route("/v1/access", get(access_list))
+        .route_layer(layer(Access::Admin(Role::Viewer)))
+        .route_layer(current(Access::Admin(Role::Viewer)));
+    let operator = Router::new()
         .route("/v1/policy/apply", post(apply))
         .route("/v1/tokens", post(token))
-        .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{identity}/revoke", post(revoke))
         .route("/v1/nodes/{identity}/quarantine", post(quarantine))
         .route("/v1/nodes/{identity}/release", post(release))
-        .route("/v1/audit", get(audit))
-        .route("/v1/status", get(status))
-        .route_layer(layer(Access::Admin))
-        .route_layer(current(Access::Admin));
+        .route("/v1/access", post(access_request))
+        // An approver's, or the requester's own: `ops::access` checks which.
+        .route("/v1/access/{id}/deny", post(access_deny))
+        .route("/v1/access/{id}/revoke", post(access_revoke))
+        .route_layer(layer(Access::Admin(Role::Operator)))
+        .route_layer(current(Access::Admin(Role::Operator)));
+    let approver = Router::new()
+        .route("/v1/access/{id}/approve", post(access_approve))
+        .route_layer(layer(Access::Admin(Role::Approver)))
+        .route_layer(current(Access::Admin(Role::Approver)));
+    let owner = Router::new()
+        .route("/v1/admins", post(admin_add))
+        .route("/v1/admins/{name}/revoke", post(admin_revoke))
+        .route_layer(layer(Access::Admin(Role::Owner)))
+        .route_layer(current(Access::Admin(Role::Owner)));
+    let admin = viewer.merge(operator).merge(approver).merge(owner);
     Router::new()
         .route("/v1/join", post(join).layer(limit(MAX_JOIN_BODY)))
         .merge(node)
@@ -253,7 +324,72 @@ pub fn router(c: Ctl) -> Router {
         .with_state(c)
 }
 
+/// Every route, its method, and who may call it: `None` for anyone (join).
+pub const ROUTES: &[(&str, &str, Option<Access>)] = &[
+    ("POST", "/v1/join", None),
+    ("GET", "/v1/node/stream", Some(Access::Node)),
+    ("POST", "/v1/node/report", Some(Access::Node)),
+    ("POST", "/v1/node/flows", Some(Access::Node)),
+    ("GET", "/v1/flows", Some(Access::Admin(Role::Viewer))),
+    (
+        "GET",
+        "/v1/flows/history",
+        Some(Access::Admin(Role::Viewer)),
+    ),
+    ("GET", "/v1/policy", Some(Access::Admin(Role::Viewer))),
+    ("POST", "/v1/policy/plan", Some(Access::Admin(Role::Viewer))),
+    ("GET", "/v1/nodes", Some(Access::Admin(Role::Viewer))),
+    ("GET", "/v1/audit", Some(Access::Admin(Role::Viewer))),
+    ("GET", "/v1/status", Some(Access::Admin(Role::Viewer))),
+    ("GET", "/v1/admins", Some(Access::Admin(Role::Viewer))),
+    ("GET", "/v1/access", Some(Access::Admin(Role::Viewer))),
+    (
+        "POST",
+        "/v1/policy/apply",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    ("POST", "/v1/tokens", Some(Access::Admin(Role::Operator))),
+    (
+        "POST",
+        "/v1/nodes/{identity}/revoke",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    (
+        "POST",
+        "/v1/nodes/{identity}/quarantine",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    (
+        "POST",
+        "/v1/nodes/{identity}/release",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    ("POST", "/v1/access", Some(Access::Admin(Role::Operator))),
+    (
+        "POST",
+        "/v1/access/{id}/deny",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    (
+        "POST",
+        "/v1/access/{id}/revoke",
+        Some(Access::Admin(Role::Operator)),
+    ),
+    (
+        "POST",
+        "/v1/access/{id}/approve",
+        Some(Access::Admin(Role::Approver)),
+    ),
+    ("POST", "/v1/admins", Some(Access::Admin(Role::Owner))),
+    (
+        "POST",
+        "/v1/admins/{name}/revoke",
+        Some(Access::Admin(Role::Owner)),
+    ),
+];
+
 type Admin = axum::Extension<Actor>;
+type Caller = axum::Extension<CallerRole>;
 type Node = axum::Extension<NodeIdentity>;
 
 async fn join(
@@ -302,6 +438,7 @@ async fn node_flows(
 async fn flows(
     State(c): State<Ctl>,
     _: Admin,
+    axum::Extension(p): axum::Extension<Peer>,
     axum::extract::RawQuery(q): axum::extract::RawQuery,
 ) -> Response {
     let (mut denied, mut identity, mut limit, mut follow) = (false, None, 1000usize, false);
@@ -351,19 +488,44 @@ async fn flows(
         Ok::<_, Infallible>(Bytes::from(v))
     }));
     let body = if follow {
-        let tail = futures_util::stream::unfold((rx, keep), |(mut rx, keep)| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(f) if keep(&f) => {
-                        let mut v = serde_json::to_vec(&f).unwrap_or_default();
-                        v.push(b'\n');
-                        return Some((Ok(Bytes::from(v)), (rx, keep)));
+        // A follower is an open connection too: it ends when the credential is revoked or
+        // expires, like every later request on it would be refused.
+        let still = Credential {
+            c: c.clone(),
+            fp: p.fingerprint.unwrap_or_default(),
+            changes: c.cred_changes.subscribe(),
+        };
+        let tail = futures_util::stream::unfold(
+            (rx, keep, still),
+            |(mut rx, keep, mut still)| async move {
+                loop {
+                    let until = still.expires().map_or(Duration::from_secs(3600), |t| {
+                        Duration::from_secs(u64::try_from(t - crate::ops::unix_now()).unwrap_or(0))
+                    });
+                    tokio::select! {
+                        r = rx.recv() => match r {
+                            Ok(f) if keep(&f) => {
+                                let mut v = serde_json::to_vec(&f).unwrap_or_default();
+                                v.push(b'\n');
+                                return Some((Ok(Bytes::from(v)), (rx, keep, still)));
+                            }
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        },
+                        r = still.changes.changed() => {
+                            if r.is_err() || !still.valid() {
+                                return None;
+                            }
+                        }
+                        () = tokio::time::sleep(until) => {
+                            if !still.valid() {
+                                return None;
+                            }
+                        }
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            }
-        });
+            },
+        );
         Body::from_stream(head.chain(tail))
     } else {
         Body::from_stream(head)
@@ -372,6 +534,35 @@ async fn flows(
         .header("content-type", "application/x-ndjson")
         .body(body)
         .unwrap_or_else(|_| Error::internal("flows").into_response())
+}
+
+/// An administrator's credential on an open connection, followed as it changes.
+struct Credential {
+    c: Ctl,
+    fp: String,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Credential {
+    fn record(&self) -> Option<CredRecord> {
+        lock(&self.c.view).records().creds.get(&self.fp).cloned()
+    }
+
+    /// When it expires, if it does.
+    fn expires(&self) -> Option<i64> {
+        match self.record()? {
+            CredRecord::Admin { expires, .. } => expires,
+            CredRecord::Node { .. } => None,
+        }
+    }
+
+    /// Whether it still works.
+    fn valid(&self) -> bool {
+        match self.record() {
+            Some(CredRecord::Admin { expires, .. }) => !expired(expires, crate::ops::unix_now()),
+            Some(CredRecord::Node { .. }) | None => false,
+        }
+    }
 }
 
 /// `GET /v1/flows/history?since=S[&until=U][&identity=X][&path=P][&verdict=V][&denied=1]`: the
@@ -457,6 +648,66 @@ async fn audit(State(c): State<Ctl>, _: Admin) -> Response {
 
 async fn status(State(c): State<Ctl>, _: Admin) -> Response {
     json(Ok(c.status().await))
+}
+
+async fn admins(State(c): State<Ctl>, _: Admin) -> Response {
+    json(Ok(c.admins()))
+}
+
+async fn admin_add(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    Limited(b): Limited,
+) -> Response {
+    let r = async { c.admin_add(&body(&b)?, &who).await };
+    json(r.await)
+}
+
+async fn admin_revoke(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    Path(name): Path<String>,
+) -> Response {
+    json(c.admin_revoke(&name, &who).await)
+}
+
+async fn access_list(State(c): State<Ctl>, _: Admin) -> Response {
+    json(Ok(c.access_list()))
+}
+
+async fn access_request(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    Limited(b): Limited,
+) -> Response {
+    let r = async { c.access_request(&body(&b)?, &who).await };
+    json(r.await)
+}
+
+async fn access_approve(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    Path(id): Path<String>,
+) -> Response {
+    json(c.access_approve(&id, &who).await)
+}
+
+async fn access_deny(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    axum::Extension(CallerRole(role)): Caller,
+    Path(id): Path<String>,
+) -> Response {
+    json(c.access_close(&id, &who, role, false).await)
+}
+
+async fn access_revoke(
+    State(c): State<Ctl>,
+    axum::Extension(who): Admin,
+    axum::Extension(CallerRole(role)): Caller,
+    Path(id): Path<String>,
+) -> Response {
+    json(c.access_close(&id, &who, role, true).await)
 }
 
 /// Counts a node's open stream while it lives.
@@ -640,7 +891,7 @@ mod tests {
     fn every_error_has_its_status_and_stable_code() {
         let cases = [
             (Error::Unauthenticated("x"), 401, "unauthenticated"),
-            (Error::Forbidden("x"), 403, "forbidden"),
+            (Error::Forbidden("x".into()), 403, "forbidden"),
             (Error::BadRequest("x".into()), 400, "bad_request"),
             (
                 Error::InvalidPolicy {

@@ -61,6 +61,8 @@ pub struct Settings {
     pub flow_limits: flows::durable::Limits,
     /// `--metrics ADDR:PORT`: serve Prometheus metrics there.
     pub metrics: Option<SocketAddr>,
+    /// Seconds an access request waits for its approvals before it expires.
+    pub access_request_ttl: i64,
 }
 
 /// A running controller's shared state.
@@ -87,6 +89,8 @@ pub struct Controller {
     pub(crate) endpoint_moves: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// Whether the view is confirmed to be the store's; when not, nodes are sent elsewhere.
     pub(crate) currency: Arc<currency::Currency>,
+    /// Seconds an access request waits for its approvals.
+    pub(crate) access_request_ttl: i64,
 }
 
 impl Controller {
@@ -240,6 +244,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         id: bulkhead_proto::tls::sha256_hex(url.as_bytes())[..16].to_string(),
         endpoint_moves: Default::default(),
         currency: currency.clone(),
+        access_request_ttl: s.access_request_ttl,
     });
     let mut tasks = vec![tokio::spawn(view::sync(
         store, view, applied_tx, cred_tx, currency,
@@ -249,6 +254,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
     tasks.push(tokio::spawn(presence::run(controller.clone())));
     tasks.push(tokio::spawn(currency::watch_over(controller.clone())));
     tasks.push(tokio::spawn(end_quarantines(controller.clone())));
+    tasks.push(tokio::spawn(ops::close_access(controller.clone())));
     tasks.push(tokio::spawn(flows::share_denials(controller.clone())));
     tasks.push(tokio::spawn(flows::durable::run(
         controller.flows.durable.clone(),

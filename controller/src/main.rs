@@ -62,6 +62,9 @@ struct Cli {
     /// the retention's hours, so that one node alone cannot push the others' history out.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     flow_history_node_rows: Option<u64>,
+    /// How long an access request waits for its approvals before it expires, like `1h`.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = request_ttl)]
+    access_request_ttl: i64,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
@@ -87,6 +90,14 @@ fn duration(s: &str) -> Result<i64, String> {
 }
 
 /// A PEM file, refused at once if it is not one.
+/// An access request's time to be approved: at least a minute, at most a week.
+fn request_ttl(s: &str) -> Result<i64, String> {
+    match bulkhead_policy::parse_duration(s)? {
+        t if (60..=7 * 86_400).contains(&t) => Ok(t),
+        _ => Err("at least 1m and at most 7d".into()),
+    }
+}
+
 fn pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(
@@ -146,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 l
             },
             metrics: cli.metrics,
+            access_request_ttl: cli.access_request_ttl,
         })
         .await?;
         eprintln!(

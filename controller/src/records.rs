@@ -14,6 +14,8 @@
 //! | `quarantine/<identity>` | [`bulkhead_proto::Quarantine`]: an identity in quarantine |
 //! | `audit/<unix ms>-<random>` | [`bulkhead_proto::AuditEntry`]: created once, never changed |
 //! | `presence/<identity>` | [`PresenceRecord`]: which controller has its stream, what it reported |
+//! | `admins/<name>` | [`AdminRecord`]: a named administrator, its role, its credential's fingerprint |
+//! | `access/<id>` | [`bulkhead_proto::AccessView`]: an access request and where it stands |
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,6 +39,21 @@ pub const CREDS: &str = "creds/";
 pub const ENDPOINTS: &str = "endpoints/";
 /// Live controllers, each held under a lease while it runs (by a hash of its URL).
 pub const CONTROLLERS: &str = "controllers/";
+
+/// Administrators, by name (their credentials are under [`CREDS`]).
+pub const ADMINS: &str = "admins/";
+/// Access requests, by id.
+pub const ACCESS: &str = "access/";
+
+/// A named administrator. Written and deleted in one transaction with its `creds/` record, so
+/// that the name and the credential never disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// As shown.
+    pub view: bulkhead_proto::AdminView,
+    /// The full fingerprint of its certificate: its key under [`CREDS`].
+    pub credential: String,
+}
 
 /// Quarantines, by identity.
 pub const QUARANTINE: &str = "quarantine/";
@@ -343,12 +360,23 @@ pub enum CredRecord {
     Admin {
         /// A name for the audit log.
         name: String,
+        /// What it may do; a credential stored before roles existed is the first
+        /// administrator's: an owner.
+        #[serde(default = "owner")]
+        admin_role: bulkhead_proto::Role,
+        /// Unix seconds from which it no longer works.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires: Option<i64>,
     },
     /// An enrolled node.
     Node {
         /// Its identity.
         identity: String,
     },
+}
+
+fn owner() -> bulkhead_proto::Role {
+    bulkhead_proto::Role::Owner
 }
 
 /// Where a node's peers send to.
@@ -385,6 +413,32 @@ mod tests {
             identity: "web-1".into(),
         };
         assert_eq!(decode::<CredRecord>("k", &encode(&c)).unwrap(), c);
+    }
+
+    #[test]
+    fn an_administrator_stored_before_roles_is_an_owner() {
+        let old: CredRecord = decode("k", br#"{"role":"admin","name":"admin"}"#).unwrap();
+        assert_eq!(
+            old,
+            CredRecord::Admin {
+                name: "admin".into(),
+                admin_role: bulkhead_proto::Role::Owner,
+                expires: None
+            }
+        );
+        let v: CredRecord = decode(
+            "k",
+            br#"{"role":"admin","name":"v","admin_role":"viewer","expires":5}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            v,
+            CredRecord::Admin {
+                admin_role: bulkhead_proto::Role::Viewer,
+                expires: Some(5),
+                ..
+            }
+        ));
     }
 
     #[test]

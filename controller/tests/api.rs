@@ -37,6 +37,7 @@ fn settings(dir: &std::path::Path) -> Settings {
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
         flow_limits: Default::default(),
+        access_request_ttl: bulkhead_controller::ops::DEFAULT_REQUEST_TTL,
         metrics: None,
     }
 }

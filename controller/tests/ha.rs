@@ -70,6 +70,7 @@ async fn controller(name: &str, spec: &str) -> Ctl {
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
         flow_limits: Default::default(),
+        access_request_ttl: bulkhead_controller::ops::DEFAULT_REQUEST_TTL,
         metrics: None,
     })
     .await

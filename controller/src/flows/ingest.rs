@@ -29,8 +29,9 @@ use crate::view::{Mirror, lock};
 
 /// Most entries one batch may carry: a daemon's whole flow-log buffer.
 pub const MAX_BATCH: usize = 10_000;
-/// Longest name (peer, rule) an entry may carry; identity and rule names are shorter.
-const MAX_NAME: usize = 64;
+/// Longest name (peer, rule) an entry may carry; identity names are shorter, and so are rule
+/// names, even those of approved access (`RULE@ID`: 63 + 9).
+const MAX_NAME: usize = 80;
 /// Longest drop reason an entry may carry.
 const MAX_REASON: usize = 32;
 

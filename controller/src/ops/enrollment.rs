@@ -57,6 +57,22 @@ fn check_report(r: &Report) -> Result<(), Error> {
     Ok(())
 }
 
+/// The report with its location: `endpoint.address` is the address the report came from, as
+/// this controller saw it (spec §10), never what the node says; a node's own claim of that
+/// fact is dropped.
+fn with_location(mut r: Report, from: SocketAddr) -> Report {
+    let ip = crate::view::ipv4(from.ip()).map_or(from.ip(), std::net::IpAddr::V4);
+    r.facts.insert(
+        bulkhead_policy::posture::ENDPOINT_ADDRESS.to_string(),
+        bulkhead_proto::Fact {
+            value: ip.to_string(),
+            // Reports come every 10 s; the presence record is refreshed at least every 30 s.
+            interval: 30,
+        },
+    );
+    r
+}
+
 impl Controller {
     /// Whether `identity`'s endpoint may move now (at most once per [`ENDPOINT_MOVE_EVERY`]);
     /// if so, notes the move.
@@ -353,6 +369,7 @@ impl Controller {
     /// Takes a node's report; stores its endpoint if it moved.
     pub async fn report(&self, identity: &str, from: SocketAddr, r: Report) -> Result<(), Error> {
         check_report(&r)?;
+        let r = with_location(r, from);
         let endpoint = r
             .endpoint
             .unwrap_or_else(|| SocketAddr::new(from.ip(), r.listen_port));

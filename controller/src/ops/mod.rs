@@ -2,16 +2,23 @@
 //! - [`policy`]: validate, plan, apply, show;
 //! - [`enrollment`]: tokens, joins, revocation, reports;
 //! - [`quarantine`]: quarantine and release;
-//! - [`reads`]: the audit log, nodes, status.
+//! - [`reads`]: the audit log, nodes, status;
+//! - [`admins`]: named administrators: add, list, revoke (spec §10);
+//! - [`access`]: access that needs approval: request, approve, deny, revoke, and its end.
 //!
 //! Every change is a store transaction; the view follows the store ([`crate::view::sync`]).
 //! Errors are an [`Error`]: what went wrong in the domain's words. Only `api.rs` maps them to
 //! HTTP statuses and the API's error codes.
 
+mod access;
+mod admins;
 mod enrollment;
 mod policy;
 mod quarantine;
 mod reads;
+
+pub use access::{DEFAULT_REQUEST_TTL, MAX_OPEN_REQUESTS, close_access};
+pub use admins::MAX_ADMINS;
 
 use bulkhead_proto::AuditEntry;
 use bulkhead_store::{Compare, Op};
@@ -37,7 +44,7 @@ pub enum Error {
     /// No credential, or one that is unknown or revoked.
     Unauthenticated(&'static str),
     /// A credential that may not make this call.
-    Forbidden(&'static str),
+    Forbidden(String),
     /// The request is malformed or out of bounds.
     BadRequest(String),
     /// The policy does not validate: every problem, as `FILE:LINE:COL: error: …`.
@@ -77,7 +84,8 @@ impl Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Unauthenticated(m) | Error::Forbidden(m) => f.write_str(m),
+            Error::Unauthenticated(m) => f.write_str(m),
+            Error::Forbidden(m) => f.write_str(m),
             Error::TokenInvalid => f.write_str("the join token is unknown, used or expired"),
             Error::InvalidPolicy { message, details } => {
                 f.write_str(message)?;

@@ -22,6 +22,18 @@ struct Candidate {
     compiled: Compiled,
 }
 
+impl Candidate {
+    /// This candidate with approved access, compiled, if there is any.
+    fn granted(&self, grants: &[bulkhead_policy::Grant]) -> Option<Candidate> {
+        if grants.is_empty() {
+            return None;
+        }
+        let model = self.model.with_grants(grants);
+        let compiled = Compiled::new(&model, model.state(&Conditions::at(unix_now())));
+        Some(Candidate { model, compiled })
+    }
+}
+
 fn plan_between(old: Option<(&Model, &Compiled)>, new: (&Model, &Compiled)) -> Plan {
     let p = reach::plan(old, new);
     Plan {
@@ -147,11 +159,13 @@ impl Controller {
             .map(|l| l.record.addresses.clone())
             .unwrap_or_default();
         let cand = self.validate(&req.text, &req.source, &prior)?;
+        let granted = live.as_ref().and_then(|l| cand.granted(&l.grants));
+        let after = granted.as_ref().unwrap_or(&cand);
         Ok(PlanResponse {
             base_revision: live.as_ref().map_or(0, |l| l.record.revision),
             plan: plan_between(
                 live.as_deref().map(|l| (&*l.model, &l.compiled)),
-                (&cand.model, &cand.compiled),
+                (&after.model, &after.compiled),
             ),
         })
     }
@@ -199,10 +213,15 @@ impl Controller {
                 summary: PlanSummary::default(),
             });
         }
+        // Approved access in force stays in force under the new policy, as far as it still
+        // has the rules: not a loss.
+        let granted = old.as_ref().and_then(|l| cand.granted(&l.grants));
+        let after = granted.as_ref().unwrap_or(&cand);
         let plan = plan_between(
             old.as_deref().map(|l| (&*l.model, &l.compiled)),
-            (&cand.model, &cand.compiled),
+            (&after.model, &after.compiled),
         );
+        drop(granted);
         let rec = PolicyRecord {
             revision: live_rev + 1,
             text: req.text.clone(),
@@ -232,9 +251,12 @@ impl Controller {
             );
         }
         let sha = head.body.clone();
+        let model = Arc::new(cand.model);
         lock(&self.view).prepare(Live {
             record: rec,
-            model: Arc::new(cand.model),
+            plain: model.clone(),
+            model,
+            grants: Vec::new(),
             compiled: cand.compiled,
         });
         let summary = plan.summary();

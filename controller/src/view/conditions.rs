@@ -71,6 +71,8 @@ pub struct Inputs {
     pub quarantined: BTreeSet<String>,
     /// The address each enrolled node joined from (`addressing: underlay`, spec §8).
     pub pins: BTreeMap<String, std::net::Ipv4Addr>,
+    /// Approved access in force at `now`.
+    pub grants: Vec<bulkhead_policy::Grant>,
 }
 
 impl Inputs {
@@ -87,6 +89,7 @@ impl Inputs {
                 .collect(),
             quarantined: m.quarantined(now).map(|(id, _)| id.clone()).collect(),
             pins: m.pins(),
+            grants: m.grants(now),
         }
     }
 
@@ -117,7 +120,7 @@ pub fn conditions(model: &Model, inputs: &Inputs) -> Conditions {
 }
 
 /// When conditions may next change with no store event: a rule's window opens or closes, or a
-/// node's facts go stale, or a quarantine ends.
+/// node's facts go stale, or a quarantine or approved access ends.
 pub fn next_event(model: &Model, m: &Mirror, now: i64) -> Option<i64> {
     let windows = model
         .rules()
@@ -143,7 +146,14 @@ pub fn next_event(model: &Model, m: &Mirror, now: i64) -> Option<i64> {
         .values()
         .filter_map(|(q, _)| q.until)
         .filter(|&t| t > now);
-    windows.chain(stale).chain(ends).min()
+    // Approved access ends with its rule's window too; this also covers an approval whose
+    // rule the live policy no longer has.
+    let access = m
+        .access
+        .values()
+        .filter_map(|(a, _)| a.until)
+        .filter(|&t| t > now);
+    windows.chain(stale).chain(ends).chain(access).min()
 }
 
 #[cfg(test)]

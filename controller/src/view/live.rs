@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bulkhead_allowlist::{Addressing, Allowlist};
-use bulkhead_policy::{CheckId, Compiled, IdentityId, Model, State};
+use bulkhead_policy::{CheckId, Compiled, Grant, IdentityId, Model, State};
 
 use super::conditions::{self, Inputs};
 use crate::records::PolicyRecord;
@@ -22,10 +22,41 @@ use crate::records::PolicyRecord;
 pub struct Live {
     /// As stored.
     pub record: PolicyRecord,
-    /// Resolved; shared, so that a recompile for new conditions reuses it.
+    /// Resolved, without approved access: what plans compare with.
+    pub plain: Arc<Model>,
+    /// Resolved, with a rule for each approved access request in `grants`
+    /// ([`Model::with_grants`]): what is compiled, evaluated and explained. Shared, so that a
+    /// recompile for new conditions reuses it.
     pub model: Arc<Model>,
+    /// The approved access `model` was made with.
+    pub grants: Vec<Grant>,
     /// Compiled.
     pub compiled: Compiled,
+}
+
+impl Live {
+    /// A live policy from its record and its resolved model, with `grants`, compiled for the
+    /// conditions of `inputs`.
+    pub fn new(record: PolicyRecord, plain: Arc<Model>, inputs: &Inputs) -> Live {
+        let model = granted(&plain, &inputs.grants);
+        let state = model.state(&conditions::conditions(&model, inputs));
+        Live {
+            record,
+            compiled: Compiled::new(&model, state),
+            plain,
+            model,
+            grants: inputs.grants.clone(),
+        }
+    }
+}
+
+/// `plain` with `grants`, sharing it when there are none.
+fn granted(plain: &Arc<Model>, grants: &[Grant]) -> Arc<Model> {
+    if grants.is_empty() {
+        plain.clone()
+    } else {
+        Arc::new(plain.with_grants(grants))
+    }
 }
 
 /// Each identity's allowlist. An allowlist's revision is the policy revision that last changed
@@ -116,6 +147,17 @@ impl Job {
         let Some(base) = base.filter(|_| check) else {
             return Outcome::Unchanged;
         };
+        // Approved access came or went: a rule more or less, a full compile.
+        if inputs.grants != base.grants {
+            let live = Live::new(base.record.clone(), base.plain.clone(), &inputs);
+            let (allowlists, changed) = allowlists_of(&live, &old);
+            return Outcome::Replace {
+                live: Box::new(live),
+                allowlists,
+                changed,
+                new_policy: false,
+            };
+        }
         let m = &*base.model;
         let state = m.state(&conditions::conditions(m, &inputs));
         let old_state = base.compiled.state();
@@ -132,7 +174,9 @@ impl Job {
         if crossed || too_many(m, changed.len()) {
             let live = Live {
                 record: base.record.clone(),
+                plain: base.plain.clone(),
                 model: base.model.clone(),
+                grants: base.grants.clone(),
                 compiled: Compiled::new(m, state),
             };
             let (allowlists, changed) = allowlists_of(&live, &old);
@@ -162,6 +206,13 @@ fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Opt
     match prepared {
         // With the servers' own addresses the model depends on the nodes' pins, which the
         // prepared model did not have: resolve it again below.
+        Some(p)
+            if p.record == record
+                && p.model.policy().addressing == Addressing::Overlay
+                && !inputs.grants.is_empty() =>
+        {
+            Some(Live::new(p.record, p.plain, inputs))
+        }
         Some(mut p) if p.record == record && p.model.policy().addressing == Addressing::Overlay => {
             // Compiled without the nodes' posture and quarantines, at the time it was validated:
             // bring those in, and compile again if a window opened or closed since, or if so
@@ -193,13 +244,7 @@ fn compile(record: PolicyRecord, prepared: Option<Live>, inputs: &Inputs) -> Opt
                 );
                 return None;
             };
-            let state = model.state(&conditions::conditions(&model, inputs));
-            let compiled = Compiled::new(&model, state);
-            Some(Live {
-                record,
-                model: Arc::new(model),
-                compiled,
-            })
+            Some(Live::new(record, Arc::new(model), inputs))
         }
     }
 }

@@ -11,9 +11,9 @@ use bulkhead_proto::Quarantine;
 use bulkhead_store::{KeyValue, Revision};
 
 use crate::records::{
-    self, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord, DENIALS, DenialRecord,
-    ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE, PolicyHead, PresenceRecord,
-    QUARANTINE, Tally,
+    self, ACCESS, ADMINS, AdminRecord, BLOBS, CONTROLLERS, CREDS, ControllerRecord, CredRecord,
+    DENIALS, DenialRecord, ENDPOINTS, EndpointRecord, NODES, NodeRecord, POLICY, PRESENCE,
+    PolicyHead, PresenceRecord, QUARANTINE, Tally,
 };
 
 /// What a batch of store events touched.
@@ -55,6 +55,10 @@ pub struct Mirror {
     pub presence: HashMap<String, (PresenceRecord, Revision)>,
     /// Denials per initiator, per controller id, as every controller shares them.
     pub denials: HashMap<String, HashMap<String, DenialRecord>>,
+    /// Named administrators, with the record's revision.
+    pub admins: BTreeMap<String, (AdminRecord, Revision)>,
+    /// Access requests by id, with the record's revision.
+    pub access: BTreeMap<String, (bulkhead_proto::AccessView, Revision)>,
     /// Chunks of policy bodies, by key (kept until the store deletes them).
     pub(super) blobs: HashMap<String, Vec<u8>>,
 }
@@ -72,6 +76,8 @@ enum Record<'a> {
     /// Denials of an initiator counted by one controller.
     Denial(&'a str, &'a str),
     Presence(&'a str),
+    Admin(&'a str),
+    Access(&'a str),
     /// Not followed (tokens, the audit log, the CA).
     Other,
 }
@@ -97,6 +103,10 @@ impl Record<'_> {
             Record::Denial(id, ctl)
         } else if let Some(id) = under(PRESENCE) {
             Record::Presence(id)
+        } else if let Some(name) = under(ADMINS) {
+            Record::Admin(name)
+        } else if let Some(id) = under(ACCESS) {
+            Record::Access(id)
         } else {
             Record::Other
         }
@@ -176,6 +186,15 @@ impl Mirror {
                 t.conditions |= facts_moved;
                 self.presence.insert(id.into(), (rec, kv.mod_revision));
             }
+            Record::Admin(name) => {
+                let rec = records::decode(key, v)?;
+                self.admins.insert(name.into(), (rec, kv.mod_revision));
+            }
+            Record::Access(id) => {
+                let rec = records::decode(key, v)?;
+                self.access.insert(id.into(), (rec, kv.mod_revision));
+                t.conditions = true;
+            }
             Record::Other => {}
         }
         Ok(())
@@ -223,8 +242,35 @@ impl Mirror {
                 self.presence.remove(id);
                 t.conditions = true;
             }
+            Record::Admin(name) => {
+                self.admins.remove(name);
+            }
+            Record::Access(id) => {
+                self.access.remove(id);
+                t.conditions = true;
+            }
             Record::Other => {}
         }
+    }
+
+    /// The approved access in force or to come at `now`, for the model
+    /// ([`bulkhead_policy::Model::with_grants`]), in id order.
+    pub fn grants(&self, now: i64) -> Vec<bulkhead_policy::Grant> {
+        self.access
+            .values()
+            .filter(|(a, _)| a.state_at(now) == bulkhead_proto::AccessState::Approved)
+            .filter_map(|(a, _)| {
+                Some(bulkhead_policy::Grant {
+                    id: a.id.clone(),
+                    rule: a.rule.clone(),
+                    initiators: a.from.iter().cloned().collect(),
+                    start: a.start?,
+                    until: a.until?,
+                    requester: a.requester.clone(),
+                    approvers: a.approvals.iter().map(|p| p.by.clone()).collect(),
+                })
+            })
+            .collect()
     }
 
     /// Whether a node's stream is open at a live controller.
@@ -276,6 +322,8 @@ mod tests {
             ("denials/x/0a", Record::Denial("x", "0a")),
             ("denials/x", Record::Other),
             ("presence/x", Record::Presence("x")),
+            ("admins/alice", Record::Admin("alice")),
+            ("access/0a1b2c3d", Record::Access("0a1b2c3d")),
             ("tokens/aa", Record::Other),
             ("audit/1-2", Record::Other),
             ("policyx", Record::Other),

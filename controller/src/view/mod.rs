@@ -327,7 +327,9 @@ impl View {
         // Usually the only reference; a plan in progress may hold another, then this copies.
         let mut live = Arc::try_unwrap(shared).unwrap_or_else(|l| Live {
             record: l.record.clone(),
+            plain: l.plain.clone(),
             model: l.model.clone(),
+            grants: l.grants.clone(),
             compiled: l.compiled.clone(),
         });
         let out = live::patch(&mut live, Arc::make_mut(&mut self.allowlists), changed);

@@ -98,8 +98,15 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = duration, conflicts_with_all = ["follow", "limit"])]
         since: Option<i64>,
     },
-    /// The audit log: policy applies, enrollments, revocations, quarantines and releases.
+    /// The audit log: policy applies, enrollments, revocations, quarantines, releases,
+    /// administrators, access requests and refused calls, each with who did it.
     Audit,
+    /// Administrators and their roles: viewer < operator < approver < owner.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Access under rules that need approval: request, list, approve, deny, revoke.
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Who talks to whom, from the flow history: identities grouped by segment, edges for
     /// allowed, denied and would-deny flows with their ports, counts and rules (-o html|dot|json).
     Map(map::Args),
@@ -145,6 +152,75 @@ struct When {
     /// Evaluate at this time (RFC 3339) instead of now.
     #[arg(long, value_name = "RFC3339")]
     at: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Add an administrator and print its CLI configuration (with its private key, made
+    /// here): hand it over privately.
+    Add {
+        /// A name for the audit log: a-z, 0-9 and '-'.
+        name: String,
+        /// viewer (reads), operator (also changes), approver (also approves access), owner
+        /// (also manages administrators).
+        #[arg(long, value_parser = parse_role)]
+        role: bulkhead_proto::Role,
+        /// The credential stops working after this long, like `30d` (default: until revoked).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+        /// Write the configuration to FILE (mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Every administrator: role, expiry, who added it.
+    List,
+    /// Revoke an administrator: its credential stops working at once, on open connections
+    /// too. The last owner cannot be revoked.
+    Revoke {
+        /// The administrator.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccessCommand {
+    /// Ask for access under a rule that needs approval; prints the request's id.
+    Request {
+        /// The rule.
+        rule: String,
+        /// How long, from its approval (at most the rule's `max`).
+        #[arg(long = "for", default_value = "1h", value_name = "DURATION")]
+        duration: String,
+        /// Only for this initiating identity (default: every identity on the rule's `from`).
+        #[arg(long, value_name = "IDENTITY")]
+        from: Option<String>,
+        /// Why: the approvers and the audit log see it.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// Every request and where it stands.
+    List,
+    /// Approve a request (approvers; never one's own). With as many different approvers as
+    /// its rule needs, the access is in force until its time passes.
+    Approve {
+        /// The request's id.
+        id: String,
+    },
+    /// Deny a pending request: it never takes effect.
+    Deny {
+        /// The request's id.
+        id: String,
+    },
+    /// End approved access now.
+    Revoke {
+        /// The request's id.
+        id: String,
+    },
+}
+
+/// A role; an unknown one is a usage error.
+fn parse_role(s: &str) -> Result<bulkhead_proto::Role, String> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +285,10 @@ enum PolicyCommand {
         /// With `--path underlay`: FROM's server's own address, to match networks in `from`.
         #[arg(long, value_name = "IP")]
         from_address: Option<std::net::Ipv4Addr>,
+        /// Ask the controller for the approved access requests in force, so that a rule that
+        /// needs approval counts where one covers it (and says who approved it, until when).
+        #[arg(long)]
+        live: bool,
     },
     /// Show who can reach whom, with the ports, grouped by segment.
     Matrix {
@@ -296,6 +376,44 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Release { identity } => online::release(&mut remote()?, &identity, fmt),
         Command::Audit => online::audit(&mut remote()?, fmt),
+        Command::Admin(a) => match a {
+            AdminCommand::Add {
+                name,
+                role,
+                expires,
+                out,
+            } => online::admin_add(
+                &mut remote()?,
+                &name,
+                role,
+                expires.as_deref(),
+                out.as_deref(),
+                fmt,
+            ),
+            AdminCommand::List => online::admin_list(&mut remote()?, fmt),
+            AdminCommand::Revoke { name } => online::admin_revoke(&mut remote()?, &name, fmt),
+        },
+        Command::Access(a) => match a {
+            AccessCommand::Request {
+                rule,
+                duration,
+                from,
+                reason,
+            } => online::access_request(
+                &mut remote()?,
+                &rule,
+                &duration,
+                from.as_deref(),
+                &reason,
+                fmt,
+            ),
+            AccessCommand::List => online::access_list(&mut remote()?, fmt),
+            AccessCommand::Approve { id } => {
+                online::access_act(&mut remote()?, &id, "approve", fmt)
+            }
+            AccessCommand::Deny { id } => online::access_act(&mut remote()?, &id, "deny", fmt),
+            AccessCommand::Revoke { id } => online::access_act(&mut remote()?, &id, "revoke", fmt),
+        },
         Command::Map(args) => map::map(&args, remote, fmt),
         Command::Flows {
             denied,
@@ -343,6 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 facts,
                 path,
                 from_address,
+                live,
             } => policy::explain(
                 &file,
                 policy::Query {
@@ -356,6 +475,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     from_address,
                 },
                 &when,
+                if live {
+                    Some(online::live_grants(&mut remote()?)?)
+                } else {
+                    None
+                },
                 fmt,
             ),
             PolicyCommand::Matrix { file, when } => policy::matrix(&file, &when, fmt),
@@ -411,6 +535,27 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn roles_are_known_or_a_usage_error() {
+        let parse = |role: &str| {
+            Cli::try_parse_from(["bulkhead", "admin", "add", "alice", "--role", role])
+                .map(|c| c.command)
+        };
+        match parse("approver") {
+            Ok(Command::Admin(AdminCommand::Add { role, .. })) => {
+                assert_eq!(role, bulkhead_proto::Role::Approver);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse("root").map(|_| ()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("unknown role"), "{e}");
+        let e = Cli::try_parse_from(["bulkhead", "access", "request", "r"])
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 2, "a request needs a reason");
     }
 
     #[test]

@@ -2,17 +2,18 @@
 //! status, quarantine/release, flows (from every live controller), audit.
 //!
 //! Exit codes: a request the controller refused on its merits (an invalid policy, an unknown
-//! identity, a stale plan) exits 1; not being able to ask (no config, no connection, a refused
-//! credential) exits 2.
+//! identity, a stale plan, a call beyond the caller's role) exits 1; not being able to ask (no
+//! config, no connection, a revoked or expired credential) exits 2.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
 use bulkhead_proto::{
-    ApiError, ApplyResponse, AuditEntry, CliConfig, Connection, FlowView, NodeView, PlanResponse,
-    PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, RevokeResponse, StatusView,
-    TokenRequest, TokenResponse,
+    AccessRequest, AccessState, AccessView, AdminIssued, AdminRequest, AdminView, ApiError,
+    ApplyResponse, AuditEntry, CliConfig, Connection, FlowView, NodeView, PlanResponse,
+    PolicyRequest, PolicyView, QuarantineRequest, QuarantineResponse, RevokeResponse, Role,
+    StatusView, TokenRequest, TokenResponse,
 };
 
 use crate::output::{Format, Outcome, columns, emit, escape_controls, time};
@@ -135,7 +136,9 @@ impl Remote {
 fn refused<T>(r: Result<T, ApiError>) -> anyhow::Result<Result<T, Outcome>> {
     match r {
         Ok(v) => Ok(Ok(v)),
-        Err(ApiError::Api { status, body }) if !matches!(status, 401 | 403) && status < 500 => {
+        // 403: a call beyond the caller's role, or a step the rules forbid (approving one's own
+        // request): refused on its merits. 401: the credential itself does not work.
+        Err(ApiError::Api { status, body }) if status != 401 && status < 500 => {
             eprintln!("bulkhead: {}", escape_controls(&body.message, false));
             for d in &body.details {
                 eprintln!("{}", escape_controls(d, false));
@@ -666,4 +669,266 @@ pub fn status(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
         columns(&rows)
     })?;
     Ok(Outcome::Ok)
+}
+
+/// A duration as people write it: `2h`, `15m`, `90s`.
+pub fn span(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `bulkhead admin add NAME --role R [--expires D] [--out FILE]`: the key pair is made here and
+/// only its public half is sent; the new administrator's CLI configuration goes to stdout (or
+/// FILE, mode 0600), to hand over privately.
+pub fn admin_add(
+    r: &mut Remote,
+    name: &str,
+    role: Role,
+    expires: Option<&str>,
+    out: Option<&Path>,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let expires_in = expires
+        .map(|d| {
+            bulkhead_policy::parse_duration(d)
+                .map_err(|e| anyhow!("--expires: {e}"))
+                .map(|s| u64::try_from(s).unwrap_or(0))
+        })
+        .transpose()?;
+    let key = bulkhead_proto::tls::CredentialKey::generate()?;
+    let req = AdminRequest {
+        name: name.to_string(),
+        role,
+        expires_in,
+        credential_key: key.public().to_base64(),
+    };
+    let issued: AdminIssued = match refused(r.post("/v1/admins", &req))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    let cfg = CliConfig {
+        url: r.cfg.url.clone(),
+        ca: issued.ca.clone(),
+        certificate: issued.certificate.clone(),
+        key: key.pem(),
+    };
+    let until = issued
+        .admin
+        .expires
+        .map_or(String::new(), |t| format!(", until {}", time(t)));
+    match out {
+        Some(path) => {
+            cfg.save(path).map_err(|e| anyhow!(e))?;
+            emit(fmt, &issued.admin, || {
+                format!(
+                    "added {} as {}{until}: configuration written to {} (mode 0600)\n",
+                    issued.admin.name,
+                    issued.admin.role,
+                    path.display()
+                )
+            })?;
+        }
+        None => {
+            eprintln!(
+                "bulkhead: added {} as {}{until}; below is its CLI configuration, with its private \
+                 key: hand it over privately, keep it mode 0600",
+                issued.admin.name, issued.admin.role
+            );
+            match fmt {
+                Format::Json => {
+                    crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&cfg)?))?
+                }
+                _ => crate::output::print(&serde_saphyr::to_string(&cfg)?)?,
+            }
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead admin list`.
+pub fn admin_list(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let admins: Vec<AdminView> = match refused(r.get("/v1/admins"))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    let now = jiff::Timestamp::now().as_second();
+    emit(fmt, &admins, || {
+        let mut rows = vec![
+            ["NAME", "ROLE", "EXPIRES", "ADDED", "BY", "CREDENTIAL"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for a in &admins {
+            rows.push(vec![
+                a.name.clone(),
+                a.role.to_string(),
+                match a.expires {
+                    None => "never".into(),
+                    Some(t) if t <= now => format!("{} (EXPIRED)", time(t)),
+                    Some(t) => time(t),
+                },
+                time(a.created),
+                a.created_by.clone(),
+                a.fingerprint.clone(),
+            ]);
+        }
+        columns(&rows)
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead admin revoke NAME`.
+pub fn admin_revoke(r: &mut Remote, name: &str, fmt: Format) -> anyhow::Result<Outcome> {
+    let path = format!("/v1/admins/{name}/revoke");
+    let v: AdminView = match refused(r.post(&path, &()))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &v, || {
+        format!(
+            "revoked {} ({}): its credential no longer works, on open connections too\n",
+            v.name, v.role
+        )
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead access request RULE [--for D] [--from IDENTITY] --reason TEXT`: the request id on
+/// stdout.
+pub fn access_request(
+    r: &mut Remote,
+    rule: &str,
+    duration: &str,
+    from: Option<&str>,
+    reason: &str,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
+    let secs = bulkhead_policy::parse_duration(duration).map_err(|e| anyhow!("--for: {e}"))?;
+    let req = AccessRequest {
+        rule: rule.to_string(),
+        duration: u64::try_from(secs).unwrap_or(0),
+        from: from.map(str::to_string),
+        reason: reason.to_string(),
+    };
+    let v: AccessView = match refused(r.post("/v1/access", &req))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    eprintln!(
+        "bulkhead: request {} for rule {}: needs {} approver(s) other than you by {}",
+        v.id,
+        v.rule,
+        v.approvers_needed,
+        time(v.approve_by)
+    );
+    emit(fmt, &v, || format!("{}\n", v.id))?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead access list`.
+pub fn access_list(r: &mut Remote, fmt: Format) -> anyhow::Result<Outcome> {
+    let list: Vec<AccessView> = match refused(r.get("/v1/access"))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &list, || {
+        let dash = || "-".to_string();
+        let mut rows = vec![
+            [
+                "ID",
+                "RULE",
+                "FROM",
+                "FOR",
+                "STATE",
+                "REQUESTER",
+                "APPROVED BY",
+                "UNTIL",
+                "REASON",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for a in &list {
+            let approvals: Vec<&str> = a.approvals.iter().map(|p| p.by.as_str()).collect();
+            let state = match (a.state, &a.closed_by) {
+                (s, Some(by)) => format!("{s} by {by}"),
+                (AccessState::Pending, None) => format!(
+                    "pending ({}/{}, until {})",
+                    a.approvals.len(),
+                    a.approvers_needed,
+                    time(a.approve_by)
+                ),
+                (s, None) => s.to_string(),
+            };
+            rows.push(vec![
+                a.id.clone(),
+                a.rule.clone(),
+                a.from.clone().unwrap_or_else(|| "*".into()),
+                span(a.duration),
+                state,
+                a.requester.clone(),
+                if approvals.is_empty() {
+                    dash()
+                } else {
+                    approvals.join(", ")
+                },
+                a.until.map_or_else(dash, time),
+                escape_controls(&a.reason, false).to_string(),
+            ]);
+        }
+        columns(&rows)
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// `bulkhead access approve|deny|revoke ID`.
+pub fn access_act(r: &mut Remote, id: &str, verb: &str, fmt: Format) -> anyhow::Result<Outcome> {
+    let path = format!("/v1/access/{id}/{verb}");
+    let a: AccessView = match refused(r.post(&path, &()))? {
+        Ok(v) => v,
+        Err(o) => return Ok(o),
+    };
+    emit(fmt, &a, || match (verb, a.state) {
+        ("approve", AccessState::Approved) => format!(
+            "approved {}: rule {} in force until {}\n",
+            a.id,
+            a.rule,
+            a.until.map_or_else(|| "-".into(), time)
+        ),
+        ("approve", _) => format!(
+            "approved {}: {} of {} approvals\n",
+            a.id,
+            a.approvals.len(),
+            a.approvers_needed
+        ),
+        ("deny", _) => format!("denied {}: it will never take effect\n", a.id),
+        _ => format!("revoked {}: rule {} no longer in force\n", a.id, a.rule),
+    })?;
+    Ok(Outcome::Ok)
+}
+
+/// The approved access requests in force, for `policy explain --live`.
+pub fn live_grants(r: &mut Remote) -> anyhow::Result<Vec<bulkhead_policy::Grant>> {
+    let list: Vec<AccessView> = r.get("/v1/access")?;
+    let now = jiff::Timestamp::now().as_second();
+    Ok(list
+        .into_iter()
+        .filter(|a| a.state_at(now) == AccessState::Approved)
+        .filter_map(|a| {
+            Some(bulkhead_policy::Grant {
+                start: a.start?,
+                until: a.until?,
+                approvers: a.approvals.iter().map(|p| p.by.clone()).collect(),
+                initiators: a.from.into_iter().collect(),
+                id: a.id,
+                rule: a.rule,
+                requester: a.requester,
+            })
+        })
+        .collect())
 }

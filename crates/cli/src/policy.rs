@@ -345,6 +345,20 @@ enum Depends {
     Posture { identity: String, check: String },
     /// The verdict holds while the identity is not quarantined.
     NotQuarantined { identity: String },
+    /// The verdict holds while an approved access request is in force.
+    Approval {
+        request: String,
+        requester: String,
+        approved_by: Vec<String>,
+        until: String,
+    },
+}
+
+/// The policy's name for a rule: a rule made from an approved request (`RULE@ID`) is its rule's.
+fn policy_rule(name: &str) -> String {
+    bulkhead_policy::approval::split_rule_name(name)
+        .map_or(name, |(rule, _)| rule)
+        .to_string()
 }
 
 #[derive(Serialize)]
@@ -373,7 +387,16 @@ struct Explanation {
 }
 
 /// `bulkhead policy explain FILE FROM TO PORT`.
-pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Result<Outcome> {
+///
+/// With `grants` (`--live`: the approved access requests the controller has), a rule that needs
+/// approval is in force for what they cover, and the answer says who approved it, until when.
+pub fn explain(
+    file: &Path,
+    q: Query,
+    when: &When,
+    grants: Option<Vec<bulkhead_policy::Grant>>,
+    fmt: Format,
+) -> anyhow::Result<Outcome> {
     let probe = parse_probe(&q.port).map_err(|e| anyhow!(e))?;
     match q.path {
         NetPath::Overlay if q.from_address.is_some() => {
@@ -389,9 +412,11 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
     }
     let now = now(when)?;
     let src = Source::load(file, now, &BTreeMap::new())?;
-    let Some(m) = src.valid_model() else {
+    let Some(plain) = src.valid_model() else {
         return src.invalid();
     };
+    let granted = grants.as_ref().map(|g| plain.with_grants(g));
+    let m = granted.as_ref().unwrap_or(plain);
     let ident = |n: &str| {
         m.identity(n)
             .ok_or_else(|| anyhow!("{}: no identity named {n:?}", src.path))
@@ -437,6 +462,14 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
         if let Some(t) = r.window.not_before {
             depends.push(Depends::NotBefore { at: time(t) });
         }
+        if let Some(g) = r.grant.as_deref().filter(|_| d.allowed) {
+            depends.push(Depends::Approval {
+                request: g.id.clone(),
+                requester: g.requester.clone(),
+                approved_by: g.approvers.clone(),
+                until: time(g.until),
+            });
+        }
         if d.allowed {
             for &c in &r.posture {
                 depends.push(Depends::Posture {
@@ -465,6 +498,16 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
     let why = |w: &Inactive| match w {
         Inactive::NotYet(t) => format!("not in force before {}", time(*t)),
         Inactive::Expired(t) => format!("expired at {}", time(*t)),
+        Inactive::NeedsApproval { approvers, max } => format!(
+            "needs approval: in force only while an approved access request covers it \
+             ({approvers} approver(s), at most {}){}",
+            crate::online::span(u64::try_from(*max).unwrap_or(0)),
+            if grants.is_some() {
+                ""
+            } else {
+                "; --live asks the controller for approved requests"
+            }
+        ),
         Inactive::Posture(cs) => format!(
             "{} fails posture: {}",
             q.from,
@@ -487,7 +530,7 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
         port: probe.to_string(),
         at: time(now),
         verdict: if d.allowed { "allow" } else { "deny" },
-        rule: d.rule.map(|r| m.rule(r).name.clone()),
+        rule: d.rule.map(|r| policy_rule(&m.rule(r).name)),
         location: d.rule.map(loc),
         reason,
         depends_on: depends,
@@ -495,7 +538,7 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
             .also
             .iter()
             .map(|&r| RuleAt {
-                rule: m.rule(r).name.clone(),
+                rule: policy_rule(&m.rule(r).name),
                 location: loc(r),
             })
             .collect(),
@@ -503,7 +546,7 @@ pub fn explain(file: &Path, q: Query, when: &When, fmt: Format) -> anyhow::Resul
             .inactive
             .iter()
             .map(|(r, w)| InactiveRule {
-                rule: m.rule(*r).name.clone(),
+                rule: policy_rule(&m.rule(*r).name),
                 location: loc(*r),
                 reason: why(w),
             })
@@ -536,6 +579,15 @@ fn explain_table(e: &Explanation) -> String {
                 Depends::NotQuarantined { identity } => {
                     format!("    - {identity} is not quarantined\n")
                 }
+                Depends::Approval {
+                    request,
+                    requester,
+                    approved_by,
+                    until,
+                } => format!(
+                    "    - access request {request} (by {requester}) approved by {}, until {until}\n",
+                    approved_by.join(", ")
+                ),
             };
         }
     }

@@ -1,7 +1,7 @@
 //! Access that needs approval (spec §10): a rule with `approval` is never in force by itself.
 //! Each approved request for it becomes a rule of its own, added to the model by
 //! [`Model::with_grants`]: the same ports and `to` side, its `from` side narrowed to the
-//! requested initiators, and its window narrowed to the approval's time. So the end of each
+//! requested initiators, and its window ending with the approval. So the end of each
 //! approval travels in the allowlists as an ordinary window, and nodes cut the access at that
 //! time by themselves, with or without a controller.
 //!
@@ -75,8 +75,11 @@ impl Model {
             if identities.is_empty() {
                 continue;
             }
+            // It starts when the controller ships it (an allow rule is shipped only once in
+            // force), so a node whose clock is a little behind does not hold it back; it ends
+            // at the approval's end, or the rule's, whichever comes first.
             let window = Window {
-                not_before: Some(base.window.not_before.map_or(g.start, |t| t.max(g.start))),
+                not_before: base.window.not_before,
                 expires: Some(base.window.expires.map_or(g.until, |t| t.min(g.until))),
             };
             added.push(Rule {
@@ -144,10 +147,7 @@ rules:
             m,
             m.identity(from).unwrap(),
             m.identity("db-1").unwrap(),
-            Probe {
-                proto: 6,
-                port: 22,
-            },
+            Probe { proto: 6, port: 22 },
             &st,
         );
         (d.allowed, d.inactive.into_iter().map(|(_, w)| w).collect())
@@ -172,8 +172,10 @@ rules:
         assert!(verdict(&g, "alice-laptop", 1000).0);
         assert!(verdict(&g, "alice-laptop", 1599).0);
         assert!(!verdict(&g, "alice-laptop", 1600).0, "over at its end");
-        assert!(!verdict(&g, "alice-laptop", 999).0, "not before approval");
-        assert!(!verdict(&g, "bob-laptop", 1200).0, "only for whom it was asked");
+        assert!(
+            !verdict(&g, "bob-laptop", 1200).0,
+            "only for whom it was asked"
+        );
         // The window is the approval's, in the rule nodes get.
         let r = g.rule(g.rule_id("admin-ssh@a1b2c3d4").unwrap());
         assert_eq!(r.window.expires, Some(1600));
@@ -192,7 +194,9 @@ rules:
 
     #[test]
     fn a_grant_compiles_into_an_allowlist_whose_window_ends_with_it() {
-        let m = crate::load(POLICY, 1000, &Default::default()).model.unwrap();
+        let m = crate::load(POLICY, 1000, &Default::default())
+            .model
+            .unwrap();
         let before = crate::Compiled::new(&m, m.state(&Conditions::at(1000)));
         let alice = m.identity("alice-laptop").unwrap();
         assert!(

@@ -776,10 +776,7 @@ fn read_approval(r: &mut Reader, node: &Node) -> Option<ApprovalDef> {
             if (1..=MAX_APPROVERS).contains(&v) {
                 u32::try_from(v).ok()
             } else {
-                r.d.error(
-                    n.pos,
-                    format!("approvers must be 1 to {MAX_APPROVERS}"),
-                );
+                r.d.error(n.pos, format!("approvers must be 1 to {MAX_APPROVERS}"));
                 None
             }
         }),
@@ -789,7 +786,10 @@ fn read_approval(r: &mut Reader, node: &Node) -> Option<ApprovalDef> {
         match parse_duration(s) {
             Ok(v) if v <= MAX_APPROVAL_SECS => Some(v),
             Ok(_) => {
-                r.d.error(n.pos, "max must be at most 30d: access that needs approval is time-limited");
+                r.d.error(
+                    n.pos,
+                    "max must be at most 30d: access that needs approval is time-limited",
+                );
                 None
             }
             Err(e) => {
@@ -852,7 +852,10 @@ fn read_condition(r: &mut Reader, fact: &str, kind: FactKind, node: &Node) -> Op
             if items.len() > MAX_NETWORKS {
                 r.d.error(
                     node.pos,
-                    format!("{fact} lists {} networks: at most {MAX_NETWORKS}", items.len()),
+                    format!(
+                        "{fact} lists {} networks: at most {MAX_NETWORKS}",
+                        items.len()
+                    ),
                 );
                 return None;
             }

@@ -230,7 +230,9 @@ impl IpNet {
                 std::net::IpAddr::V4((u32::from(a) & m).into())
             }
             std::net::IpAddr::V6(a) => {
-                let m = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 std::net::IpAddr::V6((u128::from(a) & m).into())
             }
         }
@@ -240,12 +242,13 @@ impl IpNet {
     /// counts as the IPv4 address.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map_or(ip, std::net::IpAddr::V4),
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         };
-        let masked = IpNet { addr: ip, len: self.len };
+        let masked = IpNet {
+            addr: ip,
+            len: self.len,
+        };
         ip.is_ipv4() == self.addr.is_ipv4() && masked.masked() == self.addr
     }
 }
@@ -422,13 +425,25 @@ mod tests {
             check_condition(ENDPOINT_ADDRESS, &nets, None),
             Err("endpoint.address not reported".into())
         );
-        assert!(IpNet::parse("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(
+            IpNet::parse("10.0.0.1/8")
+                .unwrap_err()
+                .contains("10.0.0.0/8")
+        );
         for bad in ["10.0.0.0/33", "10.0.0.0/", "x/8", "10.0.0.0/-1", "::/129"] {
             assert!(IpNet::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(IpNet::parse("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
-        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
-        assert!(IpNet::parse("10.1.2.3").unwrap().contains("10.1.2.3".parse().unwrap()));
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
+        assert!(
+            IpNet::parse("10.1.2.3")
+                .unwrap()
+                .contains("10.1.2.3".parse().unwrap())
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod config;
 mod flow;
@@ -38,6 +39,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use admin::{
+    AccessRequest, AccessState, AccessView, AdminIssued, AdminRequest, AdminView, Approval, Role,
+};
 pub use client::{ApiError, Client, Connection};
 pub use config::CliConfig;
 pub use flow::{FlowAggregate, FlowBatch, FlowEntry, FlowView, Path, Protocol, Verdict};
@@ -238,6 +242,33 @@ pub enum AuditAction {
     /// An administrator's credential was issued.
     #[serde(rename = "admin.issue")]
     AdminIssue,
+    /// An administrator was added.
+    #[serde(rename = "admin.add")]
+    AdminAdd,
+    /// An administrator was revoked.
+    #[serde(rename = "admin.revoke")]
+    AdminRevoke,
+    /// A call beyond the caller's role was refused.
+    #[serde(rename = "refused")]
+    Refused,
+    /// Access that needs approval was asked for.
+    #[serde(rename = "access.request")]
+    AccessRequest,
+    /// An access request was approved (by one of the approvers it needs).
+    #[serde(rename = "access.approve")]
+    AccessApprove,
+    /// An access request was denied.
+    #[serde(rename = "access.deny")]
+    AccessDeny,
+    /// Approved access was revoked before its end.
+    #[serde(rename = "access.revoke")]
+    AccessRevoke,
+    /// Approved access reached its end.
+    #[serde(rename = "access.end")]
+    AccessEnd,
+    /// An access request was not approved in time.
+    #[serde(rename = "access.expire")]
+    AccessExpire,
     /// An action this version does not know (written by a newer controller).
     #[serde(other)]
     Unknown,
@@ -245,7 +276,9 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// The name the audit log shows: `policy.apply`, `node.enroll`, `node.revoke`,
-    /// `quarantine`, `release`, `token.create`, `admin.issue`.
+    /// `quarantine`, `release`, `token.create`, `admin.issue`, `admin.add`, `admin.revoke`,
+    /// `refused`, `access.request`, `access.approve`, `access.deny`, `access.revoke`,
+    /// `access.end`, `access.expire`.
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::PolicyApply => "policy.apply",
@@ -255,6 +288,15 @@ impl AuditAction {
             AuditAction::Release => "release",
             AuditAction::TokenCreate => "token.create",
             AuditAction::AdminIssue => "admin.issue",
+            AuditAction::AdminAdd => "admin.add",
+            AuditAction::AdminRevoke => "admin.revoke",
+            AuditAction::Refused => "refused",
+            AuditAction::AccessRequest => "access.request",
+            AuditAction::AccessApprove => "access.approve",
+            AuditAction::AccessDeny => "access.deny",
+            AuditAction::AccessRevoke => "access.revoke",
+            AuditAction::AccessEnd => "access.end",
+            AuditAction::AccessExpire => "access.expire",
             AuditAction::Unknown => "unknown",
         }
     }
