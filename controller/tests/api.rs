@@ -8,8 +8,8 @@ use std::time::Duration;
 use bulkhead_controller::{Handle, Settings, start};
 use bulkhead_proto::tls::{Ca, CredentialKey, Identity, Trust};
 use bulkhead_proto::{
-    ApiError, ApplyResponse, CliConfig, Client, JoinResponse, NodeMessage, PolicyRequest,
-    PolicyView, Report, RevokeResponse, Token, TokenRequest, TokenResponse,
+    AccessState, AccessView, ApiError, ApplyResponse, CliConfig, Client, JoinResponse, NodeMessage,
+    PolicyRequest, PolicyView, Report, RevokeResponse, Role, Token, TokenRequest, TokenResponse,
 };
 
 const POLICY: &str = "version: 1
@@ -50,15 +50,58 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str) -> Fixture {
+        Fixture::with(name, |_| {}).await
+    }
+
+    async fn with(name: &str, tweak: impl FnOnce(&mut Settings)) -> Fixture {
         let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let handle = start(settings(&dir)).await.unwrap();
+        let mut settings = settings(&dir);
+        tweak(&mut settings);
+        let handle = start(settings).await.unwrap();
         let admin = CliConfig::load(&handle.admin).unwrap();
         Fixture {
             dir,
             handle: Some(handle),
             admin,
         }
+    }
+
+    async fn try_add_admin(&self, name: &str, role: Role) -> Result<CliConfig, ApiError> {
+        self.add(name, role, None).await
+    }
+
+    async fn add_admin(&self, name: &str, role: Role, expires_in: Option<u64>) -> CliConfig {
+        self.add(name, role, expires_in).await.unwrap()
+    }
+
+    /// A new administrator's CLI configuration, as `bulkhead admin add` makes it.
+    async fn add(
+        &self,
+        name: &str,
+        role: Role,
+        expires_in: Option<u64>,
+    ) -> Result<CliConfig, ApiError> {
+        let key = CredentialKey::generate().unwrap();
+        let issued: bulkhead_proto::AdminIssued = self
+            .admin()
+            .await
+            .post(
+                "/v1/admins",
+                &bulkhead_proto::AdminRequest {
+                    name: name.into(),
+                    role,
+                    expires_in,
+                    credential_key: key.public().to_base64(),
+                },
+            )
+            .await?;
+        Ok(CliConfig {
+            url: self.admin.url.clone(),
+            ca: issued.ca,
+            certificate: issued.certificate,
+            key: key.pem(),
+        })
     }
 
     async fn admin(&self) -> bulkhead_proto::Connection {
@@ -674,32 +717,19 @@ async fn calls_keep_answering_while_a_large_policy_compiles() {
 
 /// Every route, called by nobody, by a node and by an administrator: the permission layer
 /// lets through exactly who the route is for (what the call then answers is another matter).
+/// Every route against every caller: anyone, a node, and an administrator of each role. The
+/// table is the router's own (`api::ROUTES`): each route answers exactly the callers it names,
+/// an administrator below the route's role gets `forbidden`, and that refusal is audited with
+/// the administrator's name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_only_the_callers_it_is_for() {
+    use bulkhead_controller::api::{Access, ROUTES};
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Who {
         Anyone,
         Node,
-        Admin,
+        Admin(Role),
     }
-    let routes = [
-        ("GET", "/v1/node/stream", Who::Node),
-        ("POST", "/v1/node/report", Who::Node),
-        ("POST", "/v1/node/flows", Who::Node),
-        ("GET", "/v1/flows", Who::Admin),
-        ("GET", "/v1/flows/history?since=3600", Who::Admin),
-        ("GET", "/v1/policy", Who::Admin),
-        ("POST", "/v1/policy/plan", Who::Admin),
-        ("POST", "/v1/policy/apply", Who::Admin),
-        ("POST", "/v1/tokens", Who::Admin),
-        ("GET", "/v1/nodes", Who::Admin),
-        ("POST", "/v1/nodes/other/revoke", Who::Admin),
-        ("POST", "/v1/nodes/other/quarantine", Who::Admin),
-        ("POST", "/v1/nodes/other/release", Who::Admin),
-        ("GET", "/v1/audit", Who::Admin),
-        ("GET", "/v1/status", Who::Admin),
-        ("POST", "/v1/join", Who::Anyone),
-    ];
     let f = Fixture::new("routes").await;
     f.apply(POLICY).await.unwrap();
     let node = join(&f.token("web-1", 60).await).await.unwrap();
@@ -709,27 +739,43 @@ async fn every_route_answers_only_the_callers_it_is_for() {
         None,
     )
     .unwrap();
-    let callers = [
-        (Who::Anyone, anon),
-        (Who::Node, node.client()),
-        (Who::Admin, f.admin.client().unwrap()),
-    ];
-    for (method, path, for_whom) in routes {
+    let mut callers = vec![(Who::Anyone, anon), (Who::Node, node.client())];
+    for role in Role::ALL {
+        let cfg = f.add_admin(&format!("as-{role}"), role, None).await;
+        callers.push((Who::Admin(role), cfg.client().unwrap()));
+    }
+    assert_eq!(
+        ROUTES.len(),
+        24,
+        "a route added: add it to the table (api::ROUTES)"
+    );
+    let mut refused = 0;
+    for &(method, template, access) in ROUTES {
+        let path = template
+            .replace("{identity}", "other")
+            .replace("{id}", "0badc0de")
+            .replace("{name}", "nobody")
+            .replace("/v1/flows/history", "/v1/flows/history?since=3600");
         for (who, client) in &callers {
             let mut c = client.connect().await.unwrap();
-            let code = match (method, path) {
-                ("GET", "/v1/node/stream") => c.stream(path).await.err(),
-                ("GET", _) => c.get::<serde_json::Value>(path).await.err(),
+            let code = match (method, path.as_str()) {
+                ("GET", "/v1/node/stream") => c.stream(&path).await.err(),
+                ("GET", _) => c.get::<serde_json::Value>(&path).await.err(),
                 _ => c
-                    .post::<_, serde_json::Value>(path, &serde_json::json!({}))
+                    .post::<_, serde_json::Value>(&path, &serde_json::json!({}))
                     .await
                     .err(),
             }
             .and_then(|e| e.code().map(str::to_string));
-            let want = match (for_whom, who) {
-                (Who::Anyone, _) => None,
+            let want = match (access, who) {
+                (None, _) => None,
                 (_, Who::Anyone) => Some("unauthenticated"),
-                (a, b) if a == *b => None,
+                (Some(Access::Node), Who::Node) => None,
+                (Some(Access::Admin(need)), Who::Admin(role)) if *role >= need => None,
+                (Some(Access::Admin(_)), Who::Admin(_)) => {
+                    refused += 1;
+                    Some("forbidden")
+                }
                 _ => Some("forbidden"),
             };
             match want {
@@ -741,6 +787,311 @@ async fn every_route_answers_only_the_callers_it_is_for() {
             }
         }
     }
+    // Viewer: 11 routes beyond it; operator: 3; approver: 2.
+    assert_eq!(refused, 16);
+    // Each refusal is in the audit log, with the administrator's name.
+    let log: Vec<bulkhead_proto::AuditEntry> = f.admin().await.get("/v1/audit").await.unwrap();
+    let refusals: Vec<_> = log.iter().filter(|e| e.action == "refused").collect();
+    assert_eq!(refusals.len(), refused, "{refusals:#?}");
+    assert!(
+        refusals
+            .iter()
+            .any(|e| e.who == "as-viewer" && e.detail.contains("POST /v1/policy/apply")),
+        "{refusals:#?}"
+    );
+    assert!(refusals.iter().all(|e| e.who != "as-owner"));
+}
+
+/// A revoked or expired administrator is refused, also on a connection it opened before, and
+/// a flow stream it follows ends; the last owner cannot be revoked; an administrator's name is
+/// in the audit log of what it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_administrators_are_refused_on_open_connections() {
+    let f = Fixture::new("admins").await;
+    let alice = f.add_admin("alice", Role::Operator, None).await;
+    let mut open = alice.client().unwrap().connect().await.unwrap();
+    let _: serde_json::Value = open.get("/v1/status").await.unwrap();
+    let mut follow = alice.client().unwrap().connect().await.unwrap();
+    let mut lines = follow.stream("/v1/flows?follow=1").await.unwrap();
+    // She acts under her own name.
+    let r: ApplyResponse = open
+        .post(
+            "/v1/policy/apply",
+            &PolicyRequest {
+                text: POLICY.into(),
+                source: "p.yaml".into(),
+                base_revision: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.revision, 1);
+    let listed: Vec<bulkhead_proto::AdminView> = f.admin().await.get("/v1/admins").await.unwrap();
+    let names: Vec<&str> = listed.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["admin", "alice"]);
+    assert_eq!(
+        listed[0].role,
+        Role::Owner,
+        "the first admin.yaml is an owner's"
+    );
+
+    let gone: bulkhead_proto::AdminView = f
+        .admin()
+        .await
+        .post("/v1/admins/alice/revoke", &())
+        .await
+        .unwrap();
+    assert_eq!(gone.name, "alice");
+    let e = open
+        .get::<serde_json::Value>("/v1/status")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("unauthenticated"), "{e}");
+    let end = tokio::time::timeout(Duration::from_secs(5), lines.next::<serde_json::Value>())
+        .await
+        .expect("the follow stream of a revoked administrator ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+
+    // Expired: refused once its time passes, on the open connection too.
+    let bob = f.add_admin("bob", Role::Viewer, Some(1)).await;
+    let mut b = bob.client().unwrap().connect().await.unwrap();
+    let _: serde_json::Value = b.get("/v1/status").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = b.get::<serde_json::Value>("/v1/status").await.unwrap_err();
+    assert_eq!(e.code(), Some("unauthenticated"), "{e}");
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    // The last owner stays; a second owner may go, then the first is the last again.
+    let e = f
+        .admin()
+        .await
+        .post::<_, serde_json::Value>("/v1/admins/admin/revoke", &())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    assert!(e.to_string().contains("last owner"), "{e}");
+    let carol = f.add_admin("carol", Role::Owner, None).await;
+    let _: serde_json::Value = carol
+        .client()
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+        .post("/v1/admins/carol/revoke", &())
+        .await
+        .unwrap();
+    let e = f
+        .admin()
+        .await
+        .post::<_, serde_json::Value>("/v1/admins/admin/revoke", &())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    // Names are unique; bad names and roles are refused.
+    let e = f.try_add_admin("bob", Role::Viewer).await.unwrap_err();
+    assert_eq!(e.code(), Some("conflict"), "{e}");
+    let e = f.try_add_admin("Bad Name", Role::Viewer).await.unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"), "{e}");
+    let e = f
+        .admin()
+        .await
+        .post::<_, serde_json::Value>(
+            "/v1/admins",
+            &serde_json::json!({"name": "x", "role": "root", "credential_key": ""}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"), "{e}");
+
+    let log: Vec<bulkhead_proto::AuditEntry> = f.admin().await.get("/v1/audit").await.unwrap();
+    let said = |who: &str, action: &str| log.iter().any(|e| e.who == who && e.action == action);
+    assert!(said("alice", "policy.apply"), "{log:#?}");
+    assert!(said("admin", "admin.add") && said("admin", "admin.revoke"));
+    assert!(said("carol", "admin.revoke"));
+}
+
+const APPROVAL: &str = "version: 1
+network: {name: t, cidr: 10.77.0.0/16}
+identities:
+  web-1: {labels: {tier: web}}
+  web-2: {labels: {tier: web}}
+  db-1: {labels: {tier: db}}
+segments:
+  web: {match: {tier: web}}
+  db: {match: {tier: db}}
+rules:
+  - {name: web-to-db, from: [web], to: [db], ports: [tcp/5432]}
+  - {name: web-ssh, from: [web], to: [db], ports: [tcp/22], approval: {approvers: 2, max: 2h}}
+";
+
+/// The rules of the next configuration `s` sends.
+async fn rules_of(s: &mut bulkhead_proto::client::Lines) -> Vec<String> {
+    match next(s).await {
+        Some(NodeMessage::Config(c)) => c.allowlist.rules.iter().map(|r| r.name.clone()).collect(),
+        m => panic!("{m:?}"),
+    }
+}
+
+/// Access that needs approval: nobody approves their own request; `approvers: 2` takes two
+/// different approvers; only then does the rule reach the node, ending with the approval; a
+/// denied request never takes effect; revoking ends it at once; bad requests are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_needs_distinct_approvers_other_than_the_requester() {
+    let f = Fixture::with("access", |s| s.access_request_ttl = 3).await;
+    f.apply(APPROVAL).await.unwrap();
+    let node = join(&f.token("web-1", 600).await).await.unwrap();
+    let mut conn = node.client().connect().await.unwrap();
+    let mut s = conn.stream("/v1/node/stream").await.unwrap();
+    assert_eq!(rules_of(&mut s).await, ["web-to-db"], "before approval");
+
+    let ask = |who: &CliConfig, body: serde_json::Value| {
+        let c = who.client().unwrap();
+        async move {
+            c.connect()
+                .await
+                .unwrap()
+                .post::<_, AccessView>("/v1/access", &body)
+                .await
+        }
+    };
+    let act = |who: &CliConfig, id: &str, verb: &str| {
+        let c = who.client().unwrap();
+        let path = format!("/v1/access/{id}/{verb}");
+        async move {
+            c.connect()
+                .await
+                .unwrap()
+                .post::<_, AccessView>(&path, &())
+                .await
+        }
+    };
+    let alice = f.add_admin("alice", Role::Approver, None).await;
+    let bob = f.add_admin("bob", Role::Approver, None).await;
+    let carol = f.add_admin("carol", Role::Approver, None).await;
+    let dave = f.add_admin("dave", Role::Operator, None).await;
+
+    // Bad requests: a rule without approval, too long, nobody's identity, no reason.
+    let body = |rule: &str, secs: u64, from: Option<&str>, reason: &str| serde_json::json!({"rule": rule, "duration": secs, "from": from, "reason": reason});
+    let e = ask(&alice, body("web-to-db", 600, None, "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"));
+    assert!(e.to_string().contains("does not need approval"), "{e}");
+    let e = ask(&alice, body("web-ssh", 3 * 3600, None, "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("more than rule web-ssh's max of 2h"),
+        "{e}"
+    );
+    let e = ask(&alice, body("web-ssh", 600, Some("db-1"), "x"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not on the from side"), "{e}");
+    let e = ask(&alice, body("web-ssh", 600, None, "  "))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("bad_request"));
+    let e = ask(&alice, body("nope", 600, None, "x")).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"));
+
+    let req = ask(&alice, body("web-ssh", 600, Some("web-1"), "incident 42"))
+        .await
+        .unwrap();
+    assert_eq!(req.state, AccessState::Pending);
+    // Her own: refused. An operator may not approve at all.
+    let e = act(&alice, &req.id, "approve").await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"));
+    assert!(e.to_string().contains("nobody approves their own"), "{e}");
+    assert_eq!(
+        act(&dave, &req.id, "approve").await.unwrap_err().code(),
+        Some("forbidden")
+    );
+    // One approval of two: still pending, nothing sent.
+    let one = act(&bob, &req.id, "approve").await.unwrap();
+    assert_eq!((one.state, one.approvals.len()), (AccessState::Pending, 1));
+    let e = act(&bob, &req.id, "approve").await.unwrap_err();
+    assert!(e.to_string().contains("2 different approvers"), "{e}");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), s.next::<NodeMessage>()).await;
+    assert!(
+        quiet.is_err(),
+        "one approval of two changes nothing: {quiet:?}"
+    );
+    // The second, different approver: in force, ending with the approval, on the node.
+    let t0 = std::time::Instant::now();
+    let two = act(&carol, &req.id, "approve").await.unwrap();
+    assert_eq!(two.state, AccessState::Approved);
+    let until = two.until.unwrap();
+    assert!((599..=601).contains(&(until - two.start.unwrap())));
+    match next(&mut s).await {
+        Some(NodeMessage::Config(c)) => {
+            let r = c
+                .allowlist
+                .rules
+                .iter()
+                .find(|r| r.name == format!("web-ssh@{}", req.id))
+                .expect("the approved rule");
+            assert_eq!(r.window.expires, Some(until), "its end travels to the node");
+        }
+        m => panic!("{m:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Revoked by an approver: gone at once. Revoked twice: refused.
+    let r = act(&bob, &req.id, "revoke").await.unwrap();
+    assert_eq!(r.state, AccessState::Revoked);
+    assert_eq!(rules_of(&mut s).await, ["web-to-db"]);
+    assert_eq!(
+        act(&bob, &req.id, "revoke").await.unwrap_err().code(),
+        Some("conflict")
+    );
+
+    // Denied: never takes effect, whoever approves after.
+    let d = ask(&dave, body("web-ssh", 600, None, "deploy"))
+        .await
+        .unwrap();
+    let e = act(&alice, &d.id, "deny").await.unwrap();
+    assert_eq!(e.state, AccessState::Denied);
+    for who in [&bob, &carol] {
+        let e = act(who, &d.id, "approve").await.unwrap_err();
+        assert_eq!(e.code(), Some("conflict"), "{e}");
+    }
+    // An operator may not deny someone else's request, only withdraw their own.
+    let mine = ask(&alice, body("web-ssh", 600, None, "again"))
+        .await
+        .unwrap();
+    assert_eq!(
+        act(&dave, &mine.id, "deny").await.unwrap_err().code(),
+        Some("forbidden")
+    );
+    // Not approved in time: expires (the test controller waits 3 s), and is audited.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let e = act(&bob, &mine.id, "approve").await.unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), s.next::<NodeMessage>()).await;
+    assert!(
+        quiet.is_err(),
+        "nothing denied or expired reached the node: {quiet:?}"
+    );
+
+    let log: Vec<bulkhead_proto::AuditEntry> = f.admin().await.get("/v1/audit").await.unwrap();
+    let said = |who: &str, action: &str| log.iter().any(|e| e.who == who && e.action == action);
+    assert!(said("alice", "access.request"), "{log:#?}");
+    assert!(said("bob", "access.approve") && said("carol", "access.approve"));
+    assert!(said("bob", "access.revoke") && said("alice", "access.deny"));
+    let end = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let log: Vec<bulkhead_proto::AuditEntry> =
+                f.admin().await.get("/v1/audit").await.unwrap();
+            if log.iter().any(|e| e.action == "access.expire") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the expiry is audited");
+    let list: Vec<AccessView> = f.admin().await.get("/v1/access").await.unwrap();
+    assert_eq!(list.len(), 3);
 }
 
 /// A plan shows a change of conditions (here a new expiry) even when no port changes: the

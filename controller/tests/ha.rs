@@ -1063,3 +1063,60 @@ async fn a_controller_cut_off_from_etcd_sends_its_nodes_to_another() {
     // Stopped before the proxy and etcd they use.
     drop((a, b, proxy));
 }
+
+/// Administrators live in etcd: one added through A works on B (each controller also has an
+/// owner of its own in its admin.yaml), and revoked through B it is refused by A at once, on a
+/// connection it had open there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_revoked_through_one_controller_is_refused_by_the_other() {
+    if !etcd_ok() {
+        return;
+    }
+    let server = Server::start();
+    let mut a = controller("adm-a", &server.spec()).await;
+    let mut b = controller("adm-b", &server.spec()).await;
+    let key = bulkhead_proto::tls::CredentialKey::generate().unwrap();
+    let issued: bulkhead_proto::AdminIssued =
+        a.c.post(
+            "/v1/admins",
+            &bulkhead_proto::AdminRequest {
+                name: "alice".into(),
+                role: bulkhead_proto::Role::Viewer,
+                expires_in: None,
+                credential_key: key.public().to_base64(),
+            },
+        )
+        .await
+        .unwrap();
+    let alice = |url: &str| CliConfig {
+        url: url.to_string(),
+        ca: issued.ca.clone(),
+        certificate: issued.certificate.clone(),
+        key: key.pem(),
+    };
+    let mut on_a = alice(&a.url).client().unwrap().connect().await.unwrap();
+    let mut on_b = alice(&b.url).client().unwrap().connect().await.unwrap();
+    let _: StatusView = on_a.get("/v1/status").await.unwrap();
+    let _: StatusView = on_b.get("/v1/status").await.unwrap();
+    let admins: Vec<bulkhead_proto::AdminView> = b.c.get("/v1/admins").await.unwrap();
+    let owners = admins
+        .iter()
+        .filter(|x| x.role == bulkhead_proto::Role::Owner)
+        .count();
+    assert_eq!(owners, 2, "each controller's admin.yaml: {admins:?}");
+
+    let _: bulkhead_proto::AdminView = b.c.post("/v1/admins/alice/revoke", &()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let refused = loop {
+        match on_a.get::<StatusView>("/v1/status").await {
+            Err(e) => break e,
+            Ok(_) if t0.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(_) => panic!("A still serves alice 2 s after her revocation through B"),
+        }
+    };
+    assert_eq!(refused.code(), Some("unauthenticated"), "{refused}");
+    eprintln!("revoked through B -> refused by A: {:?}", t0.elapsed());
+    drop((a, b));
+}

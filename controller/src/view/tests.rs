@@ -478,9 +478,12 @@ fn a_prepared_policy_is_compiled_again_when_a_window_opened_meanwhile() {
         "compiled before the window opened"
     );
     let mut v = View::default();
+    let model = Arc::new(model);
     v.prepare(Live {
         record: rec,
-        model: Arc::new(model),
+        plain: model.clone(),
+        model,
+        grants: Vec::new(),
         compiled,
     });
     v.load(&kvs);
