@@ -42,7 +42,10 @@ fn add_admin(c: &Cluster, name: &str, role: &str) -> String {
     let r = c.cli(&["admin", "add", name, "--role", role, "--out", &p]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&path)
+        .expect("the configuration file")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "an administrator's key is private");
     p
 }
