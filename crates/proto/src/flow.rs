@@ -348,8 +348,10 @@ mod tests {
         // What a newer controller may send reads, as unknown.
         let v: Result<Verdict, _> = serde_json::from_str("\"maybe\"");
         assert_eq!(v.ok(), Some(Verdict::Unknown));
-        let a: Result<crate::AuditAction, _> = serde_json::from_str("\"admin.add\"");
+        let a: Result<crate::AuditAction, _> = serde_json::from_str("\"policy.rollback\"");
         assert_eq!(a.ok(), Some(crate::AuditAction::Unknown));
+        let a: Result<crate::AuditAction, _> = serde_json::from_str("\"admin.add\"");
+        assert_eq!(a.ok(), Some(crate::AuditAction::AdminAdd));
     }
 
     #[test]
