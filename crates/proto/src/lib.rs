@@ -17,7 +17,9 @@
 //! | `POST /v1/nodes/{identity}/revoke` | admin | → [`RevokeResponse`] |
 //! | `GET /v1/status` | admin | → [`StatusView`] |
 //!
-//! Quarantine, release, flows and audit (issue 6) are further admin routes of the same shape.
+//! Quarantine, release, flows and audit (issue 6) are further admin routes of the same shape;
+//! administrators and access requests (issue 17) are in [`admin`]. Each admin route needs a
+//! least [`Role`]: the controller's `api::ROUTES` lists them all.
 
 #![forbid(unsafe_code)]
 
