@@ -40,6 +40,8 @@ const MAX_JOIN_BODY: usize = 16 << 10;
 const MAX_REPORT_BODY: usize = 256 << 10;
 /// Largest flow batch: 10,000 entries of a few hundred bytes.
 const MAX_FLOWS_BODY: usize = 4 << 20;
+/// Refused calls written to the audit log per administrator and minute; more are only logged.
+const MAX_REFUSALS_AUDITED: u32 = 20;
 /// Connections served at once; more wait in the kernel's backlog. Each node holds one.
 const MAX_CONNECTIONS: usize = 16_384;
 
@@ -167,6 +169,23 @@ impl Controller {
     /// Writes down a call refused for the caller's role. Best effort: the refusal stands
     /// whether or not the store takes it.
     async fn audit_refusal(&self, name: &str, role: Role, need: Role, what: &str) {
+        // At most a few entries a minute per administrator: a credential that keeps calling
+        // beyond its role must not fill the store's audit log.
+        let minute = crate::ops::unix_now().div_euclid(60);
+        {
+            let mut seen = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() > 1024 {
+                seen.retain(|_, (m, _)| *m == minute);
+            }
+            let (m, n) = seen.entry(name.to_string()).or_insert((minute, 0));
+            if *m != minute {
+                (*m, *n) = (minute, 0);
+            }
+            *n += 1;
+            if *n > MAX_REFUSALS_AUDITED {
+                return;
+            }
+        }
         let entry = bulkhead_proto::AuditEntry {
             at: crate::ops::unix_ms(),
             who: name.to_string(),

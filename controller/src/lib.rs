@@ -91,6 +91,8 @@ pub struct Controller {
     pub(crate) currency: Arc<currency::Currency>,
     /// Seconds an access request waits for its approvals.
     pub(crate) access_request_ttl: i64,
+    /// Refused calls audited per administrator in the current minute (`api::authorize`).
+    pub(crate) refusals: std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>,
 }
 
 impl Controller {
@@ -245,6 +247,7 @@ pub async fn start(s: Settings) -> anyhow::Result<Handle> {
         endpoint_moves: Default::default(),
         currency: currency.clone(),
         access_request_ttl: s.access_request_ttl,
+        refusals: Default::default(),
     });
     let mut tasks = vec![tokio::spawn(view::sync(
         store, view, applied_tx, cred_tx, currency,

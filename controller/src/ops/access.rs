@@ -102,6 +102,14 @@ impl Controller {
         req: &AccessRequest,
         by: &Actor,
     ) -> Result<AccessView, Error> {
+        for name in std::iter::once(&req.rule).chain(&req.from) {
+            if !bulkhead_policy::is_valid_name(name) {
+                return Err(Error::BadRequest(format!(
+                    "{:?} is not a rule or identity name",
+                    name.chars().take(64).collect::<String>()
+                )));
+            }
+        }
         let (approval, live) = self.approval_of(&req.rule)?;
         let max = u64::try_from(approval.max_secs).unwrap_or(0);
         if req.duration == 0 || req.duration > max {

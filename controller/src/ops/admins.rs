@@ -146,7 +146,10 @@ impl Controller {
             }
         }
         let Some((rec, rev)) = target else {
-            return Err(Error::NotFound(format!("no administrator named {name}")));
+            return Err(Error::NotFound(format!(
+                "no administrator named {}",
+                name.chars().take(64).collect::<String>()
+            )));
         };
         if rec.view.role == Role::Owner && other_owners.is_empty() {
             return Err(Error::Conflict(format!(
