@@ -907,6 +907,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_credential_expires_at_its_second() {
+        assert!(!expired(None, i64::MAX));
+        assert!(!expired(Some(100), 99));
+        assert!(expired(Some(100), 100));
+    }
+
+    #[test]
+    fn the_route_table_names_each_route_once() {
+        let mut seen = std::collections::HashSet::new();
+        for (method, path, _) in ROUTES {
+            assert!(seen.insert((method, path)), "{method} {path} twice");
+        }
+    }
+
+    #[test]
     fn every_error_has_its_status_and_stable_code() {
         let cases = [
             (Error::Unauthenticated("x"), 401, "unauthenticated"),

@@ -401,3 +401,29 @@ impl Controller {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_location_is_the_connections_never_the_nodes_claim() {
+        let mut r = Report::default();
+        r.facts.insert(
+            "endpoint.address".into(),
+            bulkhead_proto::Fact {
+                value: "10.0.0.1".into(),
+                interval: 1,
+            },
+        );
+        let seen = with_location(r, "[::ffff:198.18.0.7]:40000".parse().unwrap());
+        let f = &seen.facts["endpoint.address"];
+        assert_eq!(
+            f.value, "198.18.0.7",
+            "seen, and an IPv4 address seen as IPv6 is IPv4"
+        );
+        assert_eq!(f.interval, 30);
+        let v6 = with_location(Report::default(), "[fd00::9]:1".parse().unwrap());
+        assert_eq!(v6.facts["endpoint.address"].value, "fd00::9");
+    }
+}

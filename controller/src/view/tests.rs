@@ -527,3 +527,84 @@ fn conditions_apply_even_when_a_stored_policy_does_not_resolve() {
         v.allowlists["a"]
     );
 }
+
+/// An approved access request puts its rule in the initiator's and the responder's allowlists,
+/// ending with it; the view drops it at its end with no store event, and a pending or denied
+/// one never gets there.
+#[test]
+fn approved_access_comes_and_goes_with_its_time() {
+    use bulkhead_proto::{AccessState, AccessView, Approval};
+    let text = POLICY_TEXT.replace(
+        "  - {name: ab, from: [sa], to: [sb], ports: [tcp/80]}\n",
+        "  - {name: ab, from: [sa], to: [sb], ports: [tcp/80]}\n  - {name: ssh, from: [sa], to: [sb], ports: [tcp/22], approval: {max: 1h}}\n",
+    );
+    let now = unix_now();
+    let request = |state, until: Option<i64>| AccessView {
+        id: "0a0b0c0d".into(),
+        rule: "ssh".into(),
+        from: Some("a".into()),
+        duration: 600,
+        reason: "x".into(),
+        requester: "alice".into(),
+        created: now - 5,
+        approve_by: now + 3600,
+        approvers_needed: 1,
+        approvals: vec![Approval {
+            by: "bob".into(),
+            at: now - 1,
+        }],
+        state,
+        start: until.map(|_| now - 1),
+        until,
+        closed_by: None,
+    };
+    let rules = |v: &View, id: &str| -> Vec<(String, Option<i64>)> {
+        v.allowlists[id]
+            .rules
+            .iter()
+            .map(|r| (r.name.clone(), r.window.expires))
+            .collect()
+    };
+    let mut v = View::default();
+    let (_, kvs) = stored_policy(&text);
+    let pending = kv(
+        "access/0a0b0c0d",
+        encode(&request(AccessState::Pending, None)),
+        2,
+    );
+    v.load(&[kvs.clone(), vec![pending]].concat());
+    assert_eq!(
+        rules(&v, "a"),
+        [("ab".to_string(), None)],
+        "pending: not in force"
+    );
+
+    let until = now + 600;
+    let mut t = Touched::default();
+    v.put(
+        &kv(
+            "access/0a0b0c0d",
+            encode(&request(AccessState::Approved, Some(until))),
+            3,
+        ),
+        &mut t,
+    );
+    v.distribute(t);
+    let want = [
+        ("ab".to_string(), None),
+        ("ssh@0a0b0c0d".to_string(), Some(until)),
+    ];
+    assert_eq!(rules(&v, "a"), want);
+    assert_eq!(rules(&v, "b"), want, "the responder holds the same end");
+    assert_eq!(v.next_event(now), Some(until));
+    // At its end, the view drops it with no store event.
+    assert!(v.refresh(until).is_some());
+    assert_eq!(rules(&v, "a"), [("ab".to_string(), None)]);
+
+    // Denied: never in force.
+    let mut v = View::default();
+    let mut denied = request(AccessState::Denied, None);
+    denied.closed_by = Some("carol".into());
+    v.load(&[kvs, vec![kv("access/0a0b0c0d", encode(&denied), 2)]].concat());
+    assert_eq!(rules(&v, "a"), [("ab".to_string(), None)]);
+}
