@@ -62,12 +62,12 @@ struct Cli {
     /// the retention's hours, so that one node alone cannot push the others' history out.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     flow_history_node_rows: Option<u64>,
-    /// How long an access request waits for its approvals before it expires, like `1h`.
-    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = request_ttl)]
-    access_request_ttl: i64,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+    /// How long an access request waits for its approvals before it expires, like `1h`.
+    #[arg(long, default_value = "1h", value_name = "DURATION", value_parser = request_ttl)]
+    access_request_ttl: i64,
 }
 
 fn main() -> ExitCode {
