@@ -208,7 +208,7 @@ fn approved_access_is_enforced_by_the_nodes_from_approval_to_its_end() {
     assert!(ex.stdout.contains("needs approval"), "{}", ex.stdout);
 
     // Nobody approves their own request; an operator approves none.
-    let id = request(&c, &alice, "15s");
+    let id = request(&c, &alice, "10s");
     let r = cli_as(&c, &alice, &["access", "approve", &id]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     let own = request(&c, &bob, "5s");
