@@ -112,10 +112,18 @@ pub async fn admin_config(
         let own = format!("{ADMINS}{name}");
         when = match store.get(&own).await? {
             Some(kv) => {
-                // Our own earlier one, whose file is gone: replaced.
-                if let Ok(old) = records::decode::<AdminRecord>(&own, &kv.value) {
-                    ops.push(Op::Delete(format!("{CREDS}{}", old.credential)));
-                }
+                // Our own earlier one, whose file is gone: replaced. Never an administrator an
+                // owner added under that name.
+                let old =
+                    records::decode::<AdminRecord>(&own, &kv.value).map_err(anyhow::Error::msg)?;
+                anyhow::ensure!(
+                    old.view.created_by == crate::ops::Actor::Controller.to_string(),
+                    "the administrator {name}, whom this controller would issue {} to, was added \
+                     by {}: revoke it, then start again",
+                    path.display(),
+                    old.view.created_by
+                );
+                ops.push(Op::Delete(format!("{CREDS}{}", old.credential)));
                 vec![Compare::ModRevision(own, kv.mod_revision)]
             }
             None => vec![Compare::ModRevision(own, 0)],

@@ -890,8 +890,10 @@ async fn revoked_and_expired_administrators_are_refused_on_open_connections() {
     // Names are unique; bad names and roles are refused.
     let e = f.try_add_admin("bob", Role::Viewer).await.unwrap_err();
     assert_eq!(e.code(), Some("conflict"), "{e}");
-    let e = f.try_add_admin("Bad Name", Role::Viewer).await.unwrap_err();
-    assert_eq!(e.code(), Some("bad_request"), "{e}");
+    for bad in ["Bad Name", "controller", "node", ""] {
+        let e = f.try_add_admin(bad, Role::Viewer).await.unwrap_err();
+        assert_eq!(e.code(), Some("bad_request"), "{bad:?}: {e}");
+    }
     let e = f
         .admin()
         .await

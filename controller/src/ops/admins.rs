@@ -43,6 +43,13 @@ impl Controller {
                 req.name.chars().take(64).collect::<String>()
             )));
         }
+        // The audit log names the controller and nodes this way: nobody may pass for them.
+        if ["controller", "node"].contains(&req.name.as_str()) {
+            return Err(Error::BadRequest(format!(
+                "{} is how the audit log names what is not an administrator; pick another name",
+                req.name
+            )));
+        }
         if req.expires_in.is_some_and(|s| s == 0 || s > MAX_EXPIRY) {
             return Err(Error::BadRequest(
                 "expiry: more than zero and at most 366 days".into(),
