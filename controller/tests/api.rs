@@ -912,6 +912,80 @@ async fn revoked_and_expired_administrators_are_refused_on_open_connections() {
     assert!(said("carol", "admin.revoke"));
 }
 
+/// Two owners revoking each other at once, the only two: never both, so an owner is always
+/// left. Run a few times, since which one wins is a race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_revoking_each_other_at_once_leave_one() {
+    let f = Fixture::new("owners").await;
+    let call = |by: &CliConfig, path: String| {
+        let c = by.client().unwrap();
+        async move {
+            let mut conn = c.connect().await.unwrap();
+            conn.post::<_, serde_json::Value>(&path, &()).await
+        }
+    };
+    let (mut owner, mut name) = (f.admin.clone(), "admin".to_string());
+    for round in 0..10 {
+        let (x, y) = (format!("x{round}"), format!("y{round}"));
+        let mut added = Vec::new();
+        for n in [&x, &y] {
+            let key = CredentialKey::generate().unwrap();
+            let issued: bulkhead_proto::AdminIssued = owner
+                .client()
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+                .post(
+                    "/v1/admins",
+                    &bulkhead_proto::AdminRequest {
+                        name: n.clone(),
+                        role: Role::Owner,
+                        expires_in: None,
+                        credential_key: key.public().to_base64(),
+                    },
+                )
+                .await
+                .unwrap();
+            added.push(CliConfig {
+                url: f.admin.url.clone(),
+                ca: issued.ca,
+                certificate: issued.certificate,
+                key: key.pem(),
+            });
+        }
+        call(&owner, format!("/v1/admins/{name}/revoke"))
+            .await
+            .unwrap();
+        let (cx, cy) = (&added[0], &added[1]);
+        let (a, b) = tokio::join!(
+            call(cx, format!("/v1/admins/{y}/revoke")),
+            call(cy, format!("/v1/admins/{x}/revoke"))
+        );
+        assert!(a.is_ok() != b.is_ok(), "round {round}: {a:?} {b:?}");
+        (owner, name) = if a.is_ok() {
+            (cx.clone(), x)
+        } else {
+            (cy.clone(), y)
+        };
+        let list: Vec<bulkhead_proto::AdminView> = owner
+            .client()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+            .get("/v1/admins")
+            .await
+            .unwrap();
+        let owners: Vec<&str> = list
+            .iter()
+            .filter(|v| v.role == Role::Owner)
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(owners, [name.as_str()], "round {round}");
+    }
+}
+
 const APPROVAL: &str = "version: 1
 network: {name: t, cidr: 10.77.0.0/16}
 identities:
