@@ -1121,6 +1121,33 @@ async fn access_needs_distinct_approvers_other_than_the_requester() {
         Some("conflict")
     );
 
+    // Two approvers at once: both count (the second is added to the first, not refused).
+    let both = ask(&alice, body("web-ssh", 600, None, "both"))
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        act(&bob, &both.id, "approve"),
+        act(&carol, &both.id, "approve")
+    );
+    let last = [x.unwrap(), y.unwrap()]
+        .into_iter()
+        .max_by_key(|v| v.approvals.len())
+        .unwrap();
+    assert_eq!(last.state, AccessState::Approved, "{last:?}");
+    assert_eq!(last.approvals.len(), 2);
+    assert!(
+        rules_of(&mut s)
+            .await
+            .contains(&format!("web-ssh@{}", both.id)),
+        "every initiator on its from side"
+    );
+    act(&alice, &both.id, "revoke").await.unwrap();
+    assert_eq!(
+        rules_of(&mut s).await,
+        ["web-to-db"],
+        "the requester may end it"
+    );
+
     // Denied: never takes effect, whoever approves after.
     let d = ask(&dave, body("web-ssh", 600, None, "deploy"))
         .await
@@ -1167,7 +1194,7 @@ async fn access_needs_distinct_approvers_other_than_the_requester() {
     .await;
     assert!(end.is_ok(), "the expiry is audited");
     let list: Vec<AccessView> = f.admin().await.get("/v1/access").await.unwrap();
-    assert_eq!(list.len(), 3);
+    assert_eq!(list.len(), 4);
 }
 
 /// A plan shows a change of conditions (here a new expiry) even when no port changes: the

@@ -34,6 +34,9 @@ const MAX_REASON: usize = 1024;
 /// How long a request is kept once nothing more can happen to it, for `access list`.
 const KEEP_CLOSED: i64 = 7 * 86_400;
 
+/// What a conflict on a request's revision says.
+const CHANGED: &str = "changed meanwhile";
+
 fn key(id: &str) -> String {
     format!("{ACCESS}{id}")
 }
@@ -242,7 +245,7 @@ impl Controller {
             Ok(())
         } else {
             Err(Error::Conflict(format!(
-                "request {} changed meanwhile; look again",
+                "request {} {CHANGED}; look again",
                 a.id
             )))
         }
@@ -251,6 +254,18 @@ impl Controller {
     /// Approves a request, as one of the different approvers its rule needs; the last one puts
     /// the access in force from now until its duration passes. Nobody approves their own.
     pub async fn access_approve(&self, id: &str, by: &Actor) -> Result<AccessView, Error> {
+        // Another approver's approval may land between the read and the write: read again
+        // and add this one to it, a few times.
+        let mut tries = 0;
+        loop {
+            match self.approve_once(id, by).await {
+                Err(Error::Conflict(m)) if m.contains(CHANGED) && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn approve_once(&self, id: &str, by: &Actor) -> Result<AccessView, Error> {
         let (mut a, rev) = self.stored(id).await?;
         let now = unix_now();
         let who = by.to_string();
