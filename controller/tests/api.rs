@@ -853,10 +853,11 @@ async fn revoked_and_expired_administrators_are_refused_on_open_connections() {
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 
     // Expired: refused once its time passes, on the open connection too.
-    let bob = f.add_admin("bob", Role::Viewer, Some(1)).await;
+    // Expiry is to the second: 2 s from now leaves at least one for the first call.
+    let bob = f.add_admin("bob", Role::Viewer, Some(2)).await;
     let mut b = bob.client().unwrap().connect().await.unwrap();
     let _: serde_json::Value = b.get("/v1/status").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let e = b.get::<serde_json::Value>("/v1/status").await.unwrap_err();
     assert_eq!(e.code(), Some("unauthenticated"), "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
@@ -1013,7 +1014,9 @@ async fn rules_of(s: &mut bulkhead_proto::client::Lines) -> Vec<String> {
 /// denied request never takes effect; revoking ends it at once; bad requests are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_needs_distinct_approvers_other_than_the_requester() {
-    let f = Fixture::with("access", |s| s.access_request_ttl = 3).await;
+    // Requests wait 8 s for their approvals here: time for the steps below, short enough to
+    // see one expire.
+    let f = Fixture::with("access", |s| s.access_request_ttl = 8).await;
     f.apply(APPROVAL).await.unwrap();
     let node = join(&f.token("web-1", 600).await).await.unwrap();
     let mut conn = node.client().connect().await.unwrap();
@@ -1070,6 +1073,11 @@ async fn access_needs_distinct_approvers_other_than_the_requester() {
     assert_eq!(e.code(), Some("bad_request"));
     let e = ask(&alice, body("nope", 600, None, "x")).await.unwrap_err();
     assert_eq!(e.code(), Some("not_found"));
+
+    // Made first, so that it has expired by the end.
+    let mine = ask(&alice, body("web-ssh", 600, None, "again"))
+        .await
+        .unwrap();
 
     let req = ask(&alice, body("web-ssh", 600, Some("web-1"), "incident 42"))
         .await
@@ -1159,15 +1167,14 @@ async fn access_needs_distinct_approvers_other_than_the_requester() {
         assert_eq!(e.code(), Some("conflict"), "{e}");
     }
     // An operator may not deny someone else's request, only withdraw their own.
-    let mine = ask(&alice, body("web-ssh", 600, None, "again"))
-        .await
-        .unwrap();
     assert_eq!(
         act(&dave, &mine.id, "deny").await.unwrap_err().code(),
         Some("forbidden")
     );
-    // Not approved in time: expires (the test controller waits 3 s), and is audited.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Not approved in time: expires, and is audited.
+    let wait =
+        (mine.approve_by * 1000 + 300).saturating_sub(jiff::Timestamp::now().as_millisecond());
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))).await;
     let e = act(&bob, &mine.id, "approve").await.unwrap_err();
     assert!(e.to_string().contains("expired"), "{e}");
     let quiet = tokio::time::timeout(Duration::from_millis(300), s.next::<NodeMessage>()).await;
