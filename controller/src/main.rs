@@ -89,7 +89,6 @@ fn duration(s: &str) -> Result<i64, String> {
     bulkhead_policy::parse_duration(s)
 }
 
-/// A PEM file, refused at once if it is not one.
 /// An access request's time to be approved: at least a minute, at most a week.
 fn request_ttl(s: &str) -> Result<i64, String> {
     match bulkhead_policy::parse_duration(s)? {
@@ -98,6 +97,7 @@ fn request_ttl(s: &str) -> Result<i64, String> {
     }
 }
 
+/// A PEM file, refused at once if it is not one.
 fn pem(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     anyhow::ensure!(
