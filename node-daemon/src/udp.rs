@@ -153,13 +153,21 @@ impl Sender {
             match self.state.try_send((&self.socket).into(), &t) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !waited => {
-                    crate::writer::wait_writable(&self.socket, SEND_WAIT_MS);
+                    wait_writable(&self.socket, SEND_WAIT_MS);
                     waited = true;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// Waits until `fd` can be written to, at most `ms` milliseconds. Blocks the thread: the writer
+/// thread's, or the loop's with `--threads 1` (as the loop waited for room before).
+fn wait_writable(fd: impl AsFd, ms: u16) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
 /// Sets the socket's receive and send buffers to `bytes` (forced past the sysctl caps where the

@@ -19,7 +19,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
@@ -331,13 +330,6 @@ impl Pipe {
             }
         }
     }
-}
-
-/// Waits until `fd` can be written to, at most `ms` milliseconds.
-pub(crate) fn wait_writable(fd: impl AsFd, ms: u16) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
-    let _ = poll(&mut fds, PollTimeout::from(ms));
 }
 
 #[cfg(test)]
