@@ -556,10 +556,10 @@ fn explain_and_test_take_sample_facts() {
     // The tests run against the facts too: the one expecting alice's access now fails.
     let r = bulkhead(&["policy", "test", COMPANY, "--facts", &old_kernel]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(r.stdout.contains("1 of 20 tests fail"), "{}", r.stdout);
+    assert!(r.stdout.contains("1 of 21 tests fail"), "{}", r.stdout);
     assert!(
         r.stderr.contains(&format!(
-            "{COMPANY}:106:5: error: test failed: admin-alice -> prod-db-1 tcp/22"
+            "{COMPANY}:114:5: error: test failed: admin-alice -> prod-db-1 tcp/22"
         )),
         "{}",
         r.stderr
