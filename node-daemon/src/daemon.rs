@@ -24,6 +24,9 @@ use crate::tun::{Interface, Read, Reads};
 use crate::uapi;
 use crate::udp::Udp;
 
+/// TUN reads taken at once after the one the loop woke for, if they are waiting.
+const MORE_TUN_READS: usize = 31;
+
 /// How `bulkheadd run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -159,7 +162,17 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut reads = Reads::default();
     loop {
         tokio::select! {
-            r = reads.read(&tun.dev) => d.tun_read(r, &reads)?,
+            r = reads.read(&tun.dev) => {
+                d.tun_read(r, &reads)?;
+                // And what else is waiting, a bounded number of reads: a run of small packets
+                // (a receiver's ACKs) then leaves as one GSO send, not one send each.
+                for _ in 0..MORE_TUN_READS {
+                    let Some(r) = reads.try_read(&tun.dev) else {
+                        break;
+                    };
+                    d.tun_read(r, &reads)?;
+                }
+            }
             r = udp.readable() => {
                 r.context("UDP socket")?;
                 let t = now();

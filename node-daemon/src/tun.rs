@@ -150,10 +150,24 @@ impl Reads {
     /// split) drop that read and say so; only an error of the device itself is a failure.
     pub async fn read(&mut self, dev: &AsyncDevice) -> Read {
         self.n = 0;
-        match dev
+        let r = dev
             .recv_multiple(&mut self.segment, &mut self.bufs, &mut self.sizes, 0)
-            .await
-        {
+            .await;
+        self.took(r)
+    }
+
+    /// Reads the next batch if one is waiting, without waiting: `None` if none is.
+    pub fn try_read(&mut self, dev: &AsyncDevice) -> Option<Read> {
+        self.n = 0;
+        let r = dev.try_recv_multiple(&mut self.segment, &mut self.bufs, &mut self.sizes, 0);
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            r => Some(self.took(r)),
+        }
+    }
+
+    fn took(&mut self, r: std::io::Result<usize>) -> Read {
+        match r {
             Ok(n) => {
                 self.n = n;
                 Read::Batch
