@@ -93,7 +93,7 @@ enum Command {
         nflog_group: u16,
         /// Threads for the packet path: 1, one thread reads, decides and writes; 2 or more, a
         /// writer thread writes what the loop decided (more than 2 are not used yet). 1 by
-        /// default: on the 2-core benchmark machine the writer thread cost throughput (see
+        /// default: on the 2-core benchmark machine the writer thread has not paid (see
         /// docs/architecture.md, Threads).
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         threads: u16,
