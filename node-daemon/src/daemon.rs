@@ -339,8 +339,7 @@ impl Daemon {
             }
             Update::NoPolicy | Update::Revoked => {
                 tracing::warn!("the controller has no allowlist for this node: nothing passes");
-                self.drain();
-                self.node.clear();
+                self.clear();
                 if let Err(e) = self.state.clear_config() {
                     tracing::error!(error = %e, "cannot remove the cached allowlist");
                 }
@@ -359,8 +358,7 @@ impl Daemon {
             Err(e) => {
                 // Never fail open: an allowlist that cannot be read lets nothing pass.
                 tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");
-                self.drain();
-                self.node.clear();
+                self.clear();
                 self.applied.send_replace(self.applied());
             }
         }
@@ -391,6 +389,13 @@ impl Daemon {
             .configure(address, addressing, underlay.as_ref())
             .await;
         self.applied.send_replace(self.applied());
+    }
+
+    /// Lets nothing pass from now on: not even what the core let through before and the writer
+    /// has not written yet.
+    fn clear(&mut self) {
+        self.drain();
+        self.node.clear();
     }
 
     /// Waits until everything the core let through so far is written, so that nothing it let

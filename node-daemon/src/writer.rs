@@ -281,12 +281,7 @@ impl Writer {
                         p.made += 1;
                         Batch::default()
                     }
-                    None => {
-                        let mut b = p.back.recv().map_err(|_| WriterGone)?;
-                        p.in_flight -= 1;
-                        b.recycle(faults);
-                        b
-                    }
+                    None => p.wait_back(faults)?,
                 };
                 let full = std::mem::replace(batch, next);
                 p.to.send(full).map_err(|_| WriterGone)?;
@@ -305,9 +300,7 @@ impl Writer {
         self.flush(batch, faults)?;
         if let Writer::Thread(p) = self {
             while p.in_flight > 0 {
-                let mut b = p.back.recv().map_err(|_| WriterGone)?;
-                p.in_flight -= 1;
-                b.recycle(faults);
+                let b = p.wait_back(faults)?;
                 p.spare.push(b);
             }
         }
@@ -316,13 +309,24 @@ impl Writer {
 }
 
 impl Pipe {
-    /// Takes back the batches the writer has written.
+    /// Waits for the writer to give back the next batch it has written, emptied.
+    fn wait_back(&mut self, faults: &mut Faults) -> Result<Batch, WriterGone> {
+        let b = self.back.recv().map_err(|_| WriterGone)?;
+        Ok(self.returned(b, faults))
+    }
+
+    fn returned(&mut self, mut b: Batch, faults: &mut Faults) -> Batch {
+        self.in_flight -= 1;
+        b.recycle(faults);
+        b
+    }
+
+    /// Takes back the batches the writer has written, without waiting.
     fn collect(&mut self, faults: &mut Faults) -> Result<(), WriterGone> {
         loop {
             match self.back.try_recv() {
-                Ok(mut b) => {
-                    self.in_flight -= 1;
-                    b.recycle(faults);
+                Ok(b) => {
+                    let b = self.returned(b, faults);
                     self.spare.push(b);
                 }
                 Err(TryRecvError::Empty) => return Ok(()),
