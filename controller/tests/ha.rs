@@ -47,15 +47,12 @@ impl Drop for Ctl {
     }
 }
 
-/// The CA key file every controller in this process is given, as on a real deployment.
-fn shared_ca_key() -> std::path::PathBuf {
-    static KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("bh-ha-ca-key-{}", std::process::id()));
-        std::fs::write(&p, format!("{}\n", "a7".repeat(32))).unwrap();
-        p
-    })
-    .clone()
+/// The CA key file every controller in these tests is given, as on a real deployment: the same
+/// key in every file, written into a directory the test owns so that it goes with the test.
+fn shared_ca_key(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("ca-key");
+    std::fs::write(&p, format!("{}\n", "a7".repeat(32))).unwrap();
+    p
 }
 
 async fn controller(name: &str, spec: &str) -> Ctl {
@@ -65,7 +62,7 @@ async fn controller(name: &str, spec: &str) -> Ctl {
         state: state.path().to_path_buf(),
         store: Some(spec.to_string()),
         etcd: Default::default(),
-        ca_key_file: Some(shared_ca_key()),
+        ca_key_file: Some(shared_ca_key(state.path())),
         policy: None,
         advertise_url: None,
         flow_history: bulkhead_controller::flows::DEFAULT_HISTORY,
@@ -504,7 +501,7 @@ fn an_etcd_unreachable_at_start_is_retried_not_fatal() {
             .args(["--listen", "127.0.0.1:0", "--store"])
             .arg(format!("etcd://{addr}"))
             .arg("--ca-key-file")
-            .arg(shared_ca_key())
+            .arg(shared_ca_key(d))
             .arg("--state")
             .arg(d.join("state"))
             .stdin(std::process::Stdio::null())
