@@ -58,6 +58,9 @@ cargo build --manifest-path fuzz/Cargo.toml --target-dir target --locked
 step "cargo test"
 cargo test --workspace --locked
 
+step "the data plane's in-process tests again, every node split into 3 shards"
+BULKHEAD_TEST_SHARDS=3 cargo test -p bulkhead-dataplane --locked --test pair --test hostile
+
 step "example policies"
 for f in deploy/examples/*.yaml; do
   target/debug/bulkhead policy check "$f"

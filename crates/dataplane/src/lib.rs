@@ -25,6 +25,7 @@ mod node;
 pub mod packet;
 mod peers;
 mod ratelimit;
+mod shards;
 mod share;
 mod sink;
 mod tunnel;
@@ -32,6 +33,7 @@ mod tunnel;
 pub use conntrack::{FlowKey, Initiator};
 pub use node::{ApplyReport, Config, Node, Now, PeerConfig};
 pub use peers::{PeerId, PeerStatus, Traffic};
+pub use shards::{Front, MAX_SHARDS, Shard, Sharded, Ticket};
 pub use share::FlowShare;
 pub use sink::{Counters, Direction, DropReason, Event, Sink};
 

@@ -11,8 +11,9 @@ use crate::conntrack::{Flow, FlowKey};
 use crate::filter::{Admitted, Filter};
 use crate::packet::{self, Ipv4, Packet};
 use crate::peers::{Peer, PeerId, PeerStatus, Peers};
+use crate::shards::{Shard, Ticket};
 use crate::sink::{Counters, Direction, DropReason, Event, Sink};
-use crate::tunnel::{Decapsulated, Encapsulated, Screened, SentBy, WireGuard};
+use crate::tunnel::{Decapsulated, Encapsulated, Kind, Screened, SentBy, WireGuard};
 
 /// Largest packet the node handles, plus room for WireGuard's overhead.
 const BUFFER: usize = 65536 + 148;
@@ -91,9 +92,17 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A node with this private key, enforcing nothing-passes until [`Node::apply`].
     pub fn new(private_key: [u8; 32], flow_capacity: usize) -> Node {
+        Node::shard(private_key, flow_capacity, Shard::WHOLE)
+    }
+
+    /// One shard of a node split across worker threads (`shards.rs`): the same key, and of the
+    /// peers of every allowlist only those `shard` owns, with their tunnels and their flows, in
+    /// a flow table of `flow_capacity`. Its datagrams come through the node's
+    /// [`Front`](crate::Front) and [`Node::handle_screened`].
+    pub fn shard(private_key: [u8; 32], flow_capacity: usize, shard: Shard) -> Node {
         Node {
             wg: WireGuard::new(private_key),
-            peers: Peers::default(),
+            peers: Peers::new(shard),
             filter: Filter::new(flow_capacity),
             peer_configs: BTreeMap::new(),
             keepalive: None,
@@ -311,12 +320,38 @@ impl Node {
         now: Now,
         sink: &mut impl Sink,
     ) -> Result<(), Dropped> {
-        let (sent_by, kind) = match self.wg.screen(from, datagram, now.instant, sink) {
-            Screened::Answered => return Ok(()),
-            Screened::Invalid => return Err(Dropped::from(DropReason::Tunnel)),
-            Screened::Limited => return Err(Dropped::from(DropReason::HandshakeRateLimited)),
-            Screened::Message { sent_by, kind } => (sent_by, kind),
+        let screened = screened(self.wg.screen(from, datagram, now.instant, sink));
+        let Some((sent_by, kind)) = screened.map_err(Dropped::from)? else {
+            return Ok(()); // answered with a cookie
         };
+        self.deliver(from, datagram, sent_by, kind, now, sink)
+    }
+
+    /// Handles a datagram the node's [`Front`](crate::Front) has screened and routed to this
+    /// shard: decrypt, then filter, as [`Node::handle_udp`] does after its own screening.
+    pub fn handle_screened(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        ticket: Ticket,
+        now: Now,
+        sink: &mut impl Sink,
+    ) {
+        if let Err(d) = self.deliver(from, datagram, ticket.sent_by, ticket.kind, now, sink) {
+            self.report(Direction::Ingress, d, sink);
+        }
+    }
+
+    /// The ingress path after the rate limiter: find the peer, decrypt, filter.
+    fn deliver(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        sent_by: SentBy,
+        kind: Kind,
+        now: Now,
+        sink: &mut impl Sink,
+    ) -> Result<(), Dropped> {
         let peers = &mut self.peers;
         let id = match sent_by {
             SentBy::Key(key) => peers.by_key(&key),
@@ -371,6 +406,17 @@ impl Node {
                 .map(|p| p.name.as_str()),
             rule: self.filter.deny_rule(d.why),
         });
+    }
+}
+
+/// What the rate limiter let through, or why it dropped a datagram; `Ok(None)` when it
+/// answered with a cookie instead.
+pub(crate) fn screened(s: Screened) -> Result<Option<(SentBy, Kind)>, DropReason> {
+    match s {
+        Screened::Answered => Ok(None),
+        Screened::Invalid => Err(DropReason::Tunnel),
+        Screened::Limited => Err(DropReason::HandshakeRateLimited),
+        Screened::Message { sent_by, kind } => Ok(Some((sent_by, kind))),
     }
 }
 

@@ -10,13 +10,15 @@ use bulkhead_allowlist::Allowlist;
 
 use crate::filter::Tables;
 use crate::node::PeerConfig;
+use crate::shards::Shard;
 use crate::share::FlowShare;
 use crate::tunnel::{Tunnel, WireGuard};
 
 /// A peer's identity within one node. It is given when the peer first gets a tunnel and kept
 /// across applies for as long as the peer keeps its key; it is never given to another key in
 /// the node's life. So a packet that carries a `PeerId` across an apply can only ever meet the
-/// peer it came from, or none.
+/// peer it came from, or none. In a node split into shards, its low bits are the shard's
+/// number ([`Shard`]), and so are those of the tunnel index that WireGuard messages carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerId(u32);
 
@@ -80,8 +82,9 @@ pub(crate) struct Peer {
 }
 
 /// The peers with a tunnel, and the indexes that find them.
-#[derive(Default)]
 pub(crate) struct Peers {
+    /// Which peers are this registry's: those of its shard.
+    shard: Shard,
     peers: HashMap<PeerId, Peer, ahash::RandomState>,
     /// In the allowlist's order, which is by name.
     order: Vec<PeerId>,
@@ -89,8 +92,8 @@ pub(crate) struct Peers {
     by_key: HashMap<[u8; 32], PeerId, ahash::RandomState>,
     /// Tunnel index (the upper 24 bits of WireGuard receiver indexes) to peer.
     by_tunnel: HashMap<u32, PeerId, ahash::RandomState>,
-    /// The last `PeerId` given; 0 is never one.
-    last_id: u32,
+    /// The sequence number of the last `PeerId` given; 0 is never one.
+    last_seq: u32,
 }
 
 /// Which peers an update added and removed, by name.
@@ -100,6 +103,19 @@ pub(crate) struct Changes {
 }
 
 impl Peers {
+    /// No peers, yet: this registry holds the peers of `shard`.
+    pub(crate) fn new(shard: Shard) -> Peers {
+        Peers {
+            shard,
+            peers: HashMap::default(),
+            order: Vec::new(),
+            by_address: HashMap::default(),
+            by_key: HashMap::default(),
+            by_tunnel: HashMap::default(),
+            last_seq: 0,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.peers.len()
     }
@@ -142,7 +158,7 @@ impl Peers {
     }
 
     /// Makes the registry hold exactly the peers of `list` that `configs` has a key for (never
-    /// this node itself). A peer that stays with the same key keeps its id, its tunnel and its
+    /// this node itself), of those its shard owns. A peer that stays with the same key keeps its id, its tunnel and its
     /// session, and takes its new address, tables and endpoint; a new name, or a new key for an
     /// old name, gets a new id and a new tunnel.
     pub(crate) fn update(
@@ -166,6 +182,9 @@ impl Peers {
             if config.public_key == wg.public_key() {
                 continue; // never a tunnel to oneself
             }
+            if !self.shard.owns(&config.public_key) {
+                continue;
+            }
             let peer = match old.remove(&*entry.name) {
                 Some(mut p) if p.key == config.public_key => {
                     p.address = entry.address;
@@ -174,12 +193,13 @@ impl Peers {
                     p
                 }
                 _ => {
-                    // Ids run out after 2^32 - 2 tunnels: from then on, no new tunnels rather
-                    // than an id given twice.
-                    let Some(id) = self.last_id.checked_add(1).map(PeerId) else {
+                    // Ids run out after 2^32 - 2 tunnels (fewer in a shard): from then on, no
+                    // new tunnels rather than an id given twice.
+                    let Some((seq, id)) = self.shard.peer_id(self.last_seq) else {
                         continue;
                     };
-                    self.last_id = id.0;
+                    let id = PeerId(id);
+                    self.last_seq = seq;
                     added.push(entry.name.to_string());
                     Peer {
                         id,

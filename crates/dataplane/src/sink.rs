@@ -138,3 +138,16 @@ pub struct Counters {
     /// Flows admitted.
     pub flows_started: u64,
 }
+
+impl Counters {
+    /// Adds `other`'s counts to these: the counters of a node's shards, summed.
+    pub fn add(&mut self, other: Counters) {
+        for (k, n) in other.dropped {
+            *self.dropped.entry(k).or_default() += n;
+        }
+        for (k, n) in other.denied_by_rule {
+            *self.denied_by_rule.entry(k).or_default() += n;
+        }
+        self.flows_started += other.flows_started;
+    }
+}

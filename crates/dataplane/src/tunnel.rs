@@ -77,6 +77,7 @@ impl Kind {
 }
 
 /// Which tunnel a datagram that passed the rate limiter belongs to, as far as it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SentBy {
     /// A handshake initiation from this static key.
     Key([u8; 32]),

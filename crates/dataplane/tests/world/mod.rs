@@ -7,7 +7,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bulkhead_allowlist::Allowlist;
-use bulkhead_dataplane::{Config, Event, Node, Now, PeerConfig, Sink};
+use bulkhead_dataplane::{
+    ApplyReport, Config, Counters, Event, Node, Now, PeerConfig, PeerId, PeerStatus, Shard,
+    Sharded, Sink,
+};
 use bulkhead_policy::{Compiled, Conditions};
 use bulkhead_proto::PrivateKey;
 
@@ -37,9 +40,105 @@ impl Sink for Out {
     }
 }
 
+/// A host's data plane: a whole node, or one split into shards (`BULKHEAD_TEST_SHARDS=N` runs
+/// every world's nodes split into N, so that the same tests hold the split node to the same
+/// decisions).
+#[allow(clippy::large_enum_variant)] // one per host of a test
+pub enum Core {
+    Whole(Node),
+    Split(Sharded),
+}
+
+/// Shards for the worlds' nodes: `BULKHEAD_TEST_SHARDS`, 1 (whole) by default.
+pub fn test_shards() -> usize {
+    std::env::var("BULKHEAD_TEST_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+impl Core {
+    pub fn new(key: [u8; 32], flow_capacity: usize) -> Core {
+        match test_shards() {
+            1 => Core::Whole(Node::new(key, flow_capacity)),
+            n => Core::Split(Sharded::new(key, flow_capacity, n).expect("a shard count")),
+        }
+    }
+
+    pub fn apply(&mut self, c: Config, now: Now) -> ApplyReport {
+        match self {
+            Core::Whole(n) => n.apply(c, now),
+            Core::Split(n) => n.apply(c, now),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        match self {
+            Core::Whole(n) => n.clear(),
+            Core::Split(n) => n.clear(),
+        }
+    }
+
+    pub fn handle_tun(&mut self, pkt: &[u8], now: Now, sink: &mut impl Sink) {
+        match self {
+            Core::Whole(n) => n.handle_tun(pkt, now, sink),
+            Core::Split(n) => n.handle_tun(pkt, now, sink),
+        }
+    }
+
+    pub fn handle_udp(&mut self, from: SocketAddr, d: &[u8], now: Now, sink: &mut impl Sink) {
+        match self {
+            Core::Whole(n) => n.handle_udp(from, d, now, sink),
+            Core::Split(n) => n.handle_udp(from, d, now, sink),
+        }
+    }
+
+    pub fn tick(&mut self, now: Now, sink: &mut impl Sink) {
+        match self {
+            Core::Whole(n) => n.tick(now, sink),
+            Core::Split(n) => n.tick(now, sink),
+        }
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        match self {
+            Core::Whole(n) => n.peers(),
+            Core::Split(n) => n.peers(),
+        }
+    }
+
+    pub fn peer_id(&self, name: &str) -> Option<PeerId> {
+        match self {
+            Core::Whole(n) => n.peer_id(name),
+            Core::Split(n) => n.peer_id(name),
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        match self {
+            Core::Whole(n) => n.counters(),
+            Core::Split(n) => n.counters(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Core::Whole(n) => n.epoch(),
+            Core::Split(n) => n.epoch(),
+        }
+    }
+
+    pub fn flow_count(&self) -> usize {
+        match self {
+            Core::Whole(n) => n.flow_count(),
+            Core::Split(n) => n.flow_count(),
+        }
+    }
+}
+
 pub struct Host {
     pub name: String,
-    pub node: Node,
+    pub node: Core,
     pub udp: SocketAddr,
     pub key: PrivateKey,
     /// Everything the host's TUN device received, and everything it dropped.
@@ -72,21 +171,51 @@ impl World {
     }
 
     pub fn with_flow_capacity(policy: &str, names: &[&str], flow_capacity: usize) -> World {
+        let keys = names.iter().map(|_| PrivateKey::generate()).collect();
+        World::build(policy, names, flow_capacity, keys, Core::new)
+    }
+
+    /// Every node split into `shards`, with keys chosen so that host `i` is owned by shard
+    /// `i % shards` of every other: each shard has peers, whatever the luck.
+    pub fn split(policy: &str, names: &[&str], shards: usize) -> World {
+        let keys = (0..names.len())
+            .map(|i| {
+                loop {
+                    let k = PrivateKey::generate();
+                    if Shard::new(i % shards, shards)
+                        .unwrap()
+                        .owns(&k.public_key().0)
+                    {
+                        break k;
+                    }
+                }
+            })
+            .collect();
+        World::build(policy, names, 1024, keys, |k, c| {
+            Core::Split(Sharded::new(k, c, shards).unwrap())
+        })
+    }
+
+    fn build(
+        policy: &str,
+        names: &[&str],
+        flow_capacity: usize,
+        keys: Vec<PrivateKey>,
+        core: impl Fn([u8; 32], usize) -> Core,
+    ) -> World {
         let lists = allowlists(policy, T0);
         let hosts: Vec<Host> = names
             .iter()
+            .zip(keys)
             .enumerate()
-            .map(|(i, n)| {
-                let key = PrivateKey::generate();
-                Host {
-                    name: n.to_string(),
-                    node: Node::new(key.to_bytes(), flow_capacity),
-                    udp: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
-                    key,
-                    tun: Vec::new(),
-                    dropped: Vec::new(),
-                    flows: Vec::new(),
-                }
+            .map(|(i, (n, key))| Host {
+                name: n.to_string(),
+                node: core(key.to_bytes(), flow_capacity),
+                udp: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
+                key,
+                tun: Vec::new(),
+                dropped: Vec::new(),
+                flows: Vec::new(),
             })
             .collect();
         let mut w = World {

@@ -1,0 +1,406 @@
+//! How the core scales with worker threads (issue 16): one node, split into as many shards as
+//! worker threads (`shards.rs`), exchanging 1400-byte TCP packets with 8 peers at once, in both
+//! directions: its egress encrypts packets read from its TUN device, its ingress decrypts and
+//! admits datagrams the peers sent. The main thread plays the daemon's I/O thread: it routes
+//! every packet through the node's `Front` and hands batches to the workers, each of which owns
+//! one shard and runs it on its own. Crypto-bound: no I/O, no system calls.
+//!
+//!   cargo bench -p bulkhead-dataplane --bench threads
+//!   ROUNDS=7 PACKETS=20000 THREADS="1 2" cargo bench -p bulkhead-dataplane --bench threads
+//!
+//! Rounds alternate between the thread counts (interleaved, so drift hits each alike); the
+//! median of each is printed, with the ratio to one thread. Peer keys are chosen so that each
+//! shard owns as many peers as the others: with random keys and many peers the shards even out,
+//! with 8 they may not.
+
+#![allow(clippy::unwrap_used)] // benchmark code
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bulkhead_dataplane::packet::{build, tcp};
+use bulkhead_dataplane::{Config, Front, Node, Now, PeerConfig, Shard, Sink, Ticket};
+use bulkhead_policy::{Compiled, Conditions};
+use bulkhead_proto::PrivateKey;
+
+const T0: i64 = 1_800_000_000;
+const PEERS: usize = 8;
+const PAYLOAD: usize = 1360;
+/// Packets handed to a worker at once.
+const BATCH: usize = 64;
+
+/// Counts what comes out, and keeps datagrams when asked to.
+#[derive(Default)]
+struct Out {
+    keep: bool,
+    net: Vec<(SocketAddr, Vec<u8>)>,
+    net_packets: usize,
+    tun: Vec<Vec<u8>>,
+    tun_packets: usize,
+}
+
+impl Sink for Out {
+    fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
+        self.net_packets += 1;
+        if self.keep {
+            self.net.push((to, d.to_vec()));
+        }
+    }
+    fn to_tun(&mut self, p: &[u8]) {
+        self.tun_packets += 1;
+        if self.keep {
+            self.tun.push(p.to_vec());
+        }
+    }
+}
+
+fn kept() -> Out {
+    Out {
+        keep: true,
+        ..Out::default()
+    }
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Node `a` and its peers `p0`..`p7`: a may open tcp/5201 to each.
+fn policy() -> String {
+    let mut y = String::from(
+        "version: 1\nnetwork: { cidr: 10.98.0.0/16 }\nidentities:\n  a: { labels: { app: client } }\n",
+    );
+    for i in 0..PEERS {
+        y += &format!("  p{i}: {{ labels: {{ app: server }} }}\n");
+    }
+    y +=
+        "segments:\n  clients: { match: { app: client } }\n  servers: { match: { app: server } }\n";
+    y += "rules:\n  - { name: bench, from: [clients], to: [servers], ports: [tcp/5201] }\n";
+    y
+}
+
+/// One thread count's node: the front, and a shard per worker; and the peers, whole.
+struct Lab {
+    front: Front,
+    shards: Vec<Node>,
+    peers: Vec<Node>,
+    a_addr: SocketAddr,
+    peer_addrs: Vec<SocketAddr>,
+    a_ip: Ipv4Addr,
+    peer_ips: Vec<Ipv4Addr>,
+    now: Now,
+}
+
+/// Keys for `a` and the peers, the peers spread evenly over the shards of every count up to 4.
+fn keys() -> (PrivateKey, Vec<PrivateKey>) {
+    let a = PrivateKey::generate();
+    let mut peers = Vec::new();
+    while peers.len() < PEERS {
+        let k = PrivateKey::generate();
+        let want = peers.len() % 4; // shard of 4 it should land in; so also of 2 and 1
+        if Shard::new(want, 4).unwrap().owns(&k.public_key().0) {
+            peers.push(k);
+        }
+    }
+    (a, peers)
+}
+
+impl Lab {
+    fn new(shards: usize, a_key: &PrivateKey, peer_keys: &[PrivateKey]) -> Lab {
+        let l = bulkhead_policy::load(&policy(), T0, &BTreeMap::new());
+        let m = l.model.unwrap();
+        let lists = Compiled::new(&m, m.state(&Conditions::at(T0))).allowlists(&m, 1);
+        let a_addr: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let peer_addrs: Vec<SocketAddr> = (0..PEERS)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 2000 + i as u16)))
+            .collect();
+        let mut configs = BTreeMap::from([(
+            "a".to_string(),
+            PeerConfig {
+                public_key: a_key.public_key().0,
+                endpoint: Some(a_addr),
+            },
+        )]);
+        for (i, k) in peer_keys.iter().enumerate() {
+            configs.insert(
+                format!("p{i}"),
+                PeerConfig {
+                    public_key: k.public_key().0,
+                    endpoint: Some(peer_addrs[i]),
+                },
+            );
+        }
+        let config = |name: &str| Config {
+            allowlist: lists.iter().find(|l| l.identity == name).unwrap().clone(),
+            peers: configs.clone(),
+            keepalive: None,
+        };
+        let now = Now {
+            instant: Instant::now(),
+            unix: T0,
+        };
+        let mut front = Front::new(a_key.to_bytes(), shards).unwrap();
+        front.apply(&config("a"));
+        let mut shard_nodes: Vec<Node> = (0..shards)
+            .map(|i| {
+                let mut n = Node::shard(a_key.to_bytes(), 65536, Shard::new(i, shards).unwrap());
+                n.apply(config("a"), now);
+                n
+            })
+            .collect();
+        assert!(
+            shard_nodes
+                .iter()
+                .all(|n| n.peers().len() == PEERS / shards)
+        );
+        let peers: Vec<Node> = peer_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let mut n = Node::new(k.to_bytes(), 65536);
+                n.apply(config(&format!("p{i}")), now);
+                n
+            })
+            .collect();
+        shard_nodes.shrink_to_fit();
+        let a_ip = lists.iter().find(|l| l.identity == "a").unwrap().address;
+        let peer_ips = (0..PEERS)
+            .map(|i| {
+                lists
+                    .iter()
+                    .find(|l| l.identity == format!("p{i}"))
+                    .unwrap()
+                    .address
+            })
+            .collect();
+        let mut lab = Lab {
+            front,
+            shards: shard_nodes,
+            peers,
+            a_addr,
+            peer_addrs,
+            a_ip,
+            peer_ips,
+            now,
+        };
+        lab.connect();
+        lab
+    }
+
+    /// `a`'s datagrams to where they go, and back, until quiet; what reached a TUN device.
+    fn settle(&mut self, mut from_a: Vec<(SocketAddr, Vec<u8>)>) {
+        for _ in 0..8 {
+            let mut to_a = Vec::new();
+            for (to, d) in from_a.drain(..) {
+                let i = self.peer_addrs.iter().position(|p| *p == to).unwrap();
+                let mut out = kept();
+                self.peers[i].handle_udp(self.a_addr, &d, self.now, &mut out);
+                to_a.extend(out.net.into_iter().map(|(_, d)| (self.peer_addrs[i], d)));
+            }
+            for (from, d) in to_a {
+                let mut out = kept();
+                if let Some((s, t)) = self.front.route_udp(from, &d, self.now, &mut out) {
+                    self.shards[s].handle_screened(from, &d, t, self.now, &mut out);
+                }
+                from_a.extend(out.net);
+            }
+        }
+    }
+
+    /// A TCP connection from `a` to each peer's tcp/5201, handshakes included.
+    fn connect(&mut self) {
+        for i in 0..PEERS {
+            let syn = build::tcp(self.a_ip, self.peer_ips[i], 40000, 5201, tcp::SYN);
+            let mut out = kept();
+            let s = self.front.route_tun(&syn);
+            self.shards[s].handle_tun(&syn, self.now, &mut out);
+            self.settle(out.net);
+            let synack = build::tcp(
+                self.peer_ips[i],
+                self.a_ip,
+                5201,
+                40000,
+                tcp::SYN | tcp::ACK,
+            );
+            let mut out = kept();
+            self.peers[i].handle_tun(&synack, self.now, &mut out);
+            let to_a: Vec<_> = out.net.into_iter().map(|(_, d)| d).collect();
+            let mut out = kept();
+            for d in to_a {
+                let from = self.peer_addrs[i];
+                let (s, t) = self.front.route_udp(from, &d, self.now, &mut out).unwrap();
+                self.shards[s].handle_screened(from, &d, t, self.now, &mut out);
+            }
+            assert_eq!(out.tun.len(), 1, "the SYN-ACK from p{i} reached a");
+            let ack = build::tcp(self.a_ip, self.peer_ips[i], 40000, 5201, tcp::ACK);
+            let mut out = kept();
+            let s = self.front.route_tun(&ack);
+            self.shards[s].handle_tun(&ack, self.now, &mut out);
+            assert_eq!(out.net.len(), 1, "the ACK to p{i} left a");
+        }
+    }
+
+    /// A round's work: `n` packets from each peer to `a`, encrypted by the peers (not timed),
+    /// and `n` packets from `a` to each peer, interleaved peer by peer.
+    fn work(&mut self, n: usize) -> Vec<Item> {
+        let mut items = Vec::with_capacity(2 * n * PEERS);
+        for _ in 0..n {
+            for i in 0..PEERS {
+                let mut up = build::tcp(self.a_ip, self.peer_ips[i], 40000, 5201, tcp::ACK);
+                up.extend_from_slice(&[0x5a; PAYLOAD]);
+                let len = (up.len() as u16).to_be_bytes();
+                up[2..4].copy_from_slice(&len);
+                items.push(Item::Tun(up));
+                let mut down = build::tcp(self.peer_ips[i], self.a_ip, 5201, 40000, tcp::ACK);
+                down.extend_from_slice(&[0xa5; PAYLOAD]);
+                let len = (down.len() as u16).to_be_bytes();
+                down[2..4].copy_from_slice(&len);
+                let mut out = kept();
+                self.peers[i].handle_tun(&down, self.now, &mut out);
+                let (_, d) = out.net.pop().unwrap();
+                items.push(Item::Udp(self.peer_addrs[i], d, None));
+            }
+        }
+        items
+    }
+}
+
+/// A packet for a worker.
+enum Item {
+    /// Read from the TUN device.
+    Tun(Vec<u8>),
+    /// Read from the UDP socket; the front's ticket once routed.
+    Udp(SocketAddr, Vec<u8>, Option<Ticket>),
+}
+
+/// Runs one round: the main thread routes `items` and hands them out in batches; each worker
+/// runs its shard. Returns the time taken and the packets written to the network and to the
+/// TUN device.
+fn round(lab: &mut Lab, items: Vec<Item>) -> (Duration, usize, usize) {
+    let now = lab.now;
+    let front = &mut lab.front;
+    let shards = &mut lab.shards;
+    let start = Instant::now();
+    let (net, tun) = std::thread::scope(|s| {
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for node in shards.iter_mut() {
+            let (tx, rx) = mpsc::sync_channel::<Vec<Item>>(16);
+            senders.push(tx);
+            workers.push(s.spawn(move || {
+                let mut out = Out::default();
+                for batch in rx {
+                    for item in batch {
+                        match item {
+                            Item::Tun(p) => node.handle_tun(&p, now, &mut out),
+                            Item::Udp(from, d, Some(t)) => {
+                                node.handle_screened(from, &d, t, now, &mut out)
+                            }
+                            Item::Udp(_, _, None) => {}
+                        }
+                    }
+                }
+                (out.net_packets, out.tun_packets)
+            }));
+        }
+        let mut batches: Vec<Vec<Item>> = (0..senders.len())
+            .map(|_| Vec::with_capacity(BATCH))
+            .collect();
+        let mut sink = Out::default();
+        for item in items {
+            let (shard, item) = match item {
+                Item::Tun(p) => (front.route_tun(&p), Item::Tun(p)),
+                Item::Udp(from, d, _) => match front.route_udp(from, &d, now, &mut sink) {
+                    Some((s, t)) => (s, Item::Udp(from, d, Some(t))),
+                    None => continue,
+                },
+            };
+            batches[shard].push(item);
+            if batches[shard].len() == BATCH {
+                let full = std::mem::replace(&mut batches[shard], Vec::with_capacity(BATCH));
+                senders[shard].send(full).unwrap();
+            }
+        }
+        for (tx, b) in senders.iter().zip(batches) {
+            tx.send(b).unwrap();
+        }
+        drop(senders);
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .fold((0, 0), |(n, t), (n2, t2)| (n + n2, t + t2))
+    });
+    (start.elapsed(), net, tun)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets once with no `--bench`: keep that quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let rounds = env("ROUNDS", if quick { 1 } else { 5 });
+    let packets = env("PACKETS", if quick { 200 } else { 10_000 });
+    let threads: Vec<usize> = std::env::var("THREADS")
+        .unwrap_or_else(|_| "1 2".to_string())
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let (a_key, peer_keys) = keys();
+    let mut labs: Vec<Lab> = threads
+        .iter()
+        .map(|&t| Lab::new(t, &a_key, &peer_keys))
+        .collect();
+    let mut gbits: Vec<Vec<f64>> = vec![Vec::new(); threads.len()];
+    let payload_bytes = 2 * packets * PEERS * (PAYLOAD + 40);
+    for r in 0..rounds {
+        for (k, lab) in labs.iter_mut().enumerate() {
+            let items = lab.work(packets);
+            let (took, net, tun) = round(lab, items);
+            // Every packet went through: each egress packet encrypted and sent, each ingress
+            // packet admitted.
+            assert_eq!(
+                tun,
+                packets * PEERS,
+                "every packet from the peers was admitted"
+            );
+            assert_eq!(net, packets * PEERS, "every packet to the peers was sent");
+            let g = payload_bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
+            gbits[k].push(g);
+            if !quick {
+                println!(
+                    "round {r} threads {}: {:.3} Gbit/s ({:.1} ms)",
+                    threads[k],
+                    g,
+                    took.as_secs_f64() * 1e3
+                );
+            }
+        }
+    }
+    let base = median(&mut gbits[0].clone());
+    println!(
+        "threads: {} peers, {} packets of {} bytes each way per peer per round, {} rounds",
+        PEERS,
+        packets,
+        PAYLOAD + 40,
+        rounds
+    );
+    for (k, t) in threads.iter().enumerate() {
+        let m = median(&mut gbits[k]);
+        println!(
+            "  {t} worker thread(s): median {m:.3} Gbit/s, {:.2}x one thread ({:?})",
+            m / base,
+            gbits[k]
+                .iter()
+                .map(|g| format!("{g:.3}"))
+                .collect::<Vec<_>>()
+        );
+    }
+}
