@@ -23,6 +23,7 @@ use crate::state::{Enrollment, StateDir};
 use crate::tun::{Interface, Read, Reads};
 use crate::uapi;
 use crate::udp::Udp;
+use crate::workers::{Plane, Workers};
 
 /// TUN reads taken at once after the one the loop woke for, if they are waiting.
 const MORE_TUN_READS: usize = 31;
@@ -117,8 +118,23 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Source::File(_) => Vec::new(),
     };
     let nflog = firewall::spawn_nflog(s.nflog_group, flows.clone());
+    let wire = || -> anyhow::Result<crate::writer::Wire> {
+        Ok(crate::writer::Wire {
+            udp: udp.sender().context("UDP socket")?,
+            tun: tun.dev.clone(),
+            gro: tun_rs::GROTable::default(),
+        })
+    };
+    let plane = if s.threads > 1 {
+        let outs = (0..s.threads)
+            .map(|_| Ok(Out::new(flows.clone(), wire()?)))
+            .collect::<anyhow::Result<Vec<Out>>>()?;
+        Plane::Many(Workers::start(key.to_bytes(), s.flow_capacity, outs)?)
+    } else {
+        Plane::One(Node::new(key.to_bytes(), s.flow_capacity))
+    };
     let mut d = Daemon {
-        node: Node::new(key.to_bytes(), s.flow_capacity),
+        plane,
         host: Host::new(&tun),
         firewall: Firewall::new(firewall::Facts {
             interface: s.interface.clone(),
@@ -127,15 +143,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             nflog_group: s.nflog_group,
         }),
         nflog,
-        out: Out::new(
-            flows.clone(),
-            crate::writer::Wire {
-                udp: udp.sender().context("UDP socket")?,
-                tun: tun.dev.clone(),
-                gro: tun_rs::GROTable::default(),
-            },
-            s.threads > 1,
-        ),
+        out: Out::new(flows.clone(), wire()?),
         applied: applied_tx,
         state,
         source,
@@ -176,7 +184,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             r = udp.readable() => {
                 r.context("UDP socket")?;
                 let t = now();
-                let r = udp.receive(|from, dg| d.node.handle_udp(from, dg, t, &mut d.out));
+                let r = udp.receive(|from, dg| d.plane.handle_udp(from, dg, t, &mut d.out));
                 if let Err(e) = r {
                     d.faults.record(Op::UdpRecv, &e, t.instant);
                 }
@@ -189,7 +197,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        d.out.flush(&mut d.faults)?;
+        d.out.flush(&mut d.faults);
+        d.plane.dispatch()?;
     }
     drop(metrics_tx);
     d.firewall.stop().await;
@@ -201,7 +210,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 /// What the loop owns besides its event sources: the core and its output, the host, and what
 /// the link reports.
 struct Daemon {
-    node: Node,
+    plane: Plane,
     host: Host,
     firewall: Firewall,
     nflog: Arc<firewall::NflogCounts>,
@@ -223,7 +232,7 @@ impl Daemon {
         match r {
             Read::Batch => {
                 for p in reads.packets() {
-                    self.node.handle_tun(p, t, &mut self.out);
+                    self.plane.handle_tun(p, t, &mut self.out);
                 }
             }
             Read::Dropped(e) => {
@@ -278,11 +287,11 @@ impl Daemon {
         Some(rx)
     }
 
-    fn answer_uapi(&self, reply: oneshot::Sender<String>) {
+    fn answer_uapi(&mut self, reply: oneshot::Sender<String>) {
         let snap = uapi::Snapshot {
             private_key: self.key.clone(),
             listen_port: self.listen_port,
-            peers: self.node.peers(),
+            peers: self.plane.peers(),
         };
         let _ = reply.send(uapi::format_get(&snap, SystemTime::now()));
     }
@@ -293,18 +302,14 @@ impl Daemon {
         let (flow_log_entries, flow_log_dropped) = (log.len(), log.dropped_total());
         drop(log);
         let _ = reply.send(Snapshot {
-            revision: self.node.allowlist().map(|a| a.revision),
-            peers: self.node.peers(),
-            counters: self.node.counters(),
-            flows_tracked: self.node.flow_count(),
+            revision: self.plane.allowlist().map(|a| a.revision),
+            peers: self.plane.peers(),
+            counters: self.plane.counters(),
+            flows_tracked: self.plane.flow_count(),
             flow_capacity: self.flow_capacity,
             flow_log_entries,
             flow_log_dropped,
-            io_errors: self
-                .faults
-                .totals()
-                .map(|(op, n)| (op.as_str(), n))
-                .collect(),
+            io_errors: self.io_errors(),
             underlay: self.firewall.status(),
             underlay_logged: self.nflog.logged().collect(),
             underlay_counters,
@@ -314,7 +319,8 @@ impl Daemon {
 
     /// Timers: the core's, and a host configuration to try again.
     async fn tick(&mut self) {
-        self.node.tick(now(), &mut self.out);
+        // Workers that are gone stop the loop at its next dispatch.
+        let _ = self.plane.tick(now(), &mut self.out);
         let host = self.host.retry().await;
         let firewall = self.firewall.retry().await;
         if host || firewall {
@@ -343,7 +349,7 @@ impl Daemon {
                 if let Err(e) = self.state.clear_config() {
                     tracing::error!(error = %e, "cannot remove the cached allowlist");
                 }
-                self.applied.send_replace(self.applied());
+                self.report_applied();
             }
         }
     }
@@ -359,7 +365,7 @@ impl Daemon {
                 // Never fail open: an allowlist that cannot be read lets nothing pass.
                 tracing::error!(error = %format!("{e:#}"), "allowlist unreadable: nothing passes until a good one arrives");
                 self.clear();
-                self.applied.send_replace(self.applied());
+                self.report_applied();
             }
         }
     }
@@ -374,8 +380,16 @@ impl Daemon {
             cfg.underlay.take(),
         );
         let (core, wanted) = host::split(cfg);
-        self.drain();
-        let report = self.node.apply(core, now());
+        let report = match self
+            .plane
+            .apply(core, now(), &mut self.out, &mut self.faults)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply the allowlist");
+                return;
+            }
+        };
         tracing::info!(
             revision,
             unchanged = report.unchanged,
@@ -388,23 +402,26 @@ impl Daemon {
         self.firewall
             .configure(address, addressing, underlay.as_ref())
             .await;
-        self.applied.send_replace(self.applied());
+        self.report_applied();
     }
 
-    /// Lets nothing pass from now on: not even what the core let through before and the writer
-    /// has not written yet.
+    /// Lets nothing pass from now on; what the core let through before is written first.
     fn clear(&mut self) {
-        self.drain();
-        self.node.clear();
+        if let Err(e) = self.plane.clear(&mut self.out, &mut self.faults) {
+            tracing::error!(error = %e, "cannot clear the allowlist");
+        }
     }
 
-    /// Waits until everything the core let through so far is written, so that nothing it let
-    /// through under the allowlist in force reaches the wire after the next one is applied
-    /// (`writer.rs`). If the writer is gone the loop stops at its next flush.
-    fn drain(&mut self) {
-        if let Err(e) = self.out.barrier(&mut self.faults) {
-            tracing::error!(error = %e, "cannot write what the data plane decided");
+    /// Packet-path I/O errors by operation: the loop's and the workers'.
+    fn io_errors(&mut self) -> Vec<(&'static str, u64)> {
+        let mut all: Vec<(&'static str, u64)> = Vec::new();
+        for (op, n) in self.faults.totals().chain(self.plane.faults()) {
+            match all.iter_mut().find(|(o, _)| *o == op.as_str()) {
+                Some((_, total)) => *total += n,
+                None => all.push((op.as_str(), n)),
+            }
         }
+        all
     }
 
     /// What keeps the host from its configuration: the interface, or the firewall.
@@ -416,13 +433,20 @@ impl Daemon {
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 
+    /// Tells the link what is in force now.
+    fn report_applied(&mut self) {
+        let a = self.applied();
+        self.applied.send_replace(a);
+    }
+
     /// What is in force, for the link's reports.
-    fn applied(&self) -> Applied {
-        let list = self.node.allowlist();
+    fn applied(&mut self) -> Applied {
+        let peers = self.plane.peers().len();
+        let list = self.plane.allowlist();
         Applied {
             revision: list.map(|l| l.revision),
             digest: list.map(|l| l.digest.clone()).filter(|d| !d.is_empty()),
-            peers: self.node.peers().len(),
+            peers,
             problem: self.problem(),
             underlay: self.firewall.status(),
         }

@@ -16,6 +16,7 @@ pub mod state;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
+mod workers;
 mod writer;
 
 use std::net::SocketAddr;
@@ -91,11 +92,11 @@ enum Command {
         /// The NFLOG group the host firewall logs to (one per host).
         #[arg(long, default_value_t = bulkhead_hostfw::DEFAULT_NFLOG_GROUP)]
         nflog_group: u16,
-        /// Threads for the packet path: 1, one thread reads, decides and writes; 2 or more, a
-        /// writer thread writes what the loop decided (more than 2 are not used yet). 1 by
-        /// default: on the 2-core benchmark machine the writer thread has not paid (see
-        /// docs/architecture.md, Threads).
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        /// Threads for the packet path. 1: one thread reads, decides and writes. N of 2 or
+        /// more: the node is split into N shards of its peers, each decided and written by a
+        /// worker thread of its own, while the loop reads and routes (docs/architecture.md,
+        /// Threads).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: u16,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,

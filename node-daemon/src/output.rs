@@ -3,7 +3,6 @@
 //! GRO); events go to the flow log and the debug log at once.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -11,17 +10,16 @@ use bulkhead_dataplane::{Event, Sink};
 
 use crate::faults::Faults;
 use crate::flowlog::FlowLog;
-use crate::writer::{Batch, Write, Writer, WriterGone};
+use crate::writer::{Batch, Write};
 
 /// Output of the core for one batch, written out after it: reading a batch and then writing a
 /// batch measured faster than writing each packet as it comes. Buffers are reused from batch to
-/// batch, so the packet path does not allocate once warm. The [`Writer`] writes each batch, in
-/// the loop or in a thread of its own.
+/// batch, so the packet path does not allocate once warm.
 pub(crate) struct Out {
     batch: Batch,
-    writer: Writer,
+    w: Box<dyn Write>,
     /// Most datagrams one send may carry, as the socket said after the last batch written.
-    max_segments: Arc<AtomicUsize>,
+    max_segments: usize,
     /// Flow starts and denials, until the link ships them.
     pub(crate) flows: Arc<Mutex<FlowLog>>,
 }
@@ -30,34 +28,30 @@ pub(crate) struct Out {
 pub(crate) const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 impl Out {
-    /// Output written by `w`, in a writer thread if `threaded`.
-    pub(crate) fn new(flows: Arc<Mutex<FlowLog>>, w: impl Write, threaded: bool) -> Out {
-        let max_segments = Arc::new(AtomicUsize::new(1));
+    /// Output written by `w`.
+    pub(crate) fn new(flows: Arc<Mutex<FlowLog>>, w: impl Write) -> Out {
         Out {
             batch: Batch::default(),
-            writer: Writer::new(w, threaded, max_segments.clone()),
-            max_segments,
+            max_segments: w.max_segments(),
+            w: Box::new(w),
             flows,
         }
     }
 
-    /// Writes the batch out, or hands it to the writer thread. What the socket or the device
-    /// refuses is dropped and counted in `faults`.
-    pub(crate) fn flush(&mut self, faults: &mut Faults) -> Result<(), WriterGone> {
-        self.writer.flush(&mut self.batch, faults)
-    }
-
-    /// Writes the batch out and waits until everything the core output so far is written: what
-    /// comes after was decided under whatever the core enforces from now on.
-    pub(crate) fn barrier(&mut self, faults: &mut Faults) -> Result<(), WriterGone> {
-        self.writer.barrier(&mut self.batch, faults)
+    /// Writes the batch out. What the socket or the device refuses is dropped and counted in
+    /// `faults`. Once it returns, everything the core output so far is written.
+    pub(crate) fn flush(&mut self, faults: &mut Faults) {
+        if !self.batch.is_empty() {
+            self.w.write(&mut self.batch);
+            self.max_segments = self.w.max_segments();
+        }
+        self.batch.recycle(faults);
     }
 }
 
 impl Sink for Out {
     fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
-        let max = self.max_segments.load(Ordering::Relaxed);
-        self.batch.datagram(to, d, max);
+        self.batch.datagram(to, d, self.max_segments);
     }
 
     fn to_tun(&mut self, p: &[u8]) {

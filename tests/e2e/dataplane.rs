@@ -28,7 +28,30 @@ fn allowed_traffic_passes_and_everything_else_is_dropped() {
     if !netns_ok() {
         return;
     }
-    let mut o = Overlay::start(POLICY, &["web", "db", "other"]);
+    allowed_and_denied(&[]);
+}
+
+/// The same with every daemon's peers split over three worker threads (`--threads 3`): the
+/// same decisions, and a new allowlist in force at once on every shard.
+#[test]
+fn daemons_on_worker_threads_decide_the_same() {
+    if !netns_ok() {
+        return;
+    }
+    let mut o = allowed_and_denied(&["--threads", "3"]);
+    let moved = POLICY.replace("tcp/5432, icmp", "tcp/6432, icmp");
+    o.enforce(&moved, &["web", "db", "other"]);
+    assert!(!o.connect("web", "db", 5432), "the old port is closed");
+    o.listen("db", 6432);
+    assert!(
+        o.connect_eventually("web", "db", 6432),
+        "the new one is open"
+    );
+    assert!(!o.ping("other", "db"), "other still has no rule");
+}
+
+fn allowed_and_denied(daemon_args: &[&str]) -> Overlay {
+    let mut o = Overlay::start_with(POLICY, &["web", "db", "other"], daemon_args);
     o.listen("db", 5432);
     o.listen("db", 22);
     o.listen("web", 8080);
@@ -61,6 +84,7 @@ fn allowed_traffic_passes_and_everything_else_is_dropped() {
     assert!(web.contains("transfer"), "{web}");
     let other = o.wg_show("other");
     assert!(!other.contains("peer:"), "other has no peers:\n{other}");
+    o
 }
 
 #[test]

@@ -1,0 +1,680 @@
+//! The packet path on one thread or on several (`--threads N`).
+//!
+//! With one, the loop reads a batch, runs it through the core and writes the output. With N ≥ 2
+//! the node is split into N shards (`bulkhead_dataplane::shards`), each owned by a worker
+//! thread with its own output, and the loop becomes the I/O front:
+//!
+//! ```text
+//!  loop thread:  read TUN / UDP ─► Front (rate limiter, route) ─► inbox of shard k ──┐
+//!  worker k:     ◄─────────────────────────────────────────────────────────────────────┘
+//!                decrypt, filter, encrypt (shard k's peers) ─► GSO sends, TUN writes
+//! ```
+//!
+//! A peer's tunnel and flows live in one shard, so every packet of a flow goes through one
+//! worker, in the order it was read, and out through that worker's writes: no flow is split
+//! across threads (a multi-queue TUN would reorder it). Packets are copied once into an inbox;
+//! inboxes come back empty to be filled again, and at most [`INBOXES`] exist per worker, so the
+//! loop waits when a worker is behind (backpressure) and the path does not allocate once warm.
+//!
+//! **Apply is a barrier.** [`Plane::apply`] hands what the loop has read to the workers, then
+//! the configuration to every worker, and returns when each has applied it and written what
+//! it decided before. A worker takes its jobs in order, so every packet read before `apply`
+//! was decided under the old configuration and is written before `apply` returns; every
+//! packet routed after it is decided under the new one. As with one thread: once `apply` has
+//! returned, nothing the old allowlist let through reaches the wire.
+
+use std::net::SocketAddr;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, channel, sync_channel};
+use std::thread::JoinHandle;
+
+use bulkhead_allowlist::Allowlist;
+use bulkhead_dataplane::{
+    ApplyReport, Config, Counters, Front, Node, Now, PeerStatus, Shard, Ticket,
+};
+
+use crate::faults::{Faults, Op};
+use crate::output::Out;
+
+/// Packets in one inbox at most.
+const INBOX_PACKETS: usize = 128;
+
+/// Inboxes per worker: the one the loop fills, and those handed over.
+const INBOXES: usize = 4;
+
+/// The workers are gone (they never end on their own): the daemon cannot pass traffic.
+#[derive(Debug)]
+pub(crate) struct WorkersGone;
+
+impl std::fmt::Display for WorkersGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a packet worker thread ended")
+    }
+}
+
+impl std::error::Error for WorkersGone {}
+
+/// The core, on the loop's thread or split across workers.
+#[allow(clippy::large_enum_variant)] // one per daemon, never moved
+pub(crate) enum Plane {
+    /// `--threads 1`.
+    One(Node),
+    /// `--threads N`, N ≥ 2.
+    Many(Workers),
+}
+
+impl Plane {
+    /// Handles a packet read from the TUN device; with workers, hands it to its shard's.
+    pub(crate) fn handle_tun(&mut self, p: &[u8], now: Now, out: &mut Out) {
+        match self {
+            Plane::One(n) => n.handle_tun(p, now, out),
+            Plane::Many(w) => {
+                let s = w.front.route_tun(p);
+                w.push(s, p, None, now);
+            }
+        }
+    }
+
+    /// Handles a datagram read from the UDP socket; with workers, the front screens it (what it
+    /// answers or drops goes to `out`) and hands it to its shard's.
+    pub(crate) fn handle_udp(&mut self, from: SocketAddr, d: &[u8], now: Now, out: &mut Out) {
+        match self {
+            Plane::One(n) => n.handle_udp(from, d, now, out),
+            Plane::Many(w) => {
+                if let Some((s, t)) = w.front.route_udp(from, d, now, out) {
+                    w.push(s, d, Some((from, t)), now);
+                }
+            }
+        }
+    }
+
+    /// Hands the workers what the loop has read for them.
+    pub(crate) fn dispatch(&mut self) -> Result<(), WorkersGone> {
+        match self {
+            Plane::One(_) => Ok(()),
+            Plane::Many(w) => w.dispatch(),
+        }
+    }
+
+    /// Applies a configuration: a barrier (module docs). `out` holds the loop's own output.
+    pub(crate) fn apply(
+        &mut self,
+        config: Config,
+        now: Now,
+        out: &mut Out,
+        faults: &mut Faults,
+    ) -> Result<ApplyReport, WorkersGone> {
+        out.flush(faults);
+        match self {
+            Plane::One(n) => Ok(n.apply(config, now)),
+            Plane::Many(w) => w.apply(config, now),
+        }
+    }
+
+    /// Forgets the configuration, in every shard, after what was decided before is written.
+    pub(crate) fn clear(&mut self, out: &mut Out, faults: &mut Faults) -> Result<(), WorkersGone> {
+        out.flush(faults);
+        match self {
+            Plane::One(n) => {
+                n.clear();
+                Ok(())
+            }
+            Plane::Many(w) => {
+                w.front.clear();
+                w.allowlist = None;
+                w.ask(|p| {
+                    p.node.clear();
+                    p.flush();
+                })
+                .map(drop)
+            }
+        }
+    }
+
+    /// Runs the timers, of the core or of every shard (whose output the workers write).
+    pub(crate) fn tick(&mut self, now: Now, out: &mut Out) -> Result<(), WorkersGone> {
+        match self {
+            Plane::One(n) => {
+                n.tick(now, out);
+                Ok(())
+            }
+            Plane::Many(w) => {
+                w.front.tick(now);
+                w.tell(move |p| {
+                    p.node.tick(now, &mut p.out);
+                    p.flush();
+                })
+            }
+        }
+    }
+
+    /// The allowlist in force.
+    pub(crate) fn allowlist(&self) -> Option<&Allowlist> {
+        match self {
+            Plane::One(n) => n.allowlist(),
+            Plane::Many(w) => w.allowlist.as_ref(),
+        }
+    }
+
+    /// The peers with a tunnel, in name order.
+    pub(crate) fn peers(&mut self) -> Vec<PeerStatus> {
+        match self {
+            Plane::One(n) => n.peers(),
+            Plane::Many(w) => {
+                let mut all: Vec<PeerStatus> = w
+                    .ask(|p| p.node.peers())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                all
+            }
+        }
+    }
+
+    /// Drop counters, summed over the front and the shards.
+    pub(crate) fn counters(&mut self) -> Counters {
+        match self {
+            Plane::One(n) => n.counters(),
+            Plane::Many(w) => {
+                let mut all = w.front.counters();
+                for c in w.ask(|p| p.node.counters()).unwrap_or_default() {
+                    all.add(c);
+                }
+                all
+            }
+        }
+    }
+
+    /// Flows tracked, in every shard.
+    pub(crate) fn flow_count(&mut self) -> usize {
+        match self {
+            Plane::One(n) => n.flow_count(),
+            Plane::Many(w) => w
+                .ask(|p| p.node.flow_count())
+                .unwrap_or_default()
+                .into_iter()
+                .sum(),
+        }
+    }
+
+    /// The workers' write errors, by operation (the loop counts its own).
+    pub(crate) fn faults(&mut self) -> Vec<(Op, u64)> {
+        match self {
+            Plane::One(_) => Vec::new(),
+            Plane::Many(w) => w
+                .ask(|p| p.faults.totals().collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+                .collect(),
+        }
+    }
+}
+
+/// Packets for one worker, copied out of the loop's read buffers, all read at `now`.
+#[derive(Default)]
+struct Inbox {
+    data: Vec<u8>,
+    /// Each packet's end in `data`, and for a datagram its sender and the front's ticket.
+    items: Vec<(usize, Option<(SocketAddr, Ticket)>)>,
+    now: Option<Now>,
+}
+
+/// What a worker owns: its shard of the node, and the shard's output.
+pub(crate) struct Part {
+    node: Node,
+    out: Out,
+    faults: Faults,
+}
+
+impl Part {
+    fn flush(&mut self) {
+        self.out.flush(&mut self.faults);
+    }
+
+    fn run(&mut self, mut inbox: Inbox) -> Inbox {
+        if let Some(now) = inbox.now {
+            let mut start = 0;
+            for &(end, from) in &inbox.items {
+                let p = &inbox.data[start..end];
+                start = end;
+                match from {
+                    None => self.node.handle_tun(p, now, &mut self.out),
+                    Some((from, t)) => self.node.handle_screened(from, p, t, now, &mut self.out),
+                }
+            }
+        }
+        self.flush();
+        inbox.data.clear();
+        inbox.items.clear();
+        inbox.now = None;
+        inbox
+    }
+}
+
+type Task = Box<dyn FnOnce(&mut Part) + Send>;
+
+enum Job {
+    Packets(Inbox),
+    Run(Task),
+}
+
+/// The loop's end of one worker.
+struct Handle {
+    to: SyncSender<Job>,
+    back: Receiver<Inbox>,
+    filling: Inbox,
+    spare: Vec<Inbox>,
+    made: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Hands the inbox being filled to the worker, and takes an empty one in its place:
+    /// returned by the worker, new while fewer than [`INBOXES`] exist, or waited for.
+    fn send(&mut self) -> Result<(), WorkersGone> {
+        loop {
+            match self.back.try_recv() {
+                Ok(b) => self.spare.push(b),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Err(WorkersGone),
+            }
+        }
+        let next = match self.spare.pop() {
+            Some(b) => b,
+            None if self.made < INBOXES => {
+                self.made += 1;
+                Inbox::default()
+            }
+            None => self.back.recv().map_err(|_| WorkersGone)?,
+        };
+        let full = std::mem::replace(&mut self.filling, next);
+        self.to.send(Job::Packets(full)).map_err(|_| WorkersGone)
+    }
+}
+
+/// The worker threads, each owning one shard.
+pub(crate) struct Workers {
+    front: Front,
+    handles: Vec<Handle>,
+    /// The allowlist every shard holds.
+    allowlist: Option<Allowlist>,
+    /// A worker could not be handed a packet: the next dispatch says so.
+    gone: bool,
+}
+
+impl Workers {
+    /// A node with this key split over one worker thread per output in `outs` (at least 2),
+    /// each with a flow table of its share of `flow_capacity`.
+    pub(crate) fn start(
+        key: [u8; 32],
+        flow_capacity: usize,
+        outs: Vec<Out>,
+    ) -> anyhow::Result<Workers> {
+        let count = outs.len();
+        let front = Front::new(key, count)
+            .ok_or_else(|| anyhow::anyhow!("cannot split the node into {count} shards"))?;
+        let mut handles = Vec::new();
+        for (i, out) in outs.into_iter().enumerate() {
+            let shard = Shard::new(i, count).ok_or_else(|| anyhow::anyhow!("shard {i}"))?;
+            let mut part = Part {
+                node: Node::shard(key, flow_capacity.div_ceil(count), shard),
+                out,
+                faults: Faults::default(),
+            };
+            let (to, jobs) = sync_channel::<Job>(INBOXES);
+            let (give, back) = sync_channel::<Inbox>(INBOXES);
+            let thread = std::thread::Builder::new()
+                .name(format!("bulkheadd-shard{i}"))
+                .spawn(move || {
+                    while let Ok(job) = jobs.recv() {
+                        match job {
+                            Job::Packets(inbox) => {
+                                if give.send(part.run(inbox)).is_err() {
+                                    return;
+                                }
+                            }
+                            Job::Run(task) => task(&mut part),
+                        }
+                    }
+                })?;
+            handles.push(Handle {
+                to,
+                back,
+                filling: Inbox::default(),
+                spare: Vec::new(),
+                made: 1,
+                thread: Some(thread),
+            });
+        }
+        Ok(Workers {
+            front,
+            handles,
+            allowlist: None,
+            gone: false,
+        })
+    }
+
+    fn push(&mut self, shard: usize, p: &[u8], from: Option<(SocketAddr, Ticket)>, now: Now) {
+        let h = &mut self.handles[shard];
+        h.filling.now.get_or_insert(now);
+        h.filling.data.extend_from_slice(p);
+        h.filling.items.push((h.filling.data.len(), from));
+        if h.filling.items.len() >= INBOX_PACKETS && h.send().is_err() {
+            self.gone = true;
+        }
+    }
+
+    fn dispatch(&mut self) -> Result<(), WorkersGone> {
+        if self.gone {
+            return Err(WorkersGone);
+        }
+        for h in &mut self.handles {
+            if !h.filling.items.is_empty() {
+                h.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, config: Config, now: Now) -> Result<ApplyReport, WorkersGone> {
+        // Packets read so far go first, under the configuration they were read under.
+        self.dispatch()?;
+        self.front.apply(&config);
+        self.allowlist = Some(config.allowlist.clone());
+        let reports = self.ask(move |p| {
+            let r = p.node.apply(config.clone(), now);
+            p.flush();
+            r
+        })?;
+        let mut all = ApplyReport {
+            unchanged: true,
+            ..ApplyReport::default()
+        };
+        for r in reports {
+            all.unchanged &= r.unchanged;
+            all.added.extend(r.added);
+            all.removed.extend(r.removed);
+            all.flows_cut += r.flows_cut;
+        }
+        all.added.sort();
+        all.removed.sort();
+        Ok(all)
+    }
+
+    /// Runs `f` on every worker, after what it was handed before, and waits for the answers,
+    /// in shard order.
+    fn ask<R: Send + 'static>(
+        &mut self,
+        f: impl Fn(&mut Part) -> R + Clone + Send + 'static,
+    ) -> Result<Vec<R>, WorkersGone> {
+        self.dispatch()?;
+        let (tx, rx) = channel();
+        for (i, h) in self.handles.iter().enumerate() {
+            let (f, tx) = (f.clone(), tx.clone());
+            let task: Task = Box::new(move |p| {
+                let _ = tx.send((i, f(p)));
+            });
+            h.to.send(Job::Run(task)).map_err(|_| WorkersGone)?;
+        }
+        drop(tx);
+        let mut answers: Vec<(usize, R)> = rx.iter().collect();
+        if answers.len() != self.handles.len() {
+            return Err(WorkersGone);
+        }
+        answers.sort_by_key(|(i, _)| *i);
+        Ok(answers.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Runs `f` on every worker, after what it was handed before, without waiting.
+    fn tell(&mut self, f: impl Fn(&mut Part) + Clone + Send + 'static) -> Result<(), WorkersGone> {
+        self.dispatch()?;
+        for h in &self.handles {
+            h.to.send(Job::Run(Box::new(f.clone())))
+                .map_err(|_| WorkersGone)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let threads: Vec<_> = self
+            .handles
+            .drain(..)
+            .filter_map(|mut h| h.thread.take())
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use bulkhead_dataplane::packet::build;
+    use bulkhead_dataplane::{PeerConfig, Sink};
+    use bulkhead_proto::PrivateKey;
+
+    use super::*;
+    use crate::writer::{Batch, Write};
+
+    const T0: i64 = 1_800_000_000;
+
+    /// Each datagram written, where to, and whether the new allowlist was in force then.
+    type Seen = Arc<Mutex<Vec<(SocketAddr, Vec<u8>, bool)>>>;
+
+    /// A wire that records, slowly, so the workers fall behind the loop.
+    struct Record(Seen, Arc<AtomicBool>);
+
+    impl Write for Record {
+        fn write(&mut self, b: &mut Batch) {
+            std::thread::sleep(Duration::from_millis(2));
+            let applied = self.1.load(Ordering::SeqCst);
+            let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            for r in b.runs() {
+                seen.extend(r.buf.chunks(r.size).map(|d| (r.to, d.to_vec(), applied)));
+            }
+        }
+        fn max_segments(&self) -> usize {
+            64
+        }
+    }
+
+    /// Collects what a whole node outputs.
+    #[derive(Default)]
+    struct Collect(Vec<(SocketAddr, Vec<u8>)>, Vec<Vec<u8>>);
+
+    impl Sink for Collect {
+        fn to_network(&mut self, to: SocketAddr, d: &[u8]) {
+            self.0.push((to, d.to_vec()));
+        }
+        fn to_tun(&mut self, p: &[u8]) {
+            self.1.push(p.to_vec());
+        }
+    }
+
+    const OPEN: &str = "version: 1
+network: { cidr: 10.9.0.0/24 }
+identities:
+  web: { labels: { app: web } }
+  db1: { labels: { app: db1 } }
+  db2: { labels: { app: db2 } }
+segments:
+  webs: { match: { app: web } }
+  db1s: { match: { app: db1 } }
+  db2s: { match: { app: db2 } }
+rules:
+  - { name: web-db1, from: [webs], to: [db1s], ports: [udp/5000] }
+  - { name: web-db2, from: [webs], to: [db2s], ports: [udp/5000] }
+";
+
+    fn lists(policy: &str) -> BTreeMap<String, Allowlist> {
+        let l = bulkhead_policy::load(policy, T0, &BTreeMap::new());
+        let m = l.model.expect("a valid policy");
+        bulkhead_policy::Compiled::new(&m, m.state(&bulkhead_policy::Conditions::at(T0)))
+            .allowlists(&m, 1)
+            .into_iter()
+            .map(|a| (a.identity.clone(), a))
+            .collect()
+    }
+
+    /// A transfer from a node split over two workers to two peers, one in each shard, with the
+    /// allowlist changed in the middle of it to cut the flow to one of them. The workers are
+    /// behind (their wire is slow on purpose) when the change comes. Once `apply` has
+    /// returned, not one more datagram of the cut flow reaches the wire; the other flow carries
+    /// on, and both arrive intact and in order.
+    #[test]
+    fn no_packet_of_a_cut_flow_is_written_after_apply_returns() {
+        let names = ["web", "db1", "db2"];
+        // db1 in shard 0 and db2 in shard 1 of web's two.
+        let keys: Vec<PrivateKey> = (0..3)
+            .map(|i| {
+                loop {
+                    let k = PrivateKey::generate();
+                    if i == 0
+                        || Shard::new(i - 1, 2)
+                            .expect("a shard")
+                            .owns(&k.public_key().0)
+                    {
+                        break k;
+                    }
+                }
+            })
+            .collect();
+        let udp: Vec<SocketAddr> = (0..3)
+            .map(|i| SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)))
+            .collect();
+        let config = |policy: &str, me: usize| Config {
+            allowlist: lists(policy).remove(names[me]).expect("an allowlist"),
+            peers: (0..3)
+                .filter(|&i| i != me)
+                .map(|i| {
+                    let c = PeerConfig {
+                        public_key: keys[i].public_key().0,
+                        endpoint: Some(udp[i]),
+                    };
+                    (names[i].to_string(), c)
+                })
+                .collect(),
+            keepalive: None,
+        };
+        let now = Now {
+            instant: Instant::now(),
+            unix: T0,
+        };
+        let (wire, applied): (Seen, _) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let outs = (0..2)
+            .map(|_| Out::new(Arc::default(), Record(wire.clone(), applied.clone())))
+            .collect();
+        let workers = Workers::start(keys[0].to_bytes(), 1024, outs).expect("workers");
+        let mut web = Plane::Many(workers);
+        let (mut loop_out, mut faults) = (
+            Out::new(Arc::default(), Record(wire.clone(), applied.clone())),
+            Faults::default(),
+        );
+        web.apply(config(OPEN, 0), now, &mut loop_out, &mut faults)
+            .expect("workers");
+        let mut dbs: Vec<Node> = (1..3)
+            .map(|i| {
+                let mut n = Node::new(keys[i].to_bytes(), 1024);
+                n.apply(config(OPEN, i), now);
+                n
+            })
+            .collect();
+        let addr = |i: usize| lists(OPEN)[names[i]].address;
+        let (w, d1, d2) = (addr(0), addr(1), addr(2));
+        // Both shards hold their peer.
+        let Plane::Many(ws) = &mut web else {
+            unreachable!()
+        };
+        let per_shard = ws.ask(|p| p.node.peers().len()).expect("workers");
+        assert_eq!(per_shard, [1, 1]);
+
+        // What the databases received, by datagram, in order; the handshakes shuttled by hand.
+        let mut got = [Collect::default(), Collect::default()];
+        let mut shuttle = |web: &mut Plane, got: &mut [Collect; 2], loop_out: &mut Out| {
+            for _ in 0..4 {
+                web.flow_count(); // every worker is done with what it was handed
+                let written: Vec<_> = std::mem::take(&mut *wire.lock().expect("lock"));
+                for (to, d, _) in written {
+                    let i = udp.iter().position(|u| *u == to).expect("a peer") - 1;
+                    dbs[i].handle_udp(udp[0], &d, now, &mut got[i]);
+                    for (_, back) in std::mem::take(&mut got[i].0) {
+                        web.handle_udp(udp[i + 1], &back, now, loop_out);
+                    }
+                }
+                web.dispatch().expect("workers");
+            }
+        };
+        for (i, d) in [d1, d2].into_iter().enumerate() {
+            web.handle_tun(&build::udp(w, d, 4000, 5000, b"hello"), now, &mut loop_out);
+            web.dispatch().expect("workers");
+            shuttle(&mut web, &mut got, &mut loop_out);
+            assert_eq!(got[i].1.len(), 1, "the first packet to db{} arrived", i + 1);
+        }
+
+        // The transfer, through the workers: the loop routes and hands over, as the daemon's
+        // does, and changes the allowlist half way through.
+        let closed = OPEN.replace(
+            "  - { name: web-db1, from: [webs], to: [db1s], ports: [udp/5000] }\n",
+            "",
+        );
+        wire.lock().expect("lock").clear();
+        for i in 0..200u32 {
+            if i == 100 {
+                let before = wire.lock().expect("lock").len();
+                assert!(
+                    before < 200,
+                    "the workers are behind ({before} of 200 written)"
+                );
+                let r = web
+                    .apply(config(&closed, 0), now, &mut loop_out, &mut faults)
+                    .expect("workers");
+                assert!(r.flows_cut >= 1, "{r:?}");
+                applied.store(true, Ordering::SeqCst);
+            }
+            for d in [d1, d2] {
+                let p = build::udp(w, d, 4000, 5000, &i.to_be_bytes());
+                web.handle_tun(&p, now, &mut loop_out);
+            }
+            web.dispatch().expect("workers");
+        }
+        web.flow_count();
+        let wire = std::mem::take(&mut *wire.lock().expect("lock"));
+        let late_to_db1 = wire
+            .iter()
+            .filter(|(to, _, after)| *to == udp[1] && *after)
+            .count();
+        assert_eq!(
+            late_to_db1, 0,
+            "datagrams of the cut flow written after apply returned"
+        );
+        let mut got = [Collect::default(), Collect::default()];
+        for (to, d, _) in &wire {
+            let i = udp.iter().position(|u| u == to).expect("a peer") - 1;
+            dbs[i].handle_udp(udp[0], d, now, &mut got[i]);
+        }
+        let seqs = |c: &Collect| -> Vec<u32> {
+            c.1.iter()
+                .map(|p| u32::from_be_bytes(p[p.len() - 4..].try_into().expect("4 bytes")))
+                .collect()
+        };
+        assert_eq!(
+            seqs(&got[0]),
+            (0..100).collect::<Vec<u32>>(),
+            "db1: up to the cut"
+        );
+        assert_eq!(
+            seqs(&got[1]),
+            (0..200).collect::<Vec<u32>>(),
+            "db2: all of it"
+        );
+    }
+}
