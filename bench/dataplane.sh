@@ -7,7 +7,8 @@
 #   nebula         Debian 13's nebula (1.9)
 #   boringtun-cli  boringtun's own daemon (crates.io), the library bulkheadd is built on
 #   bulkheadd      with a realistic allowlist (200 identities, 300 rules), --threads 1 (default)
-#   bulkheadd-2    the same, --threads 2: a writer thread writes what the loop decided
+#   bulkheadd-2    the same, --threads 2: the node split into 2 shards on 2 worker threads, the
+#                  loop reading and routing (with one peer, one worker carries it)
 #   unfiltered     bulkheadd without its filter (a benchmark-only build): what the filter costs
 #   baseline       another bulkheadd binary, BASELINE=path (an earlier commit's build): before
 #                  and after a change, in the same run
