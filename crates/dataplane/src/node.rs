@@ -125,9 +125,9 @@ impl Node {
     /// The generation of what the node enforces: 0 before the first [`Node::apply`], then one
     /// more with every apply that changes anything, every [`Node::clear`], and every rule
     /// window that opens or closes (flows and tunnels are checked again then). It never goes
-    /// down. Work that outlives one call (a packet queued for another thread, with the
-    /// [`PeerId`] it was classified under) is still valid if the epoch has not moved; if it
-    /// has, the peer and the rules must be looked up again.
+    /// down. Work that outlives one call (anything that holds a [`PeerId`] it was classified
+    /// under) is still valid if the epoch has not moved; if it has, the peer and the rules must
+    /// be looked up again.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

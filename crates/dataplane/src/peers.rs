@@ -2,7 +2,7 @@
 //! outlives applies, and found by overlay address (egress), static key (handshake initiations)
 //! and tunnel index (every other WireGuard message).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::filter::Tables;
 use crate::node::PeerConfig;
 use crate::shards::Shard;
 use crate::share::FlowShare;
-use crate::tunnel::{Tunnel, WireGuard};
+use crate::tunnel::{TUNNEL_INDEX_BITS, Tunnel, WireGuard};
 
 /// A peer's identity within one node. It is given when the peer first gets a tunnel and kept
 /// across applies for as long as the peer keeps its key; it is never given to another key in
@@ -158,9 +158,9 @@ impl Peers {
     }
 
     /// Makes the registry hold exactly the peers of `list` that `configs` has a key for (never
-    /// this node itself), of those its shard owns. A peer that stays with the same key keeps its id, its tunnel and its
-    /// session, and takes its new address, tables and endpoint; a new name, or a new key for an
-    /// old name, gets a new id and a new tunnel.
+    /// this node itself), of those its shard owns. A peer that stays with the same key keeps its
+    /// id, its tunnel and its session, and takes its new address, tables and endpoint; a new
+    /// name, or a new key for an old name, gets a new id and a new tunnel.
     pub(crate) fn update(
         &mut self,
         list: &Allowlist,
@@ -169,6 +169,9 @@ impl Peers {
         wg: &WireGuard,
     ) -> Changes {
         let mut added = Vec::new();
+        // Tunnel indexes are an id's low 24 bits: after 2^24 ids (fewer in a shard) they come
+        // round again, and a new tunnel must not take one a peer still has.
+        let mut in_use: HashSet<u32> = self.peers.values().map(|p| p.tunnel.index()).collect();
         let mut old: HashMap<String, Peer> = self
             .peers
             .drain()
@@ -195,11 +198,9 @@ impl Peers {
                 _ => {
                     // Ids run out after 2^32 - 2 tunnels (fewer in a shard): from then on, no
                     // new tunnels rather than an id given twice.
-                    let Some((seq, id)) = self.shard.peer_id(self.last_seq) else {
+                    let Some(id) = next_id(self.shard, &mut self.last_seq, &mut in_use) else {
                         continue;
                     };
-                    let id = PeerId(id);
-                    self.last_seq = seq;
                     added.push(entry.name.to_string());
                     Peer {
                         id,
@@ -257,5 +258,53 @@ impl Peers {
             self.by_key.insert(p.key, p.id);
             self.by_tunnel.insert(p.tunnel.index(), p.id);
         }
+    }
+}
+
+/// The next id of `shard` after `last_seq` whose tunnel index no peer in `in_use` has, which it
+/// then joins; `None` once the shard's ids are spent, or no index is free.
+fn next_id(shard: Shard, last_seq: &mut u32, in_use: &mut HashSet<u32>) -> Option<PeerId> {
+    for _ in 0..=in_use.len() {
+        let (seq, id) = shard.peer_id(*last_seq)?;
+        *last_seq = seq;
+        if in_use.insert(id & TUNNEL_INDEX_BITS) {
+            return Some(PeerId(id));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that has given 2^24 tunnels in its life comes round to index 1 again: a new tunnel
+    /// skips the indexes its peers still have instead of taking one (which would send one
+    /// peer's messages to another's session).
+    #[test]
+    fn a_new_tunnel_never_takes_an_index_in_use() {
+        let mut in_use = HashSet::from([1, 2]);
+        let mut last = TUNNEL_INDEX_BITS - 1;
+        let ids: Vec<u32> = (0..3)
+            .map(|_| next_id(Shard::WHOLE, &mut last, &mut in_use).map(|PeerId(id)| id))
+            .collect::<Option<_>>()
+            .expect("ids");
+        assert_eq!(ids, [0x00ff_ffff, 0x0100_0000, 0x0100_0003]);
+        // In a shard, its own indexes only.
+        let s = Shard::new(1, 2).expect("a shard");
+        let mut in_use = HashSet::from([3, 5]);
+        let mut last = 0;
+        let id = next_id(s, &mut last, &mut in_use).expect("an id");
+        assert_eq!(id.0, 7, "1 << 1 | 1 and 2 << 1 | 1 are taken");
+        // Ids spent: no tunnel, rather than an id given twice.
+        let mut full: HashSet<u32> = HashSet::new();
+        let mut last = u32::MAX - 2;
+        assert!(next_id(Shard::WHOLE, &mut last, &mut full).is_some());
+        assert!(next_id(Shard::WHOLE, &mut last, &mut full).is_some());
+        assert_eq!(
+            next_id(Shard::WHOLE, &mut last, &mut full),
+            None,
+            "ids spent"
+        );
     }
 }

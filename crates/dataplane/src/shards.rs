@@ -61,14 +61,10 @@ impl Shard {
         })
     }
 
-    /// This shard's number.
-    pub fn index(self) -> usize {
-        self.index as usize
-    }
-
-    /// How many shards the node has.
-    pub fn count(self) -> usize {
-        self.count as usize
+    /// The flow table of each of `count` shards of a node whose table holds `total`: the table
+    /// is split, not multiplied, and each peer may hold a quarter of its shard's part.
+    pub fn flow_capacity(total: usize, count: usize) -> usize {
+        total.div_ceil(count.max(1))
     }
 
     /// Whether the peer with this public key is this shard's.
@@ -130,11 +126,6 @@ impl Front {
             by_address: HashMap::default(),
             drops: BTreeMap::new(),
         })
-    }
-
-    /// The number of shards.
-    pub fn shards(&self) -> usize {
-        self.count as usize
     }
 
     /// Takes the peers' addresses from `config`, as every shard's [`Node::apply`] takes them:
@@ -212,6 +203,15 @@ impl Front {
         self.wg.tick(now.instant);
     }
 
+    /// The node's counters: the front's and the shards' `counters`, summed.
+    pub fn with(&self, shards: Vec<Counters>) -> Counters {
+        let mut all = self.counters();
+        for c in shards {
+            all.add(c);
+        }
+        all
+    }
+
     /// What the front dropped, as [`Counters`] (ingress only).
     pub fn counters(&self) -> Counters {
         Counters {
@@ -234,11 +234,13 @@ pub struct Sharded {
 }
 
 impl Sharded {
-    /// A node with this key split into `shards`, each with a flow table of `flow_capacity`.
+    /// A node with this key split into `shards`, its flow table of `flow_capacity` split among
+    /// them ([`Shard::flow_capacity`]), as the daemon splits it.
     pub fn new(private_key: [u8; 32], flow_capacity: usize, shards: usize) -> Option<Sharded> {
         let front = Front::new(private_key, shards)?;
+        let capacity = Shard::flow_capacity(flow_capacity, shards);
         let shards = (0..shards)
-            .map(|i| Shard::new(i, shards).map(|s| Node::shard(private_key, flow_capacity, s)))
+            .map(|i| Shard::new(i, shards).map(|s| Node::shard(private_key, capacity, s)))
             .collect::<Option<Vec<_>>>()?;
         Some(Sharded { front, shards })
     }
@@ -256,20 +258,12 @@ impl Sharded {
     /// Applies `config` to the front and every shard; what changed, summed.
     pub fn apply(&mut self, config: Config, now: Now) -> ApplyReport {
         self.front.apply(&config);
-        let mut all = ApplyReport {
-            unchanged: true,
-            ..ApplyReport::default()
-        };
-        for s in &mut self.shards {
-            let r = s.apply(config.clone(), now);
-            all.unchanged &= r.unchanged;
-            all.added.extend(r.added);
-            all.removed.extend(r.removed);
-            all.flows_cut += r.flows_cut;
-        }
-        all.added.sort();
-        all.removed.sort();
-        all
+        let reports: Vec<ApplyReport> = self
+            .shards
+            .iter_mut()
+            .map(|s| s.apply(config.clone(), now))
+            .collect();
+        ApplyReport::of_shards(reports)
     }
 
     /// Forgets the configuration, in every shard.
@@ -307,9 +301,7 @@ impl Sharded {
 
     /// The peers with a tunnel, in name order.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        let mut all: Vec<PeerStatus> = self.shards.iter().flat_map(Node::peers).collect();
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        all
+        PeerStatus::of_shards(self.shards.iter().map(Node::peers).collect())
     }
 
     /// The id of the peer with this name, if it has a tunnel.
@@ -319,11 +311,8 @@ impl Sharded {
 
     /// The counters of the front and every shard, summed.
     pub fn counters(&self) -> Counters {
-        let mut all = self.front.counters();
-        for s in &self.shards {
-            all.add(s.counters());
-        }
-        all
+        self.front
+            .with(self.shards.iter().map(Node::counters).collect())
     }
 
     /// The generation of what the node enforces ([`Node::epoch`]): every shard takes every
@@ -335,6 +324,38 @@ impl Sharded {
     /// Flows tracked, in every shard.
     pub fn flow_count(&self) -> usize {
         self.shards.iter().map(Node::flow_count).sum()
+    }
+}
+
+impl ApplyReport {
+    /// What the shards' applies changed, as one node's apply reports it. A peer whose new key
+    /// moves it to another shard is removed from one and added to another: it is reported as
+    /// added, as a whole node reports a new key.
+    pub fn of_shards(reports: Vec<ApplyReport>) -> ApplyReport {
+        let mut all = ApplyReport {
+            unchanged: true,
+            ..ApplyReport::default()
+        };
+        for r in reports {
+            all.unchanged &= r.unchanged;
+            all.added.extend(r.added);
+            all.removed.extend(r.removed);
+            all.flows_cut += r.flows_cut;
+        }
+        all.added.sort();
+        all.removed.sort();
+        let added = &all.added;
+        all.removed.retain(|n| added.binary_search(n).is_err());
+        all
+    }
+}
+
+impl PeerStatus {
+    /// The shards' peers as one node lists them: in name order.
+    pub fn of_shards(shards: Vec<Vec<PeerStatus>>) -> Vec<PeerStatus> {
+        let mut all: Vec<PeerStatus> = shards.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
 

@@ -39,7 +39,7 @@ const COOKIE_REPLY: u8 = 3;
 
 /// Tunnel indexes fill the upper 24 bits of WireGuard receiver indexes; boringtun keeps the
 /// lower 8 for its sessions.
-const TUNNEL_INDEX_BITS: u32 = 0x00ff_ffff;
+pub(crate) const TUNNEL_INDEX_BITS: u32 = 0x00ff_ffff;
 
 /// The node's side of WireGuard.
 pub(crate) struct WireGuard {
