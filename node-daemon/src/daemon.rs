@@ -49,8 +49,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// The NFLOG group of the host firewall's log rules.
     pub nflog_group: u16,
-    /// `--threads`: 1, the loop does everything; more, a writer thread writes what the loop
-    /// decided (`writer.rs`).
+    /// `--threads`: 1, the loop does everything; more, the node is split into that many shards,
+    /// each on a worker thread (`workers.rs`).
     pub threads: usize,
 }
 
@@ -319,7 +319,7 @@ impl Daemon {
 
     /// Timers: the core's, and a host configuration to try again.
     async fn tick(&mut self) {
-        // Workers that are gone stop the loop at its next dispatch.
+        // A worker that is gone stops the loop at its next dispatch (fail closed).
         let _ = self.plane.tick(now(), &mut self.out);
         let host = self.host.retry().await;
         let firewall = self.firewall.retry().await;

@@ -104,7 +104,7 @@ impl Udp {
         Ok(())
     }
 
-    /// A sending end of the socket, for the writer (in the loop or in a thread of its own).
+    /// A sending end of the socket, for a writer (the loop's, or a worker's).
     pub fn sender(&self) -> std::io::Result<Sender> {
         let fd = self.socket.as_fd().try_clone_to_owned()?;
         Ok(Sender {
@@ -114,8 +114,8 @@ impl Udp {
     }
 }
 
-/// The sending end of the socket: the same socket, through a descriptor of its own, so that the
-/// writer thread needs nothing of the loop's runtime.
+/// The sending end of the socket: the same socket, through a descriptor of its own, so that a
+/// worker thread needs nothing of the loop's runtime.
 #[derive(Debug)]
 pub struct Sender {
     socket: std::net::UdpSocket,

@@ -38,6 +38,11 @@ use crate::output::Out;
 /// Packets in one inbox at most.
 const INBOX_PACKETS: usize = 128;
 
+/// Bytes in one inbox, past which it is handed over (datagrams can be 64 KiB each), and the most
+/// it keeps of its buffer when it comes back: a burst of large packets must not leave every
+/// inbox of every worker holding megabytes.
+const INBOX_BYTES: usize = 256 * 1024;
+
 /// Inboxes per worker: the one the loop fills, and those handed over.
 const INBOXES: usize = 4;
 
@@ -159,16 +164,7 @@ impl Plane {
     pub(crate) fn peers(&mut self) -> Vec<PeerStatus> {
         match self {
             Plane::One(n) => n.peers(),
-            Plane::Many(w) => {
-                let mut all: Vec<PeerStatus> = w
-                    .ask(|p| p.node.peers())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                all.sort_by(|a, b| a.name.cmp(&b.name));
-                all
-            }
+            Plane::Many(w) => PeerStatus::of_shards(w.ask(|p| p.node.peers()).unwrap_or_default()),
         }
     }
 
@@ -177,11 +173,8 @@ impl Plane {
         match self {
             Plane::One(n) => n.counters(),
             Plane::Many(w) => {
-                let mut all = w.front.counters();
-                for c in w.ask(|p| p.node.counters()).unwrap_or_default() {
-                    all.add(c);
-                }
-                all
+                let shards = w.ask(|p| p.node.counters()).unwrap_or_default();
+                w.front.with(shards)
             }
         }
     }
@@ -247,6 +240,7 @@ impl Part {
         }
         self.flush();
         inbox.data.clear();
+        inbox.data.shrink_to(INBOX_BYTES + 65_536);
         inbox.items.clear();
         inbox.now = None;
         inbox
@@ -306,7 +300,7 @@ pub(crate) struct Workers {
 
 impl Workers {
     /// A node with this key split over one worker thread per output in `outs` (at least 2),
-    /// each with a flow table of its share of `flow_capacity`.
+    /// its flow table of `flow_capacity` split among them ([`Shard::flow_capacity`]).
     pub(crate) fn start(
         key: [u8; 32],
         flow_capacity: usize,
@@ -319,7 +313,7 @@ impl Workers {
         for (i, out) in outs.into_iter().enumerate() {
             let shard = Shard::new(i, count).ok_or_else(|| anyhow::anyhow!("shard {i}"))?;
             let mut part = Part {
-                node: Node::shard(key, flow_capacity.div_ceil(count), shard),
+                node: Node::shard(key, Shard::flow_capacity(flow_capacity, count), shard),
                 out,
                 faults: Faults::default(),
             };
@@ -361,13 +355,23 @@ impl Workers {
         h.filling.now.get_or_insert(now);
         h.filling.data.extend_from_slice(p);
         h.filling.items.push((h.filling.data.len(), from));
-        if h.filling.items.len() >= INBOX_PACKETS && h.send().is_err() {
+        let full = h.filling.items.len() >= INBOX_PACKETS || h.filling.data.len() >= INBOX_BYTES;
+        if full && h.send().is_err() {
             self.gone = true;
         }
     }
 
+    /// Hands over every inbox with packets in it. Fails once any worker is gone, even an idle
+    /// one: its shard's peers would otherwise keep whatever it last enforced, so the daemon
+    /// stops instead (fail closed).
     fn dispatch(&mut self) -> Result<(), WorkersGone> {
-        if self.gone {
+        if self.gone
+            || self
+                .handles
+                .iter()
+                .any(|h| h.thread.as_ref().is_none_or(JoinHandle::is_finished))
+        {
+            self.gone = true;
             return Err(WorkersGone);
         }
         for h in &mut self.handles {
@@ -379,33 +383,31 @@ impl Workers {
     }
 
     fn apply(&mut self, config: Config, now: Now) -> Result<ApplyReport, WorkersGone> {
-        // Packets read so far go first, under the configuration they were read under.
-        self.dispatch()?;
+        // Packets read so far go first (`ask` hands them over), under the configuration they
+        // were read under.
+        let allowlist = config.allowlist.clone();
         self.front.apply(&config);
-        self.allowlist = Some(config.allowlist.clone());
         let reports = self.ask(move |p| {
             let r = p.node.apply(config.clone(), now);
             p.flush();
             r
         })?;
-        let mut all = ApplyReport {
-            unchanged: true,
-            ..ApplyReport::default()
-        };
-        for r in reports {
-            all.unchanged &= r.unchanged;
-            all.added.extend(r.added);
-            all.removed.extend(r.removed);
-            all.flows_cut += r.flows_cut;
-        }
-        all.added.sort();
-        all.removed.sort();
-        Ok(all)
+        self.allowlist = Some(allowlist);
+        Ok(ApplyReport::of_shards(reports))
     }
 
     /// Runs `f` on every worker, after what it was handed before, and waits for the answers,
     /// in shard order.
     fn ask<R: Send + 'static>(
+        &mut self,
+        f: impl Fn(&mut Part) -> R + Clone + Send + 'static,
+    ) -> Result<Vec<R>, WorkersGone> {
+        let r = self.try_ask(f);
+        self.gone |= r.is_err();
+        r
+    }
+
+    fn try_ask<R: Send + 'static>(
         &mut self,
         f: impl Fn(&mut Part) -> R + Clone + Send + 'static,
     ) -> Result<Vec<R>, WorkersGone> {
@@ -431,8 +433,10 @@ impl Workers {
     fn tell(&mut self, f: impl Fn(&mut Part) + Clone + Send + 'static) -> Result<(), WorkersGone> {
         self.dispatch()?;
         for h in &self.handles {
-            h.to.send(Job::Run(Box::new(f.clone())))
-                .map_err(|_| WorkersGone)?;
+            if h.to.send(Job::Run(Box::new(f.clone()))).is_err() {
+                self.gone = true;
+                return Err(WorkersGone);
+            }
         }
         Ok(())
     }
@@ -525,156 +529,215 @@ rules:
             .collect()
     }
 
-    /// A transfer from a node split over two workers to two peers, one in each shard, with the
-    /// allowlist changed in the middle of it to cut the flow to one of them. The workers are
-    /// behind (their wire is slow on purpose) when the change comes. Once `apply` has
-    /// returned, not one more datagram of the cut flow reaches the wire; the other flow carries
-    /// on, and both arrive intact and in order.
-    #[test]
-    fn no_packet_of_a_cut_flow_is_written_after_apply_returns() {
-        let names = ["web", "db1", "db2"];
-        // db1 in shard 0 and db2 in shard 1 of web's two.
-        let keys: Vec<PrivateKey> = (0..3)
-            .map(|i| {
-                loop {
-                    let k = PrivateKey::generate();
-                    if i == 0
-                        || Shard::new(i - 1, 2)
-                            .expect("a shard")
-                            .owns(&k.public_key().0)
-                    {
-                        break k;
-                    }
-                }
-            })
-            .collect();
-        let udp: Vec<SocketAddr> = (0..3)
-            .map(|i| SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)))
-            .collect();
-        let config = |policy: &str, me: usize| Config {
-            allowlist: lists(policy).remove(names[me]).expect("an allowlist"),
-            peers: (0..3)
-                .filter(|&i| i != me)
-                .map(|i| {
-                    let c = PeerConfig {
-                        public_key: keys[i].public_key().0,
-                        endpoint: Some(udp[i]),
-                    };
-                    (names[i].to_string(), c)
-                })
-                .collect(),
-            keepalive: None,
-        };
-        let now = Now {
-            instant: Instant::now(),
-            unix: T0,
-        };
-        let (wire, applied): (Seen, _) = (Arc::default(), Arc::new(AtomicBool::new(false)));
-        let outs = (0..2)
-            .map(|_| Out::new(Arc::default(), Record(wire.clone(), applied.clone())))
-            .collect();
-        let workers = Workers::start(keys[0].to_bytes(), 1024, outs).expect("workers");
-        let mut web = Plane::Many(workers);
-        let (mut loop_out, mut faults) = (
-            Out::new(Arc::default(), Record(wire.clone(), applied.clone())),
-            Faults::default(),
-        );
-        web.apply(config(OPEN, 0), now, &mut loop_out, &mut faults)
-            .expect("workers");
-        let mut dbs: Vec<Node> = (1..3)
-            .map(|i| {
-                let mut n = Node::new(keys[i].to_bytes(), 1024);
-                n.apply(config(OPEN, i), now);
-                n
-            })
-            .collect();
-        let addr = |i: usize| lists(OPEN)[names[i]].address;
-        let (w, d1, d2) = (addr(0), addr(1), addr(2));
-        // Both shards hold their peer.
-        let Plane::Many(ws) = &mut web else {
-            unreachable!()
-        };
-        let per_shard = ws.ask(|p| p.node.peers().len()).expect("workers");
-        assert_eq!(per_shard, [1, 1]);
+    /// A node split over two workers, with a peer in each shard (db1 in shard 0, db2 in 1),
+    /// the handshakes done; the workers' wire records slowly.
+    struct Lab {
+        keys: Vec<PrivateKey>,
+        udp: Vec<SocketAddr>,
+        web: Plane,
+        loop_out: Out,
+        faults: Faults,
+        dbs: Vec<Node>,
+        wire: Seen,
+        applied: Arc<AtomicBool>,
+        now: Now,
+    }
 
-        // What the databases received, by datagram, in order; the handshakes shuttled by hand.
-        let mut got = [Collect::default(), Collect::default()];
-        let mut shuttle = |web: &mut Plane, got: &mut [Collect; 2], loop_out: &mut Out| {
-            for _ in 0..4 {
-                web.flow_count(); // every worker is done with what it was handed
-                let written: Vec<_> = std::mem::take(&mut *wire.lock().expect("lock"));
-                for (to, d, _) in written {
-                    let i = udp.iter().position(|u| *u == to).expect("a peer") - 1;
-                    dbs[i].handle_udp(udp[0], &d, now, &mut got[i]);
-                    for (_, back) in std::mem::take(&mut got[i].0) {
-                        web.handle_udp(udp[i + 1], &back, now, loop_out);
+    const NAMES: [&str; 3] = ["web", "db1", "db2"];
+
+    impl Lab {
+        fn new() -> Lab {
+            let keys: Vec<PrivateKey> = (0..3)
+                .map(|i| {
+                    loop {
+                        let k = PrivateKey::generate();
+                        if i == 0
+                            || Shard::new(i - 1, 2)
+                                .expect("a shard")
+                                .owns(&k.public_key().0)
+                        {
+                            break k;
+                        }
                     }
+                })
+                .collect();
+            let udp = (0..3)
+                .map(|i| SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)))
+                .collect();
+            let (wire, applied): (Seen, _) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+            let outs = (0..2)
+                .map(|_| Out::new(Arc::default(), Record(wire.clone(), applied.clone())))
+                .collect();
+            let workers = Workers::start(keys[0].to_bytes(), 1024, outs).expect("workers");
+            let mut lab = Lab {
+                loop_out: Out::new(Arc::default(), Record(wire.clone(), applied.clone())),
+                faults: Faults::default(),
+                web: Plane::Many(workers),
+                dbs: Vec::new(),
+                keys,
+                udp,
+                wire,
+                applied,
+                now: Now {
+                    instant: Instant::now(),
+                    unix: T0,
+                },
+            };
+            lab.apply(OPEN);
+            lab.dbs = (1..3)
+                .map(|i| {
+                    let mut n = Node::new(lab.keys[i].to_bytes(), 1024);
+                    n.apply(lab.config(OPEN, i), lab.now);
+                    n
+                })
+                .collect();
+            let Plane::Many(ws) = &mut lab.web else {
+                unreachable!()
+            };
+            let per_shard = ws.ask(|p| p.node.peers().len()).expect("workers");
+            assert_eq!(per_shard, [1, 1], "each shard holds its peer");
+            // The handshakes, shuttled by hand: the first packet to each starts it.
+            for i in 0..2 {
+                lab.send(i, 0);
+                let mut got = [Collect::default(), Collect::default()];
+                for _ in 0..4 {
+                    lab.web.flow_count(); // every worker is done with what it was handed
+                    let written: Vec<_> = std::mem::take(&mut *lab.wire.lock().expect("lock"));
+                    for (to, d, _) in written {
+                        let j = lab.udp.iter().position(|u| *u == to).expect("a peer") - 1;
+                        lab.dbs[j].handle_udp(lab.udp[0], &d, lab.now, &mut got[j]);
+                        for (_, back) in std::mem::take(&mut got[j].0) {
+                            let from = lab.udp[j + 1];
+                            lab.web.handle_udp(from, &back, lab.now, &mut lab.loop_out);
+                        }
+                    }
+                    lab.web.dispatch().expect("workers");
                 }
-                web.dispatch().expect("workers");
+                assert_eq!(got[i].1.len(), 1, "the first packet to db{} arrived", i + 1);
             }
-        };
-        for (i, d) in [d1, d2].into_iter().enumerate() {
-            web.handle_tun(&build::udp(w, d, 4000, 5000, b"hello"), now, &mut loop_out);
-            web.dispatch().expect("workers");
-            shuttle(&mut web, &mut got, &mut loop_out);
-            assert_eq!(got[i].1.len(), 1, "the first packet to db{} arrived", i + 1);
+            lab.wire.lock().expect("lock").clear();
+            lab
         }
 
-        // The transfer, through the workers: the loop routes and hands over, as the daemon's
-        // does, and changes the allowlist half way through.
+        fn config(&self, policy: &str, me: usize) -> Config {
+            Config {
+                allowlist: lists(policy).remove(NAMES[me]).expect("an allowlist"),
+                peers: (0..3)
+                    .filter(|&i| i != me)
+                    .map(|i| {
+                        let c = PeerConfig {
+                            public_key: self.keys[i].public_key().0,
+                            endpoint: Some(self.udp[i]),
+                        };
+                        (NAMES[i].to_string(), c)
+                    })
+                    .collect(),
+                keepalive: None,
+            }
+        }
+
+        fn apply(&mut self, policy: &str) -> ApplyReport {
+            let cfg = self.config(policy, 0);
+            let (now, out, faults) = (self.now, &mut self.loop_out, &mut self.faults);
+            self.web.apply(cfg, now, out, faults).expect("workers")
+        }
+
+        /// web's local process sends datagram `seq` to db `i` (0 or 1).
+        fn send(&mut self, i: usize, seq: u32) {
+            let addr = |n: usize| lists(OPEN)[NAMES[n]].address;
+            let p = build::udp(addr(0), addr(i + 1), 4000, 5000, &seq.to_be_bytes());
+            self.web.handle_tun(&p, self.now, &mut self.loop_out);
+        }
+
+        /// Waits for the workers, then: how many datagrams to db `i` were written after the
+        /// change, and the sequence numbers each db decrypts from all that was written.
+        fn outcome(&mut self) -> ([usize; 2], [Vec<u32>; 2]) {
+            self.web.flow_count();
+            let wire = std::mem::take(&mut *self.wire.lock().expect("lock"));
+            let mut late = [0, 0];
+            let mut got = [Collect::default(), Collect::default()];
+            for (to, d, after) in &wire {
+                let i = self.udp.iter().position(|u| u == to).expect("a peer") - 1;
+                late[i] += usize::from(*after);
+                self.dbs[i].handle_udp(self.udp[0], d, self.now, &mut got[i]);
+            }
+            let seqs = |c: &Collect| -> Vec<u32> {
+                c.1.iter()
+                    .map(|p| u32::from_be_bytes(p[p.len() - 4..].try_into().expect("4 bytes")))
+                    .collect()
+            };
+            (late, [seqs(&got[0]), seqs(&got[1])])
+        }
+
+        /// Asserts the workers are behind the loop now.
+        fn assert_behind(&self, sent: usize) {
+            let written = self.wire.lock().expect("lock").len();
+            assert!(
+                written < sent,
+                "the workers are behind ({written} of {sent} written)"
+            );
+        }
+    }
+
+    /// A transfer to both peers through the two workers, with the allowlist changed half way to
+    /// cut the flow to db1, while the workers are behind. Once `apply` has returned, not one
+    /// more datagram of the cut flow reaches the wire; the other flow carries on, and both
+    /// arrive intact and in order.
+    #[test]
+    fn no_packet_of_a_cut_flow_is_written_after_apply_returns() {
+        let mut lab = Lab::new();
         let closed = OPEN.replace(
             "  - { name: web-db1, from: [webs], to: [db1s], ports: [udp/5000] }\n",
             "",
         );
-        wire.lock().expect("lock").clear();
-        for i in 0..200u32 {
-            if i == 100 {
-                let before = wire.lock().expect("lock").len();
-                assert!(
-                    before < 200,
-                    "the workers are behind ({before} of 200 written)"
-                );
-                let r = web
-                    .apply(config(&closed, 0), now, &mut loop_out, &mut faults)
-                    .expect("workers");
+        for seq in 0..200u32 {
+            if seq == 100 {
+                lab.assert_behind(200);
+                let r = lab.apply(&closed);
                 assert!(r.flows_cut >= 1, "{r:?}");
-                applied.store(true, Ordering::SeqCst);
+                lab.applied.store(true, Ordering::SeqCst);
             }
-            for d in [d1, d2] {
-                let p = build::udp(w, d, 4000, 5000, &i.to_be_bytes());
-                web.handle_tun(&p, now, &mut loop_out);
-            }
-            web.dispatch().expect("workers");
+            lab.send(0, seq);
+            lab.send(1, seq);
+            lab.web.dispatch().expect("workers");
         }
-        web.flow_count();
-        let wire = std::mem::take(&mut *wire.lock().expect("lock"));
-        let late_to_db1 = wire
-            .iter()
-            .filter(|(to, _, after)| *to == udp[1] && *after)
-            .count();
+        let (late, got) = lab.outcome();
         assert_eq!(
-            late_to_db1, 0,
+            late[0], 0,
             "datagrams of the cut flow written after apply returned"
         );
-        let mut got = [Collect::default(), Collect::default()];
-        for (to, d, _) in &wire {
-            let i = udp.iter().position(|u| u == to).expect("a peer") - 1;
-            dbs[i].handle_udp(udp[0], d, now, &mut got[i]);
+        assert_eq!(got[0], (0..100).collect::<Vec<u32>>(), "db1: up to the cut");
+        assert_eq!(got[1], (0..200).collect::<Vec<u32>>(), "db2: all of it");
+    }
+
+    /// The same with the allowlist cleared (one that cannot be read): once `clear` has
+    /// returned, nothing more reaches the wire from any shard.
+    #[test]
+    fn nothing_is_written_after_clear_returns() {
+        let mut lab = Lab::new();
+        for seq in 0..100u32 {
+            if seq == 50 {
+                lab.assert_behind(100);
+                let (out, faults) = (&mut lab.loop_out, &mut lab.faults);
+                lab.web.clear(out, faults).expect("workers");
+                lab.applied.store(true, Ordering::SeqCst);
+                assert_eq!(lab.web.allowlist(), None);
+                assert!(lab.web.peers().is_empty(), "no tunnels left in any shard");
+            }
+            lab.send(0, seq);
+            lab.send(1, seq);
+            lab.web.dispatch().expect("workers");
         }
-        let seqs = |c: &Collect| -> Vec<u32> {
-            c.1.iter()
-                .map(|p| u32::from_be_bytes(p[p.len() - 4..].try_into().expect("4 bytes")))
-                .collect()
-        };
-        assert_eq!(
-            seqs(&got[0]),
-            (0..100).collect::<Vec<u32>>(),
-            "db1: up to the cut"
-        );
-        assert_eq!(
-            seqs(&got[1]),
-            (0..200).collect::<Vec<u32>>(),
-            "db2: all of it"
+        let (late, got) = lab.outcome();
+        assert_eq!(late, [0, 0], "datagrams written after clear returned");
+        assert_eq!(got[0], (0..50).collect::<Vec<u32>>());
+        assert_eq!(got[1], (0..50).collect::<Vec<u32>>());
+        let c = lab.web.counters();
+        assert!(
+            c.dropped
+                .get(&(bulkhead_dataplane::Direction::Egress, "no_allowlist"))
+                >= Some(&50),
+            "{c:?}"
         );
     }
 }
