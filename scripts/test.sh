@@ -59,7 +59,8 @@ step "cargo test"
 cargo test --workspace --locked
 
 step "the data plane's in-process tests again, every node split into 3 shards"
-BULKHEAD_TEST_SHARDS=3 cargo test -p bulkhead-dataplane --locked --test pair --test hostile
+# (--workspace, so that features unify as in the step above and nothing is built again)
+BULKHEAD_TEST_SHARDS=3 cargo test --workspace --locked --test pair --test hostile
 
 step "example policies"
 for f in deploy/examples/*.yaml; do
