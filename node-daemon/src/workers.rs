@@ -24,7 +24,9 @@
 //! returned, nothing the old allowlist let through reaches the wire.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, channel, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use bulkhead_allowlist::Allowlist;
@@ -45,6 +47,11 @@ const INBOX_BYTES: usize = 256 * 1024;
 
 /// Inboxes per worker: the one the loop fills, and those handed over.
 const INBOXES: usize = 4;
+
+/// Packets an inbox may hold and still be run by the loop itself, when its worker has nothing
+/// to do: a trickle (a ping, a request) then costs no thread hand-over, while a burst still goes
+/// to the worker.
+const INLINE_PACKETS: usize = 4;
 
 /// The workers are gone (they never end on their own): the daemon cannot pass traffic.
 #[derive(Debug)]
@@ -214,7 +221,8 @@ struct Inbox {
     now: Option<Now>,
 }
 
-/// What a worker owns: its shard of the node, and the shard's output.
+/// A shard of the node and its output: run by its worker, or by the loop when the worker has
+/// nothing to do (`Workers::dispatch`).
 pub(crate) struct Part {
     node: Node,
     out: Out,
@@ -247,6 +255,12 @@ impl Part {
     }
 }
 
+/// A shard's part, locked. A worker that panicked while holding it has ended, and the daemon
+/// stops at the next hand-over; until then the part is used as it is.
+fn lock(part: &Mutex<Part>) -> MutexGuard<'_, Part> {
+    part.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 type Task = Box<dyn FnOnce(&mut Part) + Send>;
 
 enum Job {
@@ -258,6 +272,9 @@ enum Job {
 struct Handle {
     to: SyncSender<Job>,
     back: Receiver<Inbox>,
+    part: Arc<Mutex<Part>>,
+    /// Inboxes handed to the worker that it has not yet run and written.
+    in_flight: Arc<AtomicUsize>,
     filling: Inbox,
     spare: Vec<Inbox>,
     made: usize,
@@ -284,7 +301,23 @@ impl Handle {
             None => self.back.recv().map_err(|_| WorkersGone)?,
         };
         let full = std::mem::replace(&mut self.filling, next);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.to.send(Job::Packets(full)).map_err(|_| WorkersGone)
+    }
+
+    /// Runs the inbox being filled on the loop's thread, if it is small and the worker has
+    /// nothing in flight and is not running a task: then every packet of its shard handed over
+    /// before has been decided and written, so the order holds. Says whether it did.
+    fn run_inline(&mut self) -> bool {
+        if self.filling.items.len() > INLINE_PACKETS || self.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let Ok(mut part) = self.part.try_lock() else {
+            return false;
+        };
+        let inbox = std::mem::take(&mut self.filling);
+        self.filling = part.run(inbox);
+        true
     }
 }
 
@@ -296,6 +329,9 @@ pub(crate) struct Workers {
     allowlist: Option<Allowlist>,
     /// A worker could not be handed a packet: the next dispatch says so.
     gone: bool,
+    /// Inboxes the loop ran itself, and inboxes it handed to workers.
+    ran_inline: u64,
+    handed_over: u64,
 }
 
 impl Workers {
@@ -312,30 +348,39 @@ impl Workers {
         let mut handles = Vec::new();
         for (i, out) in outs.into_iter().enumerate() {
             let shard = Shard::new(i, count).ok_or_else(|| anyhow::anyhow!("shard {i}"))?;
-            let mut part = Part {
+            let part = Arc::new(Mutex::new(Part {
                 node: Node::shard(key, Shard::flow_capacity(flow_capacity, count), shard),
                 out,
                 faults: Faults::default(),
-            };
+            }));
+            let in_flight = Arc::new(AtomicUsize::new(0));
             let (to, jobs) = sync_channel::<Job>(INBOXES);
             let (give, back) = sync_channel::<Inbox>(INBOXES);
+            let (mine, counted) = (part.clone(), in_flight.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("bulkheadd-shard{i}"))
                 .spawn(move || {
                     while let Ok(job) = jobs.recv() {
                         match job {
                             Job::Packets(inbox) => {
-                                if give.send(part.run(inbox)).is_err() {
+                                let mut part = lock(&mine);
+                                let inbox = part.run(inbox);
+                                // Written, and still locked: the loop may run the next inbox.
+                                counted.fetch_sub(1, Ordering::AcqRel);
+                                drop(part);
+                                if give.send(inbox).is_err() {
                                     return;
                                 }
                             }
-                            Job::Run(task) => task(&mut part),
+                            Job::Run(task) => task(&mut lock(&mine)),
                         }
                     }
                 })?;
             handles.push(Handle {
                 to,
                 back,
+                part,
+                in_flight,
                 filling: Inbox::default(),
                 spare: Vec::new(),
                 made: 1,
@@ -347,6 +392,8 @@ impl Workers {
             handles,
             allowlist: None,
             gone: false,
+            ran_inline: 0,
+            handed_over: 0,
         })
     }
 
@@ -375,8 +422,14 @@ impl Workers {
             return Err(WorkersGone);
         }
         for h in &mut self.handles {
-            if !h.filling.items.is_empty() {
+            if h.filling.items.is_empty() {
+                continue;
+            }
+            if h.run_inline() {
+                self.ran_inline += 1;
+            } else {
                 h.send()?;
+                self.handed_over += 1;
             }
         }
         Ok(())
@@ -679,35 +732,63 @@ rules:
         }
     }
 
-    /// A transfer to both peers through the two workers, with the allowlist changed half way to
-    /// cut the flow to db1, while the workers are behind. Once `apply` has returned, not one
-    /// more datagram of the cut flow reaches the wire; the other flow carries on, and both
-    /// arrive intact and in order.
+    /// Sends round `round` of a transfer to both peers: a burst (more than the loop runs
+    /// itself), or every third round a single packet, which the loop runs itself if the worker
+    /// is idle; every sixth round it waits for the workers first, so that it is. Returns the
+    /// next sequence number.
+    fn round(lab: &mut Lab, round: u32, seq: u32) -> u32 {
+        if round.is_multiple_of(6) {
+            lab.web.flow_count();
+        }
+        let n = if round.is_multiple_of(3) { 1 } else { 6 };
+        for s in seq..seq + n {
+            lab.send(0, s);
+            lab.send(1, s);
+        }
+        lab.web.dispatch().expect("workers");
+        seq + n
+    }
+
+    /// A transfer to both peers through the two workers and the loop, with the allowlist
+    /// changed half way to cut the flow to db1, while the workers are behind. Once `apply` has
+    /// returned, not one more datagram of the cut flow reaches the wire; the other flow
+    /// carries on, and both arrive intact and in order, whichever thread ran each part.
     #[test]
     fn no_packet_of_a_cut_flow_is_written_after_apply_returns() {
         let mut lab = Lab::new();
+        if let Plane::Many(w) = &mut lab.web {
+            (w.ran_inline, w.handed_over) = (0, 0);
+        }
         let closed = OPEN.replace(
             "  - { name: web-db1, from: [webs], to: [db1s], ports: [udp/5000] }\n",
             "",
         );
-        for seq in 0..200u32 {
-            if seq == 100 {
-                lab.assert_behind(200);
-                let r = lab.apply(&closed);
-                assert!(r.flows_cut >= 1, "{r:?}");
+        let (mut seq, mut cut) = (0, 0);
+        for r in 0..60 {
+            if r == 35 {
+                lab.assert_behind(2 * seq as usize);
+                let rep = lab.apply(&closed);
+                assert!(rep.flows_cut >= 1, "{rep:?}");
                 lab.applied.store(true, Ordering::SeqCst);
+                cut = seq;
             }
-            lab.send(0, seq);
-            lab.send(1, seq);
-            lab.web.dispatch().expect("workers");
+            seq = round(&mut lab, r, seq);
         }
         let (late, got) = lab.outcome();
         assert_eq!(
             late[0], 0,
             "datagrams of the cut flow written after apply returned"
         );
-        assert_eq!(got[0], (0..100).collect::<Vec<u32>>(), "db1: up to the cut");
-        assert_eq!(got[1], (0..200).collect::<Vec<u32>>(), "db2: all of it");
+        assert_eq!(got[0], (0..cut).collect::<Vec<u32>>(), "db1: up to the cut");
+        assert_eq!(got[1], (0..seq).collect::<Vec<u32>>(), "db2: all of it");
+        let Plane::Many(w) = &lab.web else {
+            unreachable!()
+        };
+        assert!(w.handed_over > 0, "the workers ran bursts");
+        assert!(
+            w.ran_inline >= 10,
+            "the loop ran single packets while a worker was idle"
+        );
     }
 
     /// The same with the allowlist cleared (one that cannot be read): once `clear` has
@@ -715,29 +796,76 @@ rules:
     #[test]
     fn nothing_is_written_after_clear_returns() {
         let mut lab = Lab::new();
-        for seq in 0..100u32 {
-            if seq == 50 {
-                lab.assert_behind(100);
+        let (mut seq, mut cleared) = (0, 0);
+        for r in 0..40 {
+            if r == 23 {
+                lab.assert_behind(2 * seq as usize);
                 let (out, faults) = (&mut lab.loop_out, &mut lab.faults);
                 lab.web.clear(out, faults).expect("workers");
                 lab.applied.store(true, Ordering::SeqCst);
                 assert_eq!(lab.web.allowlist(), None);
                 assert!(lab.web.peers().is_empty(), "no tunnels left in any shard");
+                cleared = seq;
             }
-            lab.send(0, seq);
-            lab.send(1, seq);
-            lab.web.dispatch().expect("workers");
+            seq = round(&mut lab, r, seq);
         }
         let (late, got) = lab.outcome();
         assert_eq!(late, [0, 0], "datagrams written after clear returned");
-        assert_eq!(got[0], (0..50).collect::<Vec<u32>>());
-        assert_eq!(got[1], (0..50).collect::<Vec<u32>>());
+        assert_eq!(got[0], (0..cleared).collect::<Vec<u32>>());
+        assert_eq!(got[1], (0..cleared).collect::<Vec<u32>>());
         let c = lab.web.counters();
+        let dropped = c
+            .dropped
+            .get(&(bulkhead_dataplane::Direction::Egress, "no_allowlist"));
+        assert_eq!(dropped, Some(&(2 * u64::from(seq - cleared))), "{c:?}");
+    }
+
+    /// The loop runs a small inbox itself only when the worker has nothing in flight and holds
+    /// no lock: a packet of a flow never overtakes one handed over before it.
+    #[test]
+    fn the_loop_runs_an_inbox_itself_only_behind_nothing() {
+        let (to, _jobs) = sync_channel::<Job>(INBOXES);
+        let (_give, back) = sync_channel::<Inbox>(INBOXES);
+        let wire: Seen = Arc::default();
+        let part = Part {
+            node: Node::new(PrivateKey::generate().to_bytes(), 16),
+            out: Out::new(Arc::default(), Record(wire, Arc::default())),
+            faults: Faults::default(),
+        };
+        let mut h = Handle {
+            to,
+            back,
+            part: Arc::new(Mutex::new(part)),
+            in_flight: Arc::new(AtomicUsize::new(1)),
+            filling: Inbox::default(),
+            spare: Vec::new(),
+            made: 1,
+            thread: None,
+        };
+        let now = Now {
+            instant: Instant::now(),
+            unix: T0,
+        };
+        h.filling.now = Some(now);
+        h.filling.data.extend_from_slice(b"packet");
+        h.filling.items.push((6, None));
+        assert!(!h.run_inline(), "an inbox is in flight: it goes behind it");
+        h.in_flight.store(0, Ordering::SeqCst);
+        let held = h.part.clone();
+        let guard = held.lock().expect("lock");
+        assert!(!h.run_inline(), "the worker is running: it goes behind");
+        drop(guard);
+        for _ in 0..INLINE_PACKETS {
+            h.filling.items.push((6, None));
+        }
+        assert!(!h.run_inline(), "a burst goes to the worker");
+        h.filling.items.truncate(1);
         assert!(
-            c.dropped
-                .get(&(bulkhead_dataplane::Direction::Egress, "no_allowlist"))
-                >= Some(&50),
-            "{c:?}"
+            h.run_inline(),
+            "idle, and a single packet: the loop runs it"
         );
+        assert!(h.filling.items.is_empty(), "and the inbox is empty again");
+        let c = lock(&h.part).node.counters();
+        assert_eq!(c.dropped.values().sum::<u64>(), 1, "the core saw it: {c:?}");
     }
 }
