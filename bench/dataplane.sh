@@ -6,9 +6,10 @@
 #   wg-go          Debian 13's wireguard-go (0.0.20231211: TUN offloads, UDP GSO/GRO)
 #   nebula         Debian 13's nebula (1.9)
 #   boringtun-cli  boringtun's own daemon (crates.io), the library bulkheadd is built on
-#   bulkheadd      with a realistic allowlist (200 identities, 300 rules), --threads 1 (default)
-#   bulkheadd-2    the same, --threads 2: the node split into 2 shards on 2 worker threads, the
-#                  loop reading and routing (with one peer, one worker carries it)
+#   bulkheadd      with a realistic allowlist (200 identities, 300 rules), its default threads
+#                  (one per core: the node split into shards on worker threads, the loop
+#                  reading and routing; with one peer, one worker carries it)
+#   bulkheadd-1    the same, --threads 1: one thread reads, decides and writes
 #   unfiltered     bulkheadd without its filter (a benchmark-only build): what the filter costs
 #   baseline       another bulkheadd binary, BASELINE=path (an earlier commit's build): before
 #                  and after a change, in the same run
@@ -30,7 +31,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
 STREAMS=${STREAMS:-"1 4"}
-TUNNELS=${TUNNELS:-"raw wg-go-2022 wg-go nebula boringtun-cli bulkheadd bulkheadd-2 unfiltered"}
+TUNNELS=${TUNNELS:-"raw wg-go-2022 wg-go nebula boringtun-cli bulkheadd bulkheadd-1 unfiltered"}
 want() { [[ " $TUNNELS " == *" $1 "* ]]; }
 TOOLS=$PWD/target/bench-tools
 WORK=$(mktemp -d /tmp/bulkhead-bench.XXXXXX)
@@ -314,9 +315,9 @@ one() { # $1 = tunnel
     bulkheadd)
       bulkhead_pair "$BULKHEADD"
       measure bulkheadd 10.97.0.2 'bh.*' ;;
-    bulkheadd-2)
-      bulkhead_pair "$BULKHEADD" --threads 2
-      measure bulkheadd-2 10.97.0.2 'bh.*' ;;
+    bulkheadd-1)
+      bulkhead_pair "$BULKHEADD" --threads 1
+      measure bulkheadd-1 10.97.0.2 'bh.*' ;;
     unfiltered)
       bulkhead_pair "$BULKHEADD_UNFILTERED"
       measure unfiltered 10.97.0.2 'bh.*' ;;
@@ -358,7 +359,7 @@ for n in sorted({k[1] for k in m}):
     bh = m.get(("bulkheadd", n))
     if not bh:
         continue
-    for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "bulkheadd-2", "raw"):
+    for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "bulkheadd-1", "raw"):
         if m.get((peer, n)):
             print(f"{n} stream(s): bulkheadd / {peer} = {bh / m[(peer, n)]:.2f}x")
     if m.get(("unfiltered", n)):

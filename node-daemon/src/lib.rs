@@ -92,11 +92,11 @@ enum Command {
         /// The NFLOG group the host firewall logs to (one per host).
         #[arg(long, default_value_t = bulkhead_hostfw::DEFAULT_NFLOG_GROUP)]
         nflog_group: u16,
-        /// Threads for the packet path. 1: one thread reads, decides and writes. N of 2 or
-        /// more: the node is split into N shards of its peers, each decided and written by a
-        /// worker thread of its own, while the loop reads and routes (docs/architecture.md,
-        /// Threads).
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        /// Threads for the packet path, by default the number of cores (at most 64). 1: one
+        /// thread reads, decides and writes. N of 2 or more: the node is split into N shards of
+        /// its peers, each decided and written by a worker thread of its own, while the loop
+        /// reads and routes, and runs a trickle itself (docs/architecture.md, Threads).
+        #[arg(long, value_name = "N", default_value_t = default_threads(), value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: u16,
     },
     /// Show the enrollment, the cached allowlist, and the running daemon's interface, peers,
@@ -307,4 +307,10 @@ fn status(interface: &str, uapi: &str) -> String {
         }
     }
     out
+}
+
+/// The packet path's threads unless `--threads` says otherwise: one per core, at most 64.
+fn default_threads() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    u16::try_from(cores.min(bulkhead_dataplane::MAX_SHARDS)).unwrap_or(1)
 }
