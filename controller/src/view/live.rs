@@ -136,13 +136,7 @@ impl Job {
         if let Some(record) = record
             && let Some(live) = compile(record, prepared, &inputs)
         {
-            let (allowlists, changed) = allowlists_of(&live, &old);
-            return Outcome::Replace {
-                live: Box::new(live),
-                allowlists,
-                changed,
-                new_policy: true,
-            };
+            return replace(live, &old, true);
         }
         let Some(base) = base.filter(|_| check) else {
             return Outcome::Unchanged;
@@ -150,13 +144,7 @@ impl Job {
         // Approved access came or went: a rule more or less, a full compile.
         if inputs.grants != base.grants {
             let live = Live::new(base.record.clone(), base.plain.clone(), &inputs);
-            let (allowlists, changed) = allowlists_of(&live, &old);
-            return Outcome::Replace {
-                live: Box::new(live),
-                allowlists,
-                changed,
-                new_policy: false,
-            };
+            return replace(live, &old, false);
         }
         let m = &*base.model;
         let state = m.state(&conditions::conditions(m, &inputs));
@@ -179,13 +167,7 @@ impl Job {
                 grants: base.grants.clone(),
                 compiled: Compiled::new(m, state),
             };
-            let (allowlists, changed) = allowlists_of(&live, &old);
-            return Outcome::Replace {
-                live: Box::new(live),
-                allowlists,
-                changed,
-                new_policy: false,
-            };
+            return replace(live, &old, false);
         }
         Outcome::Patch { changed }
     }
@@ -276,6 +258,17 @@ pub(super) fn pins_moved(live: &Live, pins: &BTreeMap<String, std::net::Ipv4Addr
         !declared.contains(name)
             && pins.get(name).copied() != Some(m.address(i)).filter(|a| !a.is_unspecified())
     })
+}
+
+/// `live` in place of the policy in force, with all its allowlists ([`allowlists_of`]).
+fn replace(live: Live, old: &Allowlists, new_policy: bool) -> Outcome {
+    let (allowlists, changed) = allowlists_of(&live, old);
+    Outcome::Replace {
+        live: Box::new(live),
+        allowlists,
+        changed,
+        new_policy,
+    }
 }
 
 /// Every allowlist of `live`: those equal to `old` keep their revision and digest (an apply
