@@ -19,6 +19,16 @@
 #   bench/dataplane.sh                                  # RUNS=3 rounds, SECS=5 s per iperf3
 #   RUNS=5 SECS=10 STREAMS="1 4" bench/dataplane.sh
 #   TUNNELS="wg-go bulkheadd" bench/dataplane.sh
+#   PROFILE=0 bench/dataplane.sh                        # without the CPU budget
+#
+# With PROFILE=1 (the default, when perf(1) can record system-wide), one more 1-stream run per
+# tunnel is recorded with `perf record -a` (PROFILE_SECS of it), and the report adds where the
+# machine's CPU went while that tunnel carried the flow: idle, iperf3 (both ends, with the TCP
+# stack it runs), the daemons in the kernel (TUN, UDP, the veth) and in their own code, which for
+# bulkheadd is split into the crypto (ChaCha20-Poly1305), the filter (classify, rules, conntrack),
+# tun-rs's offload work (GSO split, GRO, checksums) and the rest; each as a share of both cores
+# and as CPU seconds per GB carried. On a machine with no idle CPU, throughput is the cores over
+# the CPU seconds per GB, so this says what a change to one part could bring at most.
 #
 # Debian 13's packages come from a second, private apt source list for the `trixie` suite, on
 # the same archive as the machine's own apt sources (the URI is read from them), with apt's
@@ -31,6 +41,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
 STREAMS=${STREAMS:-"1 4"}
+PROFILE=${PROFILE:-1}
+PROFILE_SECS=${PROFILE_SECS:-5}
 TUNNELS=${TUNNELS:-"raw wg-go-2022 wg-go nebula boringtun-cli bulkheadd bulkheadd-1 unfiltered"}
 want() { [[ " $TUNNELS " == *" $1 "* ]]; }
 TOOLS=$PWD/target/bench-tools
@@ -59,6 +71,7 @@ for pair in iperf3:iperf3 wg:wireguard-tools ping:iputils-ping ip:iproute2 nstat
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if want wg-go-2022 && ! command -v wireguard-go >/dev/null; then need+=(wireguard-go); fi
+if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
@@ -166,6 +179,7 @@ rtt() {
 # each number of streams. Appends "tunnel streams gbps retransmits cpu_s_per_gb rtt_ms
 # rcvbuf_errors tun_drops" lines to $RESULTS.
 measure() {
+  if [ -n "${PROFILING:-}" ]; then profiled "$@"; return; fi
   local name=$1 to=$2 ifpat=$3 n r c0 c1 q0 q1 d0 d1 json
   r=$(rtt "$to"); r=${r:-nan}
   for n in $STREAMS; do
@@ -189,6 +203,32 @@ cpu = (float(c1) - float(c0)) / (byts / 1e9) if byts else float("nan")
 print(name, n, f"{bps / 1e9:.3f}", retr, f"{cpu:.2f}", rtt, q, d)' \
       "$name" "$n" "$r" "$c0" "$c1" $((q1 - q0)) $((d1 - d0)) <<<"$json" | tee -a "$RESULTS" >&2
   done
+}
+
+# One 1-stream run of the tunnel $1 to address $2 under `perf record -a`: PROFILE_SECS recorded,
+# from the second second of the flow on. Keeps the samples' command, symbol and object, and the
+# bytes iperf3 moved in the recorded seconds.
+profiled() {
+  local name=$1 to=$2 json
+  inB timeout $((PROFILE_SECS + 20)) iperf3 -s -1 >/dev/null 2>&1 &
+  local srv=$!
+  sleep 0.3
+  inA timeout $((PROFILE_SECS + 15)) iperf3 -c "$to" -t $((PROFILE_SECS + 2)) -J >"$WORK/iperf-$name.json" 2>/dev/null &
+  local client=$!
+  sleep 1
+  perf record -q -a -F 999 -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
+  wait "$client" 2>/dev/null || true
+  wait "$srv" 2>/dev/null || true
+  perf script -i "$WORK/perf.data" -F comm,ip,sym,dso 2>/dev/null >"$WORK/samples-$name.txt" || true
+  python3 -c '
+import json, sys
+secs = int(sys.argv[1])
+try:
+    iv = json.load(open(sys.argv[2]))["intervals"]
+    print(sum(i["sum"]["bytes"] for i in iv[1:1 + secs]))
+except Exception:
+    print(0)' "$PROFILE_SECS" "$WORK/iperf-$name.json" >"$WORK/bytes-$name.txt"
+  rm -f "$WORK/perf.data"
 }
 
 stop_daemons() {
@@ -333,6 +373,19 @@ for ((i = 1; i <= RUNS; i++)); do
   for t in $TUNNELS; do one "$t"; done
 done
 
+PROFILED=""
+if [ "$PROFILE" = 1 ]; then
+  if command -v perf >/dev/null && perf record -q -a -o "$WORK/perf-check.data" -- true >/dev/null 2>&1; then
+    PROFILED=yes
+    log "profiling: one 1-stream run per tunnel, ${PROFILE_SECS}s of it recorded system-wide"
+    PROFILING=1
+    for t in $TUNNELS; do one "$t"; done
+    PROFILING=""
+  else
+    log "perf is missing or cannot record system-wide here: no CPU budget"
+  fi
+fi
+
 # --- report ------------------------------------------------------------------------------------
 python3 - "$RESULTS" "$RUNS" "$SECS" "$(nproc)" "$TUNNELS" <<'EOF'
 import statistics, sys, datetime
@@ -365,3 +418,62 @@ for n in sorted({k[1] for k in m}):
     if m.get(("unfiltered", n)):
         print(f"{n} stream(s): filter cost = {100 * (1 - bh / m[('unfiltered', n)]):.1f}% of unfiltered throughput")
 EOF
+
+# --- the CPU budget of the profiled runs ---------------------------------------------------------
+if [ -n "$PROFILED" ]; then
+  python3 - "$WORK" "$PROFILE_SECS" "$(nproc)" "$TUNNELS" <<'EOF'
+import re, sys
+work, secs, cores, order = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
+line = re.compile(r"^\s*(.+?)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)$")
+DAEMONS = ("bulkheadd", "wireguard-go", "nebula", "boringtun", "tokio")
+# bulkheadd's own code, by symbol: the first pattern that matches names the part.
+PARTS = [("crypto", re.compile(r"chacha|poly1305|aead")),
+         ("filter", re.compile(r"bulkhead_dataplane::(filter|conntrack|packet::classify|node::classify|node::admit)|bulkhead_allowlist")),
+         ("offload", re.compile(r"tun_rs::platform::linux::(offload|checksum)|__memcmp"))]
+COLS = ["idle", "iperf3", "kernel", "crypto", "filter", "offload", "other", "rest"]
+print()
+print(f"CPU budget: one 1-stream run per tunnel, {secs}s recorded with perf record -a; % of {cores} cores, and CPU s per GB carried")
+print(f"{'tunnel':<14} {'Gbit/s':>7} " + " ".join(f"{c:>14}" for c in COLS))
+for t in order:
+    try:
+        byts = int(open(f"{work}/bytes-{t}.txt").read())
+        rows = open(f"{work}/samples-{t}.txt").read().splitlines()
+    except OSError:
+        continue
+    n = {c: 0 for c in COLS}
+    total = 0
+    for r in rows:
+        m = line.match(r)
+        if not m:
+            continue
+        comm, _, sym, dso = m.groups()
+        total += 1
+        if comm.startswith("swapper"):
+            c = "idle"
+        elif comm.startswith("iperf3"):
+            c = "iperf3"
+        elif comm.startswith(DAEMONS):
+            if dso == "[kernel.kallsyms]":
+                c = "kernel"
+            else:
+                c = next((p for p, rx in PARTS if t != "raw" and "bulkhead" in t + comm and rx.search(sym)), "other")
+        else:
+            c = "rest"
+        n[c] += 1
+    if not total or not byts:
+        print(f"{t:<14} (no samples or no bytes)")
+        continue
+    gb = byts / 1e9
+    gbps = 8 * gb / secs
+    cell = lambda c: f"{100 * n[c] / total:5.1f}% {n[c] / total * cores * secs / gb:6.2f}s"
+    print(f"{t:<14} {gbps:>7.3f} " + " ".join(f"{cell(c):>14}" for c in COLS))
+    busy = total - n["idle"]
+    if t.startswith("bulkheadd") and busy:
+        own = n["filter"] + n["offload"] + n["other"]
+        print(f"{'':<14} if bulkheadd's own code but the crypto cost nothing: at most {gbps * busy / (busy - own):.3f} Gbit/s "
+              f"(the machine {100 * busy / total:.0f}% busy)")
+print("idle: no task; iperf3: both ends, in the kernel too (TCP); kernel: the daemons' system time (TUN, UDP, the veth,")
+print("and the TCP receive path a TUN write runs); crypto, filter, offload, other: the daemons' own code (bulkheadd only;")
+print("other Go and C daemons are all 'other'); rest: everything else on the machine (softirq threads, perf).")
+EOF
+fi
