@@ -55,7 +55,9 @@ impl Sink for Out {
     }
 
     fn to_tun(&mut self, p: &[u8]) {
-        self.batch.packet(VNET, p);
+        if self.batch.packet(VNET, p) {
+            self.w.write_packets(&mut self.batch);
+        }
     }
 
     fn event(&mut self, e: Event<'_>) {

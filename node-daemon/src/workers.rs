@@ -531,13 +531,16 @@ mod tests {
     struct Record(Seen, Arc<AtomicBool>);
 
     impl Write for Record {
-        fn write(&mut self, b: &mut Batch) {
+        fn write_runs(&mut self, b: &mut Batch) {
             std::thread::sleep(Duration::from_millis(2));
             let applied = self.1.load(Ordering::SeqCst);
             let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
             for r in b.runs() {
                 seen.extend(r.buf.chunks(r.size).map(|d| (r.to, d.to_vec(), applied)));
             }
+        }
+        fn write_packets(&mut self, b: &mut Batch) {
+            b.packets_written();
         }
         fn max_segments(&self) -> usize {
             64
