@@ -51,6 +51,7 @@ fn daemons_on_worker_threads_decide_the_same() {
         .spawn("db", "serve", &[&probe, "serve", "6432", &bytes, "60"]);
     std::thread::sleep(Duration::from_millis(200));
     let db = o.addr("db").to_string();
+    let before = tun_received(&o.lab, "web");
     let fetch = o
         .lab
         .exec("web", &[&probe, "fetch", &db, "6432", &bytes, "40"]);
@@ -60,7 +61,31 @@ fn daemons_on_worker_threads_decide_the_same() {
         "every byte came, intact, on the new port: {said}\n{}",
         o.lab.log("db", "bulkheadd")
     );
+    // web's daemon wrote the transfer into its TUN device coalesced (GRO): a few large packets
+    // rather than one per 1,420 bytes, so web's kernel ran its TCP stack once per segment.
+    let (packets, octets) = tun_received(&o.lab, "web");
+    let (packets, octets) = (packets - before.0, octets - before.1);
+    assert!(octets >= BYTES, "{octets} bytes through web's TUN device");
+    assert!(
+        octets / packets >= 8 * 1420,
+        "web's kernel took {packets} packets of {} bytes on average: not coalesced",
+        octets / packets
+    );
     assert!(!o.ping("other", "db"), "other still has no rule");
+}
+
+/// Packets and bytes the kernel has taken from `host`'s TUN device (the daemon's writes).
+fn tun_received(lab: &Lab, host: &str) -> (u64, u64) {
+    let iface = &lab.host(host).interface;
+    let read = |what: &str| -> u64 {
+        let path = format!("/sys/class/net/{iface}/statistics/{what}");
+        let out = lab.exec(host, &["cat", &path]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{path} in {host}: {text:?}: {e}"))
+    };
+    (read("rx_packets"), read("rx_bytes"))
 }
 
 fn allowed_and_denied(daemon_args: &[&str]) -> Overlay {
