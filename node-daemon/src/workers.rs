@@ -527,11 +527,13 @@ mod tests {
     /// Each datagram written, where to, and whether the new allowlist was in force then.
     type Seen = Arc<Mutex<Vec<(SocketAddr, Vec<u8>, bool)>>>;
 
-    /// A wire that records, slowly, so the workers fall behind the loop.
-    struct Record(Seen, Arc<AtomicBool>);
+    /// A wire that records, slowly, so the workers fall behind the loop; it panics once its
+    /// second flag is set.
+    struct Record(Seen, Arc<AtomicBool>, Arc<AtomicBool>);
 
     impl Write for Record {
         fn write_runs(&mut self, b: &mut Batch) {
+            assert!(!self.2.load(Ordering::SeqCst), "the wire breaks");
             std::thread::sleep(Duration::from_millis(2));
             let applied = self.1.load(Ordering::SeqCst);
             let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -596,6 +598,8 @@ rules:
         dbs: Vec<Node>,
         wire: Seen,
         applied: Arc<AtomicBool>,
+        /// Set, the workers' wires panic.
+        breaks: Arc<AtomicBool>,
         now: Now,
     }
 
@@ -621,12 +625,17 @@ rules:
                 .map(|i| SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)))
                 .collect();
             let (wire, applied): (Seen, _) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+            let breaks = Arc::new(AtomicBool::new(false));
             let outs = (0..2)
-                .map(|_| Out::new(Arc::default(), Record(wire.clone(), applied.clone())))
+                .map(|_| {
+                    let w = Record(wire.clone(), applied.clone(), breaks.clone());
+                    Out::new(Arc::default(), w)
+                })
                 .collect();
             let workers = Workers::start(keys[0].to_bytes(), 1024, outs).expect("workers");
+            let never = Arc::default();
             let mut lab = Lab {
-                loop_out: Out::new(Arc::default(), Record(wire.clone(), applied.clone())),
+                loop_out: Out::new(Arc::default(), Record(wire.clone(), applied.clone(), never)),
                 faults: Faults::default(),
                 web: Plane::Many(workers),
                 dbs: Vec::new(),
@@ -634,6 +643,7 @@ rules:
                 udp,
                 wire,
                 applied,
+                breaks,
                 now: Now {
                     instant: Instant::now(),
                     unix: T0,
@@ -823,6 +833,33 @@ rules:
         assert_eq!(dropped, Some(&(2 * u64::from(seq - cleared))), "{c:?}");
     }
 
+    /// A worker thread that ends (here its wire panics, in shard 0) stops the packet path: the
+    /// next hand-over fails, and so do apply and clear, even though the other worker is fine;
+    /// the daemon then stops rather than leave the dead worker's peers on an old allowlist.
+    #[test]
+    fn a_worker_that_ends_stops_the_packet_path() {
+        let mut lab = Lab::new();
+        lab.breaks.store(true, Ordering::SeqCst);
+        // More than the loop runs itself: the burst goes to db1's worker, which panics on it.
+        for s in 0..6 {
+            lab.send(0, s);
+        }
+        lab.web.dispatch().expect("handed over to a live worker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lab.web.dispatch().is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the dead worker was never noticed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let cfg = lab.config(OPEN, 0);
+        let (now, out, faults) = (lab.now, &mut lab.loop_out, &mut lab.faults);
+        assert!(lab.web.apply(cfg, now, out, faults).is_err(), "apply fails");
+        assert!(lab.web.clear(out, faults).is_err(), "clear fails");
+        assert!(lab.web.dispatch().is_err(), "and it stays failed");
+    }
+
     /// The loop runs a small inbox itself only when the worker has nothing in flight and holds
     /// no lock: a packet of a flow never overtakes one handed over before it.
     #[test]
@@ -832,7 +869,7 @@ rules:
         let wire: Seen = Arc::default();
         let part = Part {
             node: Node::new(PrivateKey::generate().to_bytes(), 16),
-            out: Out::new(Arc::default(), Record(wire, Arc::default())),
+            out: Out::new(Arc::default(), Record(wire, Arc::default(), Arc::default())),
             faults: Faults::default(),
         };
         let mut h = Handle {
