@@ -14,7 +14,10 @@
 //! alternate between the thread counts (interleaved, so drift hits each alike); the median of
 //! each is printed, with the ratio to the first thread count. Peer keys are chosen so that each
 //! shard owns as many peers as the others: with random keys and many peers the shards even out,
-//! with 8 they may not.
+//! with 8 they may not. For each it also prints how much of the round the workers were on a CPU
+//! (below 100%: they waited for work or for each other) and the throughput per CPU second they
+//! used (lower with more threads: each core does less per second when both are busy), which
+//! together say where a ratio below the thread count goes.
 
 #![allow(clippy::unwrap_used)] // benchmark code
 
@@ -284,7 +287,7 @@ enum Item {
 /// Runs one round: the main thread routes `items` and hands them out in batches; each worker
 /// runs its shard. Returns the time taken and the packets written to the network and to the
 /// TUN device.
-fn round(lab: &mut Lab, items: Vec<Item>, preroute: bool) -> (Duration, usize, usize) {
+fn round(lab: &mut Lab, items: Vec<Item>, preroute: bool) -> Round {
     let now = lab.now;
     let front = &mut lab.front;
     let shards = &mut lab.shards;
@@ -312,6 +315,7 @@ fn round(lab: &mut Lab, items: Vec<Item>, preroute: bool) -> (Duration, usize, u
             let (tx, rx) = mpsc::sync_channel::<Vec<Item>>(16);
             senders.push(tx);
             workers.push(s.spawn(move || {
+                let cpu = thread_cpu();
                 let mut out = Out::default();
                 // Kept, and freed after the clock stops: the packets were allocated by the main
                 // thread, and freeing them here would time the allocator's cross-thread locks,
@@ -329,7 +333,7 @@ fn round(lab: &mut Lab, items: Vec<Item>, preroute: bool) -> (Duration, usize, u
                     }
                     done.push(batch);
                 }
-                (out.net_packets, out.tun_packets, done)
+                (out.net_packets, out.tun_packets, done, thread_cpu() - cpu)
             }));
         }
         let mut batches: Vec<Vec<Item>> = (0..senders.len())
@@ -366,16 +370,38 @@ fn round(lab: &mut Lab, items: Vec<Item>, preroute: bool) -> (Duration, usize, u
         drop(senders);
         let mut done = Vec::new();
         let mut counts = (0, 0);
+        let mut cpu = Duration::ZERO;
         for w in workers {
-            let (n, t, d) = w.join().unwrap();
+            let (n, t, d, c) = w.join().unwrap();
             counts = (counts.0 + n, counts.1 + t);
+            cpu += c;
             done.push(d);
         }
-        (counts, done)
+        (counts, (done, cpu))
     });
     let took = start.elapsed();
+    let (done, cpu) = done;
     drop(done);
-    (took, net, tun)
+    Round {
+        took,
+        cpu,
+        net,
+        tun,
+    }
+}
+
+/// What one round took: wall time, the workers' CPU time, and the packets they wrote.
+struct Round {
+    took: Duration,
+    cpu: Duration,
+    net: usize,
+    tun: usize,
+}
+
+/// The CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
 }
 
 /// The shard an item goes to, with the front's ticket for a datagram; `None` if the front
@@ -416,12 +442,20 @@ fn main() {
     // Per thread count: routed on the main thread while timed, and pre-routed.
     let modes = [false, true];
     let mut gbits: Vec<Vec<f64>> = vec![Vec::new(); threads.len() * modes.len()];
+    // The workers' CPU time over the wall time of their threads, and Gbit/s per CPU second.
+    let mut busy: Vec<Vec<f64>> = vec![Vec::new(); threads.len() * modes.len()];
+    let mut per_cpu: Vec<Vec<f64>> = vec![Vec::new(); threads.len() * modes.len()];
     let payload_bytes = 2 * packets * PEERS * (PAYLOAD + 40);
     for r in 0..rounds {
         for k in 0..gbits.len() {
             let (lab, preroute) = (&mut labs[k / modes.len()], modes[k % modes.len()]);
             let items = lab.work(packets);
-            let (took, net, tun) = round(lab, items, preroute);
+            let Round {
+                took,
+                cpu,
+                net,
+                tun,
+            } = round(lab, items, preroute);
             // Every packet went through: each egress packet encrypted and sent, each ingress
             // packet admitted.
             assert_eq!(
@@ -432,6 +466,9 @@ fn main() {
             assert_eq!(net, packets * PEERS, "every packet to the peers was sent");
             let g = payload_bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
             gbits[k].push(g);
+            let t = threads[k / modes.len()] as f64;
+            busy[k].push(cpu.as_secs_f64() / (t * took.as_secs_f64()));
+            per_cpu[k].push(payload_bytes as f64 * 8.0 / cpu.as_secs_f64() / 1e9);
             if !quick {
                 println!(
                     "round {r} threads {} {}: {:.3} Gbit/s ({:.1} ms)",
@@ -464,6 +501,11 @@ fn main() {
                     .iter()
                     .map(|g| format!("{g:.3}"))
                     .collect::<Vec<_>>()
+            );
+            println!(
+                "      workers on CPU {:.0}% of the round, {:.3} Gbit/s per CPU second (medians)",
+                100.0 * median(&mut busy[k]),
+                median(&mut per_cpu[k])
             );
         }
     }
