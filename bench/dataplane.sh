@@ -414,7 +414,11 @@ for n in sorted({k[1] for k in m}):
         continue
     for peer in ("wg-go", "wg-go-2022", "nebula", "boringtun-cli", "baseline", "bulkheadd-1", "raw"):
         if m.get((peer, n)):
-            print(f"{n} stream(s): bulkheadd / {peer} = {bh / m[(peer, n)]:.2f}x")
+            # Each round's own ratio too: a round runs every tunnel under the same conditions, so
+            # the median of per-round ratios holds up better when the machine drifts.
+            pairs = [(x[0], y[0]) for x, y in zip(rows[("bulkheadd", n)], rows[(peer, n)]) if y[0]]
+            rr = med([x / y for x, y in pairs])
+            print(f"{n} stream(s): bulkheadd / {peer} = {bh / m[(peer, n)]:.2f}x (median of per-round ratios {rr:.2f}x)")
     if m.get(("unfiltered", n)):
         print(f"{n} stream(s): filter cost = {100 * (1 - bh / m[('unfiltered', n)]):.1f}% of unfiltered throughput")
 EOF
