@@ -71,10 +71,14 @@ for pair in iperf3:iperf3 wg:wireguard-tools ping:iputils-ping ip:iproute2 nstat
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if want wg-go-2022 && ! command -v wireguard-go >/dev/null; then need+=(wireguard-go); fi
-if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
 if ((${#need[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi
+# perf is optional: without it there is no CPU budget, and the rest runs.
+if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >&2 ||
+    log "linux-perf cannot be installed: no CPU budget"
 fi
 
 # The URI of the archive that the machine's apt sources use for its own release.
@@ -216,7 +220,8 @@ profiled() {
   inA timeout $((PROFILE_SECS + 15)) iperf3 -c "$to" -t $((PROFILE_SECS + 2)) -J >"$WORK/iperf-$name.json" 2>/dev/null &
   local client=$!
   sleep 1
-  perf record -q -a -F 999 -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
+  # cpu-clock, not cycles: an idle CPU counts no cycles, and idle time is part of the budget.
+  perf record -q -a -e cpu-clock -F 999 -o "$WORK/perf.data" -- sleep "$PROFILE_SECS" >/dev/null 2>&1 || true
   wait "$client" 2>/dev/null || true
   wait "$srv" 2>/dev/null || true
   perf script -i "$WORK/perf.data" -F comm,ip,sym,dso 2>/dev/null >"$WORK/samples-$name.txt" || true
@@ -431,7 +436,7 @@ work, secs, cores, order = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.
 line = re.compile(r"^\s*(.+?)\s+([0-9a-f]+)\s+(.*?)\s+\((.*)\)$")
 DAEMONS = ("bulkheadd", "wireguard-go", "nebula", "boringtun", "tokio")
 # bulkheadd's own code, by symbol: the first pattern that matches names the part.
-PARTS = [("crypto", re.compile(r"chacha|poly1305|aead")),
+PARTS = [("crypto", re.compile(r"chacha|poly1305|aead", re.I)),
          ("filter", re.compile(r"bulkhead_dataplane::(filter|conntrack|packet::classify|node::classify|node::admit)|bulkhead_allowlist")),
          ("offload", re.compile(r"tun_rs::platform::linux::(offload|checksum)|__memcmp"))]
 COLS = ["idle", "iperf3", "kernel", "crypto", "filter", "offload", "other", "rest"]
@@ -450,14 +455,15 @@ for t in order:
         m = line.match(r)
         if not m:
             continue
-        comm, _, sym, dso = m.groups()
+        comm, ip, sym, dso = m.groups()
         total += 1
         if comm.startswith("swapper"):
             c = "idle"
         elif comm.startswith("iperf3"):
             c = "iperf3"
         elif comm.startswith(DAEMONS):
-            if dso == "[kernel.kallsyms]":
+            # Kernel text, modules (tun, veth) included, by address: the upper half.
+            if int(ip, 16) >= 0xffff800000000000:
                 c = "kernel"
             else:
                 c = next((p for p, rx in PARTS if t != "raw" and "bulkhead" in t + comm and rx.search(sym)), "other")
@@ -478,6 +484,7 @@ for t in order:
               f"(the machine {100 * busy / total:.0f}% busy)")
 print("idle: no task; iperf3: both ends, in the kernel too (TCP); kernel: the daemons' system time (TUN, UDP, the veth,")
 print("and the TCP receive path a TUN write runs); crypto, filter, offload, other: the daemons' own code (bulkheadd only;")
+print("by symbol, so code inlined into a caller counts as the caller's: the filter's share is a lower bound;")
 print("other Go and C daemons are all 'other'); rest: everything else on the machine (softirq threads, perf).")
 EOF
 fi

@@ -50,6 +50,13 @@ pub struct Faults {
 }
 
 impl Faults {
+    /// Counts `n` more errors of `op` without logging them: those past what a batch keeps.
+    pub fn count_quietly(&mut self, op: Op, n: u64) {
+        let c = &mut self.counts[op as usize];
+        c.total += n;
+        c.quiet += n;
+    }
+
     /// Counts an error of `op` at `now`, and logs it unless one was logged less than
     /// [`LOG_EVERY`] ago. Returns whether it was logged.
     pub fn record(&mut self, op: Op, error: &dyn std::fmt::Display, now: Instant) -> bool {

@@ -57,6 +57,7 @@ impl Sink for Out {
     fn to_tun(&mut self, p: &[u8]) {
         if self.batch.packet(VNET, p) {
             self.w.write_packets(&mut self.batch);
+            self.batch.packets_written();
         }
     }
 
@@ -104,5 +105,79 @@ impl Sink for Out {
                 ..
             } => tracing::debug!(egress, reason = reason.reason(), ?key, peer, "drop"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use crate::faults::{Faults, Op};
+    use crate::writer::{Batch, TUN_BATCH, TUN_ROOM};
+
+    type Kept = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// A wire that keeps every TUN packet written (without its virtio-net header), and fails
+    /// each one if told to.
+    struct Keep(Kept, bool);
+
+    impl Write for Keep {
+        fn write_runs(&mut self, _: &mut Batch) {}
+        fn write_packets(&mut self, b: &mut Batch) {
+            let mut kept = self.0.lock().expect("lock");
+            for p in b.packets() {
+                assert!(p.capacity() >= TUN_ROOM, "room for GRO: {}", p.capacity());
+                kept.push(p[VNET..].to_vec());
+            }
+            if self.1 {
+                for _ in 0..b.packets().len() {
+                    b.fail(Op::TunWrite, io::Error::other("refused"));
+                }
+            }
+        }
+        fn max_segments(&self) -> usize {
+            64
+        }
+    }
+
+    fn packets(n: u32) -> Vec<Vec<u8>> {
+        (0..n).map(|i| i.to_be_bytes().to_vec()).collect()
+    }
+
+    /// Packets for the TUN device are written every [`TUN_BATCH`] as they come, the rest at the
+    /// flush: each once, in order, and from buffers that keep their room for GRO when reused.
+    #[test]
+    fn tun_packets_are_written_in_batches_in_order_and_once() {
+        let kept = Kept::default();
+        let mut out = Out::new(Arc::default(), Keep(kept.clone(), false));
+        let mut faults = Faults::default();
+        for (i, p) in packets(300).iter().enumerate() {
+            out.to_tun(p);
+            let written = kept.lock().expect("lock").len();
+            assert_eq!(written, (i + 1) / TUN_BATCH * TUN_BATCH, "after packet {i}");
+        }
+        out.flush(&mut faults);
+        assert_eq!(*kept.lock().expect("lock"), packets(300));
+        for p in &packets(10) {
+            out.to_tun(p);
+        }
+        out.flush(&mut faults);
+        let kept = kept.lock().expect("lock");
+        assert_eq!(kept.len(), 310);
+        assert_eq!(kept[300..], packets(10)[..]);
+    }
+
+    /// Every failed write is counted, not just the few whose errors a batch keeps.
+    #[test]
+    fn every_failed_tun_write_is_counted() {
+        let mut out = Out::new(Arc::default(), Keep(Kept::default(), true));
+        for p in &packets(300) {
+            out.to_tun(p);
+        }
+        let mut faults = Faults::default();
+        out.flush(&mut faults);
+        let tun = faults.totals().find(|(op, _)| *op == Op::TunWrite);
+        assert_eq!(tun, Some((Op::TunWrite, 300)));
     }
 }

@@ -57,9 +57,10 @@ pub(crate) struct Batch {
     runs_len: usize,
     tun: Vec<Vec<u8>>,
     tun_len: usize,
-    /// Writes that failed: how many, and the last error, for [`Op::UdpSend`] and
-    /// [`Op::TunWrite`].
+    /// Writes that failed, with their errors, up to [`FAILURES_KEPT`]; past it, counted only,
+    /// by operation.
     failed: Vec<(Op, io::Error)>,
+    failed_past: Vec<(Op, u64)>,
 }
 
 /// Most failures a batch keeps the errors of; past it they are counted only.
@@ -130,6 +131,10 @@ impl Batch {
     pub(crate) fn fail(&mut self, op: Op, e: io::Error) {
         if self.failed.len() < FAILURES_KEPT {
             self.failed.push((op, e));
+        } else if let Some(c) = self.failed_past.iter_mut().find(|(o, _)| *o == op) {
+            c.1 += 1;
+        } else {
+            self.failed_past.push((op, 1));
         }
     }
 
@@ -138,6 +143,9 @@ impl Batch {
         let now = Instant::now();
         for (op, e) in self.failed.drain(..) {
             faults.record(op, &e, now);
+        }
+        for (op, n) in self.failed_past.drain(..) {
+            faults.count_quietly(op, n);
         }
         self.runs_len = 0;
         self.tun_len = 0;
@@ -153,8 +161,8 @@ pub(crate) trait Write: Send + 'static {
     }
     /// Writes the runs of datagrams of `batch`, noting failures in it.
     fn write_runs(&mut self, batch: &mut Batch);
-    /// Writes the packets for the TUN device of `batch`, noting failures in it, and forgets
-    /// them.
+    /// Writes the packets for the TUN device of `batch`, noting failures in it. The caller
+    /// forgets them after ([`Batch::packets_written`]).
     fn write_packets(&mut self, batch: &mut Batch);
     /// Most datagrams one send may carry now.
     fn max_segments(&self) -> usize;
@@ -186,7 +194,6 @@ impl Write for Wire {
                 b.fail(Op::TunWrite, e);
             }
         }
-        b.packets_written();
     }
 
     fn max_segments(&self) -> usize {

@@ -66,8 +66,9 @@ fn daemons_on_worker_threads_decide_the_same() {
     let (packets, octets) = tun_received(&o.lab, "web");
     let (packets, octets) = (packets - before.0, octets - before.1);
     assert!(octets >= BYTES, "{octets} bytes through web's TUN device");
+    // Measured: about 48,000 bytes a write; one packet each (1,420) before tun-rs had room.
     assert!(
-        octets / packets >= 8 * 1420,
+        octets / packets >= 4 * 1420,
         "web's kernel took {packets} packets of {} bytes on average: not coalesced",
         octets / packets
     );
