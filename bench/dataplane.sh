@@ -466,7 +466,7 @@ for t in order:
             if int(ip, 16) >= 0xffff800000000000:
                 c = "kernel"
             else:
-                c = next((p for p, rx in PARTS if t != "raw" and "bulkhead" in t + comm and rx.search(sym)), "other")
+                c = next((p for p, rx in PARTS if "bulkhead" in t + comm and rx.search(sym)), "other")
         else:
             c = "rest"
         n[c] += 1
